@@ -1,0 +1,36 @@
+"""pocketgpt: train a small GPT from scratch on your own text, then sample, chat and evaluate.
+
+Importing the package is cheap; torch loads on first use of load(), train() or prepare().
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+__all__ = ["load", "train", "prepare", "TrainConfig", "PrepareConfig", "SampleConfig", "build_train_config",
+           "PocketError", "__version__"]
+
+from .config import PrepareConfig, SampleConfig, TrainConfig, build_train_config
+from .errors import PocketError
+
+if TYPE_CHECKING:
+    from .data import prepare
+    from .loading import load
+    from .train import train
+
+
+def __getattr__(name: str) -> Any:
+    if name == "load":
+        from .loading import load
+
+        return load
+    if name == "train":
+        from .train import train
+
+        return train
+    if name == "prepare":
+        from .data import prepare
+
+        return prepare
+    raise AttributeError(f"module 'pocketgpt' has no attribute {name!r}")

@@ -1,0 +1,423 @@
+"""The `pocketgpt` command: argparse subcommands, each building a typed config and calling one function.
+
+Only torch-free modules are imported here at start, so `pocketgpt --help` answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from . import __version__
+from .config import (
+    KEY_SECTION,
+    PrepareConfig,
+    _FIELD_TYPES,
+    build_train_config,
+    list_presets,
+    normalize_key,
+    parse_cli_overrides,
+)
+from .errors import PocketError, TrainingDiverged
+
+EXIT_USER_ERROR = 2
+EXIT_DIVERGED = 3
+EXIT_INTERRUPTED = 130
+BOOL_WORDS = {"true", "false", "1", "0", "yes", "no", "on", "off"}
+
+
+def _out(text: str = "", end: str = "\n") -> None:
+    sys.stdout.write(text + end)
+    sys.stdout.flush()
+
+
+# ---------------------------------------------------------------- prepare
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from .data import prepare, read_meta
+
+    cfg = PrepareConfig(inputs=args.inputs, out=args.out or "", tokenizer=args.tokenizer,
+                        vocab_size=args.vocab_size, val_fraction=args.val_fraction, encoding=args.encoding)
+    out = prepare(cfg)
+    meta = read_meta(out)
+    sp = meta["splits"]
+    _out(f"prepared {out}: {meta['tokenizer']} tokenizer, vocab {meta['vocab_size']}, "
+         f"train {sp['train']['tokens']:,} tokens, val {sp['val']['tokens']:,} tokens "
+         f"from {len(meta['sources'])} file(s)")
+    return 0
+
+
+# ---------------------------------------------------------------- train
+
+def split_config_flags(argv: list[str], known: set[str]) -> tuple[list[str], list[str]]:
+    """Separate `--<config key> VALUE` pairs from the rest so argparse never mistakes a value for INPUT."""
+    rest, config = [], []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        name = normalize_key(arg.split("=", 1)[0]) if arg.startswith("--") else ""
+        if name and name in KEY_SECTION and name != "vocab_size" and arg.split("=", 1)[0] not in known:
+            config.append(arg)
+            takes_value = "=" not in arg and i + 1 < len(argv) and not argv[i + 1].startswith("--")
+            if takes_value and (_FIELD_TYPES[name] is not bool or argv[i + 1].lower() in BOOL_WORDS):
+                config.append(argv[i + 1])
+                i += 1
+        else:
+            rest.append(arg)
+        i += 1
+    return rest, config
+
+
+def cmd_train(args: argparse.Namespace, config_flags: list[str]) -> int:
+    from .data import prepare
+    from .train import check_run_dir, data_dir_of, read_run_config, train
+
+    overrides: dict[str, Any] = parse_cli_overrides(config_flags)
+    if args.max_time is not None:
+        overrides["max_time"] = args.max_time
+    out = Path(args.out or default_run_dir(args))
+    if args.resume:
+        if args.inputs or args.preset:
+            raise PocketError("--resume continues a run as it was set up; drop INPUT and --preset")
+        check_run_dir(out, resume=True, overwrite=False)
+        saved, raw = read_run_config(out)
+        cfg = build_train_config(None, args.config, overrides, base=saved)
+        data_dir = Path(args.data) if args.data else data_dir_of(out, raw)
+    else:
+        cfg = build_train_config(args.preset or "demo", args.config, overrides)
+        check_run_dir(out, resume=False, overwrite=args.overwrite)
+        if args.data and args.inputs:
+            raise PocketError("give either INPUT files or --data, not both")
+        if args.data:
+            data_dir = Path(args.data)
+        else:  # INPUT files, or the bundled corpus: prepared into the run folder
+            data_dir = prepare(PrepareConfig(inputs=args.inputs, out=str(out / "data"), tokenizer=args.tokenizer,
+                                             val_fraction=args.val_fraction, encoding=args.encoding))
+    result = train(cfg, data_dir, out, resume=args.resume, overwrite=args.overwrite)
+    if result.interrupted:
+        return EXIT_INTERRUPTED
+    _out(f"done: {result.iters} iters in {result.seconds:.0f}s, best val loss {result.best_val_loss:.4f}; "
+         f"weights in {out / 'model.safetensors'}")
+    if cfg.run.sample_tokens:
+        _print_final_sample(out, cfg.run.sample_tokens, cfg.run.seed)
+    return 0
+
+
+def default_run_dir(args: argparse.Namespace) -> str:
+    if args.inputs:
+        return str(Path("runs") / (Path(args.inputs[0].rstrip("/")).stem or "run"))
+    return str(Path("runs") / (args.preset or "demo"))
+
+
+def _print_final_sample(out: Path, n_tokens: int, seed: int) -> None:
+    from .loading import load
+
+    model = load(out)
+    _out(f"\nsample from {out} ({n_tokens} tokens, temperature 0.8):\n" + "-" * 40)
+    _stream_sample(model, "\n", n_tokens, dict(temperature=0.8, top_k=0, top_p=1.0, seed=seed))
+    _out("-" * 40 + f"\nmore: pocketgpt sample --model {out} --prompt 'ROMEO:'")
+
+
+# ---------------------------------------------------------------- sample / chat
+
+def _sampling(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+
+
+def _stream_sample(model: Any, prompt: str, max_new_tokens: int, kw: dict[str, Any]) -> None:
+    stream = model.stream(prompt, max_new_tokens, 1, **kw)  # raises on a bad prompt before printing
+    _out(prompt, end="")
+    for pieces in stream:
+        if pieces[0]:
+            _out(pieces[0], end="")
+    _out()
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from .engine import check_sampling
+    from .loading import load
+
+    check_sampling(args.temperature, args.top_k, args.top_p, args.max_new_tokens)
+    if args.num_samples < 1:
+        raise PocketError(f"--num-samples must be at least 1, got {args.num_samples}")
+    prompt = args.prompt
+    if args.prompt_file:
+        try:
+            prompt = Path(args.prompt_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise PocketError(f"cannot read --prompt-file {args.prompt_file}: {e}") from None
+    model = load(args.model, checkpoint=args.checkpoint, device=args.device)
+    if args.num_samples == 1:
+        _stream_sample(model, prompt, args.max_new_tokens, _sampling(args))
+        return 0
+    texts = model.generate_many(prompt, args.max_new_tokens, num_samples=args.num_samples, **_sampling(args))
+    for i, text in enumerate(texts):
+        _out(("" if i == 0 else "-" * 40 + "\n") + text)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from .engine import check_sampling
+    from .loading import load
+
+    check_sampling(args.temperature, args.top_k, args.top_p, args.max_new_tokens)
+    model = load(args.model, checkpoint=args.checkpoint, device=args.device)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        _out(f"chatting with {args.model}: type a prompt and press Enter; 'exit', 'quit' or Ctrl-D ends.")
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except EOFError:
+            break
+        if line.strip().lower() in ("exit", "quit"):
+            break
+        if not line.strip():
+            continue
+        try:
+            _stream_sample(model, line, args.max_new_tokens, _sampling(args))
+        except PocketError as e:  # a bad prompt should not end the conversation
+            print(f"error: {e}", file=sys.stderr, flush=True)
+    return 0
+
+
+# ---------------------------------------------------------------- eval / info / tokenize
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate_tokens
+    from .loading import load
+    from .runtime import resolve
+
+    model = load(args.model, checkpoint=args.checkpoint, device=args.device)
+    tok = model.tokenizer
+    if args.file and args.data:
+        raise PocketError("give either --data or --file, not both")
+    if args.file:
+        try:
+            text = Path(args.file).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise PocketError(f"file not found: {args.file}") from None
+        except UnicodeDecodeError as e:
+            raise PocketError(f"{args.file} is not valid utf-8 at byte {e.start}") from None
+        tokens, what = tok.encode_array(text), args.file
+    else:
+        tokens, what = _val_tokens(args, model), "val split"
+    result = evaluate_tokens(model.model, tokens, tok.token_bytes(), resolve(args.device, "float32"))
+    if args.json:
+        _out(json.dumps(result))
+    else:
+        _out(f"{what}: loss {result['loss']:.4f} | perplexity {result['perplexity']:.3f} | "
+             f"{result['bits_per_byte']:.4f} bits/byte | {result['tokens']:,} tokens")
+    return 0
+
+
+def _val_tokens(args: argparse.Namespace, model: Any) -> Any:
+    from .data import open_tokens
+    from .tokenizer import load_tokenizer
+    from .train import data_dir_of, read_run_config
+
+    if args.data:
+        data_dir = Path(args.data)
+        if load_tokenizer(data_dir / "tokenizer.json").to_dict() != model.tokenizer.to_dict():
+            raise PocketError(f"{data_dir} was prepared with a different tokenizer than {args.model}")
+    else:
+        data_dir = data_dir_of(Path(args.model), read_run_config(Path(args.model))[1])
+    tokens, _ = open_tokens(data_dir / "val.bin")
+    return tokens
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .checkpoint import read_json, resume_dir
+    from .loading import load
+
+    model = load(args.model, checkpoint=args.checkpoint)
+    run = Path(args.model)
+    last = resume_dir(run)
+    state = read_json(last / "state.json", "resume state") if last else {}
+    info = {
+        "model": str(run),
+        "parameters": model.model.num_params(),
+        "config": model.config.to_dict(),
+        "tokenizer": {"kind": model.tokenizer.kind, "vocab_size": model.tokenizer.vocab_size},
+        "iters": state.get("iter"),
+        "tokens_seen": state.get("tokens_seen"),
+        "best_val_loss": state.get("best_val_loss"),
+        "best_iter": state.get("best_iter"),
+        "files": {str(p.relative_to(run)): p.stat().st_size for p in sorted(run.rglob("*")) if p.is_file()},
+    }
+    if args.json:
+        _out(json.dumps(info, indent=2))
+        return 0
+    m = info["config"]["model"]
+    _out(f"{run}: {info['parameters']:,} parameters ({m['n_layer']} layers, {m['n_head']} heads, "
+         f"{m['n_embd']} wide, context {m['block_size']}), {info['tokenizer']['kind']} tokenizer "
+         f"with {info['tokenizer']['vocab_size']} tokens")
+    best = info["best_val_loss"]
+    _out(f"trained {info['iters']} iters, {info['tokens_seen'] or 0:,} tokens seen; "
+         f"best val loss {best if best is None else round(best, 4)} at iter {info['best_iter']}")
+    for name, size in info["files"].items():
+        _out(f"  {name:40s} {size:>12,} bytes")
+    return 0
+
+
+def cmd_tokenize(args: argparse.Namespace) -> int:
+    from .tokenizer import load_tokenizer
+
+    if bool(args.model) == bool(args.data):
+        raise PocketError("give exactly one of --model RUN_DIR or --data DATA_DIR")
+    folder = Path(args.model or args.data)
+    tok = load_tokenizer(folder / "tokenizer.json")
+    ids = tok.encode(args.text)
+    _out(json.dumps({"ids": ids, "tokens": [tok.decode([i]) for i in ids]}, ensure_ascii=False))
+    return 0
+
+
+# ---------------------------------------------------------------- parser
+
+def _add_sampling(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    p.add_argument("--model", required=True, help="a run folder (the --out of train)")
+    p.add_argument("--checkpoint", choices=["best", "last"], default="best",
+                   help="best: lowest val loss (default); last: the most recent save")
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help=f"default {max_new_tokens}")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy; default 0.8")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens; 0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1]; 1 = off")
+    p.add_argument("--seed", type=int, default=None, help="make the output reproducible")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, mps or auto")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports mistakes as one line (exit 2) instead of usage + message."""
+
+    def error(self, message: str) -> Any:
+        raise PocketError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="pocketgpt", allow_abbrev=False,
+        description="Train a small GPT from scratch on your own text, then sample, chat and evaluate.",
+        epilog="Start with `pocketgpt train` (5 minutes on a CPU, bundled Shakespeare), then "
+               "`pocketgpt sample --model runs/demo`.",
+    )
+    parser.add_argument("--version", action="version", version=f"pocketgpt {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("prepare", allow_abbrev=False, help="tokenize text files into a data folder",
+                       description="Tokenize text files (or the bundled Tiny Shakespeare) into train.bin, val.bin, "
+                                   "tokenizer.json and meta.json.")
+    p.add_argument("inputs", nargs="*", metavar="INPUT", help="files, folders (*.txt inside) or globs; none: bundled")
+    p.add_argument("--out", help="data folder to write (default data/<name of the first input>)")
+    _add_prepare_options(p)
+
+    presets = "\n".join(f"  {k:18s} {v}" for k, v in list_presets().items())
+    p = sub.add_parser(
+        "train", allow_abbrev=False, help="train a model (default: the 5-minute CPU demo)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train a GPT. With no INPUT and no --data, trains on the bundled Tiny Shakespeare.",
+        epilog=f"presets:\n{presets}\n\nconfig keys (as --key VALUE or --key=VALUE; - or _ both work):\n  "
+               + ", ".join(sorted(k for k in KEY_SECTION if k not in ("vocab_size", "max_time")))
+               + "\n\nprecedence: defaults < --preset < --config FILE < command-line keys",
+    )
+    p.add_argument("inputs", nargs="*", metavar="INPUT", help="text files/folders/globs to prepare and train on")
+    p.add_argument("--data", help="a folder made by `pocketgpt prepare`")
+    p.add_argument("--out", help="run folder (default runs/<preset or input name>)")
+    p.add_argument("--preset", help="a shipped preset (default demo)")
+    p.add_argument("--config", help="a TOML file of config keys")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from last/")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    p.add_argument("--max-time", help="wall-clock budget: seconds or 90s / 10m / 2h; the schedule fits it")
+    _add_prepare_options(p)
+
+    p = sub.add_parser("sample", allow_abbrev=False, help="generate text from a trained model")
+    _add_sampling(p, 500)
+    p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
+    p.add_argument("--prompt-file", help="read the prompt from this file")
+    p.add_argument("--num-samples", type=int, default=1, help="independent samples, generated as one batch")
+
+    p = sub.add_parser("chat", allow_abbrev=False, help="type prompts, watch continuations stream")
+    _add_sampling(p, 200)
+
+    p = sub.add_parser("eval", allow_abbrev=False, help="loss, perplexity and bits per byte")
+    p.add_argument("--model", required=True, help="a run folder")
+    p.add_argument("--data", help="a prepared data folder (default: the run's own); its val split is used")
+    p.add_argument("--file", help="a UTF-8 text file to evaluate instead")
+    p.add_argument("--checkpoint", choices=["best", "last"], default="best")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = sub.add_parser("info", allow_abbrev=False, help="what a run folder holds")
+    p.add_argument("--model", required=True, help="a run folder")
+    p.add_argument("--checkpoint", choices=["best", "last"], default="best")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("tokenize", allow_abbrev=False, help="show how a text is cut into tokens (JSON)")
+    p.add_argument("text", metavar="TEXT")
+    p.add_argument("--model", help="a run folder")
+    p.add_argument("--data", help="a prepared data folder")
+    return parser
+
+
+def _add_prepare_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tokenizer", default="char", help="char (default)")
+    p.add_argument("--vocab-size", type=int, default=0, help="for trained tokenizers")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="share of the text, from the end, for val")
+    p.add_argument("--encoding", default="utf-8", help="text encoding of the inputs (default utf-8)")
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "prepare": cmd_prepare, "sample": cmd_sample, "chat": cmd_chat,
+    "eval": cmd_eval, "info": cmd_info, "tokenize": cmd_tokenize,
+}
+
+
+def run(argv: list[str]) -> int:
+    parser = build_parser()
+    config_flags: list[str] = []
+    if argv and argv[0] == "train":
+        train_parser = parser._subparsers._group_actions[0].choices["train"]  # type: ignore[union-attr]
+        known = {s for a in train_parser._actions for s in a.option_strings}
+        rest, config_flags = split_config_flags(argv[1:], known)
+        argv = ["train", *rest]
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        raise PocketError(_unknown_message(parser, args.command, unknown[0]))
+    if args.command is None:
+        parser.print_help()
+        return 0
+    if args.command == "train":
+        return cmd_train(args, config_flags)
+    return COMMANDS[args.command](args)
+
+
+def _unknown_message(parser: argparse.ArgumentParser, command: str | None, arg: str) -> str:
+    """Name the unknown option and the nearest one this command (or the config) knows."""
+    from .config import USER_KEYS, nearest
+
+    choices = parser._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    sub = choices.get(command) if command else parser
+    options = [s for a in sub._actions for s in a.option_strings if s.startswith("--")]
+    if command == "train":
+        options += ["--" + k.replace("_", "-") for k in USER_KEYS]
+    name = arg.split("=", 1)[0]
+    return f"unknown option {name}{nearest(name, options)}" if name.startswith("-") else f"unexpected argument {arg!r}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        return run(sys.argv[1:] if argv is None else argv)
+    except PocketError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return EXIT_USER_ERROR
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return EXIT_DIVERGED
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # e.g. `pocketgpt sample ... | head`
+        sys.stderr.close()
+        return 0

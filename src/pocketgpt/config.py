@@ -1,0 +1,337 @@
+"""Typed, torch-free configuration: one dataclass per component, presets, and overrides.
+
+Precedence: dataclass defaults < preset < config file (TOML) < command-line flags.
+Every key has one home section; flat keys (nanoGPT's names) are routed to it, so
+`--n_layer 4`, `n_layer = 4` and `[model] n_layer = 4` all mean the same thing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+from .errors import PocketError
+
+try:  # Python 3.11+
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover - Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+PRESET_DIR = Path(__file__).parent / "presets"
+CONFIG_FORMAT_VERSION = 1
+DEVICES = ("auto", "cpu", "cuda", "mps")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+SCHEDULES = ("cosine", "wsd", "constant")
+TOKENIZERS = ("char",)
+
+
+@dataclass
+class ModelConfig:
+    """The network's shape. vocab_size comes from the prepared data."""
+
+    vocab_size: int = 0
+    block_size: int = 256
+    n_layer: int = 6
+    n_head: int = 6
+    n_embd: int = 384
+    dropout: float = 0.0
+    bias: bool = False
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and the learning-rate schedule."""
+
+    learning_rate: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_iters: int = 100
+    lr_decay_iters: int = 0  # 0: decay over the whole run (max_iters or max_time)
+    schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay) | constant
+    decay_fraction: float = 0.4  # wsd only: share of the run spent decaying
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0  # 0 disables clipping
+
+
+@dataclass
+class RunConfig:
+    """How long and how the loop runs; where it runs."""
+
+    batch_size: int = 12
+    grad_accum_steps: int = 1
+    max_iters: int = 2000
+    max_time: float = 0.0  # seconds; 0 = no time budget
+    eval_interval: int = 250
+    eval_iters: int = 20
+    log_interval: int = 10
+    seed: int = 1337
+    device: str = "auto"
+    dtype: str = "auto"
+    compile: bool = False
+    sample_tokens: int = 300  # length of the sample printed when training ends
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "TrainConfig":
+        cfg = cls()
+        apply_overrides(cfg, {k: v for k, v in d.items() if k in SECTIONS})
+        return cfg
+
+
+@dataclass
+class PrepareConfig:
+    """What `prepare` reads and writes."""
+
+    inputs: list[str] = field(default_factory=list)  # empty: the bundled Tiny Shakespeare
+    out: str = ""
+    tokenizer: str = "char"
+    vocab_size: int = 0
+    val_fraction: float = 0.1
+    encoding: str = "utf-8"
+
+
+@dataclass
+class SampleConfig:
+    """How to draw text from a model."""
+
+    prompt: str = "\n"
+    num_samples: int = 1
+    max_new_tokens: int = 500
+    temperature: float = 0.8
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0
+    seed: int | None = None
+    checkpoint: str = "best"
+
+
+SECTIONS: dict[str, type] = {"model": ModelConfig, "optim": OptimConfig, "run": RunConfig}
+KEY_SECTION: dict[str, str] = {f.name: s for s, c in SECTIONS.items() for f in fields(c)}
+# Keys the user may set; vocab_size is derived from the data.
+USER_KEYS = sorted(k for k in KEY_SECTION if k != "vocab_size")
+
+
+def nearest(name: str, choices: list[str] | tuple[str, ...]) -> str:
+    """' (did you mean X?)' for the closest choice, or '' when nothing is close."""
+    match = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def normalize_key(key: str) -> str:
+    return key.lstrip("-").replace("-", "_")
+
+
+def parse_duration(text: str | float | int) -> float:
+    """'90', '90s', '10m', '2h', '1.5h' -> seconds."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        seconds = float(text)
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([smh]?)\s*", str(text))
+        if not m:
+            raise PocketError(
+                f"--max-time: cannot read '{text}' as a duration; use seconds or e.g. 90s, 10m, 2h"
+            )
+        seconds = float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
+    if seconds < 0:
+        raise PocketError(f"--max-time must be positive, got {text}")
+    return seconds
+
+
+def _coerce(key: str, value: Any, typ: type) -> Any:
+    """Turn a TOML value or a command-line string into the field's type, or say why not."""
+    if key == "max_time":
+        return parse_duration(value)
+    want = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[typ]
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+    elif typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                f = float(value)
+                if f.is_integer():
+                    return int(f)
+            except ValueError:
+                pass
+    elif typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif typ is str:
+        if isinstance(value, str):
+            return value
+    raise PocketError(f"config key '{key}' must be {want}, got {value!r}")
+
+
+_FIELD_TYPES: dict[str, type] = {
+    f.name: {"int": int, "float": float, "bool": bool, "str": str}[str(f.type)]
+    for c in SECTIONS.values()
+    for f in fields(c)
+}
+
+
+def set_key(cfg: TrainConfig, key: str, value: Any) -> None:
+    """Set one flat key (nanoGPT name) on the right section, checking name and type."""
+    key = normalize_key(key)
+    if key not in KEY_SECTION or key == "vocab_size":
+        raise PocketError(f"unknown config key '{key}'{nearest(key, USER_KEYS)}")
+    section = getattr(cfg, KEY_SECTION[key])
+    setattr(section, key, _coerce(key, value, _FIELD_TYPES[key]))
+
+
+def apply_overrides(cfg: TrainConfig, values: Mapping[str, Any]) -> None:
+    """Apply flat keys and/or [model]/[optim]/[run] tables from a file or preset."""
+    for key, value in values.items():
+        if isinstance(value, dict):
+            if key not in SECTIONS:
+                raise PocketError(f"unknown config section [{key}]{nearest(key, list(SECTIONS))}")
+            for sub_key, sub_value in value.items():
+                sub_key = normalize_key(sub_key)
+                if KEY_SECTION.get(sub_key) != key:
+                    if sub_key in KEY_SECTION:
+                        raise PocketError(
+                            f"config key '{sub_key}' belongs in [{KEY_SECTION[sub_key]}], not [{key}]"
+                        )
+                    raise PocketError(f"unknown config key '{sub_key}'{nearest(sub_key, USER_KEYS)}")
+                if sub_key == "vocab_size":  # only restored from a saved config
+                    cfg.model.vocab_size = _coerce(sub_key, sub_value, int)
+                else:
+                    set_key(cfg, sub_key, sub_value)
+        else:
+            set_key(cfg, key, value)
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Reject values that cannot train, naming the key and what would work."""
+    m, o, r = cfg.model, cfg.optim, cfg.run
+    checks: list[tuple[bool, str]] = [
+        (m.n_layer >= 1, f"n_layer must be at least 1, got {m.n_layer}"),
+        (m.n_head >= 1, f"n_head must be at least 1, got {m.n_head}"),
+        (m.n_embd >= 1, f"n_embd must be at least 1, got {m.n_embd}"),
+        (m.block_size >= 1, f"block_size must be at least 1, got {m.block_size}"),
+        (0.0 <= m.dropout < 1.0, f"dropout must be in [0, 1), got {m.dropout}"),
+        (o.learning_rate > 0, f"learning_rate must be positive, got {o.learning_rate}"),
+        (o.min_lr >= 0, f"min_lr must be zero or positive, got {o.min_lr}"),
+        (o.warmup_iters >= 0, f"warmup_iters must be zero or positive, got {o.warmup_iters}"),
+        (o.lr_decay_iters >= 0, f"lr_decay_iters must be zero or positive, got {o.lr_decay_iters}"),
+        (o.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}, got '{o.schedule}'"
+         + nearest(o.schedule, SCHEDULES)),
+        (0.0 <= o.decay_fraction <= 1.0, f"decay_fraction must be in [0, 1], got {o.decay_fraction}"),
+        (o.weight_decay >= 0, f"weight_decay must be zero or positive, got {o.weight_decay}"),
+        (0.0 <= o.beta1 < 1.0, f"beta1 must be in [0, 1), got {o.beta1}"),
+        (0.0 <= o.beta2 < 1.0, f"beta2 must be in [0, 1), got {o.beta2}"),
+        (o.grad_clip >= 0, f"grad_clip must be zero (off) or positive, got {o.grad_clip}"),
+        (r.batch_size >= 1, f"batch_size must be at least 1, got {r.batch_size}"),
+        (r.grad_accum_steps >= 1, f"grad_accum_steps must be at least 1, got {r.grad_accum_steps}"),
+        (r.max_iters >= 1, f"max_iters must be at least 1, got {r.max_iters}"),
+        (r.max_time >= 0, f"max_time must be zero (off) or positive, got {r.max_time}"),
+        (r.eval_interval >= 1, f"eval_interval must be at least 1, got {r.eval_interval}"),
+        (r.eval_iters >= 1, f"eval_iters must be at least 1, got {r.eval_iters}"),
+        (r.log_interval >= 1, f"log_interval must be at least 1, got {r.log_interval}"),
+        (r.sample_tokens >= 0, f"sample_tokens must be zero or positive, got {r.sample_tokens}"),
+        (r.device in DEVICES or re.fullmatch(r"cuda:\d+", r.device) is not None,
+         f"device must be one of {', '.join(DEVICES)} (or cuda:N), got '{r.device}'" + nearest(r.device, DEVICES)),
+        (r.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}, got '{r.dtype}'" + nearest(r.dtype, DTYPES)),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise PocketError(message)
+    if m.n_embd % m.n_head:
+        lower = max(h for h in range(1, m.n_head + 1) if m.n_embd % h == 0)
+        raise PocketError(
+            f"n_embd ({m.n_embd}) must be divisible by n_head ({m.n_head}); "
+            f"try n_head {lower} or n_embd {(m.n_embd // m.n_head + 1) * m.n_head}"
+        )
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise PocketError(f"config file not found: {p}")
+    try:
+        return tomllib.loads(p.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise PocketError(f"config file {p} is not valid TOML: {e}") from None
+
+
+def list_presets() -> dict[str, str]:
+    """Preset name -> one-line description."""
+    out = {}
+    for p in sorted(PRESET_DIR.glob("*.toml")):
+        out[p.stem] = str(tomllib.loads(p.read_text(encoding="utf-8")).get("description", ""))
+    return out
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    path = PRESET_DIR / f"{name}.toml"
+    if not path.is_file():
+        names = list(list_presets())
+        raise PocketError(f"unknown preset '{name}'{nearest(name, names)}; presets: {', '.join(names)}")
+    values = read_toml(path)
+    values.pop("description", None)
+    return values
+
+
+def build_train_config(
+    preset: str | None = "demo",
+    config_file: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    base: TrainConfig | None = None,
+) -> TrainConfig:
+    """defaults (or base) < preset < config file < overrides, then validated."""
+    cfg = base if base is not None else TrainConfig()
+    if preset:
+        apply_overrides(cfg, load_preset(preset))
+    if config_file:
+        apply_overrides(cfg, read_toml(config_file))
+    if overrides:
+        apply_overrides(cfg, overrides)
+    validate(cfg)
+    return cfg
+
+
+def parse_cli_overrides(args: list[str]) -> dict[str, str]:
+    """['--n-layer', '4', '--compile=true', '--bias'] -> {'n_layer': '4', 'compile': 'true', 'bias': 'true'}."""
+    out: dict[str, str] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise PocketError(f"unexpected argument '{arg}'; config keys are given as --key VALUE")
+        if "=" in arg:
+            key, value = arg[2:].split("=", 1)
+            i += 1
+        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
+            key, value = arg[2:], args[i + 1]
+            i += 2
+        else:  # a bare flag: only booleans may be given this way
+            key, value = arg[2:], "true"
+            i += 1
+        key = normalize_key(key)
+        if key not in KEY_SECTION or key == "vocab_size":
+            raise PocketError(f"unknown option --{key.replace('_', '-')}{nearest(key, USER_KEYS)}")
+        out[key] = value
+    return out

@@ -1,0 +1,79 @@
+"""Device and dtype, decided once with the reason; nothing else parses device strings."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from .errors import PocketError
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    dtype: torch.dtype  # autocast dtype; float32 means no autocast
+    reason: str
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    @property
+    def needs_grad_scaler(self) -> bool:
+        return self.dtype == torch.float16
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+    def describe(self) -> str:
+        return f"device {self.device}, {str(self.dtype).replace('torch.', '')} ({self.reason})"
+
+
+def _mps_available() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps and mps.is_available())
+
+
+def resolve_device(name: str) -> tuple[torch.device, str]:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda"), f"auto: CUDA GPU {torch.cuda.get_device_name(0)}"
+        if _mps_available():
+            return torch.device("mps"), "auto: Apple GPU (MPS)"
+        return torch.device("cpu"), "auto: no CUDA or MPS GPU found, using the CPU"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise PocketError(f"device '{name}' asked for, but PyTorch sees no CUDA GPU; use --device cpu or auto")
+        return torch.device(name), "asked for"
+    if name == "mps" and not _mps_available():
+        raise PocketError("device 'mps' asked for, but MPS is not available; use --device cpu or auto")
+    return torch.device(name), "asked for"
+
+
+def resolve_dtype(name: str, device: torch.device) -> tuple[torch.dtype, str]:
+    if name == "float32":
+        return torch.float32, "asked for"
+    if name == "bfloat16":
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise PocketError("this GPU has no bfloat16 support; use --dtype float16 or float32")
+        return torch.bfloat16, "asked for"
+    if name == "float16":
+        if device.type == "cpu":
+            raise PocketError("float16 has no fast CPU kernels (it runs ~400x slower); use --dtype bfloat16 or float32")
+        return torch.float16, "asked for (with a gradient scaler)"
+    # auto: mixed precision where it is fast and safe
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16, "auto: GPU supports bfloat16"
+        return torch.float16, "auto: GPU lacks bfloat16, float16 with a gradient scaler"
+    return torch.float32, "auto: float32 on " + device.type
+
+
+def resolve(device: str = "auto", dtype: str = "auto") -> Runtime:
+    dev, dev_reason = resolve_device(device)
+    dt, dt_reason = resolve_dtype(dtype, dev)
+    return Runtime(dev, dt, f"{dev_reason}; {dt_reason}")

@@ -1,0 +1,428 @@
+"""train(cfg) -> run dir: the loop, evals, schedule, clipping, accumulation, AMP, compile, resume."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from . import checkpoint as ckpt
+from .config import CONFIG_FORMAT_VERSION, TrainConfig, validate
+from .data import BatchSampler, open_tokens, read_meta
+from .errors import PocketError, TrainingDiverged
+from .metrics import MetricsLog
+from .model import GPT
+from .optim import lr_at, make_optimizer, progress, set_lr
+from .runtime import Runtime, resolve
+from .tokenizer import load_tokenizer
+
+SHAPE_KEYS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias")
+RUN_FILES = ("config.json", "tokenizer.json", "model.safetensors", "metrics.jsonl", "samples.txt", "last", "last.old")
+EVAL_SEED_OFFSET = 1_000_003  # eval batches come from their own stream, never the training one
+
+
+@dataclass
+class RunState:
+    """What the loop needs besides weights and optimizer to carry on exactly."""
+
+    iter: int = 0
+    tokens_seen: int = 0
+    elapsed: float = 0.0  # training wall time, carried across resumes for --max-time
+    best_val_loss: float = math.inf
+    best_iter: int = -1
+    last_train_loss: float = math.nan
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["best_val_loss"] = None if math.isinf(self.best_val_loss) else self.best_val_loss
+        d["last_train_loss"] = None if math.isnan(self.last_train_loss) else self.last_train_loss
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RunState":
+        s = cls()
+        for key in ("iter", "tokens_seen", "elapsed", "best_iter", "history"):
+            if key in d:
+                setattr(s, key, d[key])
+        s.best_val_loss = math.inf if d.get("best_val_loss") is None else float(d["best_val_loss"])
+        s.last_train_loss = math.nan if d.get("last_train_loss") is None else float(d["last_train_loss"])
+        return s
+
+
+# ---------------------------------------------------------------- run folder
+
+def is_run_dir(path: Path) -> bool:
+    return (Path(path) / "config.json").is_file()
+
+
+def check_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to clobber anything that is not ours; with overwrite, clear a previous run (not data/)."""
+    out = Path(out)
+    if resume:
+        if not is_run_dir(out):
+            raise PocketError(f"cannot resume: {out} is not a pocketgpt run folder (no config.json)")
+        return
+    if is_run_dir(out):
+        if not overwrite:
+            raise PocketError(
+                f"{out} already holds a training run; add --resume to continue it, "
+                "--overwrite to start again, or choose another --out"
+            )
+        for name in RUN_FILES:
+            p = out / name
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+        ckpt.remove_stale_temps(out)
+        return
+    if out.exists():
+        if not out.is_dir():
+            raise PocketError(f"{out} is a file, not a folder; choose another --out")
+        if any(p.name != "data" and not ckpt.is_temp(p) for p in out.iterdir()):
+            raise PocketError(f"{out} exists and is not a pocketgpt run folder; choose another --out")
+
+
+def save_config(out: Path, cfg: TrainConfig, data_dir: Path) -> None:
+    from . import __version__
+
+    try:
+        data_ref = str(data_dir.resolve().relative_to(out.resolve()))
+    except ValueError:
+        data_ref = str(data_dir.resolve())
+    ckpt.write_json(
+        out / "config.json",
+        {"format_version": CONFIG_FORMAT_VERSION, "pocketgpt_version": __version__, "data_dir": data_ref,
+         **cfg.to_dict()},
+    )
+
+
+def read_run_config(run_dir: Path) -> tuple[TrainConfig, dict[str, Any]]:
+    """(TrainConfig, raw dict) from RUN_DIR/config.json, with version and key checks."""
+    raw = ckpt.read_json(Path(run_dir) / "config.json", "run config")
+    ckpt.check_format_version(raw, Path(run_dir) / "config.json")
+    cfg = TrainConfig.from_dict(raw)
+    return cfg, raw
+
+
+def data_dir_of(run_dir: Path, raw: dict[str, Any]) -> Path:
+    ref = Path(raw.get("data_dir", "data"))
+    return ref if ref.is_absolute() else Path(run_dir) / ref
+
+
+# ---------------------------------------------------------------- pieces of the loop
+
+def _load_split(data_dir: Path, split: str, vocab_size: int, block_size: int) -> np.ndarray:
+    tokens, vs = open_tokens(data_dir / f"{split}.bin")
+    if vs != vocab_size:
+        raise PocketError(f"{data_dir / (split + '.bin')} has vocab {vs} but meta.json says {vocab_size}; prepare again")
+    if len(tokens) < block_size + 1:
+        raise PocketError(
+            f"the {split} split has {len(tokens)} tokens but block_size {block_size} needs at least "
+            f"{block_size + 1}; give more text, lower --block-size"
+            + (", or raise --val-fraction when preparing" if split == "val" else "")
+        )
+    return tokens
+
+
+def _rng_state(runtime: Runtime) -> dict[str, torch.Tensor]:
+    state = {"torch_cpu": torch.get_rng_state()}
+    if runtime.is_cuda:
+        state["torch_cuda"] = torch.cuda.get_rng_state(runtime.device)
+    return state
+
+
+def _set_rng_state(runtime: Runtime, state: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["torch_cpu"])
+    if runtime.is_cuda and "torch_cuda" in state:
+        torch.cuda.set_rng_state(state["torch_cuda"], runtime.device)
+
+
+class Trainer:
+    """Holds the model, optimizer and data of one run; `run()` trains to the end."""
+
+    def __init__(self, cfg: TrainConfig, data_dir: Path, out: Path, runtime: Runtime, log: MetricsLog):
+        self.cfg, self.data_dir, self.out, self.runtime, self.log = cfg, data_dir, out, runtime, log
+        meta = read_meta(data_dir)
+        cfg.model.vocab_size = int(meta["vocab_size"])
+        m, r = cfg.model, cfg.run
+        self.train_tokens = _load_split(data_dir, "train", m.vocab_size, m.block_size)
+        self.val_tokens = _load_split(data_dir, "val", m.vocab_size, m.block_size)
+        self.val_bytes_per_token = meta["splits"]["val"]["bytes"] / max(meta["splits"]["val"]["tokens"], 1)
+        self.sampler = BatchSampler(self.train_tokens, m.block_size, r.batch_size, r.seed)
+        self.eval_samplers = {
+            split: BatchSampler(toks, m.block_size, r.batch_size, r.seed + EVAL_SEED_OFFSET)
+            for split, toks in (("train", self.train_tokens), ("val", self.val_tokens))
+        }
+        torch.manual_seed(r.seed)
+        self.model = GPT(m).to(runtime.device)
+        self.optimizer = make_optimizer(self.model, cfg.optim, runtime.device)
+        self.scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.needs_grad_scaler)
+        self.forward = self.model  # replaced by the compiled module when compile works
+        self.compile_pending = bool(r.compile)
+        self.state = RunState()
+        self.stop_requested = False
+
+    # -- resume -------------------------------------------------------------
+    def restore(self) -> None:
+        folder, state, optimizer_state, rng = ckpt.load_resume_state(self.out)
+        ckpt.load_weights(self.model, folder / "model.safetensors")
+        try:
+            self.optimizer.load_state_dict(optimizer_state)
+        except (ValueError, KeyError) as e:
+            raise PocketError(f"optimizer state in {folder} does not fit this model ({e})") from None
+        if "scaler" in state and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["scaler"])
+        _set_rng_state(self.runtime, rng)
+        self.state = RunState.from_dict(state)
+
+    def save_last(self) -> None:
+        extra = {"scaler": self.scaler.state_dict()} if self.scaler.is_enabled() else {}
+        ckpt.save_resume_state(
+            self.out, self.model, self.optimizer.state_dict(), _rng_state(self.runtime),
+            {**self.state.to_dict(), **extra},
+        )
+
+    # -- one optimizer step -------------------------------------------------
+    def _to_device(self, a: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(a)
+        if self.runtime.is_cuda:
+            return t.pin_memory().to(self.runtime.device, non_blocking=True)
+        return t.to(self.runtime.device)
+
+    def _maybe_compile(self) -> None:
+        if not self.compile_pending:
+            return
+        self.compile_pending = False
+        try:
+            self.forward = torch.compile(self.model)
+            self.log.say("compiling the model (the first steps are slow) ...")
+        except Exception as e:  # noqa: BLE001 - any failure means: run eagerly
+            self.log.say(f"warning: torch.compile unavailable ({type(e).__name__}); training without it")
+
+    def step(self, it: int, lr: float) -> tuple[float, float]:
+        """Forward/backward over grad_accum_steps micro-batches and one update; (loss, grad norm)."""
+        r, o = self.cfg.run, self.cfg.optim
+        set_lr(self.optimizer, lr)
+        total = torch.zeros((), device=self.runtime.device)
+        for micro in range(r.grad_accum_steps):
+            x, y = (self._to_device(a) for a in self.sampler.batch(it, micro))
+            with self.runtime.autocast():
+                _, loss = self._forward_safely(x, y)
+            self.scaler.scale(loss / r.grad_accum_steps).backward()
+            total += loss.detach()
+        loss_value = float(total) / r.grad_accum_steps
+        if not math.isfinite(loss_value):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise TrainingDiverged(self._diverged_message(it, "loss", loss_value))
+        grad_norm = math.nan
+        if o.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.grad_clip))
+            if not math.isfinite(grad_norm) and not self.scaler.is_enabled():
+                self.optimizer.zero_grad(set_to_none=True)
+                raise TrainingDiverged(self._diverged_message(it, "gradient norm", grad_norm))
+        self.scaler.step(self.optimizer)  # with fp16, skips steps whose gradients overflowed
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_value, grad_norm
+
+    def _forward_safely(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        try:
+            return self.forward(x, y)
+        except Exception as e:  # noqa: BLE001 - a compiler failure shows up at the first call
+            if self.forward is self.model:
+                raise
+            self.log.say(f"warning: torch.compile failed ({type(e).__name__}: {str(e)[:200]}); training without it")
+            self.forward = self.model
+            return self.model(x, y)
+
+    def _diverged_message(self, it: int, what: str, value: float) -> str:
+        causes = "the learning rate may be too high (try a lower --learning-rate or a longer --warmup-iters)"
+        if self.runtime.dtype == torch.float16:
+            causes += ", or float16 overflowed (try --dtype bfloat16 or float32)"
+        return (
+            f"training stopped at iter {it}: the {what} became {value}; the step was not applied and "
+            f"the last good checkpoint in {self.out} is intact. Likely cause: {causes}"
+        )
+
+    # -- evaluation ---------------------------------------------------------
+    @torch.no_grad()
+    def estimate_losses(self) -> dict[str, float]:
+        """Mean loss over eval_iters fixed batches per split (the same batches at every eval)."""
+        self.model.eval()
+        out = {}
+        for split, sampler in self.eval_samplers.items():
+            losses = []
+            for k in range(self.cfg.run.eval_iters):
+                x, y = (self._to_device(a) for a in sampler.batch(k))
+                with self.runtime.autocast():
+                    _, loss = self.model(x, y)
+                losses.append(float(loss))
+            out[split] = float(np.mean(losses))
+        self.model.train()
+        return out
+
+    def evaluate_and_save(self) -> None:
+        s = self.state
+        losses = self.estimate_losses()
+        bpb = losses["val"] / math.log(2) / self.val_bytes_per_token
+        improved = losses["val"] < s.best_val_loss
+        if improved:
+            s.best_val_loss, s.best_iter = losses["val"], s.iter
+            ckpt.save_weights(
+                self.model, self.out / "model.safetensors",
+                metadata={"iter": str(s.iter), "val_loss": f"{losses['val']:.6f}", "format_version": "1"},
+            )
+        record = {"iter": s.iter, "train_loss": losses["train"], "val_loss": losses["val"], "val_bpb": bpb,
+                  "elapsed": round(s.elapsed, 3), "tokens_seen": s.tokens_seen}
+        s.history.append({k: record[k] for k in ("iter", "train_loss", "val_loss")})
+        self.log.write(record)
+        self.log.say(
+            f"eval iter {s.iter}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} "
+            f"({bpb:.3f} bits/byte){' -> saved best' if improved else ''}"
+        )
+        self.save_last()
+
+    # -- the loop -------------------------------------------------------------
+    def run(self) -> RunState:
+        r, s = self.cfg.run, self.state
+        tokens_per_iter = r.batch_size * r.grad_accum_steps * self.cfg.model.block_size
+        self._maybe_compile()
+        self.model.train()
+        window_start, window_iters, evaluated_at = time.perf_counter(), 0, -1
+        while s.iter < r.max_iters and not (r.max_time and s.elapsed >= r.max_time) and not self.stop_requested:
+            t0 = time.perf_counter()
+            lr = lr_at(self.cfg.optim, s.iter,
+                       progress(self.cfg.optim, s.iter, r.max_iters, s.elapsed, r.max_time))
+            loss, grad_norm = self.step(s.iter, lr)
+            s.iter += 1
+            s.tokens_seen += tokens_per_iter
+            s.last_train_loss = loss
+            window_iters += 1
+            if s.iter % r.log_interval == 0:
+                seconds = time.perf_counter() - window_start
+                self._log_train(loss, lr, grad_norm, seconds, window_iters, tokens_per_iter)
+                window_start, window_iters = time.perf_counter(), 0
+            s.elapsed += time.perf_counter() - t0
+            if s.iter % r.eval_interval == 0:
+                t1 = time.perf_counter()
+                self.evaluate_and_save()
+                evaluated_at = s.iter
+                s.elapsed += time.perf_counter() - t1
+                window_start = time.perf_counter()
+        if self.stop_requested:
+            self.save_last()
+            return s
+        if evaluated_at != s.iter and s.iter > 0:
+            self.evaluate_and_save()
+        elif s.iter == 0:
+            raise PocketError("nothing to train: max_iters is already reached")
+        return s
+
+    def _log_train(self, loss: float, lr: float, grad_norm: float, seconds: float, iters: int, tpi: int) -> None:
+        ms = 1000 * seconds / max(iters, 1)
+        tps = tpi * iters / max(seconds, 1e-9)
+        s = self.state
+        self.log.write({"iter": s.iter, "loss": loss, "lr": lr, "tokens_per_s": round(tps, 1),
+                        "ms_per_iter": round(ms, 2), "grad_norm": grad_norm, "tokens_seen": s.tokens_seen,
+                        "elapsed": round(s.elapsed, 3)})
+        budget = self.cfg.run.max_time
+        where = f"{s.elapsed:5.0f}s/{budget:.0f}s" if budget else f"{s.iter}/{self.cfg.run.max_iters}"
+        self.log.say(f"iter {s.iter:6d} ({where}) | loss {loss:.4f} | lr {lr:.2e} | "
+                     f"{ms:6.1f} ms/iter | {tps:,.0f} tok/s")
+
+
+# ---------------------------------------------------------------- entry point
+
+@dataclass
+class TrainResult:
+    out: Path
+    iters: int
+    best_val_loss: float
+    interrupted: bool
+    seconds: float
+
+
+def _check_resume_shape(saved: TrainConfig, cfg: TrainConfig) -> None:
+    for key in SHAPE_KEYS:
+        a, b = getattr(saved.model, key), getattr(cfg.model, key)
+        if key != "vocab_size" and a != b:
+            raise PocketError(
+                f"--resume cannot change the model's shape: {key} was {a}, now {b}; "
+                "drop that option or start a new run with --out"
+            )
+
+
+def train(
+    cfg: TrainConfig,
+    data_dir: str | Path,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    echo: Callable[[str], None] | None = None,
+) -> TrainResult:
+    """Train cfg on the prepared data in data_dir, writing the run folder `out`."""
+    out, data_dir = Path(out), Path(data_dir)
+    validate(cfg)
+    check_run_dir(out, resume, overwrite)
+    if resume:
+        saved, _ = read_run_config(out)
+        _check_resume_shape(saved, cfg)
+    runtime = resolve(cfg.run.device, cfg.run.dtype)
+    log = MetricsLog(out / "metrics.jsonl", echo)
+    out.mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(cfg, data_dir, out, runtime, log)
+    if resume:
+        trainer.restore()
+        if trainer.state.iter >= cfg.run.max_iters or (cfg.run.max_time and trainer.state.elapsed >= cfg.run.max_time):
+            raise PocketError(
+                f"{out} already finished (iter {trainer.state.iter}); to train longer, resume with a larger "
+                "--max-iters (or --max-time)"
+            )
+        log.truncate_after(trainer.state.iter)
+        log.say(f"resuming {out} at iter {trainer.state.iter}")
+    else:
+        log.reset()
+        shutil.copyfile(data_dir / "tokenizer.json", out / ".tokenizer.json.tmp")
+        os.replace(out / ".tokenizer.json.tmp", out / "tokenizer.json")
+    save_config(out, cfg, data_dir)
+    log.say(f"model: {trainer.model.num_params():,} parameters | {runtime.describe()} | "
+            f"data: {len(trainer.train_tokens):,} train / {len(trainer.val_tokens):,} val tokens")
+    started = time.perf_counter()
+    with _graceful_interrupt(trainer):
+        state = trainer.run()
+    if trainer.stop_requested:
+        log.say(f"interrupted at iter {state.iter}; saved. Resume with: pocketgpt train --out {out} --resume")
+    return TrainResult(out, state.iter, state.best_val_loss, trainer.stop_requested, time.perf_counter() - started)
+
+
+class _graceful_interrupt:
+    """First Ctrl-C: finish the current step, save last/, stop. Second: stop at once."""
+
+    def __init__(self, trainer: Trainer):
+        self.trainer, self.previous = trainer, None
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.trainer.stop_requested:
+            raise KeyboardInterrupt
+        self.trainer.stop_requested = True
+        self.trainer.log.say("\ninterrupt: finishing this step and saving (Ctrl-C again to quit at once)")
+
+    def __enter__(self) -> "_graceful_interrupt":
+        try:
+            self.previous = signal.signal(signal.SIGINT, self._handler)
+        except ValueError:  # not the main thread: leave Ctrl-C alone
+            self.previous = None
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)

@@ -1,0 +1,194 @@
+"""The command line end to end on a small corpus: prepare -> train -> sample -> eval -> info."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import metrics, run_cli, tiny_flags
+
+
+def cli(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "pocketgpt", *map(str, args)], capture_output=True, text=True,
+                          timeout=300, **kw)
+
+
+def test_help_is_fast_and_does_not_import_torch():
+    code = "import sys; from pocketgpt.cli import main; main(['--help']) if False else None; " \
+           "import pocketgpt.cli; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+    res = cli("train", "--help")
+    assert res.returncode == 0 and "demo" in res.stdout and "shakespeare-char" in res.stdout
+
+
+def test_end_to_end(tmp_path, capsys, corpus_text):
+    book = tmp_path / "book.txt"
+    book.write_text(corpus_text, encoding="utf-8")
+    data = tmp_path / "data"
+    code, out, _ = run_cli(capsys, "prepare", book, "--out", data)
+    assert code == 0 and "vocab" in out
+    run = tmp_path / "run"
+    code, out, err = run_cli(capsys, "train", "--data", data, "--out", run, *tiny_flags(max_iters=40, sample_tokens=30))
+    assert code == 0, err
+    assert "eval iter 40" in out and "sample from" in out
+    assert json.loads((run / "config.json").read_text())["model"]["n_layer"] == 2
+
+    code, out, _ = run_cli(capsys, "sample", "--model", run, "--prompt", "ROMEO:", "--max-new-tokens", 50, "--seed", 1)
+    assert code == 0 and out.startswith("ROMEO:") and len(out.rstrip("\n")) >= len("ROMEO:") + 40
+    code, again, _ = run_cli(capsys, "sample", "--model", run, "--prompt", "ROMEO:", "--max-new-tokens", 50, "--seed", 1)
+    assert again == out  # seeded: reproducible
+    code, multi, _ = run_cli(capsys, "sample", "--model", run, "--prompt", "A", "--num-samples", 3,
+                             "--max-new-tokens", 10, "--seed", 2)
+    assert code == 0 and multi.count("-" * 40) == 2
+
+    code, out, _ = run_cli(capsys, "eval", "--model", run, "--json")
+    first = json.loads(out)
+    assert set(first) >= {"loss", "perplexity", "bits_per_byte", "tokens"}
+    assert first["perplexity"] == pytest.approx(2.718281828 ** first["loss"], rel=1e-6)
+    assert first["bits_per_byte"] == pytest.approx(first["loss"] / 0.693147, rel=1e-3)  # ASCII: 1 byte/token
+    code, out, _ = run_cli(capsys, "eval", "--model", run, "--json")
+    assert json.loads(out) == first  # a full deterministic pass, not a random sample
+    other = tmp_path / "other.txt"
+    other.write_text(corpus_text[:3000], encoding="utf-8")
+    code, out, _ = run_cli(capsys, "eval", "--model", run, "--file", other, "--json")
+    assert code == 0 and json.loads(out)["tokens"] == 2999
+
+    code, out, _ = run_cli(capsys, "info", "--model", run, "--json")
+    info = json.loads(out)
+    assert info["iters"] == 40 and info["tokens_seen"] == 40 * 8 * 16 and info["parameters"] > 0
+    assert "model.safetensors" in info["files"]
+    code, out, _ = run_cli(capsys, "tokenize", "--model", run, "To be")
+    assert json.loads(out)["tokens"] == ["T", "o", " ", "b", "e"]
+
+    res = cli("chat", "--model", run, "--max-new-tokens", 15, "--seed", 1, input="First\nquit\nnever read\n")
+    assert res.returncode == 0 and res.stdout.startswith("First") and "never read" not in res.stdout
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["sample", "--model", "nowhere"], "model not found"),
+    (["train", "--n-layers", "2"], "did you mean '--n-layer'"),
+    (["train", "--n-embd", "100", "--n-head", "3"], "divisible"),
+    (["train", "--learning-rate", "-1"], "learning_rate must be positive"),
+    (["train", "--max-time", "soon"], "duration"),
+    (["prepare", "/definitely/not/here.txt"], "input not found"),
+    (["eval"], "required: --model"),
+    (["sample", "--model", "x", "--top-p", "1.5"], r"top-p must be in \(0, 1\]"),
+    (["sample", "--model", "x", "--max-new-tokens", "-1"], "max-new-tokens must be zero or positive"),
+])
+def test_bad_input_is_one_line_and_exit_2(capsys, argv, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 2
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert __import__("re").search(message, err), err
+
+
+def test_prompt_problems_are_clear(tmp_path, capsys, data_dir):
+    run = tmp_path / "run"
+    assert run_cli(capsys, "train", "--data", data_dir, "--out", run, *tiny_flags(max_iters=10))[0] == 0
+    code, out, err = run_cli(capsys, "sample", "--model", run, "--prompt", "naïve ☃")
+    assert code == 2 and "U+00EF" in err and out == ""
+    code, out, err = run_cli(capsys, "sample", "--model", run, "--prompt", "x" * 17)
+    assert code == 2 and "context is 16" in err
+
+
+def test_a_folder_that_is_not_a_run(tmp_path, capsys):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("hi")
+    code, _, err = run_cli(capsys, "sample", "--model", tmp_path / "notes")
+    assert code == 2 and "not a pocketgpt run folder" in err
+    code, _, err = run_cli(capsys, "train", "--out", tmp_path / "notes", "--resume")
+    assert code == 2 and "not a pocketgpt run folder" in err
+    code, _, err = run_cli(capsys, "train", "--out", tmp_path / "notes", *tiny_flags())
+    assert code == 2 and "not a pocketgpt run folder" in err
+    assert (tmp_path / "notes" / "a.txt").read_text() == "hi"
+
+
+def _wait_for(proc, path, text, timeout=120):
+    end = time.time() + timeout
+    while time.time() < end:
+        if path.exists() and text in path.read_text():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"process ended early: {proc.stdout.read()}")
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {text!r}")
+
+
+def test_kill_9_mid_checkpoint_write_then_resume_matches(tmp_path, data_dir):
+    flags = tiny_flags(max_iters=40, lr_decay_iters=40, dropout=0.1)
+    straight = tmp_path / "straight"
+    assert cli("train", "--data", data_dir, "--out", straight, *flags).returncode == 0
+
+    run, log = tmp_path / "run", tmp_path / "log.txt"
+    env = {**os.environ, "POCKETGPT_PAUSE_IN_SAVE": "30"}
+
+    def start(*extra):
+        with open(log, "w") as f:
+            return subprocess.Popen([sys.executable, "-m", "pocketgpt", "train", "--data", str(data_dir),
+                                     "--out", str(run), *extra, *flags], stdout=f, stderr=subprocess.STDOUT,
+                                    env=env, text=True)
+
+    proc = start()
+    _wait_for(proc, log, "pausing in checkpoint write")  # the first save (iter 10) is half written
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run / "last").exists()  # the half-written folder never became last/
+    res = cli("train", "--out", run, "--resume")
+    assert res.returncode == 2 and "no resume state" in res.stderr  # nothing to resume yet, said clearly
+
+    env["POCKETGPT_PAUSE_IN_SAVE"] = "1"
+    proc = start("--overwrite")
+    _wait_for(proc, log, "eval iter 20")  # now the iter-20 save is pausing half-way: kill it there
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert json.loads((run / "last" / "state.json").read_text())["iter"] == 10  # the old one, intact
+    res = cli("train", "--out", run, "--resume")
+    assert res.returncode == 0, res.stderr
+    a = {m["iter"]: m["loss"] for m in metrics(straight) if "loss" in m}
+    b = {m["iter"]: m["loss"] for m in metrics(run) if "loss" in m}
+    assert list(b) == list(range(1, 41))
+    assert a == pytest.approx(b, abs=1e-5)
+    assert not [p.name for p in run.iterdir() if p.name.startswith(".")]  # stale temp folders cleaned
+
+
+def test_kill_9_during_steps_then_resume_matches(tmp_path, data_dir):
+    flags = tiny_flags(max_iters=60, lr_decay_iters=60, dropout=0.1, eval_interval=10)
+    straight = tmp_path / "straight"
+    assert cli("train", "--data", data_dir, "--out", straight, *flags).returncode == 0
+    run, log = tmp_path / "run", tmp_path / "log.txt"
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "pocketgpt", "train", "--data", str(data_dir), "--out", str(run),
+                                 *flags], stdout=f, stderr=subprocess.STDOUT, text=True)
+    _wait_for(proc, log, "eval iter 20")
+    time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    res = cli("train", "--out", run, "--resume")
+    assert res.returncode == 0, res.stderr
+    a = {m["iter"]: m["loss"] for m in metrics(straight) if "loss" in m}
+    b = {m["iter"]: m["loss"] for m in metrics(run) if "loss" in m}
+    assert list(b) == list(range(1, 61))
+    assert a == pytest.approx(b, abs=1e-5)
+
+
+def test_ctrl_c_saves_and_says_how_to_resume(tmp_path, data_dir):
+    run, log = tmp_path / "run", tmp_path / "log.txt"
+    flags = tiny_flags(max_iters=100000, eval_interval=100000, log_interval=1)
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "pocketgpt", "train", "--data", str(data_dir), "--out", str(run),
+                                 *flags], stdout=f, stderr=subprocess.STDOUT, text=True)
+    _wait_for(proc, log, "iter     30")
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 130
+    text = log.read_text()
+    assert "--resume" in text and "Traceback" not in text
+    state = json.loads((run / "last" / "state.json").read_text())
+    assert state["iter"] >= 30
+    res = cli("train", "--out", run, "--resume", "--max-iters", state["iter"] + 5)
+    assert res.returncode == 0 and f"resuming {run} at iter {state['iter']}" in res.stdout

@@ -1,0 +1,112 @@
+import pytest
+import torch
+
+from pocketgpt.config import ModelConfig
+from pocketgpt.engine import Engine, pick_next
+from pocketgpt.model import GPT, KVCache
+
+
+def make(block_size=16, **kw) -> GPT:
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=23, block_size=block_size, n_layer=2, n_head=2, n_embd=16, **kw)
+    return GPT(cfg).eval()
+
+
+def test_nanogpt_cpu_shape_has_0_80m_parameters():
+    cfg = ModelConfig(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128, bias=False)
+    assert GPT(cfg).num_params(non_embedding=True) == 795_904  # nanoGPT prints "0.80M"
+
+
+def test_changing_a_later_token_never_changes_earlier_logits():
+    model = make(dropout=0.0)
+    idx = torch.randint(0, 23, (2, 16))
+    base, _ = model(idx)
+    for t in (3, 9, 15):
+        changed = idx.clone()
+        changed[:, t] = (changed[:, t] + 1) % 23
+        out, _ = model(changed)
+        assert torch.equal(out[:, :t], base[:, :t])
+        assert not torch.allclose(out[:, t:], base[:, t:])
+
+
+def test_tied_embeddings_share_one_tensor():
+    model = make()
+    assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
+
+
+def test_kv_cache_decode_equals_full_forward():
+    model = make()
+    idx = torch.randint(0, 23, (3, 16))
+    full, _ = model(idx)
+    cache = KVCache(model.config, 3, torch.device("cpu"), torch.float32)
+    out, _ = model(idx[:, :5], cache=cache)  # prefill
+    steps = [out]
+    for t in range(5, 16):  # then one token at a time
+        out, _ = model(idx[:, t : t + 1], cache=cache)
+        steps.append(out)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_chunked_prefill_after_cached_tokens_uses_the_right_mask():
+    model = make()
+    idx = torch.randint(0, 23, (1, 12))
+    full, _ = model(idx)
+    cache = KVCache(model.config, 1, torch.device("cpu"), torch.float32)
+    model(idx[:, :4], cache=cache)
+    out, _ = model(idx[:, 4:12], cache=cache)
+    torch.testing.assert_close(out, full[:, 4:12], rtol=1e-5, atol=1e-5)
+
+
+def test_too_long_input_is_refused():
+    with pytest.raises(ValueError, match="exceeds block_size"):
+        make()(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_greedy_generation_is_argmax_of_the_full_forward():
+    model = make()
+    prompt = [1, 2, 3]
+    new = Engine(model).generate(prompt, 10, temperature=0.0)[0]
+    seq = list(prompt)
+    for _ in range(10):
+        logits, _ = model(torch.tensor([seq]))
+        seq.append(int(logits[0, -1].argmax()))
+    assert new == seq[3:]
+
+
+def test_sliding_window_keeps_generating_past_block_size():
+    model = make(block_size=8)
+    prompt = [1, 2, 3, 4, 5]
+    new = Engine(model).generate(prompt, 30, temperature=0.0)[0]
+    assert len(new) == 30
+    # each token is the argmax of the window the engine holds: the newest 4 tokens after a slide,
+    # growing until it is full again
+    seq, start = list(prompt), 0
+    for tok in new:
+        if len(seq) - start > 8:
+            start = len(seq) - 4
+        logits, _ = model(torch.tensor([seq[start:]]))
+        assert tok == int(logits[0, -1].argmax())
+        seq.append(tok)
+
+
+def test_seeded_sampling_is_reproducible_and_batched():
+    eng = Engine(make())
+    a = eng.generate([1, 2], 20, num_samples=3, temperature=1.0, seed=5)
+    b = eng.generate([1, 2], 20, num_samples=3, temperature=1.0, seed=5)
+    c = eng.generate([1, 2], 20, num_samples=3, temperature=1.0, seed=6)
+    assert a == b and a != c
+    assert len(a) == 3 and all(len(s) == 20 for s in a)
+    assert len({tuple(s) for s in a}) > 1  # the samples in one batch differ
+
+
+def test_top_k_keeps_exactly_k_even_with_ties():
+    logits = torch.tensor([[5.0, 5.0, 5.0, 5.0, 1.0, 0.0]])
+    seen = {int(pick_next(logits, 1.0, 2, 1.0, torch.Generator().manual_seed(s))) for s in range(200)}
+    assert len(seen) == 2 and seen <= {0, 1, 2, 3}
+
+
+def test_top_p_keeps_the_smallest_nucleus():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    seen = {int(pick_next(logits, 1.0, 0, 0.75, torch.Generator().manual_seed(s))) for s in range(300)}
+    assert seen == {0, 1}
+    assert int(pick_next(logits, 1.0, 0, 0.01, None)) == 0  # the best token always survives

@@ -1,0 +1,182 @@
+import json
+import math
+import pickle
+
+import pytest
+import torch
+
+import pocketgpt
+from pocketgpt.errors import PocketError, TrainingDiverged
+from pocketgpt.train import train
+
+from conftest import metrics, tiny_config
+
+
+def losses_by_iter(run_dir, key="loss"):
+    return {m["iter"]: m[key] for m in metrics(run_dir) if key in m}
+
+
+def test_loss_falls_on_a_small_corpus(data_dir, tmp_path):
+    res = train(tiny_config(max_iters=120, eval_interval=60), data_dir, tmp_path / "run", echo=lambda s: None)
+    evals = [m for m in metrics(tmp_path / "run") if "val_loss" in m]
+    assert math.log(pocketgpt.load(tmp_path / "run").tokenizer.vocab_size) > evals[0]["val_loss"] > evals[-1]["val_loss"]
+    assert res.best_val_loss == min(e["val_loss"] for e in evals)
+    assert evals[-1]["val_loss"] < 2.9  # far below uniform guessing (ln 60 ~ 4.1)
+
+
+def test_metrics_lines_follow_the_contract(data_dir, tmp_path):
+    train(tiny_config(max_iters=10, eval_interval=5), data_dir, tmp_path / "run", echo=lambda s: None)
+    lines = metrics(tmp_path / "run")
+    train_lines = [m for m in lines if "loss" in m]
+    eval_lines = [m for m in lines if "val_loss" in m]
+    assert [m["iter"] for m in train_lines] == list(range(1, 11))
+    assert all({"iter", "loss", "lr", "tokens_per_s"} <= set(m) for m in train_lines)
+    assert [m["iter"] for m in eval_lines] == [5, 10]
+    assert all({"iter", "train_loss", "val_loss"} <= set(m) for m in eval_lines)
+
+
+def test_exact_resume_matches_an_uninterrupted_run(data_dir, tmp_path):
+    kw = dict(dropout=0.1, lr_decay_iters=40, eval_interval=10)  # dropout: the RNG state must resume too
+    train(tiny_config(max_iters=40, **kw), data_dir, tmp_path / "straight", echo=lambda s: None)
+    train(tiny_config(max_iters=20, **kw), data_dir, tmp_path / "resumed", echo=lambda s: None)
+    train(tiny_config(max_iters=40, **kw), data_dir, tmp_path / "resumed", resume=True, echo=lambda s: None)
+    a, b = losses_by_iter(tmp_path / "straight"), losses_by_iter(tmp_path / "resumed")
+    assert list(a) == list(b) == list(range(1, 41))
+    for it in a:
+        assert abs(a[it] - b[it]) <= 1e-5, it
+    assert losses_by_iter(tmp_path / "straight", "val_loss") == pytest.approx(
+        losses_by_iter(tmp_path / "resumed", "val_loss"), abs=1e-5)
+
+
+def test_resume_refuses_a_changed_shape_and_a_finished_run(data_dir, tmp_path):
+    train(tiny_config(max_iters=10), data_dir, tmp_path / "run", echo=lambda s: None)
+    with pytest.raises(PocketError, match="n_embd was 32, now 64"):
+        train(tiny_config(max_iters=20, n_embd=64), data_dir, tmp_path / "run", resume=True)
+    with pytest.raises(PocketError, match="already finished"):
+        train(tiny_config(max_iters=10), data_dir, tmp_path / "run", resume=True)
+
+
+def test_existing_run_is_not_overwritten_without_asking(data_dir, tmp_path):
+    train(tiny_config(max_iters=10), data_dir, tmp_path / "run", echo=lambda s: None)
+    before = (tmp_path / "run" / "model.safetensors").read_bytes()
+    with pytest.raises(PocketError, match="already holds a training run"):
+        train(tiny_config(max_iters=10), data_dir, tmp_path / "run")
+    assert (tmp_path / "run" / "model.safetensors").read_bytes() == before
+    train(tiny_config(max_iters=10, seed=8), data_dir, tmp_path / "run", overwrite=True, echo=lambda s: None)
+    assert (tmp_path / "run" / "model.safetensors").read_bytes() != before
+
+
+def test_interrupted_checkpoint_write_keeps_the_old_one(data_dir, tmp_path, monkeypatch):
+    from pocketgpt import checkpoint
+
+    run = tmp_path / "run"
+    train(tiny_config(max_iters=10), data_dir, run, echo=lambda s: None)
+    old_state = json.loads((run / "last" / "state.json").read_text())
+
+    def broken_save_file(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("safetensors.torch.save_file", broken_save_file)
+    with pytest.raises(OSError, match="No space"):
+        train(tiny_config(max_iters=20), data_dir, run, resume=True, echo=lambda s: None)
+    monkeypatch.undo()
+    assert json.loads((run / "last" / "state.json").read_text()) == old_state
+    assert not [p for p in run.iterdir() if p.name.startswith(".")]  # no temp folders left behind
+    _, state, _, _ = checkpoint.load_resume_state(run)
+    assert state["iter"] == 10
+    train(tiny_config(max_iters=20), data_dir, run, resume=True, echo=lambda s: None)  # and it resumes fine
+
+
+def test_kill_between_the_two_renames_falls_back_to_last_old(data_dir, tmp_path):
+    from pocketgpt.checkpoint import resume_dir
+
+    run = tmp_path / "run"
+    train(tiny_config(max_iters=10), data_dir, run, echo=lambda s: None)
+    (run / "last").rename(run / "last.old")  # what a kill between the renames leaves
+    assert resume_dir(run) == run / "last.old"
+    train(tiny_config(max_iters=20), data_dir, run, resume=True, echo=lambda s: None)
+    assert json.loads((run / "last" / "state.json").read_text())["iter"] == 20
+
+
+def test_non_finite_loss_stops_without_applying_the_step(data_dir, tmp_path, monkeypatch):
+    from pocketgpt.model import GPT
+
+    run = tmp_path / "run"
+    train(tiny_config(max_iters=10), data_dir, run, echo=lambda s: None)
+    weights = (run / "model.safetensors").read_bytes()
+    real_forward, calls = GPT.forward, {"n": 0}
+
+    def poisoned(self, idx, targets=None, **kw):
+        logits, loss = real_forward(self, idx, targets, **kw)
+        if targets is not None and self.training:
+            calls["n"] += 1
+            if calls["n"] == 3:
+                loss = loss * float("nan")
+        return logits, loss
+
+    monkeypatch.setattr(GPT, "forward", poisoned)
+    with pytest.raises(TrainingDiverged, match=r"iter 12.*not applied.*learning rate"):
+        train(tiny_config(max_iters=30), data_dir, run, resume=True, echo=lambda s: None)
+    assert (run / "model.safetensors").read_bytes() == weights
+    assert json.loads((run / "last" / "state.json").read_text())["iter"] == 10
+
+
+def test_malicious_pickle_in_a_checkpoint_is_refused_not_run(data_dir, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_config(max_iters=10), data_dir, run, echo=lambda s: None)
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    (run / "last" / "optimizer.pt").write_bytes(pickle.dumps({"state": Evil()}))
+    with pytest.raises(PocketError, match="refusing to load"):
+        train(tiny_config(max_iters=20), data_dir, run, resume=True, echo=lambda s: None)
+    assert not marker.exists()
+
+
+def test_corrupted_weights_are_a_clear_error(data_dir, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_config(max_iters=10), data_dir, run, echo=lambda s: None)
+    data = (run / "model.safetensors").read_bytes()
+    (run / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(PocketError, match="truncated or corrupted"):
+        pocketgpt.load(run)
+    assert pocketgpt.load(run, checkpoint="last").model is not None
+
+
+def test_max_time_budget_ends_the_run_with_decayed_lr(data_dir, tmp_path):
+    res = train(tiny_config(max_iters=10**6, max_time=3.0, schedule="wsd", eval_interval=10**6, log_interval=5),
+                data_dir, tmp_path / "run", echo=lambda s: None)
+    lines = metrics(tmp_path / "run")
+    assert 5 < res.iters < 10**6 and res.seconds < 30
+    assert lines[-1]["iter"] == res.iters and "val_loss" in lines[-1]  # final eval + save
+    lrs = [m["lr"] for m in lines if "lr" in m]
+    assert max(lrs) == pytest.approx(3e-3) and lrs[-1] < 0.5 * max(lrs)  # decay follows the clock
+
+
+def test_gradient_accumulation_equals_one_big_batch(data_dir, tmp_path):
+    """Two micro-batches of 4 make the same update as one batch of the same 8 sequences."""
+    import numpy as np
+
+    from pocketgpt.metrics import MetricsLog
+    from pocketgpt.runtime import resolve
+    from pocketgpt.train import Trainer
+
+    def one_step(batch_size, accum, batches):
+        cfg = tiny_config(batch_size=batch_size, grad_accum_steps=accum, weight_decay=0.0)
+        t = Trainer(cfg, data_dir, tmp_path, resolve("cpu", "float32"), MetricsLog(tmp_path / "m.jsonl"))
+        t.sampler.batch = lambda step, micro: batches[micro]
+        loss, _ = t.step(0, 1e-3)
+        return loss, [p.detach().clone() for p in t.model.parameters()]
+
+    from pocketgpt.data import BatchSampler, open_tokens
+
+    tokens, _ = open_tokens(data_dir / "train.bin")
+    x, y = BatchSampler(tokens, 16, 8, seed=1).batch(0)
+    big_loss, big = one_step(8, 1, {0: (x, y)})
+    acc_loss, acc = one_step(4, 2, {0: (x[:4], y[:4]), 1: (x[4:], y[4:])})
+    assert acc_loss == pytest.approx(big_loss, abs=1e-5)
+    for a, b in zip(big, acc):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
