@@ -77,7 +77,7 @@ def test_interrupted_checkpoint_write_keeps_the_old_one(data_dir, tmp_path, monk
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr("safetensors.torch.save_file", broken_save_file)
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(PocketError, match="No space left on device; the previous checkpoint is kept"):
         train(tiny_config(max_iters=20), data_dir, run, resume=True, echo=lambda s: None)
     monkeypatch.undo()
     assert json.loads((run / "last" / "state.json").read_text()) == old_state
@@ -180,3 +180,27 @@ def test_gradient_accumulation_equals_one_big_batch(data_dir, tmp_path):
     assert acc_loss == pytest.approx(big_loss, abs=1e-5)
     for a, b in zip(big, acc):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_checkpoint_from_another_format_version_is_refused(data_dir, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_config(max_iters=10), data_dir, run, echo=lambda s: None)
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["format_version"] = 99
+    (run / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(PocketError, match="format version 99"):
+        pocketgpt.load(run)
+    with pytest.raises(PocketError, match="format version 99"):
+        train(tiny_config(max_iters=20), data_dir, run, resume=True)
+
+
+def test_corpus_shorter_than_the_context_says_what_is_needed(tmp_path):
+    from pocketgpt.config import PrepareConfig
+    from pocketgpt.data import prepare
+
+    (tmp_path / "short.txt").write_text("a tiny text of a few words, " * 4)
+    data = prepare(PrepareConfig(inputs=[str(tmp_path / "short.txt")], out=str(tmp_path / "d")))
+    with pytest.raises(PocketError, match=r"val split has 12 tokens but block_size 16 needs at least 17.*--val-fraction"):
+        train(tiny_config(), data, tmp_path / "run")
+    with pytest.raises(PocketError, match=r"train split has 100 tokens but block_size 128 needs at least 129"):
+        train(tiny_config(block_size=128), data, tmp_path / "run")

@@ -15,12 +15,13 @@ Nothing is unpickled: optimizer tensors load with torch.load(weights_only=True).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from .errors import PocketError
 
@@ -80,6 +81,19 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
     if not isinstance(d, dict):
         raise PocketError(f"{what} at {path} is not a JSON object")
     return d
+
+
+@contextlib.contextmanager
+def disk_errors(run_dir: Path, what: str) -> Iterator[None]:
+    """Turn a failed write (disk full, no permission) into one clear message; old files stay."""
+    try:
+        yield
+    except OSError as e:
+        reason = e.strerror or str(e)
+        raise PocketError(
+            f"could not write the {what} in {run_dir}: {reason}; the previous checkpoint is kept. "
+            "Free disk space or fix permissions, then continue with --resume"
+        ) from None
 
 
 def _pause_hook(stage: str) -> None:

@@ -421,3 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # e.g. `pocketgpt sample ... | head`
         sys.stderr.close()
         return 0
+    except OSError as e:  # disk full, permissions, a file vanishing: say which, no traceback
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"error: {e.strerror or e}{where}", file=sys.stderr, flush=True)
+        return 1

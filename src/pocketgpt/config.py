@@ -26,6 +26,10 @@ CONFIG_FORMAT_VERSION = 1
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 SCHEDULES = ("cosine", "wsd", "constant")
+POS_EMBS = ("learned", "rope")
+NORMS = ("layernorm", "rmsnorm")
+MLPS = ("gelu", "relu2")
+OPTIMIZERS = ("adamw", "muon")
 TOKENIZERS = ("char",)
 
 
@@ -40,6 +44,13 @@ class ModelConfig:
     n_embd: int = 384
     dropout: float = 0.0
     bias: bool = False
+    # architecture options (GPT-2 style by default; see the ablation in bench/RESULTS.md)
+    pos_emb: str = "learned"  # learned | rope (rotary position embeddings)
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    qk_norm: bool = False  # RMS-normalise queries and keys per head
+    mlp: str = "gelu"  # gelu | relu2 (squared ReLU)
+    tie_embeddings: bool = True  # share the input embedding and the output head
+    zero_init_proj: bool = False  # start every residual output projection at zero
 
 
 @dataclass
@@ -56,6 +67,9 @@ class OptimConfig:
     beta1: float = 0.9
     beta2: float = 0.99
     grad_clip: float = 1.0  # 0 disables clipping
+    optimizer: str = "adamw"  # adamw | muon (Muon on hidden matrices, AdamW on the rest)
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95
 
 
 @dataclass
@@ -233,6 +247,12 @@ def validate(cfg: TrainConfig) -> None:
         (m.n_embd >= 1, f"n_embd must be at least 1, got {m.n_embd}"),
         (m.block_size >= 1, f"block_size must be at least 1, got {m.block_size}"),
         (0.0 <= m.dropout < 1.0, f"dropout must be in [0, 1), got {m.dropout}"),
+        _choice("pos_emb", m.pos_emb, POS_EMBS),
+        _choice("norm", m.norm, NORMS),
+        _choice("mlp", m.mlp, MLPS),
+        _choice("optimizer", o.optimizer, OPTIMIZERS),
+        (o.muon_lr > 0, f"muon_lr must be positive, got {o.muon_lr}"),
+        (0.0 <= o.muon_momentum < 1.0, f"muon_momentum must be in [0, 1), got {o.muon_momentum}"),
         (o.learning_rate > 0, f"learning_rate must be positive, got {o.learning_rate}"),
         (o.min_lr >= 0, f"min_lr must be zero or positive, got {o.min_lr}"),
         (o.warmup_iters >= 0, f"warmup_iters must be zero or positive, got {o.warmup_iters}"),
@@ -265,6 +285,12 @@ def validate(cfg: TrainConfig) -> None:
             f"n_embd ({m.n_embd}) must be divisible by n_head ({m.n_head}); "
             f"try n_head {lower} or n_embd {(m.n_embd // m.n_head + 1) * m.n_head}"
         )
+    if m.pos_emb == "rope" and (m.n_embd // m.n_head) % 2:
+        raise PocketError(f"pos_emb rope needs an even head size, but n_embd/n_head = {m.n_embd // m.n_head}")
+
+
+def _choice(key: str, value: str, choices: tuple[str, ...]) -> tuple[bool, str]:
+    return value in choices, f"{key} must be one of {', '.join(choices)}, got '{value}'" + nearest(value, choices)
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:

@@ -20,11 +20,12 @@ from .data import BatchSampler, open_tokens, read_meta
 from .errors import PocketError, TrainingDiverged
 from .metrics import MetricsLog
 from .model import GPT
-from .optim import lr_at, make_optimizer, progress, set_lr
+from .optim import lr_at, make_optimizers, progress, set_lr
 from .runtime import Runtime, resolve
 from .tokenizer import load_tokenizer
 
-SHAPE_KEYS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias")
+SHAPE_KEYS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias", "pos_emb", "norm", "qk_norm", "mlp",
+              "tie_embeddings")
 RUN_FILES = ("config.json", "tokenizer.json", "model.safetensors", "metrics.jsonl", "samples.txt", "last", "last.old")
 EVAL_SEED_OFFSET = 1_000_003  # eval batches come from their own stream, never the training one
 
@@ -162,7 +163,7 @@ class Trainer:
         }
         torch.manual_seed(r.seed)
         self.model = GPT(m).to(runtime.device)
-        self.optimizer = make_optimizer(self.model, cfg.optim, runtime.device)
+        self.optimizers = make_optimizers(self.model, cfg.optim, runtime.device)
         self.scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.needs_grad_scaler)
         self.forward = self.model  # replaced by the compiled module when compile works
         self.compile_pending = bool(r.compile)
@@ -174,8 +175,12 @@ class Trainer:
         folder, state, optimizer_state, rng = ckpt.load_resume_state(self.out)
         ckpt.load_weights(self.model, folder / "model.safetensors")
         try:
-            self.optimizer.load_state_dict(optimizer_state)
-        except (ValueError, KeyError) as e:
+            saved = optimizer_state["optimizers"]
+            if len(saved) != len(self.optimizers):
+                raise ValueError(f"{len(saved)} optimizers saved, {len(self.optimizers)} now (was optimizer changed?)")
+            for opt, sd in zip(self.optimizers, saved):
+                opt.load_state_dict(sd)
+        except (ValueError, KeyError, TypeError) as e:
             raise PocketError(f"optimizer state in {folder} does not fit this model ({e})") from None
         if "scaler" in state and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["scaler"])
@@ -184,10 +189,12 @@ class Trainer:
 
     def save_last(self) -> None:
         extra = {"scaler": self.scaler.state_dict()} if self.scaler.is_enabled() else {}
-        ckpt.save_resume_state(
-            self.out, self.model, self.optimizer.state_dict(), _rng_state(self.runtime),
-            {**self.state.to_dict(), **extra},
-        )
+        with ckpt.disk_errors(self.out, "resume checkpoint (last/)"):
+            ckpt.save_resume_state(
+                self.out, self.model, {"optimizers": [o.state_dict() for o in self.optimizers]},
+                _rng_state(self.runtime),
+                {**self.state.to_dict(), **extra},
+            )
 
     # -- one optimizer step -------------------------------------------------
     def _to_device(self, a: np.ndarray) -> torch.Tensor:
@@ -209,7 +216,7 @@ class Trainer:
     def step(self, it: int, lr: float) -> tuple[float, float]:
         """Forward/backward over grad_accum_steps micro-batches and one update; (loss, grad norm)."""
         r, o = self.cfg.run, self.cfg.optim
-        set_lr(self.optimizer, lr)
+        set_lr(self.optimizers, lr / o.learning_rate)
         total = torch.zeros((), device=self.runtime.device)
         for micro in range(r.grad_accum_steps):
             x, y = (self._to_device(a) for a in self.sampler.batch(it, micro))
@@ -219,19 +226,25 @@ class Trainer:
             total += loss.detach()
         loss_value = float(total) / r.grad_accum_steps
         if not math.isfinite(loss_value):
-            self.optimizer.zero_grad(set_to_none=True)
+            self._zero_grad()
             raise TrainingDiverged(self._diverged_message(it, "loss", loss_value))
         grad_norm = math.nan
         if o.grad_clip > 0:
-            self.scaler.unscale_(self.optimizer)
+            for opt in self.optimizers:
+                self.scaler.unscale_(opt)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.grad_clip))
             if not math.isfinite(grad_norm) and not self.scaler.is_enabled():
-                self.optimizer.zero_grad(set_to_none=True)
+                self._zero_grad()
                 raise TrainingDiverged(self._diverged_message(it, "gradient norm", grad_norm))
-        self.scaler.step(self.optimizer)  # with fp16, skips steps whose gradients overflowed
+        for opt in self.optimizers:
+            self.scaler.step(opt)  # with fp16, skips steps whose gradients overflowed
         self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        self._zero_grad()
         return loss_value, grad_norm
+
+    def _zero_grad(self) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
 
     def _forward_safely(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         try:
@@ -276,10 +289,11 @@ class Trainer:
         improved = losses["val"] < s.best_val_loss
         if improved:
             s.best_val_loss, s.best_iter = losses["val"], s.iter
-            ckpt.save_weights(
-                self.model, self.out / "model.safetensors",
-                metadata={"iter": str(s.iter), "val_loss": f"{losses['val']:.6f}", "format_version": "1"},
-            )
+            with ckpt.disk_errors(self.out, "best weights (model.safetensors)"):
+                ckpt.save_weights(
+                    self.model, self.out / "model.safetensors",
+                    metadata={"iter": str(s.iter), "val_loss": f"{losses['val']:.6f}", "format_version": "1"},
+                )
         record = {"iter": s.iter, "train_loss": losses["train"], "val_loss": losses["val"], "val_bpb": bpb,
                   "elapsed": round(s.elapsed, 3), "tokens_seen": s.tokens_seen}
         s.history.append({k: record[k] for k in ("iter", "train_loss", "val_loss")})

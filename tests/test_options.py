@@ -1,0 +1,94 @@
+"""Architecture and optimizer options: each keeps the model causal, cache-exact, trainable and resumable."""
+
+import pytest
+import torch
+
+import pocketgpt
+from pocketgpt.config import ModelConfig
+from pocketgpt.model import GPT, KVCache
+from pocketgpt.optim import Muon, make_optimizers, orthogonalize
+from pocketgpt.train import train
+
+from conftest import metrics, tiny_config
+
+OPTIONS = [
+    {},
+    {"pos_emb": "rope"},
+    {"norm": "rmsnorm"},
+    {"qk_norm": True},
+    {"mlp": "relu2"},
+    {"tie_embeddings": False},
+    {"zero_init_proj": True},
+    {"pos_emb": "rope", "norm": "rmsnorm", "qk_norm": True, "mlp": "relu2", "tie_embeddings": False,
+     "zero_init_proj": True},
+]
+
+
+def build(**opts) -> GPT:
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=29, block_size=16, n_layer=2, n_head=2, n_embd=16, **opts)).eval()
+    if opts.get("zero_init_proj"):  # give the zeroed projections weights, as training would
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n.endswith("c_proj.weight"):
+                    p.normal_(0, 0.02)
+    return model
+
+
+@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: "+".join(o) or "gpt2")
+def test_option_is_causal_and_cache_exact(opts):
+    model = build(**opts)
+    idx = torch.randint(0, 29, (2, 16))
+    full, _ = model(idx)
+    changed = idx.clone()
+    changed[:, 10] = (changed[:, 10] + 1) % 29
+    assert torch.equal(model(changed)[0][:, :10], full[:, :10])
+    cache = KVCache(model.config, 2, torch.device("cpu"), torch.float32)
+    parts = [model(idx[:, :6], cache=cache)[0]] + [model(idx[:, t : t + 1], cache=cache)[0] for t in range(6, 16)]
+    torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_options_change_the_network():
+    assert "wpe" not in build(pos_emb="rope").transformer
+    untied = build(tie_embeddings=False)
+    assert untied.lm_head.weight.data_ptr() != untied.transformer.wte.weight.data_ptr()
+    assert build(tie_embeddings=False).num_params() == build().num_params() + 29 * 16
+    zero = GPT(ModelConfig(vocab_size=29, block_size=16, n_layer=2, n_head=2, n_embd=16, zero_init_proj=True))
+    assert all(p.abs().sum() == 0 for n, p in zero.named_parameters() if n.endswith("c_proj.weight"))
+
+
+def test_orthogonalize_pushes_singular_values_towards_one():
+    torch.manual_seed(0)
+    for shape in [(192, 64), (64, 256), (96, 48)]:  # (square random matrices are near-singular)
+        g = torch.randn(shape) * torch.linspace(0.1, 3.0, shape[1])  # unevenly scaled directions
+        o = orthogonalize(g)
+        s = torch.linalg.svdvals(o)
+        assert s.min() > 0.5 and s.max() < 1.3, (shape, s.min(), s.max())  # input spread: ~30x
+        assert (o * g).sum() > 0  # still a descent direction
+
+
+def test_muon_takes_hidden_matrices_and_adamw_the_rest():
+    from pocketgpt.config import OptimConfig
+
+    model = build()
+    adamw, muon = make_optimizers(model, OptimConfig(optimizer="muon"), torch.device("cpu"))
+    assert isinstance(muon, Muon)
+    muon_ids = {id(p) for g in muon.param_groups for p in g["params"]}
+    for name, p in model.named_parameters():
+        assert (id(p) in muon_ids) == (name.startswith("transformer.h.") and p.dim() == 2), name
+    assert len(make_optimizers(model, OptimConfig(), torch.device("cpu"))) == 1
+
+
+@pytest.mark.parametrize("opts", [OPTIONS[-1], {"optimizer": "muon"}, {**OPTIONS[-1], "optimizer": "muon"}],
+                         ids=["modern-arch", "muon", "modern+muon"])
+def test_options_train_and_resume_exactly(opts, data_dir, tmp_path):
+    kw = dict(lr_decay_iters=40, eval_interval=20, dropout=0.1, **opts)
+    train(tiny_config(max_iters=40, **kw), data_dir, tmp_path / "a", echo=lambda s: None)
+    train(tiny_config(max_iters=20, **kw), data_dir, tmp_path / "b", echo=lambda s: None)
+    train(tiny_config(max_iters=40, **kw), data_dir, tmp_path / "b", resume=True, echo=lambda s: None)
+    a = {m["iter"]: m["loss"] for m in metrics(tmp_path / "a") if "loss" in m}
+    b = {m["iter"]: m["loss"] for m in metrics(tmp_path / "b") if "loss" in m}
+    assert a == pytest.approx(b, abs=1e-5)
+    assert a[40] < a[1] - 0.5  # it learns
+    m = pocketgpt.load(tmp_path / "a")  # and the saved weights load back into the same architecture
+    assert m.logits([1, 2, 3]).shape == (3, m.tokenizer.vocab_size)
