@@ -7,6 +7,7 @@ instead of recomputing the whole window for every token.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Iterator
 
 import torch
@@ -47,6 +48,24 @@ def pick_next(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+# Below this many parameters a CPU decode step is a chain of tiny matmuls where waking a second
+# thread costs more than it saves (bench/RESULTS.md, "Generation").
+SINGLE_THREAD_PARAMS = 5_000_000
+
+
+@contextlib.contextmanager
+def _cpu_threads(n: int | None) -> Iterator[None]:
+    if n is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 class Engine:
     """Samples from a GPT with a KV cache. One Engine per model; not thread-safe."""
 
@@ -55,8 +74,9 @@ class Engine:
         self.cfg = model.config
         self.device = device or next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
+        small = self.device.type == "cpu" and model.num_params() < SINGLE_THREAD_PARAMS
+        self.threads = 1 if small else None
 
-    @torch.inference_mode()
     def stream(
         self,
         prompt_ids: list[int],
@@ -68,6 +88,13 @@ class Engine:
         seed: int | None = None,
     ) -> Iterator[torch.Tensor]:
         """Yield the next token of every sample, (num_samples,) on CPU, max_new_tokens times."""
+        with _cpu_threads(self.threads), torch.inference_mode():
+            yield from self._stream(prompt_ids, max_new_tokens, num_samples, temperature, top_k, top_p, seed)
+
+    def _stream(
+        self, prompt_ids: list[int], max_new_tokens: int, num_samples: int, temperature: float, top_k: int,
+        top_p: float, seed: int | None,
+    ) -> Iterator[torch.Tensor]:
         check_sampling(temperature, top_k, top_p, max_new_tokens)
         T = self.cfg.block_size
         if not prompt_ids:
