@@ -30,7 +30,7 @@ POS_EMBS = ("learned", "rope")
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "relu2")
 OPTIMIZERS = ("adamw", "muon")
-TOKENIZERS = ("char",)
+TOKENIZERS = ("char", "gpt2", "bpe")
 
 
 @dataclass
@@ -88,6 +88,8 @@ class RunConfig:
     dtype: str = "auto"
     compile: bool = False
     sample_tokens: int = 300  # length of the sample printed when training ends
+    eval_sample_tokens: int = 200  # a sample at every eval, to samples.txt and the console; 0 = off
+    early_stop_patience: int = 0  # stop after this many evals without a better val loss; 0 = off
 
 
 @dataclass
@@ -116,6 +118,7 @@ class PrepareConfig:
     vocab_size: int = 0
     val_fraction: float = 0.1
     encoding: str = "utf-8"
+    strip_gutenberg: bool = False  # drop Project Gutenberg's licence header and footer
 
 
 @dataclass
@@ -272,6 +275,8 @@ def validate(cfg: TrainConfig) -> None:
         (r.eval_iters >= 1, f"eval_iters must be at least 1, got {r.eval_iters}"),
         (r.log_interval >= 1, f"log_interval must be at least 1, got {r.log_interval}"),
         (r.sample_tokens >= 0, f"sample_tokens must be zero or positive, got {r.sample_tokens}"),
+        (r.eval_sample_tokens >= 0, f"eval_sample_tokens must be zero or positive, got {r.eval_sample_tokens}"),
+        (r.early_stop_patience >= 0, f"early_stop_patience must be zero (off) or positive, got {r.early_stop_patience}"),
         (r.device in DEVICES or re.fullmatch(r"cuda:\d+", r.device) is not None,
          f"device must be one of {', '.join(DEVICES)} (or cuda:N), got '{r.device}'" + nearest(r.device, DEVICES)),
         (r.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}, got '{r.dtype}'" + nearest(r.dtype, DTYPES)),

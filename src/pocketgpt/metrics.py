@@ -16,11 +16,40 @@ def _clean(value: Any) -> Any:
 
 
 class MetricsLog:
-    """Appends one JSON object per line; on resume drops lines past the resumed iteration."""
+    """Appends one JSON object per line; on resume drops lines past the resumed iteration.
+
+    On a terminal (and only there) a live progress bar runs under the log lines; in CI, logs and
+    notebooks' captured output the lines come plain, without carriage-return redraws.
+    """
 
     def __init__(self, path: Path, echo: Callable[[str], None] | None = None):
         self.path = Path(path)
-        self.echo = echo or (lambda line: print(line, file=sys.stdout, flush=True))
+        self.bar: Any = None
+        self.use_bar = echo is None and sys.stdout.isatty()
+        self.echo = echo or self._print
+
+    def _print(self, line: str) -> None:
+        if self.bar is not None:
+            self.bar.write(line)
+        else:
+            print(line, file=sys.stdout, flush=True)
+
+    def start_progress(self, total: float, initial: float, unit: str) -> None:
+        if self.use_bar:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=round(total), initial=round(initial), unit=unit, dynamic_ncols=True, leave=False)
+
+    def progress(self, position: float, **postfix: str) -> None:
+        if self.bar is not None:
+            self.bar.update(max(0, round(position) - self.bar.n))
+            if postfix:
+                self.bar.set_postfix(postfix, refresh=False)
+
+    def close_progress(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
     def truncate_after(self, it: int) -> None:
         """Keep only lines with iter <= it, so a resumed run's file reads like an uninterrupted one."""

@@ -39,6 +39,7 @@ class RunState:
     elapsed: float = 0.0  # training wall time, carried across resumes for --max-time
     best_val_loss: float = math.inf
     best_iter: int = -1
+    evals_since_best: int = 0
     last_train_loss: float = math.nan
     history: list[dict[str, Any]] = field(default_factory=list)
 
@@ -51,7 +52,7 @@ class RunState:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RunState":
         s = cls()
-        for key in ("iter", "tokens_seen", "elapsed", "best_iter", "history"):
+        for key in ("iter", "tokens_seen", "elapsed", "best_iter", "evals_since_best", "history"):
             if key in d:
                 setattr(s, key, d[key])
         s.best_val_loss = math.inf if d.get("best_val_loss") is None else float(d["best_val_loss"])
@@ -169,6 +170,8 @@ class Trainer:
         self.compile_pending = bool(r.compile)
         self.state = RunState()
         self.stop_requested = False
+        self.early_stopped = False
+        self.tokenizer = load_tokenizer(data_dir / "tokenizer.json")
 
     # -- resume -------------------------------------------------------------
     def restore(self) -> None:
@@ -302,7 +305,58 @@ class Trainer:
             f"eval iter {s.iter}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} "
             f"({bpb:.3f} bits/byte){' -> saved best' if improved else ''}"
         )
+        self._watch_overfitting(improved)
+        self._write_sample(losses["val"])
         self.save_last()
+        self._refresh_plots()
+
+    def _watch_overfitting(self, improved: bool) -> None:
+        """Say when val loss stalls while train loss keeps falling; stop if early stopping is on."""
+        s, patience = self.state, self.cfg.run.early_stop_patience
+        s.evals_since_best = 0 if improved else s.evals_since_best + 1
+        if s.evals_since_best == 0:
+            return
+        train_losses = [h["train_loss"] for h in s.history[-(s.evals_since_best + 1):]]
+        if train_losses[-1] < train_losses[0]:
+            self.log.say(
+                f"note: val loss has not improved for {s.evals_since_best} eval(s) (best {s.best_val_loss:.4f} at "
+                f"iter {s.best_iter}) while train loss keeps falling: the model is starting to overfit"
+            )
+        if patience and s.evals_since_best >= patience:
+            self.early_stopped = True
+            self.log.say(f"early stop: {patience} evals without improvement; the best checkpoint "
+                         f"(iter {s.best_iter}) is in {self.out / 'model.safetensors'}")
+
+    def _write_sample(self, val_loss: float) -> None:
+        """A short sample from a fixed prompt, so people watch the model learn (own RNG: resume stays exact)."""
+        n = self.cfg.run.eval_sample_tokens
+        if not n:
+            return
+        from .engine import Engine
+
+        try:
+            ids = self.tokenizer.encode("\n")
+        except PocketError:  # a corpus without newlines: start from its first token instead
+            ids = [0]
+        try:
+            new = Engine(self.model).generate(ids, n, temperature=0.8, seed=self.cfg.run.seed)[0]
+        finally:
+            self.model.train()
+        text = self.tokenizer.decode(new)
+        with open(self.out / "samples.txt", "a", encoding="utf-8") as f:
+            f.write(f"=== iter {self.state.iter} (val loss {val_loss:.4f}) ===\n{text}\n\n")
+        shown = text.strip().splitlines()[:4]
+        self.log.say("sample: " + " / ".join(line.strip() for line in shown if line.strip())[:160])
+
+    def _refresh_plots(self) -> None:
+        try:
+            from .plots import write_plots
+        except ImportError:  # plotting is optional: matplotlib may be missing
+            return
+        try:
+            write_plots(self.out)
+        except Exception as e:  # noqa: BLE001 - a plot must never stop a training run
+            self.log.say(f"warning: could not draw plots ({type(e).__name__}: {e})")
 
     # -- the loop -------------------------------------------------------------
     def run(self) -> RunState:
@@ -310,8 +364,18 @@ class Trainer:
         tokens_per_iter = r.batch_size * r.grad_accum_steps * self.cfg.model.block_size
         self._maybe_compile()
         self.model.train()
+        budget = (r.max_time, s.elapsed, "s") if r.max_time else (r.max_iters, s.iter, "it")
+        self.log.start_progress(*budget)
+        try:
+            return self._loop(tokens_per_iter)
+        finally:
+            self.log.close_progress()
+
+    def _loop(self, tokens_per_iter: int) -> RunState:
+        r, s = self.cfg.run, self.state
         window_start, window_iters, evaluated_at = time.perf_counter(), 0, -1
-        while s.iter < r.max_iters and not (r.max_time and s.elapsed >= r.max_time) and not self.stop_requested:
+        while (s.iter < r.max_iters and not (r.max_time and s.elapsed >= r.max_time) and not self.stop_requested
+               and not self.early_stopped):
             t0 = time.perf_counter()
             lr = lr_at(self.cfg.optim, s.iter,
                        progress(self.cfg.optim, s.iter, r.max_iters, s.elapsed, r.max_time))
@@ -325,6 +389,8 @@ class Trainer:
                 self._log_train(loss, lr, grad_norm, seconds, window_iters, tokens_per_iter)
                 window_start, window_iters = time.perf_counter(), 0
             s.elapsed += time.perf_counter() - t0
+            self.log.progress(s.elapsed if r.max_time else s.iter, loss=f"{loss:.3f}",
+                              val=f"{s.best_val_loss:.3f}" if math.isfinite(s.best_val_loss) else "-")
             if s.iter % r.eval_interval == 0:
                 t1 = time.perf_counter()
                 self.evaluate_and_save()
@@ -348,9 +414,32 @@ class Trainer:
                         "ms_per_iter": round(ms, 2), "grad_norm": grad_norm, "tokens_seen": s.tokens_seen,
                         "elapsed": round(s.elapsed, 3)})
         budget = self.cfg.run.max_time
-        where = f"{s.elapsed:5.0f}s/{budget:.0f}s" if budget else f"{s.iter}/{self.cfg.run.max_iters}"
+        if budget:
+            where, eta = f"{s.elapsed:5.0f}s/{budget:.0f}s", budget - s.elapsed
+        else:
+            where, eta = f"{s.iter}/{self.cfg.run.max_iters}", (self.cfg.run.max_iters - s.iter) * ms / 1000
         self.log.say(f"iter {s.iter:6d} ({where}) | loss {loss:.4f} | lr {lr:.2e} | "
-                     f"{ms:6.1f} ms/iter | {tps:,.0f} tok/s")
+                     f"{ms:6.1f} ms/iter | {tps:,.0f} tok/s | ETA {_duration(eta)}")
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    h, rem = divmod(seconds, 3600)
+    return f"{h}h{rem // 60:02d}m" if h else f"{rem // 60}m{rem % 60:02d}s"
+
+
+def estimate_memory_mb(cfg: TrainConfig, n_params: int, bytes_per_act: int = 4) -> tuple[float, float]:
+    """(weights + grads + AdamW state, activations of one micro-batch) in MB, a rough guide.
+
+    Activations per layer follow the usual transformer estimate of about 34*C + 5*nh*T values per
+    token (Korthikanti et al. 2022, counted in 2-byte units; scaled here by bytes_per_act / 2).
+    """
+    m, r = cfg.model, cfg.run
+    state = n_params * 4 * 4  # fp32 weights, grads, two Adam moments
+    tokens = r.batch_size * m.block_size
+    acts = m.n_layer * tokens * (34 * m.n_embd + 5 * m.n_head * m.block_size) * bytes_per_act / 2
+    acts += tokens * m.vocab_size * 4 * 3  # logits, their softmax and gradient in fp32
+    return state / 2**20, acts / 2**20
 
 
 # ---------------------------------------------------------------- entry point
@@ -408,8 +497,12 @@ def train(
         shutil.copyfile(data_dir / "tokenizer.json", out / ".tokenizer.json.tmp")
         os.replace(out / ".tokenizer.json.tmp", out / "tokenizer.json")
     save_config(out, cfg, data_dir)
-    log.say(f"model: {trainer.model.num_params():,} parameters | {runtime.describe()} | "
+    n_params = trainer.model.num_params()
+    state_mb, act_mb = estimate_memory_mb(cfg, n_params, 2 if runtime.dtype != torch.float32 else 4)
+    log.say(f"model: {n_params:,} parameters | {runtime.describe()} | "
             f"data: {len(trainer.train_tokens):,} train / {len(trainer.val_tokens):,} val tokens")
+    log.say(f"memory estimate: ~{state_mb + act_mb:,.0f} MB ({state_mb:,.0f} MB weights, gradients and "
+            f"optimizer state + {act_mb:,.0f} MB activations per micro-batch)")
     started = time.perf_counter()
     with _graceful_interrupt(trainer):
         state = trainer.run()
