@@ -224,3 +224,12 @@ def test_samples_during_training_and_early_stopping(data_dir, tmp_path, capsys):
     samples = (tmp_path / "run" / "samples.txt").read_text()
     assert samples.count("=== iter") == len(evals) and "=== iter 10 " in samples
     assert sum(l.startswith("sample: ") for l in lines) == len(evals)
+
+
+def test_training_draws_plots_and_writes_a_report(data_dir, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_config(max_iters=20, plots=True), data_dir, run, echo=lambda s: None)
+    pngs = sorted(p.name for p in (run / "plots").glob("*.png"))
+    assert "loss.png" in pngs and all((run / "plots" / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+    report = (run / "report.md").read_text()
+    assert "plots/loss.png" in report and "val" in report.lower()

@@ -90,6 +90,7 @@ class RunConfig:
     sample_tokens: int = 300  # length of the sample printed when training ends
     eval_sample_tokens: int = 200  # a sample at every eval, to samples.txt and the console; 0 = off
     early_stop_patience: int = 0  # stop after this many evals without a better val loss; 0 = off
+    plots: bool = True  # redraw RUN_DIR/plots/*.png at every eval
 
 
 @dataclass

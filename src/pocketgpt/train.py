@@ -26,7 +26,8 @@ from .tokenizer import load_tokenizer
 
 SHAPE_KEYS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias", "pos_emb", "norm", "qk_norm", "mlp",
               "tie_embeddings")
-RUN_FILES = ("config.json", "tokenizer.json", "model.safetensors", "metrics.jsonl", "samples.txt", "last", "last.old")
+RUN_FILES = ("config.json", "tokenizer.json", "model.safetensors", "metrics.jsonl", "samples.txt", "last", "last.old",
+             "plots", "report.md")
 EVAL_SEED_OFFSET = 1_000_003  # eval batches come from their own stream, never the training one
 
 
@@ -349,14 +350,11 @@ class Trainer:
         self.log.say("sample: " + " / ".join(line.strip() for line in shown if line.strip())[:160])
 
     def _refresh_plots(self) -> None:
-        try:
-            from .plots import write_plots
-        except ImportError:  # plotting is optional: matplotlib may be missing
+        if not self.cfg.run.plots:
             return
-        try:
-            write_plots(self.out)
-        except Exception as e:  # noqa: BLE001 - a plot must never stop a training run
-            self.log.say(f"warning: could not draw plots ({type(e).__name__}: {e})")
+        from .plots import write_plots
+
+        _never_fatal(self.log, "draw plots", lambda: write_plots(self.out))
 
     # -- the loop -------------------------------------------------------------
     def run(self) -> RunState:
@@ -420,6 +418,14 @@ class Trainer:
             where, eta = f"{s.iter}/{self.cfg.run.max_iters}", (self.cfg.run.max_iters - s.iter) * ms / 1000
         self.log.say(f"iter {s.iter:6d} ({where}) | loss {loss:.4f} | lr {lr:.2e} | "
                      f"{ms:6.1f} ms/iter | {tps:,.0f} tok/s | ETA {_duration(eta)}")
+
+
+def _never_fatal(log: MetricsLog, what: str, fn: Callable[[], Any]) -> None:
+    """Plots and reports are for people watching; failing to make one must not stop a run."""
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001
+        log.say(f"warning: could not {what} ({type(e).__name__}: {e})")
 
 
 def _duration(seconds: float) -> str:
@@ -508,6 +514,10 @@ def train(
         state = trainer.run()
     if trainer.stop_requested:
         log.say(f"interrupted at iter {state.iter}; saved. Resume with: pocketgpt train --out {out} --resume")
+    else:
+        from .report import write_report
+
+        _never_fatal(log, "write report.md", lambda: write_report(out))
     return TrainResult(out, state.iter, state.best_val_loss, trainer.stop_requested, time.perf_counter() - started)
 
 
