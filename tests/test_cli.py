@@ -192,3 +192,33 @@ def test_ctrl_c_saves_and_says_how_to_resume(tmp_path, data_dir):
     assert state["iter"] >= 30
     res = cli("train", "--out", run, "--resume", "--max-iters", state["iter"] + 5)
     assert res.returncode == 0 and f"resuming {run} at iter {state['iter']}" in res.stdout
+
+
+def test_kill_9_at_random_moments_until_done_matches(tmp_path, data_dir):
+    """Kill -9 at random times (steps, evals, checkpoint writes alike), resume each time; same losses."""
+    import random
+
+    flags = tiny_flags(max_iters=80, lr_decay_iters=80, dropout=0.1, eval_interval=10)
+    straight = tmp_path / "straight"
+    assert cli("train", "--data", data_dir, "--out", straight, *flags).returncode == 0
+    run, rng, kills = tmp_path / "run", random.Random(1), 0
+    cmd = [sys.executable, "-m", "pocketgpt", "train", "--data", str(data_dir), "--out", str(run), *flags]
+    for attempt in range(12):
+        resuming = (run / "last" / "state.json").exists() or (run / "last.old" / "state.json").exists()
+        extra = ["--resume"] if resuming else (["--overwrite"] if (run / "config.json").exists() else [])
+        proc = subprocess.Popen(cmd + extra, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            proc.wait(timeout=rng.uniform(1.5, 4.0))
+            break  # finished before the kill came
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+            kills += 1
+    else:
+        res = cli("train", "--out", run, "--resume")
+        assert res.returncode == 0, res.stderr
+    assert kills >= 1
+    a = {m["iter"]: m["loss"] for m in metrics(straight) if "loss" in m}
+    b = {m["iter"]: m["loss"] for m in metrics(run) if "loss" in m}
+    assert list(b) == list(range(1, 81))
+    assert a == pytest.approx(b, abs=1e-5)

@@ -7,7 +7,7 @@ import pocketgpt
 from pocketgpt.config import ModelConfig
 from pocketgpt.model import GPT, KVCache
 from pocketgpt.optim import Muon, make_optimizers, orthogonalize
-from pocketgpt.train import train
+from pocketgpt.trainer import train
 
 from conftest import metrics, tiny_config
 

@@ -7,7 +7,7 @@ import torch
 
 import pocketgpt
 from pocketgpt.errors import PocketError, TrainingDiverged
-from pocketgpt.train import train
+from pocketgpt.trainer import train
 
 from conftest import metrics, tiny_config
 
@@ -48,12 +48,17 @@ def test_exact_resume_matches_an_uninterrupted_run(data_dir, tmp_path):
         losses_by_iter(tmp_path / "resumed", "val_loss"), abs=1e-5)
 
 
-def test_resume_refuses_a_changed_shape_and_a_finished_run(data_dir, tmp_path):
+def test_resume_refuses_a_changed_shape_and_finishes_a_finished_run(data_dir, tmp_path):
     train(tiny_config(max_iters=10), data_dir, tmp_path / "run", echo=lambda s: None)
     with pytest.raises(PocketError, match="n_embd was 32, now 64"):
         train(tiny_config(max_iters=20, n_embd=64), data_dir, tmp_path / "run", resume=True)
-    with pytest.raises(PocketError, match="already finished"):
-        train(tiny_config(max_iters=10), data_dir, tmp_path / "run", resume=True)
+    weights = (tmp_path / "run" / "model.safetensors").read_bytes()
+    (tmp_path / "run" / "report.md").unlink()  # as if killed after the final save, before the report
+    said: list[str] = []
+    result = train(tiny_config(max_iters=10), data_dir, tmp_path / "run", resume=True, echo=said.append)
+    assert result.iters == 10 and any("already finished (iter 10); nothing to train" in s for s in said)
+    assert (tmp_path / "run" / "model.safetensors").read_bytes() == weights
+    assert (tmp_path / "run" / "report.md").is_file()
 
 
 def test_existing_run_is_not_overwritten_without_asking(data_dir, tmp_path):
@@ -164,7 +169,7 @@ def test_gradient_accumulation_equals_one_big_batch(data_dir, tmp_path):
 
     from pocketgpt.metrics import MetricsLog
     from pocketgpt.runtime import resolve
-    from pocketgpt.train import Trainer
+    from pocketgpt.trainer import Trainer
 
     def one_step(batch_size, accum, batches):
         cfg = tiny_config(batch_size=batch_size, grad_accum_steps=accum, weight_decay=0.0)
@@ -233,3 +238,25 @@ def test_training_draws_plots_and_writes_a_report(data_dir, tmp_path):
     assert "loss.png" in pngs and all((run / "plots" / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
     report = (run / "report.md").read_text()
     assert "plots/loss.png" in report and "val" in report.lower()
+
+
+def test_fp16_gradient_scaler_skips_overflowing_steps_without_error(data_dir, tmp_path):
+    """With float16 a step whose gradients overflow is skipped by the scaler: normal, not divergence."""
+    from pocketgpt.metrics import MetricsLog
+    from pocketgpt.runtime import Runtime
+    from pocketgpt.trainer import Trainer
+
+    runtime = Runtime(torch.device("cpu"), torch.float16, "test: fp16 on CPU to exercise the scaler")
+    t = Trainer(tiny_config(), data_dir, tmp_path, runtime, MetricsLog(tmp_path / "m.jsonl"))
+    assert t.scaler.is_enabled()
+    t.step(0, 1e-3)
+    scale = t.scaler.get_scale()
+    before = [p.detach().clone() for p in t.model.parameters()]
+    handle = t.model.transformer.wte.weight.register_hook(lambda g: g * float("inf"))
+    loss, grad_norm = t.step(1, 1e-3)  # must not raise
+    handle.remove()
+    assert math.isfinite(loss) and not math.isfinite(grad_norm)
+    assert all(torch.equal(a, b) for a, b in zip(before, t.model.parameters()))  # the step was skipped
+    assert t.scaler.get_scale() < scale  # and the scale backed off
+    t.step(2, 1e-3)
+    assert not all(torch.equal(a, b) for a, b in zip(before, t.model.parameters()))  # training goes on

@@ -17,7 +17,7 @@ from .errors import PocketError
 if TYPE_CHECKING:
     from .data import prepare
     from .loading import load
-    from .train import train
+    from .trainer import train
 
 
 def __getattr__(name: str) -> Any:
@@ -26,7 +26,7 @@ def __getattr__(name: str) -> Any:
 
         return load
     if name == "train":
-        from .train import train
+        from .trainer import train
 
         return train
     if name == "prepare":

@@ -39,15 +39,20 @@ def _out(text: str = "", end: str = "\n") -> None:
 def cmd_prepare(args: argparse.Namespace) -> int:
     from .data import prepare, read_meta
 
-    cfg = PrepareConfig(inputs=args.inputs, out=args.out or "", tokenizer=args.tokenizer,
-                        vocab_size=args.vocab_size, val_fraction=args.val_fraction, encoding=args.encoding)
-    out = prepare(cfg)
+    out = prepare(prepare_config(args, args.out or ""))
     meta = read_meta(out)
     sp = meta["splits"]
     _out(f"prepared {out}: {meta['tokenizer']} tokenizer, vocab {meta['vocab_size']}, "
          f"train {sp['train']['tokens']:,} tokens, val {sp['val']['tokens']:,} tokens "
          f"from {len(meta['sources'])} file(s)")
     return 0
+
+
+def prepare_config(args: argparse.Namespace, out: str) -> PrepareConfig:
+    """The prepare options (shared by `prepare` and `train INPUT...`) as a PrepareConfig."""
+    return PrepareConfig(inputs=args.inputs, out=out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+                         val_fraction=args.val_fraction, encoding=args.encoding,
+                         strip_gutenberg=args.strip_gutenberg)
 
 
 # ---------------------------------------------------------------- train
@@ -73,7 +78,7 @@ def split_config_flags(argv: list[str], known: set[str]) -> tuple[list[str], lis
 
 def cmd_train(args: argparse.Namespace, config_flags: list[str]) -> int:
     from .data import prepare
-    from .train import check_run_dir, data_dir_of, read_run_config, train
+    from .trainer import check_run_dir, data_dir_of, read_run_config, train
 
     overrides: dict[str, Any] = parse_cli_overrides(config_flags)
     if args.max_time is not None:
@@ -94,8 +99,7 @@ def cmd_train(args: argparse.Namespace, config_flags: list[str]) -> int:
         if args.data:
             data_dir = Path(args.data)
         else:  # INPUT files, or the bundled corpus: prepared into the run folder
-            data_dir = prepare(PrepareConfig(inputs=args.inputs, out=str(out / "data"), tokenizer=args.tokenizer,
-                                             val_fraction=args.val_fraction, encoding=args.encoding))
+            data_dir = prepare(prepare_config(args, str(out / "data")))
     result = train(cfg, data_dir, out, resume=args.resume, overwrite=args.overwrite)
     if result.interrupted:
         return EXIT_INTERRUPTED
@@ -217,7 +221,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def _val_tokens(args: argparse.Namespace, model: Any) -> Any:
     from .data import open_tokens
     from .tokenizer import load_tokenizer
-    from .train import data_dir_of, read_run_config
+    from .trainer import data_dir_of, read_run_config
 
     if args.data:
         data_dir = Path(args.data)
@@ -264,14 +268,39 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_tokenize(args: argparse.Namespace) -> int:
-    from .tokenizer import load_tokenizer
+    from .data import builtin_tokenizer
+    from .tokenizer import load_tokenizer, token_piece
 
-    if bool(args.model) == bool(args.data):
-        raise PocketError("give exactly one of --model RUN_DIR or --data DATA_DIR")
-    folder = Path(args.model or args.data)
-    tok = load_tokenizer(folder / "tokenizer.json")
+    if sum(bool(x) for x in (args.model, args.data, args.tokenizer)) != 1:
+        raise PocketError("give exactly one of --model RUN_DIR, --data DATA_DIR or --tokenizer char|gpt2")
+    if args.tokenizer:
+        tok = builtin_tokenizer(args.tokenizer)
+    else:
+        tok = load_tokenizer(Path(args.model or args.data) / "tokenizer.json")
     ids = tok.encode(args.text)
-    _out(json.dumps({"ids": ids, "tokens": [tok.decode([i]) for i in ids]}, ensure_ascii=False))
+    # A byte-level token may hold part of a character: its text then shows U+FFFD, and "bytes"
+    # (hex, one entry per token) says exactly what it holds.
+    _out(json.dumps({"ids": ids, "tokens": [tok.decode([i]) for i in ids],
+                     "bytes": [token_piece(tok, i).hex() for i in ids]}, ensure_ascii=False))
+    return 0
+
+
+# ---------------------------------------------------------------- plot
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from .plots import compare_runs, write_plots
+    from .report import write_report
+
+    runs = [Path(r) for r in args.runs]
+    if len(runs) > 1 or args.out:  # several runs (or a chosen file): one comparison picture
+        _out(str(compare_runs(runs, Path(args.out or "runs-compare.png"))))
+        return 0
+    paths = write_plots(runs[0])
+    if not paths:
+        _out(f"{runs[0]}: nothing logged yet in metrics.jsonl, so no plots")
+    paths.append(write_report(runs[0]))
+    for path in paths:
+        _out(str(path))
     return 0
 
 
@@ -309,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare", allow_abbrev=False, help="tokenize text files into a data folder",
                        description="Tokenize text files (or the bundled Tiny Shakespeare) into train.bin, val.bin, "
                                    "tokenizer.json and meta.json.")
-    p.add_argument("inputs", nargs="*", metavar="INPUT", help="files, folders (*.txt inside) or globs; none: bundled")
+    p.add_argument("inputs", nargs="*", metavar="INPUT", help="files, folders (*.txt inside), globs or http(s) URLs; none: bundled")
     p.add_argument("--out", help="data folder to write (default data/<name of the first input>)")
     _add_prepare_options(p)
 
@@ -358,19 +387,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("text", metavar="TEXT")
     p.add_argument("--model", help="a run folder")
     p.add_argument("--data", help="a prepared data folder")
+    p.add_argument("--tokenizer", help="char (the bundled corpus's characters) or gpt2")
+
+    p = sub.add_parser("plot", allow_abbrev=False, help="draw a run's training curves, or compare runs",
+                       description="One run: (re)draw RUN_DIR/plots/*.png and RUN_DIR/report.md. Several runs: "
+                                   "overlay their losses against iterations and tokens seen in one picture.")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (the --out of train)")
+    p.add_argument("--out", help="the comparison picture (default runs-compare.png); given with one run, "
+                                 "draws that run's losses there instead of plots/")
     return parser
 
 
 def _add_prepare_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tokenizer", default="char", help="char (default)")
-    p.add_argument("--vocab-size", type=int, default=0, help="for trained tokenizers")
+    p.add_argument("--tokenizer", default="char",
+                   help="char (default): one token per character; gpt2: GPT-2's BPE (50,257 tokens); "
+                        "bpe: byte-level BPE trained on your text")
+    p.add_argument("--vocab-size", type=int, default=0, help="tokens for --tokenizer bpe (default 4096)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of the text, from the end, for val")
     p.add_argument("--encoding", default="utf-8", help="text encoding of the inputs (default utf-8)")
+    p.add_argument("--strip-gutenberg", action="store_true",
+                   help="drop Project Gutenberg's licence header and footer (the *** START/END OF lines)")
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "prepare": cmd_prepare, "sample": cmd_sample, "chat": cmd_chat,
-    "eval": cmd_eval, "info": cmd_info, "tokenize": cmd_tokenize,
+    "eval": cmd_eval, "info": cmd_info, "tokenize": cmd_tokenize, "plot": cmd_plot,
 }
 
 

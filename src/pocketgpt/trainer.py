@@ -492,10 +492,12 @@ def train(
     if resume:
         trainer.restore()
         if trainer.state.iter >= cfg.run.max_iters or (cfg.run.max_time and trainer.state.elapsed >= cfg.run.max_time):
-            raise PocketError(
-                f"{out} already finished (iter {trainer.state.iter}); to train longer, resume with a larger "
-                "--max-iters (or --max-time)"
-            )
+            # A kill after the final save (while the report was written, say) leaves a finished run:
+            # resuming it is not an error, there is just nothing left to train.
+            log.say(f"{out} already finished (iter {trainer.state.iter}); nothing to train. To train longer, "
+                    "resume with a larger --max-iters (or --max-time)")
+            _finish(out, log)
+            return TrainResult(out, trainer.state.iter, trainer.state.best_val_loss, False, 0.0)
         log.truncate_after(trainer.state.iter)
         log.say(f"resuming {out} at iter {trainer.state.iter}")
     else:
@@ -515,10 +517,14 @@ def train(
     if trainer.stop_requested:
         log.say(f"interrupted at iter {state.iter}; saved. Resume with: pocketgpt train --out {out} --resume")
     else:
-        from .report import write_report
-
-        _never_fatal(log, "write report.md", lambda: write_report(out))
+        _finish(out, log)
     return TrainResult(out, state.iter, state.best_val_loss, trainer.stop_requested, time.perf_counter() - started)
+
+
+def _finish(out: Path, log: MetricsLog) -> None:
+    from .report import write_report
+
+    _never_fatal(log, "write report.md", lambda: write_report(out))
 
 
 class _graceful_interrupt:

@@ -1,0 +1,66 @@
+"""Peak memory (RSS) of training: a GPT-2-small-shaped model (124M) at batch 1 with accumulation.
+
+    python bench/memory.py                  # 12x12x768, vocab 50257, context 1024, 2 steps x 4 micro-batches
+    python bench/memory.py --block-size 256 # smaller context
+
+Trains on random tokens written as a pocketgpt data folder, through the real `pocketgpt.train`.
+Prints the peak RSS of the process in MB (the target from the performance issue: under 4 GB).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def fake_data(folder: Path, vocab: int, n_tokens: int) -> Path:
+    from pocketgpt.checkpoint import write_json
+    from pocketgpt.data import token_dtype, write_header
+    from pocketgpt.tokenizer import CharTokenizer, save_tokenizer
+
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        ids = rng.integers(0, vocab, n_tokens).astype(token_dtype(vocab))
+        with open(folder / f"{split}.bin", "wb") as f:
+            write_header(f, vocab, n_tokens)
+            f.write(ids.tobytes())
+    # a stand-in tokenizer with the right vocabulary size (only its size matters here)
+    save_tokenizer(CharTokenizer(chr(0x4E00 + i) for i in range(vocab)), folder / "tokenizer.json")
+    write_json(folder / "meta.json", {"vocab_size": vocab, "tokenizer": "char",
+                                      "splits": {s: {"tokens": n_tokens, "bytes": n_tokens} for s in ("train", "val")}})
+    return folder
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--block-size", type=int, default=1024)
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--accum", type=int, default=4)
+    args = ap.parse_args()
+    from pocketgpt.config import build_train_config
+    from pocketgpt.trainer import train
+
+    with tempfile.TemporaryDirectory() as t:
+        data = fake_data(Path(t) / "data", 50257, 20_000)
+        cfg = build_train_config(None, None, {
+            "n_layer": 12, "n_head": 12, "n_embd": 768, "block_size": args.block_size, "batch_size": 1,
+            "grad_accum_steps": args.accum, "max_iters": args.steps, "eval_interval": 10**6, "eval_iters": 1,
+            "log_interval": 1, "sample_tokens": 0, "eval_sample_tokens": 0, "plots": False, "max_time": 0})
+        t0 = time.perf_counter()
+        res = train(cfg, data, Path(t) / "run", echo=lambda s: None)
+        secs = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"params_shape": "12x12x768 vocab 50257", "block_size": args.block_size, "batch_size": 1,
+                      "grad_accum_steps": args.accum, "steps": res.iters, "seconds": round(secs, 1),
+                      "peak_rss_mb": round(peak)}))
+
+
+if __name__ == "__main__":
+    main()
