@@ -73,22 +73,6 @@ def test_greedy_generation_is_argmax_of_the_full_forward():
     assert new == seq[3:]
 
 
-def test_sliding_window_keeps_generating_past_block_size():
-    model = make(block_size=8)
-    prompt = [1, 2, 3, 4, 5]
-    new = Engine(model).generate(prompt, 30, temperature=0.0)[0]
-    assert len(new) == 30
-    # each token is the argmax of the window the engine holds: the newest 4 tokens after a slide,
-    # growing until it is full again
-    seq, start = list(prompt), 0
-    for tok in new:
-        if len(seq) - start > 8:
-            start = len(seq) - 4
-        logits, _ = model(torch.tensor([seq[start:]]))
-        assert tok == int(logits[0, -1].argmax())
-        seq.append(tok)
-
-
 def test_seeded_sampling_is_reproducible_and_batched():
     eng = Engine(make())
     a = eng.generate([1, 2], 20, num_samples=3, temperature=1.0, seed=5)

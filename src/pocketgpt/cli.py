@@ -78,11 +78,14 @@ def split_config_flags(argv: list[str], known: set[str]) -> tuple[list[str], lis
 
 def cmd_train(args: argparse.Namespace, config_flags: list[str]) -> int:
     from .data import prepare
+    from .metrics import check_loggers
     from .trainer import check_run_dir, data_dir_of, read_run_config, train
 
     overrides: dict[str, Any] = parse_cli_overrides(config_flags)
     if args.max_time is not None:
         overrides["max_time"] = args.max_time
+    if args.max_memory is not None and args.preset != "auto":
+        raise PocketError("--max-memory sizes the model of --preset auto; add --preset auto or drop it")
     out = Path(args.out or default_run_dir(args))
     if args.resume:
         if args.inputs or args.preset:
@@ -92,7 +95,10 @@ def cmd_train(args: argparse.Namespace, config_flags: list[str]) -> int:
         cfg = build_train_config(None, args.config, overrides, base=saved)
         data_dir = Path(args.data) if args.data else data_dir_of(out, raw)
     else:
-        cfg = build_train_config(args.preset or "demo", args.config, overrides)
+        auto = args.preset == "auto"
+        # auto sizes the model from the data, so it is built after preparing; this checks keys first
+        cfg = build_train_config(None if auto else args.preset or "demo", args.config, overrides)
+        check_loggers(cfg.run.loggers)
         check_run_dir(out, resume=False, overwrite=args.overwrite)
         if args.data and args.inputs:
             raise PocketError("give either INPUT files or --data, not both")
@@ -100,6 +106,8 @@ def cmd_train(args: argparse.Namespace, config_flags: list[str]) -> int:
             data_dir = Path(args.data)
         else:  # INPUT files, or the bundled corpus: prepared into the run folder
             data_dir = prepare(prepare_config(args, str(out / "data")))
+        if auto:
+            cfg = _auto_config(args, data_dir, overrides)
     result = train(cfg, data_dir, out, resume=args.resume, overwrite=args.overwrite)
     if result.interrupted:
         return EXIT_INTERRUPTED
@@ -108,6 +116,46 @@ def cmd_train(args: argparse.Namespace, config_flags: list[str]) -> int:
     if cfg.run.sample_tokens:
         _print_final_sample(out, cfg.run.sample_tokens, cfg.run.seed)
     return 0
+
+
+def _auto_config(args: argparse.Namespace, data_dir: Path, overrides: dict[str, Any]) -> Any:
+    """--preset auto: sizing.plan_auto's choice, under --config and command-line keys; prints why."""
+    from .config import TrainConfig, apply_overrides, parse_duration
+    from .data import read_meta
+    from .runtime import matmul_flops, resolve
+    from .sizing import DEFAULT_SECONDS, EFFICIENCY, parse_memory, plan_auto
+
+    meta = read_meta(data_dir)
+    splits = meta["splits"]
+    probe = build_train_config(None, args.config, overrides)  # the device and dtype the run will use
+    runtime = resolve(probe.run.device, probe.run.dtype)
+    seconds = parse_duration(args.max_time) if args.max_time is not None else DEFAULT_SECONDS
+    memory = parse_memory(args.max_memory) if args.max_memory is not None else _default_memory_mb(runtime)
+    flops = matmul_flops(runtime) * EFFICIENCY.get(runtime.device.type, 0.25)
+    plan = plan_auto(int(splits["train"]["tokens"]), int(splits["val"]["tokens"]), int(meta["vocab_size"]),
+                     seconds, memory, flops)
+    base = TrainConfig()
+    apply_overrides(base, plan.keys)
+    for line in plan.reasons:
+        _out(line)
+    _out(f"auto: assumed {flops / 1e9:,.0f} GFLOP/s of training throughput on {runtime.device} "
+         f"(a matmul probe x {EFFICIENCY.get(runtime.device.type, 0.25)})")
+    return build_train_config(None, args.config, overrides, base=base)
+
+
+def _default_memory_mb(runtime: Any) -> float:
+    """Half of this machine's RAM (CPU, MPS) or 80% of the GPU's memory (CUDA)."""
+    import os
+
+    if runtime.is_cuda:
+        import torch
+
+        return 0.8 * torch.cuda.get_device_properties(runtime.device).total_memory / 2**20
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not POSIX: assume a modest laptop
+        ram = 8 * 2**30
+    return 0.5 * ram / 2**20
 
 
 def default_run_dir(args: argparse.Namespace) -> str:
@@ -193,7 +241,12 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_tokens
     from .loading import load
+    from .metrics import terminal_bar
     from .runtime import resolve
+
+    if not args.memorization and (args.prompts is not None or args.prompt_tokens is not None
+                                  or args.continuation_tokens is not None):
+        raise PocketError("--prompts, --prompt-tokens and --continuation-tokens go with --memorization")
 
     model = load(args.model, checkpoint=args.checkpoint, device=args.device)
     tok = model.tokenizer
@@ -207,9 +260,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
         except UnicodeDecodeError as e:
             raise PocketError(f"{args.file} is not valid utf-8 at byte {e.start}") from None
         tokens, what = tok.encode_array(text), args.file
+    elif args.memorization:
+        tokens, what = _split_tokens(args, model, "train"), "train split"
     else:
-        tokens, what = _val_tokens(args, model), "val split"
-    result = evaluate_tokens(model.model, tokens, tok.token_bytes(), resolve(args.device, "float32"))
+        tokens, what = _split_tokens(args, model, "val"), "val split"
+    if args.memorization:
+        return _memorization(args, model, tokens, what)
+    bar = terminal_bar(max(len(tokens) - 1, 0), "eval")
+    try:
+        result = evaluate_tokens(model.model, tokens, tok.token_bytes(), resolve(args.device, "float32"),
+                                 on_batch=bar.update if bar else None)
+    finally:
+        if bar:
+            bar.close()
     if args.json:
         _out(json.dumps(result))
     else:
@@ -218,7 +281,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _val_tokens(args: argparse.Namespace, model: Any) -> Any:
+def _memorization(args: argparse.Namespace, model: Any, tokens: Any, what: str) -> int:
+    from .memorize import DEFAULT_CONTINUATION, DEFAULT_PROMPTS, memorization
+    from .metrics import terminal_bar
+
+    n = DEFAULT_PROMPTS if args.prompts is None else args.prompts
+    s = DEFAULT_CONTINUATION if args.continuation_tokens is None else args.continuation_tokens
+    bar = terminal_bar(max(n, 0), "memorization", unit="prompt")
+    try:
+        r = memorization(model.model, tokens, n, args.prompt_tokens, s, on_prompt=bar.update if bar else None)
+    finally:
+        if bar:
+            bar.close()
+    r["text"] = what
+    if args.json:
+        _out(json.dumps(r))
+    else:
+        _out(f"{what}: {r['exact_match']:.1%} of {r['prompts']} continuations exact | matching prefix "
+             f"{r['mean_prefix_tokens']:.1f} of {r['continuation_tokens']} tokens ({r['mean_prefix_share']:.1%}) | "
+             f"token accuracy {r['token_accuracy']:.1%} | prompts of {r['prompt_tokens']} tokens, greedy")
+    return 0
+
+
+def _split_tokens(args: argparse.Namespace, model: Any, split: str) -> Any:
     from .data import open_tokens
     from .tokenizer import load_tokenizer
     from .trainer import data_dir_of, read_run_config
@@ -229,7 +314,7 @@ def _val_tokens(args: argparse.Namespace, model: Any) -> Any:
             raise PocketError(f"{data_dir} was prepared with a different tokenizer than {args.model}")
     else:
         data_dir = data_dir_of(Path(args.model), read_run_config(Path(args.model))[1])
-    tokens, _ = open_tokens(data_dir / "val.bin")
+    tokens, _ = open_tokens(data_dir / f"{split}.bin")
     return tokens
 
 
@@ -249,6 +334,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         "iters": state.get("iter"),
         "tokens_seen": state.get("tokens_seen"),
         "best_val_loss": state.get("best_val_loss"),
+        "best_val_bpb": _best_bpb(run, state.get("best_iter")),
         "best_iter": state.get("best_iter"),
         "files": {str(p.relative_to(run)): p.stat().st_size for p in sorted(run.rglob("*")) if p.is_file()},
     }
@@ -259,12 +345,24 @@ def cmd_info(args: argparse.Namespace) -> int:
     _out(f"{run}: {info['parameters']:,} parameters ({m['n_layer']} layers, {m['n_head']} heads, "
          f"{m['n_embd']} wide, context {m['block_size']}), {info['tokenizer']['kind']} tokenizer "
          f"with {info['tokenizer']['vocab_size']} tokens")
-    best = info["best_val_loss"]
+    best, bpb = info["best_val_loss"], info["best_val_bpb"]
     _out(f"trained {info['iters']} iters, {info['tokens_seen'] or 0:,} tokens seen; "
-         f"best val loss {best if best is None else round(best, 4)} at iter {info['best_iter']}")
+         f"best val loss {best if best is None else round(best, 4)}"
+         f"{'' if bpb is None else f' ({bpb:.4f} bits/byte)'} at iter {info['best_iter']}")
     for name, size in info["files"].items():
         _out(f"  {name:40s} {size:>12,} bytes")
     return 0
+
+
+def _best_bpb(run: Path, best_iter: int | None) -> float | None:
+    """val_bpb of the eval line at the best iteration in metrics.jsonl (None for runs without one)."""
+    from .metrics import read_metrics
+
+    evals = [m for m in read_metrics(run / "metrics.jsonl")
+             if "val_bpb" in m and isinstance(m.get("val_loss"), (int, float))]
+    at_best = [m for m in evals if m.get("iter") == best_iter] or sorted(evals, key=lambda m: m["val_loss"])[:1]
+    value = at_best[-1]["val_bpb"] if at_best else None
+    return value if isinstance(value, (int, float)) else None
 
 
 def cmd_tokenize(args: argparse.Namespace) -> int:
@@ -343,6 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prepare_options(p)
 
     presets = "\n".join(f"  {k:18s} {v}" for k, v in list_presets().items())
+    presets += f"\n  {'auto':18s} sized to the data, --max-time (default 10m) and --max-memory, with the reasons printed"
     p = sub.add_parser(
         "train", allow_abbrev=False, help="train a model (default: the 5-minute CPU demo)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -354,7 +453,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="*", metavar="INPUT", help="text files/folders/globs to prepare and train on")
     p.add_argument("--data", help="a folder made by `pocketgpt prepare`")
     p.add_argument("--out", help="run folder (default runs/<preset or input name>)")
-    p.add_argument("--preset", help="a shipped preset (default demo)")
+    p.add_argument("--preset", help="a shipped preset (default demo), or auto: size the model to the data, "
+                                    "--max-time and --max-memory")
+    p.add_argument("--max-memory", help="--preset auto: memory cap, e.g. 4GB or 512MB (default half the RAM, "
+                                        "80%% of a GPU's)")
     p.add_argument("--config", help="a TOML file of config keys")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from last/")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
@@ -372,11 +474,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", allow_abbrev=False, help="loss, perplexity and bits per byte")
     p.add_argument("--model", required=True, help="a run folder")
-    p.add_argument("--data", help="a prepared data folder (default: the run's own); its val split is used")
+    p.add_argument("--data", help="a prepared data folder (default: the run's own); its val split is used "
+                                  "(its train split with --memorization)")
     p.add_argument("--file", help="a UTF-8 text file to evaluate instead")
     p.add_argument("--checkpoint", choices=["best", "last"], default="best")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--memorization", action="store_true",
+                   help="how much of the TRAIN text (or --file) the model continues verbatim from prompts taken from it")
+    p.add_argument("--prompts", type=int, default=None, help="--memorization: prompts, evenly spaced (default 64)")
+    p.add_argument("--prompt-tokens", type=int, default=None,
+                   help="--memorization: tokens per prompt (default half the context, at most 128)")
+    p.add_argument("--continuation-tokens", type=int, default=None,
+                   help="--memorization: greedy tokens compared with the text (default 32)")
 
     p = sub.add_parser("info", allow_abbrev=False, help="what a run folder holds")
     p.add_argument("--model", required=True, help="a run folder")

@@ -31,6 +31,7 @@ NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "relu2")
 OPTIMIZERS = ("adamw", "muon")
 TOKENIZERS = ("char", "gpt2", "bpe")
+LOGGERS = ("tensorboard", "wandb", "trackio")
 
 
 @dataclass
@@ -91,6 +92,7 @@ class RunConfig:
     eval_sample_tokens: int = 200  # a sample at every eval, to samples.txt and the console; 0 = off
     early_stop_patience: int = 0  # stop after this many evals without a better val loss; 0 = off
     plots: bool = True  # redraw RUN_DIR/plots/*.png at every eval
+    loggers: str = ""  # also send metrics to: comma-separated tensorboard, wandb, trackio
 
 
 @dataclass
@@ -285,6 +287,9 @@ def validate(cfg: TrainConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise PocketError(message)
+    for name in logger_names(r.loggers):
+        if name not in LOGGERS:
+            raise PocketError(f"loggers: unknown logger '{name}'{nearest(name, LOGGERS)}; choose from {', '.join(LOGGERS)}")
     if m.n_embd % m.n_head:
         lower = max(h for h in range(1, m.n_head + 1) if m.n_embd % h == 0)
         raise PocketError(
@@ -293,6 +298,12 @@ def validate(cfg: TrainConfig) -> None:
         )
     if m.pos_emb == "rope" and (m.n_embd // m.n_head) % 2:
         raise PocketError(f"pos_emb rope needs an even head size, but n_embd/n_head = {m.n_embd // m.n_head}")
+
+
+def logger_names(text: str) -> list[str]:
+    """'tensorboard, wandb' -> ['tensorboard', 'wandb'] (empty, 'none' and 'off' mean none)."""
+    names = [n.strip().lower() for n in text.split(",") if n.strip()]
+    return [n for n in dict.fromkeys(names) if n not in ("none", "off")]
 
 
 def _choice(key: str, value: str, choices: tuple[str, ...]) -> tuple[bool, str]:

@@ -7,7 +7,7 @@ loss per token it compares fairly across tokenizers (a char token is ~1 byte, a 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -21,9 +21,13 @@ from .runtime import Runtime
 
 @torch.no_grad()
 def evaluate_tokens(
-    model: GPT, tokens: np.ndarray, token_bytes: np.ndarray, runtime: Runtime, batch_size: int = 32
+    model: GPT, tokens: np.ndarray, token_bytes: np.ndarray, runtime: Runtime, batch_size: int = 32,
+    on_batch: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
-    """Every token but the first predicted once, in non-overlapping windows of block_size."""
+    """Every token but the first predicted once, in non-overlapping windows of block_size.
+
+    on_batch(n) is told the number of tokens scored after each batch (for a progress bar).
+    """
     if len(tokens) < 2:
         raise PocketError(f"need at least 2 tokens to evaluate, have {len(tokens)}")
     was_training = model.training
@@ -44,6 +48,8 @@ def evaluate_tokens(
         total_tokens += y.size
         total_bytes += int(token_bytes[y].sum())
         pending.clear()
+        if on_batch:
+            on_batch(int(y.size))
 
     for x, y in eval_windows(tokens, model.config.block_size):
         if pending and len(x) != len(pending[0][0]):

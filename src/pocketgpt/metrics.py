@@ -1,12 +1,21 @@
-"""One place where training reports go: the console and RUN_DIR/metrics.jsonl."""
+"""One place where training reports go: the console, RUN_DIR/metrics.jsonl, and optional mirrors.
+
+Mirrors (TensorBoard, Weights & Biases, trackio; the run-config key `loggers`) receive every record
+written to metrics.jsonl, as numbers stepped by the record's `iter`. Each is an optional extra,
+imported only when asked for.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import os
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
+
+from .errors import PocketError
 
 
 def _clean(value: Any) -> Any:
@@ -24,6 +33,7 @@ class MetricsLog:
 
     def __init__(self, path: Path, echo: Callable[[str], None] | None = None):
         self.path = Path(path)
+        self.mirrors: list[Mirror] = []
         self.bar: Any = None
         self.use_bar = echo is None and sys.stdout.isatty()
         self.echo = echo or self._print
@@ -70,6 +80,29 @@ class MetricsLog:
     def write(self, record: dict[str, Any]) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
+        if self.mirrors:
+            values = {k: float(v) for k, v in record.items()
+                      if k != "iter" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+            for mirror in self.mirrors:
+                mirror.log(values, int(record.get("iter", 0)))
+
+    def open_mirrors(self, loggers: str, run_dir: Path, config: dict[str, Any], start_iter: int = 0) -> None:
+        """Start the loggers named in `loggers` (see LOGGER_CLASSES); close them with close_mirrors()."""
+        from .config import logger_names
+
+        check_loggers(loggers)
+        for name in logger_names(loggers):
+            try:
+                self.mirrors.append(LOGGER_CLASSES[name](Path(run_dir), config, start_iter))
+            except Exception as e:  # noqa: BLE001 - a login prompt refused, a bad env var: say which logger
+                self.close_mirrors()
+                raise PocketError(f"loggers: could not start {name} ({type(e).__name__}: {str(e)[:200]}); "
+                                  f"fix that or drop it from --loggers") from None
+
+    def close_mirrors(self) -> None:
+        for mirror in self.mirrors:
+            mirror.close()
+        self.mirrors = []
 
     def say(self, line: str) -> None:
         self.echo(line)
@@ -84,3 +117,97 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
             except json.JSONDecodeError:
                 continue
     return out
+
+
+# ---------------------------------------------------------------- optional loggers
+
+class Mirror(Protocol):
+    """A logger that receives each metrics.jsonl record: numbers by name, at a training iteration."""
+
+    def log(self, values: dict[str, float], step: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class TensorBoardMirror:
+    """Scalars into RUN_DIR/tensorboard (`tensorboard --logdir RUN_DIR/tensorboard`)."""
+
+    def __init__(self, run_dir: Path, config: dict[str, Any], start_iter: int = 0):
+        from torch.utils.tensorboard import SummaryWriter
+
+        # purge_step: on resume, TensorBoard hides what the killed run logged past the resumed iter
+        self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_iter or None)
+        self.writer.add_text("config", "    " + json.dumps(config, indent=2).replace("\n", "\n    "), start_iter)
+
+    def log(self, values: dict[str, float], step: int) -> None:
+        for name, value in values.items():
+            self.writer.add_scalar(name, value, step)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandbMirror:
+    """A Weights & Biases run with its files in RUN_DIR/wandb; WANDB_MODE=offline and friends apply."""
+
+    def __init__(self, run_dir: Path, config: dict[str, Any], start_iter: int = 0):
+        import wandb
+
+        self.run = wandb.init(dir=str(run_dir), project=os.environ.get("WANDB_PROJECT", "pocketgpt"),
+                              name=run_dir.resolve().name, config=config)
+
+    def log(self, values: dict[str, float], step: int) -> None:
+        self.run.log(values, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class TrackioMirror:
+    """A trackio run (local-first; TRACKIO_DIR says where it stores), project from TRACKIO_PROJECT."""
+
+    def __init__(self, run_dir: Path, config: dict[str, Any], start_iter: int = 0):
+        import trackio
+
+        self.trackio = trackio
+        trackio.init(project=os.environ.get("TRACKIO_PROJECT", "pocketgpt"), name=run_dir.resolve().name,
+                     config=config)
+
+    def log(self, values: dict[str, float], step: int) -> None:
+        self.trackio.log(values, step=step)
+
+    def close(self) -> None:
+        self.trackio.finish()
+
+
+LOGGER_CLASSES: dict[str, Callable[[Path, dict[str, Any], int], Mirror]] = {
+    "tensorboard": TensorBoardMirror, "wandb": WandbMirror, "trackio": TrackioMirror,
+}
+# the module each logger imports (tensorboard is used through torch.utils.tensorboard)
+LOGGER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio"}
+
+
+def check_loggers(loggers: str) -> None:
+    """Fail before training when an asked-for logger is not installed, saying how to install it."""
+    from .config import logger_names
+
+    for name in logger_names(loggers):
+        module = LOGGER_MODULES.get(name)
+        if module is None:
+            continue  # config.validate names unknown loggers
+        if module in sys.modules:  # None there means "known missing"
+            present = sys.modules[module] is not None
+        else:
+            present = importlib.util.find_spec(module) is not None
+        if not present:
+            raise PocketError(f"loggers: {name} is not installed; pip install \"pocketgpt[{name}]\" "
+                              f"(or drop it from --loggers)")
+
+
+def terminal_bar(total: int, desc: str, unit: str = "tok") -> Any:
+    """A tqdm bar on stderr when stderr is a terminal, else None: logs and pipes never get \\r redraws."""
+    if not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, dynamic_ncols=True, leave=False, file=sys.stderr)

@@ -77,3 +77,43 @@ def resolve(device: str = "auto", dtype: str = "auto") -> Runtime:
     dev, dev_reason = resolve_device(device)
     dt, dt_reason = resolve_dtype(dtype, dev)
     return Runtime(dev, dt, f"{dev_reason}; {dt_reason}")
+
+
+_PROBE_CACHE: dict[tuple[str, str], float] = {}
+
+
+def matmul_flops(runtime: Runtime, seconds: float = 0.1) -> float:
+    """FLOP/s of square matmuls on this device and dtype, measured for ~`seconds` (cached per process).
+
+    A quick probe rather than a table, because CPUs differ by 10x; sizing.EFFICIENCY turns it into
+    the throughput a small GPT's training step reaches.
+    """
+    import time
+
+    key = (str(runtime.device), str(runtime.dtype))
+    if key not in _PROBE_CACHE:
+        n = 2048 if runtime.is_cuda else 512  # big enough to be compute-bound, small enough to be quick
+        dtype = torch.float32 if runtime.device.type == "cpu" else runtime.dtype
+        # constants, not torch.randn: the probe must not draw from the global RNG (resume stays exact)
+        a = torch.full((n, n), 0.5, device=runtime.device, dtype=dtype)
+        b = torch.full((n, n), 0.25, device=runtime.device, dtype=dtype)
+        a @ b  # warm-up: first-call allocations and kernel selection
+        _sync(runtime)
+        best = 0.0
+        for _ in range(3):  # the best of three short rounds: other programs' bursts only slow a round down
+            count, start = 0, time.perf_counter()
+            while count < 2 or time.perf_counter() - start < seconds / 3:
+                for _ in range(10 if runtime.is_cuda else 1):  # a GPU queues work: time it in groups
+                    a @ b
+                    count += 1
+                _sync(runtime)
+            best = max(best, 2 * n**3 * count / (time.perf_counter() - start))
+        _PROBE_CACHE[key] = best
+    return _PROBE_CACHE[key]
+
+
+def _sync(runtime: Runtime) -> None:
+    if runtime.is_cuda:
+        torch.cuda.synchronize(runtime.device)
+    elif runtime.device.type == "mps":
+        torch.mps.synchronize()

@@ -18,16 +18,17 @@ from . import checkpoint as ckpt
 from .config import CONFIG_FORMAT_VERSION, TrainConfig, validate
 from .data import BatchSampler, open_tokens, read_meta
 from .errors import PocketError, TrainingDiverged
-from .metrics import MetricsLog
+from .metrics import MetricsLog, check_loggers
 from .model import GPT
 from .optim import lr_at, make_optimizers, progress, set_lr
-from .runtime import Runtime, resolve
+from .runtime import Runtime, matmul_flops, resolve
+from .sizing import EFFICIENCY, estimate_memory_mb, flops_per_token, gpu_peak_flops, seconds_per_iter
 from .tokenizer import load_tokenizer
 
 SHAPE_KEYS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias", "pos_emb", "norm", "qk_norm", "mlp",
               "tie_embeddings")
 RUN_FILES = ("config.json", "tokenizer.json", "model.safetensors", "metrics.jsonl", "samples.txt", "last", "last.old",
-             "plots", "report.md")
+             "plots", "report.md", "tensorboard", "wandb")
 EVAL_SEED_OFFSET = 1_000_003  # eval batches come from their own stream, never the training one
 
 
@@ -173,6 +174,9 @@ class Trainer:
         self.stop_requested = False
         self.early_stopped = False
         self.tokenizer = load_tokenizer(data_dir / "tokenizer.json")
+        self.flops_per_token = flops_per_token(_matmul_params(self.model), m.n_layer, m.n_embd, m.block_size)
+        self.peak_flops = (gpu_peak_flops(torch.cuda.get_device_name(runtime.device), runtime.dtype != torch.float32)
+                           if runtime.is_cuda else None)
 
     # -- resume -------------------------------------------------------------
     def restore(self) -> None:
@@ -362,6 +366,8 @@ class Trainer:
         tokens_per_iter = r.batch_size * r.grad_accum_steps * self.cfg.model.block_size
         self._maybe_compile()
         self.model.train()
+        if self.runtime.is_cuda:
+            torch.cuda.reset_peak_memory_stats(self.runtime.device)
         budget = (r.max_time, s.elapsed, "s") if r.max_time else (r.max_iters, s.iter, "it")
         self.log.start_progress(*budget)
         try:
@@ -408,16 +414,36 @@ class Trainer:
         ms = 1000 * seconds / max(iters, 1)
         tps = tpi * iters / max(seconds, 1e-9)
         s = self.state
+        gpu = self._gpu_metrics(tps)
         self.log.write({"iter": s.iter, "loss": loss, "lr": lr, "tokens_per_s": round(tps, 1),
                         "ms_per_iter": round(ms, 2), "grad_norm": grad_norm, "tokens_seen": s.tokens_seen,
-                        "elapsed": round(s.elapsed, 3)})
+                        "elapsed": round(s.elapsed, 3), **gpu})
         budget = self.cfg.run.max_time
         if budget:
             where, eta = f"{s.elapsed:5.0f}s/{budget:.0f}s", budget - s.elapsed
         else:
             where, eta = f"{s.iter}/{self.cfg.run.max_iters}", (self.cfg.run.max_iters - s.iter) * ms / 1000
+        extra = f" | MFU {100 * gpu['mfu']:.1f}%" if "mfu" in gpu else ""
+        extra += f" | {gpu['peak_mem_mb']:,.0f} MB peak" if "peak_mem_mb" in gpu else ""
         self.log.say(f"iter {s.iter:6d} ({where}) | loss {loss:.4f} | lr {lr:.2e} | "
-                     f"{ms:6.1f} ms/iter | {tps:,.0f} tok/s | ETA {_duration(eta)}")
+                     f"{ms:6.1f} ms/iter | {tps:,.0f} tok/s{extra} | ETA {_duration(eta)}")
+
+    def _gpu_metrics(self, tokens_per_s: float) -> dict[str, float]:
+        """On CUDA: peak memory (MB) and model FLOPs utilisation; nothing elsewhere."""
+        if not self.runtime.is_cuda:
+            return {}
+        out = {"peak_mem_mb": round(torch.cuda.max_memory_allocated(self.runtime.device) / 2**20, 1)}
+        if self.peak_flops:  # unknown GPUs get no MFU rather than a guess
+            out["mfu"] = round(self.flops_per_token * tokens_per_s / self.peak_flops, 4)
+        return out
+
+
+def _matmul_params(model: GPT) -> int:
+    """Parameters that take part in a matmul: not the position table, nor an untied input embedding."""
+    n = model.num_params(non_embedding=True)
+    if not model.config.tie_embeddings:
+        n -= model.transformer.wte.weight.numel()
+    return n
 
 
 def _never_fatal(log: MetricsLog, what: str, fn: Callable[[], Any]) -> None:
@@ -432,20 +458,6 @@ def _duration(seconds: float) -> str:
     seconds = max(0, int(seconds))
     h, rem = divmod(seconds, 3600)
     return f"{h}h{rem // 60:02d}m" if h else f"{rem // 60}m{rem % 60:02d}s"
-
-
-def estimate_memory_mb(cfg: TrainConfig, n_params: int, bytes_per_act: int = 4) -> tuple[float, float]:
-    """(weights + grads + AdamW state, activations of one micro-batch) in MB, a rough guide.
-
-    Activations per layer follow the usual transformer estimate of about 34*C + 5*nh*T values per
-    token (Korthikanti et al. 2022, counted in 2-byte units; scaled here by bytes_per_act / 2).
-    """
-    m, r = cfg.model, cfg.run
-    state = n_params * 4 * 4  # fp32 weights, grads, two Adam moments
-    tokens = r.batch_size * m.block_size
-    acts = m.n_layer * tokens * (34 * m.n_embd + 5 * m.n_head * m.block_size) * bytes_per_act / 2
-    acts += tokens * m.vocab_size * 4 * 3  # logits, their softmax and gradient in fp32
-    return state / 2**20, acts / 2**20
 
 
 # ---------------------------------------------------------------- entry point
@@ -481,6 +493,7 @@ def train(
     """Train cfg on the prepared data in data_dir, writing the run folder `out`."""
     out, data_dir = Path(out), Path(data_dir)
     validate(cfg)
+    check_loggers(cfg.run.loggers)
     check_run_dir(out, resume, overwrite)
     if resume:
         saved, _ = read_run_config(out)
@@ -510,15 +523,28 @@ def train(
     log.say(f"model: {n_params:,} parameters | {runtime.describe()} | "
             f"data: {len(trainer.train_tokens):,} train / {len(trainer.val_tokens):,} val tokens")
     log.say(f"memory estimate: ~{state_mb + act_mb:,.0f} MB ({state_mb:,.0f} MB weights, gradients and "
-            f"optimizer state + {act_mb:,.0f} MB activations per micro-batch)")
+            f"optimizer state + {act_mb:,.0f} MB activations per micro-batch) | "
+            f"~{1000 * _iter_seconds(trainer):,.0f} ms/iter estimated")
     started = time.perf_counter()
-    with _graceful_interrupt(trainer):
-        state = trainer.run()
+    log.open_mirrors(cfg.run.loggers, out, cfg.to_dict(), trainer.state.iter)
+    try:
+        with _graceful_interrupt(trainer):
+            state = trainer.run()
+    finally:
+        log.close_mirrors()
     if trainer.stop_requested:
         log.say(f"interrupted at iter {state.iter}; saved. Resume with: pocketgpt train --out {out} --resume")
     else:
         _finish(out, log)
     return TrainResult(out, state.iter, state.best_val_loss, trainer.stop_requested, time.perf_counter() - started)
+
+
+def _iter_seconds(trainer: Trainer) -> float:
+    """Seconds per iteration from the matmul probe and sizing's efficiency (what --preset auto assumes)."""
+    r, rt = trainer.cfg.run, trainer.runtime
+    flops = matmul_flops(rt) * EFFICIENCY.get(rt.device.type, 0.25)
+    return seconds_per_iter(r.batch_size * r.grad_accum_steps * trainer.cfg.model.block_size,
+                            trainer.flops_per_token, flops)
 
 
 def _finish(out: Path, log: MetricsLog) -> None:

@@ -1,0 +1,71 @@
+"""Which tokenizer learns the bundled corpus best in the same CPU time? Compared in bits per byte.
+
+    python bench/tokenizers_compare.py                  # 4 rows x 120 s of training, ~10 minutes
+    python bench/tokenizers_compare.py --budget 60 --only bpe
+
+Every row prepares the bundled Tiny Shakespeare with one tokenizer (val = the last 10 % of the
+text), trains the `demo` preset on it under --max-time, then `pocketgpt eval --json` scores the
+whole val split. Loss per token is not comparable across vocabularies (a char token is one byte, a
+BPE token about four), bits per byte is: it is the column to read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROWS: list[tuple[str, list[str]]] = [
+    ("char", ["--tokenizer", "char"]),
+    ("bpe-1024", ["--tokenizer", "bpe", "--vocab-size", "1024"]),
+    ("bpe-4096", ["--tokenizer", "bpe", "--vocab-size", "4096"]),
+    ("gpt2", ["--tokenizer", "gpt2"]),
+]
+QUIET = ["--eval-interval", "1000000", "--eval-sample-tokens", "0", "--sample-tokens", "0", "--plots", "false"]
+
+
+def pocketgpt(*args: str) -> list[str]:
+    return [sys.executable, "-m", "pocketgpt", *args]
+
+
+def run_row(tmp: Path, name: str, prepare_flags: list[str], budget: float, extra: list[str]) -> dict[str, float]:
+    data, run = tmp / f"data-{name}", tmp / f"run-{name}"
+    subprocess.run(pocketgpt("prepare", "--out", str(data), *prepare_flags), check=True, capture_output=True)
+    subprocess.run(pocketgpt("train", "--data", str(data), "--out", str(run), "--preset", "demo",
+                             "--max-time", str(budget), *QUIET, *extra), check=True, capture_output=True)
+    scored = json.loads(subprocess.run(pocketgpt("eval", "--model", str(run), "--json"), check=True,
+                                       capture_output=True, text=True).stdout)
+    info = json.loads(subprocess.run(pocketgpt("info", "--model", str(run), "--json"), check=True,
+                                     capture_output=True, text=True).stdout)
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    tps = [m["tokens_per_s"] for m in lines if "tokens_per_s" in m][1:] or [0.0]
+    meta = json.loads((data / "meta.json").read_text())
+    return {"vocab": meta["vocab_size"], "params": info["parameters"], "iters": info["iters"],
+            "tokens_per_s": statistics.median(tps), "bytes_per_token": scored["bytes"] / scored["tokens"],
+            "loss": scored["loss"], "bpb": scored["bits_per_byte"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--budget", type=float, default=120.0, help="seconds of training per row")
+    ap.add_argument("--only", default="", help="run only rows whose name contains this")
+    ap.add_argument("extra", nargs="*", help="more train flags for every row, after --")
+    args = ap.parse_args()
+    print(f"bundled Tiny Shakespeare, preset demo, {args.budget:.0f} s of training per row; full val split")
+    print(f"{'tokenizer':10s} {'vocab':>6s} {'params':>10s} {'iters':>6s} {'tokens/s':>9s} {'bytes/tok':>9s} "
+          f"{'val loss':>9s} {'bits/byte':>9s}")
+    with tempfile.TemporaryDirectory() as t:
+        for name, flags in ROWS:
+            if args.only not in name:
+                continue
+            r = run_row(Path(t), name, flags, args.budget, args.extra)
+            print(f"{name:10s} {r['vocab']:6d} {r['params']:10,d} {r['iters']:6d} {r['tokens_per_s']:9,.0f} "
+                  f"{r['bytes_per_token']:9.2f} {r['loss']:9.4f} {r['bpb']:9.4f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""Watching a run: bits per byte in `info`, mirrors to TensorBoard / W&B / trackio, progress bars, GPU keys."""
+
+import json
+import sys
+import types
+
+import pytest
+
+from conftest import metrics, run_cli, tiny_config, tiny_flags
+from pocketgpt.metrics import terminal_bar
+from pocketgpt.trainer import train
+
+
+def stand_in(name: str, calls: list) -> types.ModuleType:
+    """A module with the logging API of wandb / trackio that records what it is asked to do."""
+    mod = types.ModuleType(name)
+
+    class Run:
+        def log(self, values, step=None):
+            calls.append(("log", dict(values), step))
+
+        def finish(self):
+            calls.append(("finish",))
+
+    def init(**kw):
+        calls.append(("init", kw))
+        mod.run = Run()
+        return mod.run
+
+    mod.init = init
+    mod.log = lambda values, step=None: mod.run.log(values, step)
+    mod.finish = lambda: mod.run.finish()
+    return mod
+
+
+@pytest.fixture(scope="module")
+def logged_run(tmp_path_factory, data_dir):
+    """One tiny run mirrored to real TensorBoard and to stand-ins for wandb and trackio."""
+    pytest.importorskip("tensorboard")
+    calls = {"wandb": [], "trackio": []}
+    saved = {n: sys.modules.get(n) for n in calls}
+    for name in calls:
+        sys.modules[name] = stand_in(name, calls[name])
+    out = tmp_path_factory.mktemp("logged") / "run"
+    try:
+        train(tiny_config(max_iters=20, loggers="tensorboard, wandb,trackio"), data_dir, out, echo=lambda s: None)
+    finally:
+        for name, mod in saved.items():
+            if mod is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = mod
+    return out, calls
+
+
+def test_info_shows_best_bits_per_byte(logged_run, capsys):
+    out, _ = logged_run
+    evals = [m for m in metrics(out) if "val_loss" in m]
+    best = min(evals, key=lambda m: m["val_loss"])
+    code, text, _ = run_cli(capsys, "info", "--model", out, "--json")
+    info = json.loads(text)
+    assert code == 0 and info["best_iter"] == best["iter"]
+    assert info["best_val_bpb"] == pytest.approx(best["val_bpb"])
+    code, text, _ = run_cli(capsys, "info", "--model", out)
+    assert f"({best['val_bpb']:.4f} bits/byte) at iter {best['iter']}" in text
+
+
+def test_tensorboard_events_hold_every_record(logged_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, _ = logged_run
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    lines = metrics(out)
+    loss_steps = [m["iter"] for m in lines if "loss" in m]
+    assert [e.step for e in acc.Scalars("loss")] == loss_steps
+    val = [(m["iter"], m["val_loss"]) for m in lines if "val_loss" in m]
+    assert [(e.step, pytest.approx(e.value, rel=1e-6)) for e in acc.Scalars("val_loss")] == val
+
+
+def test_wandb_and_trackio_stand_ins_get_the_same_records(logged_run):
+    out, calls = logged_run
+    lines = metrics(out)
+    for name, got in calls.items():
+        assert got[0][0] == "init" and got[-1] == ("finish",), name
+        assert got[0][1]["config"]["model"]["n_layer"] == 2
+        logged = [(c[2], c[1]) for c in got if c[0] == "log"]
+        assert [step for step, _ in logged] == [m["iter"] for m in lines]
+        assert [v.get("loss", v.get("val_loss")) for _, v in logged] == \
+            [pytest.approx(m.get("loss", m.get("val_loss"))) for m in lines]
+    assert calls["wandb"][0][1]["dir"] == str(out)
+
+
+@pytest.mark.parametrize("name", ["wandb", "trackio", "tensorboard"])
+def test_missing_logger_fails_before_training(tmp_path, capsys, monkeypatch, data_dir, name):
+    monkeypatch.setitem(sys.modules, name, None)  # as if not installed
+    code, _, err = run_cli(capsys, "train", "--data", data_dir, "--out", tmp_path / "r", *tiny_flags(),
+                           "--loggers", name)
+    assert code == 2 and f'pip install "pocketgpt[{name}]"' in err and err.count("\n") == 1
+    assert not (tmp_path / "r").exists()
+
+
+def test_unknown_logger_is_named(tmp_path, capsys, data_dir):
+    code, _, err = run_cli(capsys, "train", "--data", data_dir, "--out", tmp_path / "r", *tiny_flags(),
+                           "--loggers", "tensorbord")
+    assert code == 2 and "did you mean 'tensorboard'" in err
+
+
+def test_cpu_training_lines_have_no_gpu_keys_and_an_iter_estimate(tmp_path, capsys, data_dir):
+    code, out, err = run_cli(capsys, "train", "--data", data_dir, "--out", tmp_path / "r", *tiny_flags(max_iters=4))
+    assert code == 0, err
+    assert "ms/iter estimated" in out and "MFU" not in out
+    train_lines = [m for m in metrics(tmp_path / "r") if "loss" in m]
+    assert train_lines and not any("mfu" in m or "peak_mem_mb" in m for m in train_lines)
+
+
+def test_eval_bar_only_on_a_terminal(tmp_path, capsys, monkeypatch, data_dir):
+    code, _, err = run_cli(capsys, "train", "--data", data_dir, "--out", tmp_path / "r", *tiny_flags(max_iters=2))
+    assert code == 0, err
+    code, out, err = run_cli(capsys, "eval", "--model", tmp_path / "r")
+    assert code == 0 and "\r" not in out + err  # captured output is not a terminal
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    code, out, err = run_cli(capsys, "eval", "--model", tmp_path / "r")
+    assert code == 0 and "\r" in err and "eval" in err and "\r" not in out
+
+
+def test_terminal_bar_is_none_off_a_terminal(monkeypatch):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    assert terminal_bar(10, "x") is None
+
+
+def test_a_logger_that_fails_to_start_is_named(tmp_path, capsys, monkeypatch, data_dir):
+    broken = types.ModuleType("wandb")
+
+    def init(**kw):
+        raise RuntimeError("api key needed")
+
+    broken.init = init
+    monkeypatch.setitem(sys.modules, "wandb", broken)
+    code, _, err = run_cli(capsys, "train", "--data", data_dir, "--out", tmp_path / "r", *tiny_flags(),
+                           "--loggers", "wandb")
+    assert code == 2 and "could not start wandb" in err and "api key needed" in err
