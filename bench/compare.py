@@ -4,7 +4,8 @@
     python bench/compare.py --rounds 2      # A, B, A, B ... for medians
 
 Per round: (A) bench/nanogpt_baseline.py, nanoGPT's recipe (4x4x128, T=64, B=12, 2000 iters);
-(B) pocketgpt with exactly that recipe (same model, batch, schedule: a throughput comparison);
+(B) pocketgpt with exactly that recipe (same model, batch, schedule: a throughput comparison), (B2) the
+same with --compile true;
 (C) pocketgpt's demo recipe with --max-time equal to A's training wall time (learning per CPU-minute).
 Val losses are full passes over the last 10 % of Tiny Shakespeare. Then generation speed.
 """
@@ -70,6 +71,11 @@ def one_round(tmp: Path, data: Path, r: int) -> dict[str, dict[str, float]]:
     wall, rss, _ = run_measured(pocketgpt("train", "--data", str(data), "--out", str(run), *NANOGPT_RECIPE, *QUIET))
     tps, iters, elapsed = train_stats(run)
     rows["B pocketgpt, same recipe"] = dict(tokens_per_s=tps, train_s=elapsed, val=full_val(run), rss=rss)
+    run = tmp / f"compiled{r}"
+    wall, rss, _ = run_measured(pocketgpt("train", "--data", str(data), "--out", str(run), *NANOGPT_RECIPE, *QUIET,
+                                          "--compile", "true"))
+    tps, iters, elapsed = train_stats(run)
+    rows["B2 pocketgpt, same recipe, compile"] = dict(tokens_per_s=tps, train_s=elapsed, val=full_val(run), rss=rss)
     budget = base["train_wall_s"]
     run = tmp / f"best{r}"
     wall, rss, _ = run_measured(pocketgpt("train", "--data", str(data), "--out", str(run), "--max-time",
@@ -95,7 +101,8 @@ def main() -> None:
         print(f"{name:38s} {med['tokens_per_s']:9,.0f} {med['train_s']:8.1f} {med['val']:9.4f} {med['rss']:12.0f}")
     a = statistics.median(r["A nanoGPT recipe (baseline)"]["tokens_per_s"] for r in rounds)
     b = statistics.median(r["B pocketgpt, same recipe"]["tokens_per_s"] for r in rounds)
-    print(f"throughput ratio B/A: {b / a:.2f}x")
+    b2 = statistics.median(r["B2 pocketgpt, same recipe, compile"]["tokens_per_s"] for r in rounds)
+    print(f"throughput ratio B/A: {b / a:.2f}x, B2/A: {b2 / a:.2f}x")
     subprocess.run([sys.executable, str(HERE / "bench_generate.py")], check=True)
 
 
