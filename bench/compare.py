@@ -4,8 +4,8 @@
     python bench/compare.py --rounds 2      # A, B, A, B ... for medians
 
 Per round: (A) bench/nanogpt_baseline.py, nanoGPT's recipe (4x4x128, T=64, B=12, 2000 iters);
-(B) pocketgpt with exactly that recipe (same model, batch, schedule: a throughput comparison), (B2) the
-same with --compile true;
+(B) pocketgpt with exactly that recipe (same model, batch, schedule: a throughput comparison) and its
+default dtype (bf16 autocast on CPUs with AVX512-BF16), (B0) the same in float32, (B2) B with --compile true;
 (C) pocketgpt's demo recipe with --max-time equal to A's training wall time (learning per CPU-minute).
 Val losses are full passes over the last 10 % of Tiny Shakespeare. Then generation speed.
 """
@@ -23,7 +23,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 NANOGPT_RECIPE = ["--n-layer", "4", "--n-head", "4", "--n-embd", "128", "--block-size", "64", "--batch-size", "12",
-                  "--dropout", "0", "--bias", "false", "--max-iters", "2000", "--lr-decay-iters", "2000",
+                  "--dropout", "0", "--bias", "false", "--optimizer", "adamw", "--max-iters", "2000", "--lr-decay-iters", "2000",
                   "--learning-rate", "1e-3", "--min-lr", "1e-4", "--warmup-iters", "100", "--schedule", "cosine",
                   "--beta2", "0.99", "--weight-decay", "0.1", "--grad-clip", "1", "--max-time", "0",
                   "--eval-interval", "250", "--eval-iters", "20", "--log-interval", "50"]
@@ -71,6 +71,11 @@ def one_round(tmp: Path, data: Path, r: int) -> dict[str, dict[str, float]]:
     wall, rss, _ = run_measured(pocketgpt("train", "--data", str(data), "--out", str(run), *NANOGPT_RECIPE, *QUIET))
     tps, iters, elapsed = train_stats(run)
     rows["B pocketgpt, same recipe"] = dict(tokens_per_s=tps, train_s=elapsed, val=full_val(run), rss=rss)
+    run = tmp / f"fp32{r}"
+    wall, rss, _ = run_measured(pocketgpt("train", "--data", str(data), "--out", str(run), *NANOGPT_RECIPE, *QUIET,
+                                          "--dtype", "float32"))
+    tps, iters, elapsed = train_stats(run)
+    rows["B0 pocketgpt, same recipe, float32"] = dict(tokens_per_s=tps, train_s=elapsed, val=full_val(run), rss=rss)
     run = tmp / f"compiled{r}"
     wall, rss, _ = run_measured(pocketgpt("train", "--data", str(data), "--out", str(run), *NANOGPT_RECIPE, *QUIET,
                                           "--compile", "true"))
@@ -102,7 +107,8 @@ def main() -> None:
     a = statistics.median(r["A nanoGPT recipe (baseline)"]["tokens_per_s"] for r in rounds)
     b = statistics.median(r["B pocketgpt, same recipe"]["tokens_per_s"] for r in rounds)
     b2 = statistics.median(r["B2 pocketgpt, same recipe, compile"]["tokens_per_s"] for r in rounds)
-    print(f"throughput ratio B/A: {b / a:.2f}x, B2/A: {b2 / a:.2f}x")
+    b0 = statistics.median(r["B0 pocketgpt, same recipe, float32"]["tokens_per_s"] for r in rounds)
+    print(f"throughput ratio B/A: {b / a:.2f}x, B0/A: {b0 / a:.2f}x, B2/A: {b2 / a:.2f}x")
     subprocess.run([sys.executable, str(HERE / "bench_generate.py")], check=True)
 
 

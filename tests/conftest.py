@@ -16,6 +16,7 @@ TINY = {
     "batch_size": 8, "max_iters": 30, "eval_interval": 10, "eval_iters": 2, "log_interval": 1,
     "learning_rate": 3e-3, "min_lr": 3e-4, "warmup_iters": 5, "schedule": "cosine", "max_time": 0,
     "sample_tokens": 0, "seed": 7, "plots": False, "eval_sample_tokens": 0,
+    "dtype": "float32",  # the same numbers on every CPU; bf16 autocast has its own tests
 }
 
 

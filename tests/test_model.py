@@ -94,3 +94,35 @@ def test_top_p_keeps_the_smallest_nucleus():
     seen = {int(pick_next(logits, 1.0, 0, 0.75, torch.Generator().manual_seed(s))) for s in range(300)}
     assert seen == {0, 1}
     assert int(pick_next(logits, 1.0, 0, 0.01, None)) == 0  # the best token always survives
+
+
+@pytest.mark.parametrize("arch", [{}, {"pos_emb": "rope", "qk_norm": True, "norm": "rmsnorm"}])
+def test_cpu_bf16_autocast_runs_attention_in_float32(monkeypatch, arch):
+    """Under CPU bf16 autocast the matmuls are bf16 but attention gets fp32 q, k, v with autocast off
+    (its bf16 CPU kernels are slow); RoPE's fp32 tables must not sneak a bf16 v past the check."""
+    import pocketgpt.model as model_module
+
+    seen = []
+    real = model_module.F.scaled_dot_product_attention
+
+    def spy(q, k, v, *a, **kw):
+        seen.append((q.dtype, k.dtype, v.dtype, torch.is_autocast_enabled("cpu")))
+        return real(q, k, v, *a, **kw)
+
+    monkeypatch.setattr(model_module.F, "scaled_dot_product_attention", spy)
+    model = make(block_size=32, **arch).train()
+    idx = torch.randint(0, 23, (4, 32))
+    _, ref = model(idx, idx)
+    ref.backward()
+    ref_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    seen.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, loss = model(idx, idx)
+    loss.backward()
+    assert logits.dtype == torch.bfloat16  # the head ran in bf16: autocast is on
+    assert seen == [(torch.float32, torch.float32, torch.float32, False)] * model.config.n_layer
+    assert abs(loss.item() - ref.item()) < 2e-2
+    for p, g in zip(model.parameters(), ref_grads):
+        assert p.grad.dtype == torch.float32
+        assert torch.nn.functional.cosine_similarity(p.grad.flatten(), g.flatten(), dim=0) > 0.98

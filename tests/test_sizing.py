@@ -103,3 +103,11 @@ def test_cli_auto_prints_why_and_trains(tmp_path, capsys, data_dir):
 def test_cli_auto_errors(tmp_path, capsys, data_dir, argv, message):
     code, _, err = run_cli(capsys, *argv, "--data", data_dir, "--out", tmp_path / "r")
     assert code == 2 and message in err
+
+
+def test_bf16_on_cpu_assumes_the_measured_speed_up_and_nowhere_else():
+    from pocketgpt.sizing import CPU_BF16_SPEEDUP, EFFICIENCY, training_flops
+
+    assert training_flops(100e9, "cpu", False) == pytest.approx(100e9 * EFFICIENCY["cpu"])
+    assert training_flops(100e9, "cpu", True) == pytest.approx(100e9 * EFFICIENCY["cpu"] * CPU_BF16_SPEEDUP)
+    assert training_flops(100e9, "cuda", True) == training_flops(100e9, "cuda", False)

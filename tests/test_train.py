@@ -103,23 +103,28 @@ def test_kill_between_the_two_renames_falls_back_to_last_old(data_dir, tmp_path)
     assert json.loads((run / "last" / "state.json").read_text())["iter"] == 20
 
 
-def test_non_finite_loss_stops_without_applying_the_step(data_dir, tmp_path, monkeypatch):
+def poison_training_forward(monkeypatch, at_call: int) -> None:
+    """The at_call-th training forward from now on returns a NaN loss."""
     from pocketgpt.model import GPT
 
-    run = tmp_path / "run"
-    train(tiny_config(max_iters=10), data_dir, run, echo=lambda s: None)
-    weights = (run / "model.safetensors").read_bytes()
     real_forward, calls = GPT.forward, {"n": 0}
 
     def poisoned(self, idx, targets=None, **kw):
         logits, loss = real_forward(self, idx, targets, **kw)
         if targets is not None and self.training:
             calls["n"] += 1
-            if calls["n"] == 3:
+            if calls["n"] == at_call:
                 loss = loss * float("nan")
         return logits, loss
 
     monkeypatch.setattr(GPT, "forward", poisoned)
+
+
+def test_non_finite_loss_stops_without_applying_the_step(data_dir, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    train(tiny_config(max_iters=10), data_dir, run, echo=lambda s: None)
+    weights = (run / "model.safetensors").read_bytes()
+    poison_training_forward(monkeypatch, at_call=3)
     with pytest.raises(TrainingDiverged, match=r"iter 12.*not applied.*learning rate"):
         train(tiny_config(max_iters=30), data_dir, run, resume=True, echo=lambda s: None)
     assert (run / "model.safetensors").read_bytes() == weights
@@ -260,3 +265,49 @@ def test_fp16_gradient_scaler_skips_overflowing_steps_without_error(data_dir, tm
     assert t.scaler.get_scale() < scale  # and the scale backed off
     t.step(2, 1e-3)
     assert not all(torch.equal(a, b) for a, b in zip(before, t.model.parameters()))  # training goes on
+
+
+def _lazy_reads(monkeypatch):
+    """Make the CPU trainer read losses the GPU way: at log and eval steps only."""
+    from pocketgpt.trainer import Trainer
+
+    real_init = Trainer.__init__
+
+    def init(self, *a, **kw):
+        real_init(self, *a, **kw)
+        self.read_every_step = False
+
+    monkeypatch.setattr(Trainer, "__init__", init)
+
+
+def test_reading_the_loss_only_at_log_steps_logs_the_same_losses(data_dir, tmp_path, monkeypatch):
+    kw = dict(max_iters=20, eval_interval=10, log_interval=5)
+    train(tiny_config(**kw), data_dir, tmp_path / "eager", echo=lambda s: None)
+    _lazy_reads(monkeypatch)
+    train(tiny_config(**kw), data_dir, tmp_path / "lazy", echo=lambda s: None)
+    eager, lazy = losses_by_iter(tmp_path / "eager"), losses_by_iter(tmp_path / "lazy")
+    assert list(lazy) == [5, 10, 15, 20]
+    assert lazy == eager
+    assert losses_by_iter(tmp_path / "lazy", "val_loss") == losses_by_iter(tmp_path / "eager", "val_loss")
+
+
+def test_an_unread_non_finite_step_is_caught_before_anything_is_saved(data_dir, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    train(tiny_config(max_iters=10, log_interval=5), data_dir, run, echo=lambda s: None)
+    weights = (run / "model.safetensors").read_bytes()
+    poison_training_forward(monkeypatch, at_call=2)  # iter 11: not a log step
+    _lazy_reads(monkeypatch)
+    with pytest.raises(TrainingDiverged, match=r"between iter 10 and iter 14"):
+        train(tiny_config(max_iters=30, log_interval=5), data_dir, run, resume=True, echo=lambda s: None)
+    assert (run / "model.safetensors").read_bytes() == weights
+    assert json.loads((run / "last" / "state.json").read_text())["iter"] == 10
+
+
+def test_bf16_autocast_on_cpu_learns_like_float32(data_dir, tmp_path):
+    kw = dict(max_iters=120, eval_interval=60)
+    fp32 = train(tiny_config(**kw), data_dir, tmp_path / "fp32", echo=lambda s: None)
+    said: list[str] = []
+    bf16 = train(tiny_config(dtype="bfloat16", **kw), data_dir, tmp_path / "bf16", echo=said.append)
+    assert any("cpu, bfloat16" in line and "asked for" in line for line in said)
+    assert bf16.best_val_loss < 2.9
+    assert abs(bf16.best_val_loss - fp32.best_val_loss) < 0.05

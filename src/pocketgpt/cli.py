@@ -120,10 +120,12 @@ def cmd_train(args: argparse.Namespace, config_flags: list[str]) -> int:
 
 def _auto_config(args: argparse.Namespace, data_dir: Path, overrides: dict[str, Any]) -> Any:
     """--preset auto: sizing.plan_auto's choice, under --config and command-line keys; prints why."""
+    import torch
+
     from .config import TrainConfig, apply_overrides, parse_duration
     from .data import read_meta
     from .runtime import matmul_flops, resolve
-    from .sizing import DEFAULT_SECONDS, EFFICIENCY, parse_memory, plan_auto
+    from .sizing import DEFAULT_SECONDS, parse_memory, plan_auto, training_flops
 
     meta = read_meta(data_dir)
     splits = meta["splits"]
@@ -131,7 +133,8 @@ def _auto_config(args: argparse.Namespace, data_dir: Path, overrides: dict[str, 
     runtime = resolve(probe.run.device, probe.run.dtype)
     seconds = parse_duration(args.max_time) if args.max_time is not None else DEFAULT_SECONDS
     memory = parse_memory(args.max_memory) if args.max_memory is not None else _default_memory_mb(runtime)
-    flops = matmul_flops(runtime) * EFFICIENCY.get(runtime.device.type, 0.25)
+    probe_flops = matmul_flops(runtime)
+    flops = training_flops(probe_flops, runtime.device.type, runtime.dtype == torch.bfloat16)
     plan = plan_auto(int(splits["train"]["tokens"]), int(splits["val"]["tokens"]), int(meta["vocab_size"]),
                      seconds, memory, flops)
     base = TrainConfig()
@@ -139,7 +142,7 @@ def _auto_config(args: argparse.Namespace, data_dir: Path, overrides: dict[str, 
     for line in plan.reasons:
         _out(line)
     _out(f"auto: assumed {flops / 1e9:,.0f} GFLOP/s of training throughput on {runtime.device} "
-         f"(a matmul probe x {EFFICIENCY.get(runtime.device.type, 0.25)})")
+         f"(a {probe_flops / 1e9:,.0f} GFLOP/s matmul probe x the share small GPTs reach, sizing.py)")
     return build_train_config(None, args.config, overrides, base=base)
 
 

@@ -8,4 +8,4 @@ class PocketError(Exception):
 
 
 class TrainingDiverged(Exception):
-    """The loss became NaN or infinite; the step was not applied."""
+    """The loss or gradient norm became NaN or infinite; nothing from that point on is saved."""

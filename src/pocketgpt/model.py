@@ -83,15 +83,28 @@ class CausalSelfAttention(nn.Module):
             start = cache.pos
             k, v = cache.update(self.layer, k, v)  # (B, nh, start + T, hs)
         dropout = self.dropout if self.training else 0.0
-        if start == 0:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
-        elif T == 1:  # one new token sees everything before it: no mask needed
-            y = F.scaled_dot_product_attention(q, k, v)
-        else:  # a chunk after cached tokens: row i may see keys up to start + i
-            mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if v.dtype == torch.bfloat16 and v.device.type == "cpu":
+            # PyTorch's CPU attention kernels are several times slower in bf16 than in fp32 (its backward
+            # most of all; bench/throughput.py), so under CPU autocast attention alone runs in fp32.
+            # v decides: RoPE's fp32 tables already turned q and k into fp32, v is the projection's bf16.
+            with torch.autocast("cpu", enabled=False):
+                y = attend(q.float(), k.float(), v.float(), start, dropout).to(v.dtype)
+        else:
+            y = attend(q, k, v, start, dropout)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads side by side
         return self.resid_dropout(self.c_proj(y))
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, dropout: float) -> torch.Tensor:
+    """Causal attention of T new queries over start + T keys (start = tokens already cached)."""
+    T = q.size(2)
+    if start == 0:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+    if T == 1:  # one new token sees everything before it: no mask needed
+        return F.scaled_dot_product_attention(q, k, v)
+    # a chunk after cached tokens: row i may see keys up to start + i
+    mask = torch.ones(T, start + T, dtype=torch.bool, device=q.device).tril(diagonal=start)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 class MLP(nn.Module):

@@ -5,8 +5,8 @@
 1. Throughput: training FLOP/s = a short matmul probe on this machine (measured by the caller) times
    a per-device efficiency (the share of that matmul speed a small GPT's training step reaches;
    on the 2-core CPU of bench/RESULTS.md the demo recipe with Muon runs ~12k tokens/s ≈ 62 GFLOP/s
-   against ~150 GFLOP/s for the probe, hence 0.4). Tokens processed in the budget follow from the
-   FLOPs per token of each candidate shape.
+   against ~150 GFLOP/s for the probe, hence 0.4; CPUs that train in bf16 autocast get a further
+   CPU_BF16_SPEEDUP). Tokens processed in the budget follow from the FLOPs per token of each shape.
 2. Size: walk a ladder of shapes from small to large and keep the largest one that
    - sees at least TOKENS_PER_PARAM (5) training tokens per parameter in the budget. Chinchilla's
      ~20 is for compute-optimal large runs; the hand-tuned demo preset (0.8M parameters, 5 minutes
@@ -37,6 +37,15 @@ DEFAULT_SECONDS = 600.0
 # Share of the probe's matmul FLOP/s that a small GPT's training step reaches (see the docstring);
 # GPUs run small models far from their peak, so they get a lower share.
 EFFICIENCY = {"cpu": 0.4, "mps": 0.25, "cuda": 0.25}
+# bf16 autocast on an AVX512-BF16 CPU against float32, whole training steps of the demo recipe
+# (bench/RESULTS.md, compare.py: 40.1k vs 23.5k tokens/s); the fp32 probe does not see it.
+CPU_BF16_SPEEDUP = 1.7
+
+
+def training_flops(probe_flops: float, device_type: str, bf16: bool) -> float:
+    """FLOP/s a small GPT's training step reaches, from the matmul probe (float32 on CPUs)."""
+    flops = probe_flops * EFFICIENCY.get(device_type, 0.25)
+    return flops * CPU_BF16_SPEEDUP if device_type == "cpu" and bf16 else flops
 
 # (n_layer, n_embd, block_size), small to large; heads are 32 wide up to 256, then 64.
 LADDER: tuple[tuple[int, int, int], ...] = (

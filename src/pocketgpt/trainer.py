@@ -22,7 +22,7 @@ from .metrics import MetricsLog, check_loggers
 from .model import GPT
 from .optim import lr_at, make_optimizers, progress, set_lr
 from .runtime import Runtime, matmul_flops, resolve
-from .sizing import EFFICIENCY, estimate_memory_mb, flops_per_token, gpu_peak_flops, seconds_per_iter
+from .sizing import estimate_memory_mb, flops_per_token, gpu_peak_flops, seconds_per_iter, training_flops
 from .tokenizer import load_tokenizer
 
 SHAPE_KEYS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias", "pos_emb", "norm", "qk_norm", "mlp",
@@ -169,6 +169,11 @@ class Trainer:
         self.optimizers = make_optimizers(self.model, cfg.optim, runtime.device)
         self.scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.needs_grad_scaler)
         self.forward = self.model  # replaced by the compiled module when compile works
+        # Reading a loss on a GPU waits for all queued work; read at log and eval steps only, and keep a
+        # device-side flag of non-finite values for the steps in between (checked before every save).
+        self.read_every_step = not runtime.is_cuda
+        self.unread_bad = torch.zeros((), dtype=torch.bool, device=runtime.device)
+        self.last_read_iter = 0
         self.compile_pending = bool(r.compile)
         self.state = RunState()
         self.stop_requested = False
@@ -196,6 +201,7 @@ class Trainer:
         self.state = RunState.from_dict(state)
 
     def save_last(self) -> None:
+        self._check_unread(self.state.iter)
         extra = {"scaler": self.scaler.state_dict()} if self.scaler.is_enabled() else {}
         with ckpt.disk_errors(self.out, "resume checkpoint (last/)"):
             ckpt.save_resume_state(
@@ -222,7 +228,10 @@ class Trainer:
             self.log.say(f"warning: torch.compile unavailable ({type(e).__name__}); training without it")
 
     def step(self, it: int, lr: float) -> tuple[float, float]:
-        """Forward/backward over grad_accum_steps micro-batches and one update; (loss, grad norm)."""
+        """Forward/backward over grad_accum_steps micro-batches and one update; (loss, grad norm).
+
+        On steps that do not read them (see read_every_step) both come back as NaN.
+        """
         r, o = self.cfg.run, self.cfg.optim
         set_lr(self.optimizers, lr / o.learning_rate)
         total = torch.zeros((), device=self.runtime.device)
@@ -232,23 +241,47 @@ class Trainer:
                 _, loss = self._forward_safely(x, y)
             self.scaler.scale(loss / r.grad_accum_steps).backward()
             total += loss.detach()
-        loss_value = float(total) / r.grad_accum_steps
-        if not math.isfinite(loss_value):
-            self._zero_grad()
-            raise TrainingDiverged(self._diverged_message(it, "loss", loss_value))
-        grad_norm = math.nan
+        read = self.read_every_step or self._is_read_step(it + 1)
+        loss_value = grad_norm = math.nan
+        if read:
+            self._check_unread(it)
+            self.last_read_iter = it + 1
+            loss_value = float(total) / r.grad_accum_steps
+            if not math.isfinite(loss_value):
+                self._zero_grad()
+                raise TrainingDiverged(self._diverged_message(it, "loss", loss_value))
+        else:
+            self.unread_bad |= ~torch.isfinite(total)
         if o.grad_clip > 0:
             for opt in self.optimizers:
                 self.scaler.unscale_(opt)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.grad_clip))
-            if not math.isfinite(grad_norm) and not self.scaler.is_enabled():
-                self._zero_grad()
-                raise TrainingDiverged(self._diverged_message(it, "gradient norm", grad_norm))
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.grad_clip)
+            if read:
+                grad_norm = float(norm)
+                if not math.isfinite(grad_norm) and not self.scaler.is_enabled():
+                    self._zero_grad()
+                    raise TrainingDiverged(self._diverged_message(it, "gradient norm", grad_norm))
+            elif not self.scaler.is_enabled():  # with fp16, overflowing steps are skipped, not fatal
+                self.unread_bad |= ~torch.isfinite(norm)
         for opt in self.optimizers:
             self.scaler.step(opt)  # with fp16, skips steps whose gradients overflowed
         self.scaler.update()
         self._zero_grad()
         return loss_value, grad_norm
+
+    def _is_read_step(self, n: int) -> bool:
+        r = self.cfg.run
+        return n % r.log_interval == 0 or n % r.eval_interval == 0 or n >= r.max_iters
+
+    def _check_unread(self, it: int) -> None:
+        """Raise if a step that was not read went non-finite (its update was applied: nothing is saved)."""
+        if self.read_every_step or not bool(self.unread_bad):
+            return
+        causes = "the learning rate may be too high (try a lower --learning-rate or a longer --warmup-iters)"
+        raise TrainingDiverged(
+            f"training stopped: the loss or gradient norm became non-finite between iter {self.last_read_iter} "
+            f"and iter {it}; nothing since the last save was kept, so the last good checkpoint in {self.out} is "
+            f"intact. Likely cause: {causes}")
 
     def _zero_grad(self) -> None:
         for opt in self.optimizers:
@@ -292,6 +325,7 @@ class Trainer:
 
     def evaluate_and_save(self) -> None:
         s = self.state
+        self._check_unread(s.iter)
         losses = self.estimate_losses()
         bpb = losses["val"] / math.log(2) / self.val_bytes_per_token
         improved = losses["val"] < s.best_val_loss
@@ -364,6 +398,7 @@ class Trainer:
     def run(self) -> RunState:
         r, s = self.cfg.run, self.state
         tokens_per_iter = r.batch_size * r.grad_accum_steps * self.cfg.model.block_size
+        self.last_read_iter = s.iter
         self._maybe_compile()
         self.model.train()
         if self.runtime.is_cuda:
@@ -386,14 +421,15 @@ class Trainer:
             loss, grad_norm = self.step(s.iter, lr)
             s.iter += 1
             s.tokens_seen += tokens_per_iter
-            s.last_train_loss = loss
+            if not math.isnan(loss):
+                s.last_train_loss = loss
             window_iters += 1
             if s.iter % r.log_interval == 0:
                 seconds = time.perf_counter() - window_start
                 self._log_train(loss, lr, grad_norm, seconds, window_iters, tokens_per_iter)
                 window_start, window_iters = time.perf_counter(), 0
             s.elapsed += time.perf_counter() - t0
-            self.log.progress(s.elapsed if r.max_time else s.iter, loss=f"{loss:.3f}",
+            self.log.progress(s.elapsed if r.max_time else s.iter, loss=f"{s.last_train_loss:.3f}" if math.isfinite(s.last_train_loss) else "-",
                               val=f"{s.best_val_loss:.3f}" if math.isfinite(s.best_val_loss) else "-")
             if s.iter % r.eval_interval == 0:
                 t1 = time.perf_counter()
@@ -542,7 +578,7 @@ def train(
 def _iter_seconds(trainer: Trainer) -> float:
     """Seconds per iteration from the matmul probe and sizing's efficiency (what --preset auto assumes)."""
     r, rt = trainer.cfg.run, trainer.runtime
-    flops = matmul_flops(rt) * EFFICIENCY.get(rt.device.type, 0.25)
+    flops = training_flops(matmul_flops(rt), rt.device.type, rt.dtype == torch.bfloat16)
     return seconds_per_iter(r.batch_size * r.grad_accum_steps * trainer.cfg.model.block_size,
                             trainer.flops_per_token, flops)
 

@@ -1,0 +1,173 @@
+"""Training throughput levers, each on/off, against the nanoGPT baseline: one model, one batch, interleaved.
+
+    python bench/throughput.py                  # nanoGPT's CPU shape (4x4x128, T=64, batch 12), ~2 min
+    python bench/throughput.py --rounds 7 --steps 60
+
+Every variant is a real pocketgpt Trainer (its step(): sampler, autocast, clipping, optimizer) on the
+bundled Tiny Shakespeare, except the baseline, which is bench/nanogpt_baseline.py's model, optimizer and
+get_batch. Variants run A, B, C, ... per round, so drift on a shared machine hits all of them alike;
+the table gives the median ms/step over the rounds and the ratio to the baseline's median.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gzip
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import nanogpt_baseline as nb  # noqa: E402
+
+from pocketgpt import model as model_module  # noqa: E402
+from pocketgpt.config import PrepareConfig, build_train_config  # noqa: E402
+from pocketgpt.data import BUNDLED, BatchSampler, open_tokens, prepare  # noqa: E402
+from pocketgpt.metrics import MetricsLog  # noqa: E402
+from pocketgpt.runtime import resolve  # noqa: E402
+from pocketgpt.trainer import Trainer  # noqa: E402
+
+SHAPE = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0, bias=False)
+
+
+@contextlib.contextmanager
+def bf16_attention() -> Iterator[None]:
+    """Undo pocketgpt's fp32 attention under CPU autocast: q, k, v go to the kernel in bf16."""
+    real = model_module.attend
+
+    def attend_bf16(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, dropout: float) -> torch.Tensor:
+        return real(q.bfloat16(), k.bfloat16(), v.bfloat16(), start, dropout).float()
+
+    model_module.attend = attend_bf16
+    try:
+        yield
+    finally:
+        model_module.attend = real
+
+
+@contextlib.contextmanager
+def threads(n: int | None) -> Iterator[None]:
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def pocketgpt_step(data_dir: Path, out: Path, batch: int, dtype: str, compile_: bool,
+                   foreach: bool = True) -> Callable[[int], None]:
+    cfg = build_train_config("demo", None, {**SHAPE, "optimizer": "adamw", "batch_size": batch, "dtype": dtype,
+                                            "compile": compile_, "learning_rate": 1e-3})
+    runtime = resolve("cpu", dtype)
+    out.mkdir(parents=True)
+    trainer = Trainer(cfg, data_dir, out, runtime, MetricsLog(out / "metrics.jsonl", echo=lambda s: None))
+    trainer._maybe_compile()
+    if compile_:
+        trainer.step(0, 1e-3)  # compiles now; a failure would fall back to eager without a word
+        assert trainer.forward is not trainer.model, "torch.compile failed: the compile rows would be eager"
+    if not foreach:
+        for opt in trainer.optimizers:
+            for g in opt.param_groups:
+                g["foreach"] = False
+    return lambda it: trainer.step(it, 1e-3)
+
+
+def baseline_step(text: Path, batch: int) -> Callable[[int], None]:
+    train, _, stoi = nb.load_char_data(str(text))
+    torch.manual_seed(1337)
+    model = nb.GPT(nb.ModelCfg(vocab_size=len(stoi), **SHAPE))
+    t = nb.TrainCfg()
+    t.batch_size = batch
+    opt = nb.make_optimizer(model, t)
+
+    def step(it: int) -> None:
+        x, y = nb.get_batch(train, batch, SHAPE["block_size"])
+        _, loss = model(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss.item()
+
+    return step
+
+
+def batch_assembly_us(tokens: np.ndarray, batch: int, block: int) -> tuple[float, float]:
+    """Microseconds per batch: nanoGPT's per-row Python loop vs pocketgpt's one gather."""
+    sampler = BatchSampler(tokens, block, batch, 0)
+    n = 2000
+    t0 = time.perf_counter()
+    for _ in range(n):
+        nb.get_batch(tokens, batch, block)
+    loop = (time.perf_counter() - t0) / n * 1e6
+    t0 = time.perf_counter()
+    for i in range(n):
+        x, y = sampler.batch(i)
+        torch.from_numpy(x), torch.from_numpy(y)
+    return loop, (time.perf_counter() - t0) / n * 1e6
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=50, help="steps per variant per round")
+    ap.add_argument("--batch-size", type=int, default=12)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as t:
+        tmp = Path(t)
+        data = tmp / "data"
+        prepare(PrepareConfig(out=str(data)))
+        text = tmp / "input.txt"
+        with gzip.open(BUNDLED, "rb") as f:
+            text.write_bytes(f.read())
+        b = args.batch_size
+        # name -> (step function, context it runs in)
+        variants: dict[str, tuple[Callable[[int], None], Callable[[], contextlib.AbstractContextManager]]] = {
+            "baseline (nanoGPT loop, fp32)": (baseline_step(text, b), contextlib.nullcontext),
+            "pocketgpt fp32": (pocketgpt_step(data, tmp / "a", b, "float32", False), contextlib.nullcontext),
+            "pocketgpt fp32, per-tensor AdamW (foreach off)":
+                (pocketgpt_step(data, tmp / "b", b, "float32", False, foreach=False), contextlib.nullcontext),
+            "pocketgpt fp32, 1 thread": (pocketgpt_step(data, tmp / "c", b, "float32", False), lambda: threads(1)),
+            "pocketgpt fp32 + compile": (pocketgpt_step(data, tmp / "d", b, "float32", True), contextlib.nullcontext),
+            "pocketgpt bf16 autocast, bf16 attention":
+                (pocketgpt_step(data, tmp / "e", b, "bfloat16", False), bf16_attention),
+            "pocketgpt bf16 autocast (fp32 attention; default)":
+                (pocketgpt_step(data, tmp / "f", b, "bfloat16", False), contextlib.nullcontext),
+            "pocketgpt bf16 + compile": (pocketgpt_step(data, tmp / "g", b, "bfloat16", True), contextlib.nullcontext),
+        }
+        times: dict[str, list[float]] = {name: [] for name in variants}
+        for name, (step, ctx) in variants.items():  # warm-up, compiles included
+            with ctx():
+                for i in range(20):
+                    step(i)
+        for r in range(args.rounds):
+            for name, (step, ctx) in variants.items():
+                with ctx():
+                    t0 = time.perf_counter()
+                    for i in range(args.steps):
+                        step(100 + r * args.steps + i)
+                    times[name].append((time.perf_counter() - t0) / args.steps * 1000)
+        tokens = np.array(open_tokens(data / "train.bin")[0])
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, shape {SHAPE}, batch {b}, "
+          f"{args.rounds} rounds x {args.steps} steps, interleaved; median ms/step")
+    base = statistics.median(times["baseline (nanoGPT loop, fp32)"])
+    print(f"{'variant':52s} {'ms/step':>8s} {'tokens/s':>9s} {'vs baseline':>12s}")
+    for name, ts in times.items():
+        ms = statistics.median(ts)
+        print(f"{name:52s} {ms:8.2f} {b * SHAPE['block_size'] / ms * 1000:9,.0f} {base / ms:11.2f}x")
+    loop, gather = batch_assembly_us(tokens, b, SHAPE["block_size"])
+    print(f"batch assembly: nanoGPT per-row loop {loop:.0f} us, pocketgpt one gather {gather:.0f} us")
+
+
+if __name__ == "__main__":
+    main()
