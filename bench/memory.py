@@ -31,8 +31,9 @@ def fake_data(folder: Path, vocab: int, n_tokens: int) -> Path:
         with open(folder / f"{split}.bin", "wb") as f:
             write_header(f, vocab, n_tokens)
             f.write(ids.tobytes())
-    # a stand-in tokenizer with the right vocabulary size (only its size matters here)
-    save_tokenizer(CharTokenizer(chr(0x4E00 + i) for i in range(vocab)), folder / "tokenizer.json")
+    # a stand-in tokenizer with the right vocabulary size (only its size matters here; plane-1
+    # characters, so no surrogate code points whatever the size)
+    save_tokenizer(CharTokenizer(chr(0x10000 + i) for i in range(vocab)), folder / "tokenizer.json")
     write_json(folder / "meta.json", {"vocab_size": vocab, "tokenizer": "char",
                                       "splits": {s: {"tokens": n_tokens, "bytes": n_tokens} for s in ("train", "val")}})
     return folder
@@ -43,6 +44,7 @@ def main() -> None:
     ap.add_argument("--block-size", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--accum", type=int, default=4)
+    ap.add_argument("--dtype", default="auto", help="auto (bf16 autocast on AVX512-BF16 CPUs), float32, bfloat16")
     args = ap.parse_args()
     from pocketgpt.config import build_train_config
     from pocketgpt.trainer import train
@@ -52,12 +54,14 @@ def main() -> None:
         cfg = build_train_config(None, None, {
             "n_layer": 12, "n_head": 12, "n_embd": 768, "block_size": args.block_size, "batch_size": 1,
             "grad_accum_steps": args.accum, "max_iters": args.steps, "eval_interval": 10**6, "eval_iters": 1,
-            "log_interval": 1, "sample_tokens": 0, "eval_sample_tokens": 0, "plots": False, "max_time": 0})
+            "log_interval": 1, "sample_tokens": 0, "eval_sample_tokens": 0, "plots": False, "max_time": 0,
+            "dtype": args.dtype})
         t0 = time.perf_counter()
         res = train(cfg, data, Path(t) / "run", echo=lambda s: None)
         secs = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"params_shape": "12x12x768 vocab 50257", "block_size": args.block_size, "batch_size": 1,
+    print(json.dumps({"params_shape": "12x12x768 vocab 50257", "dtype": args.dtype, "block_size": args.block_size,
+                      "batch_size": 1,
                       "grad_accum_steps": args.accum, "steps": res.iters, "seconds": round(secs, 1),
                       "peak_rss_mb": round(peak)}))
 
