@@ -86,6 +86,9 @@ def test_batched_samples_are_one_batch_and_seeded():
     assert len({tuple(s) for s in a}) == 4  # every row draws its own random numbers
     steps = list(eng.stream([3], 5, num_samples=4, seed=11))
     assert all(s.shape == (4,) for s in steps)
+    ticks = []  # the progress hook of `pocketgpt sample --num-samples N`: once per generated token
+    assert eng.generate([3], 40, num_samples=4, temperature=1.0, seed=11, on_step=lambda: ticks.append(1)) == a
+    assert len(ticks) == 40
 
 
 def test_sample_follows_the_distribution_and_never_draws_zero_mass():

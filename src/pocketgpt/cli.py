@@ -208,7 +208,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.num_samples == 1:
         _stream_sample(model, prompt, args.max_new_tokens, _sampling(args))
         return 0
-    texts = model.generate_many(prompt, args.max_new_tokens, num_samples=args.num_samples, **_sampling(args))
+    from tqdm import tqdm
+
+    # N samples come out together at the end: on a terminal a bar shows the way there
+    with tqdm(total=args.max_new_tokens, unit="tok", desc=f"sampling {args.num_samples} at once", file=sys.stderr,
+              disable=not sys.stderr.isatty(), leave=False) as bar:
+        texts = model.generate_many(prompt, args.max_new_tokens, num_samples=args.num_samples,
+                                    on_step=lambda: bar.update(1), **_sampling(args))
     for i, text in enumerate(texts):
         _out(("" if i == 0 else "-" * 40 + "\n") + text)
     return 0

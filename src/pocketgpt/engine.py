@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, replace
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn as nn
@@ -410,9 +410,14 @@ class Engine:
                 cache.reset()
                 logits = dec.prefill(torch.stack(window, dim=1), cache)
 
-    def generate(self, prompt_ids: list[int], max_new_tokens: int, **kwargs) -> list[list[int]]:
-        """All samples at once: num_samples lists of new token ids."""
-        steps = list(self.stream(prompt_ids, max_new_tokens, **kwargs))
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, on_step: Callable[[], None] | None = None,
+                 **kwargs: Any) -> list[list[int]]:
+        """All samples at once: num_samples lists of new token ids; on_step() after each token (progress)."""
+        steps = []
+        for step in self.stream(prompt_ids, max_new_tokens, **kwargs):
+            steps.append(step)
+            if on_step is not None:
+                on_step()
         if not steps:
             return [[] for _ in range(kwargs.get("num_samples", 1))]
         return torch.stack(steps, dim=1).tolist()
