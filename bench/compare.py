@@ -67,26 +67,17 @@ def one_round(tmp: Path, data: Path, r: int) -> dict[str, dict[str, float]]:
     base = json.loads((tmp / f"base{r}.json").read_text())
     rows["A nanoGPT recipe (baseline)"] = dict(tokens_per_s=base["tokens_per_s"], train_s=base["train_wall_s"],
                                                val=base["full_val_loss"], rss=rss)
-    run = tmp / f"same{r}"
-    wall, rss, _ = run_measured(pocketgpt("train", "--data", str(data), "--out", str(run), *NANOGPT_RECIPE, *QUIET))
-    tps, iters, elapsed = train_stats(run)
-    rows["B pocketgpt, same recipe"] = dict(tokens_per_s=tps, train_s=elapsed, val=full_val(run), rss=rss)
-    run = tmp / f"fp32{r}"
-    wall, rss, _ = run_measured(pocketgpt("train", "--data", str(data), "--out", str(run), *NANOGPT_RECIPE, *QUIET,
-                                          "--dtype", "float32"))
-    tps, iters, elapsed = train_stats(run)
-    rows["B0 pocketgpt, same recipe, float32"] = dict(tokens_per_s=tps, train_s=elapsed, val=full_val(run), rss=rss)
-    run = tmp / f"compiled{r}"
-    wall, rss, _ = run_measured(pocketgpt("train", "--data", str(data), "--out", str(run), *NANOGPT_RECIPE, *QUIET,
-                                          "--compile", "true"))
-    tps, iters, elapsed = train_stats(run)
-    rows["B2 pocketgpt, same recipe, compile"] = dict(tokens_per_s=tps, train_s=elapsed, val=full_val(run), rss=rss)
-    budget = base["train_wall_s"]
-    run = tmp / f"best{r}"
-    wall, rss, _ = run_measured(pocketgpt("train", "--data", str(data), "--out", str(run), "--max-time",
-                                          f"{budget:.1f}", *QUIET))
-    tps, iters, elapsed = train_stats(run)
-    rows["C pocketgpt demo recipe, same time"] = dict(tokens_per_s=tps, train_s=elapsed, val=full_val(run), rss=rss)
+
+    def pocketgpt_row(name: str, folder: str, *flags: str) -> None:
+        run = tmp / f"{folder}{r}"
+        _, rss, _ = run_measured(pocketgpt("train", "--data", str(data), "--out", str(run), *flags, *QUIET))
+        tps, _, elapsed = train_stats(run)
+        rows[name] = dict(tokens_per_s=tps, train_s=elapsed, val=full_val(run), rss=rss)
+
+    pocketgpt_row("B pocketgpt, same recipe", "same", *NANOGPT_RECIPE)
+    pocketgpt_row("B0 pocketgpt, same recipe, float32", "fp32", *NANOGPT_RECIPE, "--dtype", "float32")
+    pocketgpt_row("B2 pocketgpt, same recipe, compile", "compiled", *NANOGPT_RECIPE, "--compile", "true")
+    pocketgpt_row("C pocketgpt demo recipe, same time", "best", "--max-time", f"{base['train_wall_s']:.1f}")
     return rows
 
 

@@ -170,8 +170,6 @@ def test_max_time_budget_ends_the_run_with_decayed_lr(data_dir, tmp_path):
 
 def test_gradient_accumulation_equals_one_big_batch(data_dir, tmp_path):
     """Two micro-batches of 4 make the same update as one batch of the same 8 sequences."""
-    import numpy as np
-
     from pocketgpt.metrics import MetricsLog
     from pocketgpt.runtime import resolve
     from pocketgpt.trainer import Trainer

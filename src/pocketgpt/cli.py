@@ -107,7 +107,7 @@ def cmd_train(args: argparse.Namespace, config_flags: list[str]) -> int:
         else:  # INPUT files, or the bundled corpus: prepared into the run folder
             data_dir = prepare(prepare_config(args, str(out / "data")))
         if auto:
-            cfg = _auto_config(args, data_dir, overrides)
+            cfg = _auto_config(args, data_dir, overrides, cfg)
     result = train(cfg, data_dir, out, resume=args.resume, overwrite=args.overwrite)
     if result.interrupted:
         return EXIT_INTERRUPTED
@@ -118,8 +118,11 @@ def cmd_train(args: argparse.Namespace, config_flags: list[str]) -> int:
     return 0
 
 
-def _auto_config(args: argparse.Namespace, data_dir: Path, overrides: dict[str, Any]) -> Any:
-    """--preset auto: sizing.plan_auto's choice, under --config and command-line keys; prints why."""
+def _auto_config(args: argparse.Namespace, data_dir: Path, overrides: dict[str, Any], keys_only: Any) -> Any:
+    """--preset auto: sizing.plan_auto's choice, under --config and command-line keys; prints why.
+
+    keys_only is the config of those keys alone: it names the device and dtype the run will use.
+    """
     import torch
 
     from .config import TrainConfig, apply_overrides, parse_duration
@@ -129,8 +132,7 @@ def _auto_config(args: argparse.Namespace, data_dir: Path, overrides: dict[str, 
 
     meta = read_meta(data_dir)
     splits = meta["splits"]
-    probe = build_train_config(None, args.config, overrides)  # the device and dtype the run will use
-    runtime = resolve(probe.run.device, probe.run.dtype)
+    runtime = resolve(keys_only.run.device, keys_only.run.dtype)
     seconds = parse_duration(args.max_time) if args.max_time is not None else DEFAULT_SECONDS
     memory = parse_memory(args.max_memory) if args.max_memory is not None else _default_memory_mb(runtime)
     probe_flops = matmul_flops(runtime)
@@ -208,13 +210,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.num_samples == 1:
         _stream_sample(model, prompt, args.max_new_tokens, _sampling(args))
         return 0
-    from tqdm import tqdm
+    from .metrics import terminal_progress
 
     # N samples come out together at the end: on a terminal a bar shows the way there
-    with tqdm(total=args.max_new_tokens, unit="tok", desc=f"sampling {args.num_samples} at once", file=sys.stderr,
-              disable=not sys.stderr.isatty(), leave=False) as bar:
+    with terminal_progress(args.max_new_tokens, f"sampling {args.num_samples} at once") as update:
         texts = model.generate_many(prompt, args.max_new_tokens, num_samples=args.num_samples,
-                                    on_step=lambda: bar.update(1), **_sampling(args))
+                                    on_step=update, **_sampling(args))
     for i, text in enumerate(texts):
         _out(("" if i == 0 else "-" * 40 + "\n") + text)
     return 0
@@ -250,7 +251,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_tokens
     from .loading import load
-    from .metrics import terminal_bar
+    from .metrics import terminal_progress
     from .runtime import resolve
 
     if not args.memorization and (args.prompts is not None or args.prompt_tokens is not None
@@ -275,13 +276,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         tokens, what = _split_tokens(args, model, "val"), "val split"
     if args.memorization:
         return _memorization(args, model, tokens, what)
-    bar = terminal_bar(max(len(tokens) - 1, 0), "eval")
-    try:
+    with terminal_progress(max(len(tokens) - 1, 0), "eval") as update:
         result = evaluate_tokens(model.model, tokens, tok.token_bytes(), resolve(args.device, "float32"),
-                                 on_batch=bar.update if bar else None)
-    finally:
-        if bar:
-            bar.close()
+                                 on_batch=update)
     if args.json:
         _out(json.dumps(result))
     else:
@@ -292,16 +289,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def _memorization(args: argparse.Namespace, model: Any, tokens: Any, what: str) -> int:
     from .memorize import DEFAULT_CONTINUATION, DEFAULT_PROMPTS, memorization
-    from .metrics import terminal_bar
+    from .metrics import terminal_progress
 
     n = DEFAULT_PROMPTS if args.prompts is None else args.prompts
     s = DEFAULT_CONTINUATION if args.continuation_tokens is None else args.continuation_tokens
-    bar = terminal_bar(max(n, 0), "memorization", unit="prompt")
-    try:
-        r = memorization(model.model, tokens, n, args.prompt_tokens, s, on_prompt=bar.update if bar else None)
-    finally:
-        if bar:
-            bar.close()
+    with terminal_progress(max(n, 0), "memorization", unit="prompt") as update:
+        r = memorization(model.model, tokens, n, args.prompt_tokens, s, on_prompt=update)
     r["text"] = what
     if args.json:
         _out(json.dumps(r))

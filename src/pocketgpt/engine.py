@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from .errors import PocketError
 from .model import GPT, KVCache, RMSNorm, rotate
+from .runtime import cpu_has_fast_bf16
 
 DECODE_DTYPES = ("auto", "float32", "float16", "bfloat16")
 
@@ -128,11 +129,8 @@ def low_precision_candidates() -> list[torch.dtype]:
     out = []
     if "AVX512" in torch.backends.cpu.get_cpu_capability():
         out.append(torch.float16)
-    try:
-        if torch.ops.mkldnn._is_mkldnn_bf16_supported():
-            out.append(torch.bfloat16)
-    except (AttributeError, RuntimeError):
-        pass
+    if cpu_has_fast_bf16():
+        out.append(torch.bfloat16)
     return out
 
 

@@ -7,13 +7,14 @@ imported only when asked for.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import math
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 from .errors import PocketError
 
@@ -87,10 +88,9 @@ class MetricsLog:
                 mirror.log(values, int(record.get("iter", 0)))
 
     def open_mirrors(self, loggers: str, run_dir: Path, config: dict[str, Any], start_iter: int = 0) -> None:
-        """Start the loggers named in `loggers` (see LOGGER_CLASSES); close them with close_mirrors()."""
+        """Start the loggers named in `loggers` (checked by check_loggers first); close with close_mirrors()."""
         from .config import logger_names
 
-        check_loggers(loggers)
         for name in logger_names(loggers):
             try:
                 self.mirrors.append(LOGGER_CLASSES[name](Path(run_dir), config, start_iter))
@@ -202,6 +202,17 @@ def check_loggers(loggers: str) -> None:
         if not present:
             raise PocketError(f"loggers: {name} is not installed; pip install \"pocketgpt[{name}]\" "
                               f"(or drop it from --loggers)")
+
+
+@contextlib.contextmanager
+def terminal_progress(total: int, desc: str, unit: str = "tok") -> Iterator[Callable[..., Any] | None]:
+    """terminal_bar as a context: yields its update(n=1) (None off a terminal), and closes the bar after."""
+    bar = terminal_bar(total, desc, unit)
+    try:
+        yield bar.update if bar else None
+    finally:
+        if bar:
+            bar.close()
 
 
 def terminal_bar(total: int, desc: str, unit: str = "tok") -> Any:

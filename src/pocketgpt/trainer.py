@@ -277,11 +277,10 @@ class Trainer:
         """Raise if a step that was not read went non-finite (its update was applied: nothing is saved)."""
         if self.read_every_step or not bool(self.unread_bad):
             return
-        causes = "the learning rate may be too high (try a lower --learning-rate or a longer --warmup-iters)"
         raise TrainingDiverged(
             f"training stopped: the loss or gradient norm became non-finite between iter {self.last_read_iter} "
             f"and iter {it}; nothing since the last save was kept, so the last good checkpoint in {self.out} is "
-            f"intact. Likely cause: {causes}")
+            f"intact. Likely cause: {self._likely_causes()}")
 
     def _zero_grad(self) -> None:
         for opt in self.optimizers:
@@ -298,13 +297,16 @@ class Trainer:
             return self.model(x, y)
 
     def _diverged_message(self, it: int, what: str, value: float) -> str:
+        return (
+            f"training stopped at iter {it}: the {what} became {value}; the step was not applied and "
+            f"the last good checkpoint in {self.out} is intact. Likely cause: {self._likely_causes()}"
+        )
+
+    def _likely_causes(self) -> str:
         causes = "the learning rate may be too high (try a lower --learning-rate or a longer --warmup-iters)"
         if self.runtime.dtype == torch.float16:
             causes += ", or float16 overflowed (try --dtype bfloat16 or float32)"
-        return (
-            f"training stopped at iter {it}: the {what} became {value}; the step was not applied and "
-            f"the last good checkpoint in {self.out} is intact. Likely cause: {causes}"
-        )
+        return causes
 
     # -- evaluation ---------------------------------------------------------
     @torch.no_grad()
@@ -429,8 +431,8 @@ class Trainer:
                 self._log_train(loss, lr, grad_norm, seconds, window_iters, tokens_per_iter)
                 window_start, window_iters = time.perf_counter(), 0
             s.elapsed += time.perf_counter() - t0
-            self.log.progress(s.elapsed if r.max_time else s.iter, loss=f"{s.last_train_loss:.3f}" if math.isfinite(s.last_train_loss) else "-",
-                              val=f"{s.best_val_loss:.3f}" if math.isfinite(s.best_val_loss) else "-")
+            self.log.progress(s.elapsed if r.max_time else s.iter, loss=_shown(s.last_train_loss),
+                              val=_shown(s.best_val_loss))
             if s.iter % r.eval_interval == 0:
                 t1 = time.perf_counter()
                 self.evaluate_and_save()
@@ -472,6 +474,11 @@ class Trainer:
         if self.peak_flops:  # unknown GPUs get no MFU rather than a guess
             out["mfu"] = round(self.flops_per_token * tokens_per_s / self.peak_flops, 4)
         return out
+
+
+def _shown(loss: float) -> str:
+    """A loss for the progress bar; '-' before there is one (unread, or no eval yet)."""
+    return f"{loss:.3f}" if math.isfinite(loss) else "-"
 
 
 def _matmul_params(model: GPT) -> int:
