@@ -222,3 +222,12 @@ def test_kill_9_at_random_moments_until_done_matches(tmp_path, data_dir):
     b = {m["iter"]: m["loss"] for m in metrics(run) if "loss" in m}
     assert list(b) == list(range(1, 81))
     assert a == pytest.approx(b, abs=1e-5)
+
+
+def test_a_dtype_the_machine_lacks_fails_before_preparing(capsys, tmp_path):
+    book = tmp_path / "book.txt"
+    book.write_text("To be, or not to be, that is the question.\n" * 50, encoding="utf-8")
+    code, _, err = run_cli(capsys, "train", book, "--out", tmp_path / "run", "--device", "cpu", "--dtype", "float16")
+    assert code == 2
+    assert err.count("\n") == 1 and "use --dtype bfloat16 or float32" in err
+    assert not (tmp_path / "run").exists()  # nothing prepared, nothing written

@@ -79,6 +79,7 @@ def split_config_flags(argv: list[str], known: set[str]) -> tuple[list[str], lis
 def cmd_train(args: argparse.Namespace, config_flags: list[str]) -> int:
     from .data import prepare
     from .metrics import check_loggers
+    from .runtime import resolve
     from .trainer import check_run_dir, data_dir_of, read_run_config, train
 
     overrides: dict[str, Any] = parse_cli_overrides(config_flags)
@@ -99,6 +100,7 @@ def cmd_train(args: argparse.Namespace, config_flags: list[str]) -> int:
         # auto sizes the model from the data, so it is built after preparing; this checks keys first
         cfg = build_train_config(None if auto else args.preset or "demo", args.config, overrides)
         check_loggers(cfg.run.loggers)
+        resolve(cfg.run.device, cfg.run.dtype)  # a device or dtype this machine lacks fails before a long prepare
         check_run_dir(out, resume=False, overwrite=args.overwrite)
         if args.data and args.inputs:
             raise PocketError("give either INPUT files or --data, not both")
