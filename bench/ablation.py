@@ -10,18 +10,15 @@ above, so the differences between rows are each lever's worth at this budget.
 
 from __future__ import annotations
 
-import argparse
-import json
-import statistics
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py, wherever this is started from
+import common  # noqa: E402
+
 # nanoGPT's CPU model shape (0.8M parameters), nothing printed or drawn during the run
-BASE = ["--preset", "demo", "--n-layer", "4", "--n-head", "4", "--n-embd", "128", "--block-size", "64",
-        "--dropout", "0", "--eval-interval", "1000000", "--eval-sample-tokens", "0", "--sample-tokens", "0",
-        "--plots", "false"]
+BASE = ["--preset", "demo", *common.flags(**common.NANOGPT_SHAPE, dropout=0, eval_interval=1000000),
+        *common.QUIET, *common.NO_PLOTS]
 NANOGPT = ["--optimizer", "adamw", "--learning-rate", "1e-3", "--min-lr", "1e-4", "--schedule", "cosine",
            "--batch-size", "12", "--pos-emb", "learned", "--norm", "layernorm", "--qk-norm", "false",
            "--mlp", "gelu", "--tie-embeddings", "true", "--zero-init-proj", "false", "--compile", "false"]
@@ -53,28 +50,19 @@ def cumulative_rows() -> list[tuple[str, list[str]]]:
 
 def run_row(tmp: Path, data: Path, i: int, flags: list[str], budget: float) -> dict[str, float]:
     run = tmp / f"row{i}"
-    cmd = [sys.executable, "-m", "pocketgpt", "train", "--data", str(data), "--out", str(run), *BASE,
-           "--max-time", str(budget), *flags]
-    subprocess.run(cmd, check=True, capture_output=True, text=True)
-    out = subprocess.run([sys.executable, "-m", "pocketgpt", "eval", "--model", str(run), "--json"],
-                         check=True, capture_output=True, text=True)
-    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    tps = [m["tokens_per_s"] for m in lines if "tokens_per_s" in m][1:] or [0.0]  # the first window warms up
-    iters = max(m["iter"] for m in lines)
-    return {"val": json.loads(out.stdout)["loss"], "tokens_per_s": statistics.median(tps), "iters": iters}
+    common.train(data, run, *BASE, "--max-time", str(budget), *flags)
+    iters = max(m["iter"] for m in common.metrics(run))
+    return {"val": common.evaluate(run)["loss"], "tokens_per_s": common.median_tokens_per_s(run), "iters": iters}
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = common.parser(__doc__)
     ap.add_argument("--budget", type=float, default=120.0, help="seconds of training per row")
     ap.add_argument("--only", default="", help="run only rows whose name contains this")
     args = ap.parse_args()
     rows = [(n, f) for n, f in cumulative_rows() if args.only in n]
-    with tempfile.TemporaryDirectory() as t:
-        tmp = Path(t)
-        data = tmp / "data"
-        subprocess.run([sys.executable, "-m", "pocketgpt", "prepare", "--out", str(data)], check=True,
-                       capture_output=True)
+    with common.scratch() as tmp:
+        data = common.prepare_bundled(tmp / "data")
         print(f"budget {args.budget:.0f} s per row; full val loss on Tiny Shakespeare (char)")
         print(f"{'option':55s} {'full val':>9s} {'tokens/s':>9s} {'iters':>7s}")
         for i, (name, flags) in enumerate(rows):

@@ -9,28 +9,21 @@ Both train the bundled Tiny Shakespeare (char-level, val = last 10 %) for --budg
 
 from __future__ import annotations
 
-import argparse
 import json
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-QUIET = ["--eval-sample-tokens", "0", "--sample-tokens", "0", "--plots", "false"]
-
-
-def pocketgpt(*args: str) -> str:
-    return subprocess.run([sys.executable, "-m", "pocketgpt", *args], check=True, capture_output=True,
-                          text=True).stdout
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py, wherever this is started from
+import common  # noqa: E402
 
 
 def run(tmp: Path, data: Path, preset: str, budget: str) -> dict[str, object]:
     out = tmp / preset
-    log = pocketgpt("train", "--preset", preset, "--max-time", budget, "--data", str(data), "--out", str(out), *QUIET)
+    log = common.train(data, out, "--preset", preset, "--max-time", budget, *common.QUIET, *common.NO_PLOTS)
     cfg = json.loads((out / "config.json").read_text())
     m = cfg["model"]
-    full = json.loads(pocketgpt("eval", "--model", str(out), "--json"))
-    info = json.loads(pocketgpt("info", "--model", str(out), "--json"))
+    full = common.evaluate(out)
+    info = common.info(out)
     why = " ".join(line for line in log.splitlines() if line.startswith("auto:"))
     return {"preset": preset, "val": full["loss"], "bpb": full["bits_per_byte"], "params": info["parameters"],
             "shape": f"{m['n_layer']}L {m['n_embd']}w T{m['block_size']} B{cfg['run']['batch_size']}",
@@ -38,16 +31,14 @@ def run(tmp: Path, data: Path, preset: str, budget: str) -> dict[str, object]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = common.parser(__doc__)
     ap.add_argument("--budget", default="10m", help="training time per preset (seconds or 90s / 10m)")
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory() as t:
-        tmp = Path(t)
-        pocketgpt("prepare", "--out", str(tmp / "data"))
-        rows = [run(tmp, tmp / "data", preset, args.budget) for preset in ("demo", "auto")]
+    with common.scratch() as tmp:
+        data = common.prepare_bundled(tmp / "data")
+        rows = [run(tmp, data, preset, args.budget) for preset in ("demo", "auto")]
     print(f"budget {args.budget}, bundled Tiny Shakespeare, full val loss of the best checkpoint\n")
-    print("| preset | full val loss | bits/byte | parameters | shape | iters |")
-    print("|---|---|---|---|---|---|")
+    common.markdown_header("preset", "full val loss", "bits/byte", "parameters", "shape", "iters")
     for r in rows:
         print(f"| {r['preset']} | {r['val']:.4f} | {r['bpb']:.4f} | {r['params']:,} | {r['shape']} | {r['iters']} |")
     for r in rows:

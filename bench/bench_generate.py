@@ -18,14 +18,18 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
+import sys
+from pathlib import Path
 from typing import Callable
 
 import torch
 
 from pocketgpt.config import ModelConfig
-from pocketgpt.engine import Decoder, Engine, _cpu_threads, probe_logit_diff
+from pocketgpt.engine import Decoder, Engine, probe_logit_diff
 from pocketgpt.model import GPT
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py, wherever this is started from
+import common  # noqa: E402
 
 
 @torch.inference_mode()
@@ -41,30 +45,18 @@ def no_cache_generate(model: GPT, prompt: list[int], n: int, seed: int) -> list[
     return idx[0, len(prompt):].tolist()
 
 
-def timed(fn: Callable[[], object]) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
 def race(contenders: dict[str, Callable[[int], object]], n: int, repeats: int) -> dict[str, list[float]]:
     """tokens/s of every contender per repeat, run interleaved; each gets one warm-up run first."""
-    for fn in contenders.values():
-        fn(-1)
-    speeds: dict[str, list[float]] = {name: [] for name in contenders}
-    for r in range(repeats):
-        for name, fn in contenders.items():
-            speeds[name].append(n / timed(lambda: fn(r)))
-    return speeds
+    return {name: [n / s for s in secs] for name, secs in common.interleaved(contenders, repeats).items()}
 
 
 def ratio(speeds: dict[str, list[float]], a: str, b: str) -> float:
     """Median over repeats of a/b: the figure that survives a noisy, shared machine."""
-    return statistics.median(x / y for x, y in zip(speeds[a], speeds[b]))
+    return common.median_ratio(speeds[a], speeds[b])
 
 
 def reference(args: argparse.Namespace) -> None:
-    cfg = ModelConfig(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128)
+    cfg = ModelConfig(vocab_size=65, **common.NANOGPT_SHAPE)
     n = args.new_tokens or 500
     model = GPT(cfg).eval()
     engine = Engine(model)
@@ -81,7 +73,7 @@ def reference(args: argparse.Namespace) -> None:
         contenders: dict[str, Callable[[int], object]] = {}
         for t in thread_counts:
             def base(seed: int, prompt: list[int] = prompt, t: int = t) -> object:
-                with _cpu_threads(t):
+                with common.threads(t):
                     return no_cache_generate(model, prompt, n, seed)
 
             contenders[f"base{t}"] = base
@@ -115,7 +107,7 @@ def hf_copy(model: GPT):
 
 
 def gpt2_small(args: argparse.Namespace) -> None:
-    cfg = ModelConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768, bias=True)
+    cfg = ModelConfig(vocab_size=common.GPT2_VOCAB, block_size=1024, **common.GPT2_SMALL_SHAPE, bias=True)
     n = args.new_tokens or 200
     model = GPT(cfg).eval()
     hf = hf_copy(model)
@@ -134,7 +126,7 @@ def gpt2_small(args: argparse.Namespace) -> None:
 
     def hf_generate(seed: int) -> object:
         torch.manual_seed(seed)
-        with _cpu_threads(threads), torch.inference_mode():
+        with common.threads(threads), torch.inference_mode():
             return hf.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=True,
                                temperature=0.8, top_k=0, top_p=1.0, use_cache=True, pad_token_id=0)
 
@@ -158,12 +150,12 @@ def gpt2_small(args: argparse.Namespace) -> None:
     print(f"max |logit diff| transformers vs pocketgpt float32, 64 tokens: {same:.2e}")
     for name, diff in low.items():
         print(f"max |logit diff| {name} decode steps vs float32, 8-token prefill + {args.probe_steps} steps: {diff:.2e}")
-    print(f"auto's own probe (8 + 16 steps), tried in order: "
+    print("auto's own probe (8 + 16 steps), tried in order: "
           + ", ".join(f"{k} {v:.2e}" for k, v in auto.logit_diffs.items()) + f" -> {chosen}")
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = common.parser(__doc__)
     ap.add_argument("--gpt2-small", action="store_true")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=None)

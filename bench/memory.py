@@ -9,14 +9,15 @@ Prints the peak RSS of the process in MB (the target from the performance issue:
 
 from __future__ import annotations
 
-import argparse
 import json
-import resource
-import tempfile
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py, wherever this is started from
+import common  # noqa: E402
 
 
 def fake_data(folder: Path, vocab: int, n_tokens: int) -> Path:
@@ -40,7 +41,7 @@ def fake_data(folder: Path, vocab: int, n_tokens: int) -> Path:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = common.parser(__doc__)
     ap.add_argument("--block-size", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--accum", type=int, default=4)
@@ -49,17 +50,17 @@ def main() -> None:
     from pocketgpt.config import build_train_config
     from pocketgpt.trainer import train
 
-    with tempfile.TemporaryDirectory() as t:
-        data = fake_data(Path(t) / "data", 50257, 20_000)
+    with common.scratch() as tmp:
+        data = fake_data(tmp / "data", common.GPT2_VOCAB, 20_000)
         cfg = build_train_config(None, None, {
-            "n_layer": 12, "n_head": 12, "n_embd": 768, "block_size": args.block_size, "batch_size": 1,
+            **common.GPT2_SMALL_SHAPE, "block_size": args.block_size, "batch_size": 1,
             "grad_accum_steps": args.accum, "max_iters": args.steps, "eval_interval": 10**6, "eval_iters": 1,
             "log_interval": 1, "sample_tokens": 0, "eval_sample_tokens": 0, "plots": False, "max_time": 0,
             "dtype": args.dtype})
         t0 = time.perf_counter()
-        res = train(cfg, data, Path(t) / "run", echo=lambda s: None)
+        res = train(cfg, data, tmp / "run", echo=lambda s: None)
         secs = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = common.peak_rss_mb()
     print(json.dumps({"params_shape": "12x12x768 vocab 50257", "dtype": args.dtype, "block_size": args.block_size,
                       "batch_size": 1,
                       "grad_accum_steps": args.accum, "steps": res.iters, "seconds": round(secs, 1),

@@ -1,7 +1,7 @@
 """nanoGPT's CPU "I only have a macbook" Shakespeare-char recipe, re-implemented as a speed baseline.
 
-This is our own from-scratch re-implementation (plain PyTorch + numpy, no pocketgpt imports) of
-what karpathy/nanoGPT does for
+This is our own from-scratch re-implementation (plain PyTorch + numpy, no pocketgpt code in the
+model, data or loop; the package is read only for its bundled corpus) of what karpathy/nanoGPT does for
 
     python train.py config/train_shakespeare_char.py --device=cpu --compile=False --eval_iters=20 \
         --log_interval=1 --block_size=64 --batch_size=12 --n_layer=4 --n_head=4 --n_embd=128 \
@@ -14,7 +14,8 @@ iter 0..max_iters inclusive (max_iters+1 steps), an estimate_loss() at every eva
 (iter 0 included), the next batch fetched right after the forward pass. Differences, kept small:
 no checkpoint writes, and a log line every --log-interval iters (nanoGPT's recipe logs every iter).
 
-Run (from the repo root, any venv with torch + numpy):
+Run (from the repo root, in a venv with torch, numpy and pocketgpt, whose bundled Tiny Shakespeare
+is the default corpus; --data takes any other text file):
 
     python bench/nanogpt_baseline.py                                   # full recipe, 2001 steps
     python bench/nanogpt_baseline.py --max-iters 30 --gen-tokens 50    # quick smoke test
@@ -32,8 +33,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import resource
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -43,7 +44,8 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-DEFAULT_DATA = "/work/shared/data/tinyshakespeare.txt"
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py, wherever this is started from
+import common  # noqa: E402
 
 
 # --------------------------------------------------------------------------- config
@@ -80,9 +82,10 @@ class TrainCfg:
 # --------------------------------------------------------------------------- data
 
 
-def load_char_data(path: str) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
-    """Char-level encode the corpus and split 90/10 the way nanoGPT's prepare.py does."""
-    text = Path(path).read_text(encoding="utf-8")
+def load_char_data(path: str | None = None) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
+    """Char-level encode the corpus (None: the bundled Tiny Shakespeare) and split 90/10 the way nanoGPT's
+    prepare.py does."""
+    text = Path(path).read_text(encoding="utf-8") if path else common.bundled_text()
     stoi = {ch: i for i, ch in enumerate(sorted(set(text)))}
     ids = np.array([stoi[c] for c in text], dtype=np.uint16)  # uint16, like train.bin/val.bin
     n = len(ids)
@@ -380,8 +383,8 @@ def bench_generation(model: GPT, val: np.ndarray, stoi: dict[str, int], a: argpa
 
 def parse_args() -> argparse.Namespace:
     m, t = ModelCfg(), TrainCfg()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default=DEFAULT_DATA, help="Tiny Shakespeare text file")
+    p = common.parser(__doc__)
+    p.add_argument("--data", default=None, help="text file (default: the Tiny Shakespeare bundled with pocketgpt)")
     for name, default in [*asdict(m).items(), *asdict(t).items()]:
         if name in ("vocab_size", "bias"):
             continue  # vocab comes from the data; bias gets a store_true flag below
@@ -403,10 +406,6 @@ def parse_args() -> argparse.Namespace:
     return a
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KB
-
-
 def main() -> None:
     a = parse_args()
     if a.threads:
@@ -426,7 +425,7 @@ def main() -> None:
         summary |= run_training(model, train_data, val_data, tcfg, a.full_val_batch)
     if not a.no_gen:
         summary |= bench_generation(model, val_data, stoi, a)
-    summary["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    summary["peak_rss_mb"] = round(common.peak_rss_mb(), 1)
     print(f"peak RSS: {summary['peak_rss_mb']:.1f} MB")
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)

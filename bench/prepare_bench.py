@@ -11,24 +11,21 @@ than on a real corpus of that size.
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py, wherever this is started from
+import common  # noqa: E402
 
 
 def make_corpus(path: Path, mb: float) -> int:
     """The bundled text repeated until the file holds `mb` megabytes; returns its size in bytes."""
-    from pocketgpt.data import BUNDLED
-
-    with gzip.open(BUNDLED, "rb") as f:
-        text = f.read()
+    text = common.bundled_bytes()
     target = int(mb * 1e6)
     with open(path, "wb") as f:
         written = 0
@@ -57,12 +54,12 @@ def run_one(kind: str, corpus: Path, out: Path, vocab_size: int) -> dict:
         "mb_per_s": round(mb / seconds, 2),
         "tokens": sum(s["tokens"] for s in meta["splits"].values()),
         "vocab_size": meta["vocab_size"],
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),  # KiB on Linux
+        "peak_rss_mb": round(common.peak_rss_mb(), 1),
     }
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = common.parser(__doc__)
     ap.add_argument("--mb", type=float, default=100.0, help="corpus size in MB (default 100)")
     ap.add_argument("--kinds", nargs="+", default=["char", "gpt2", "bpe"])
     ap.add_argument("--vocab-size", type=int, default=8192, help="for bpe")
@@ -73,16 +70,15 @@ def main() -> None:
     if args.one:
         print(json.dumps(run_one(args.one, Path(args.corpus), Path(args.out), args.vocab_size)))
         return
-    with tempfile.TemporaryDirectory() as tmp:
-        corpus = Path(tmp) / "corpus.txt"
+    with common.scratch() as tmp:
+        corpus = tmp / "corpus.txt"
         make_corpus(corpus, args.mb)
         print(f"# {platform.node()}: {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, "
               f"python {platform.python_version()}")
-        print("| tokenizer | MB | seconds | MB/s | tokens | vocab | peak RSS MB |")
-        print("|---|---|---|---|---|---|---|")
+        common.markdown_header("tokenizer", "MB", "seconds", "MB/s", "tokens", "vocab", "peak RSS MB")
         for kind in args.kinds:
             child = subprocess.run(
-                [sys.executable, __file__, "--one", kind, "--corpus", str(corpus), "--out", str(Path(tmp) / kind),
+                [sys.executable, __file__, "--one", kind, "--corpus", str(corpus), "--out", str(tmp / kind),
                  "--vocab-size", str(args.vocab_size)],
                 capture_output=True, text=True, check=True,
             )

@@ -11,16 +11,18 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py, wherever this is started from
+import common  # noqa: E402
 
 TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16", "--batch-size", "4",
         "--max-iters", "20", "--eval-interval", "10", "--eval-iters", "2", "--sample-tokens", "0", "--max-time", "0"]
 
 
 def cli(*args: str, cwd: Path, stdin: str | None = None) -> tuple[int, str]:
-    res = subprocess.run([sys.executable, "-m", "pocketgpt", *args], capture_output=True, text=True, cwd=cwd,
-                         input=stdin, timeout=600)
+    res = subprocess.run(common.pocketgpt_cmd(*args), capture_output=True, text=True, cwd=cwd, input=stdin,
+                         timeout=600)
     return res.returncode, res.stderr
 
 
@@ -68,8 +70,7 @@ def cases(d: Path) -> list[tuple[str, list[str]]]:
 
 
 def main() -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        d = Path(tmp)
+    with common.scratch() as d:
         setup(d)
         for name in ("run", "run-ok", "run-v"):
             code, err = cli("train", "book.txt", "--out", name, *TINY, cwd=d)
@@ -78,8 +79,7 @@ def main() -> None:
         (d / "run" / "model.safetensors").write_bytes(data[: len(data) // 3])
         cfg = (d / "run-v" / "config.json").read_text().replace('"format_version": 1', '"format_version": 7', 1)
         (d / "run-v" / "config.json").write_text(cfg)
-        print("| hostile input | exit | what the user sees (stderr) | traceback |")
-        print("|---|---|---|---|")
+        common.markdown_header("hostile input", "exit", "what the user sees (stderr)", "traceback")
         for label, args in cases(d):
             code, err = cli(*args, cwd=d)
             first = (err.strip().splitlines() or [""])[-1].replace(str(d) + os.sep, "").replace("|", "\\|")

@@ -11,12 +11,9 @@ the table gives the median ms/step over the rounds and the ratio to the baseline
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import gzip
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Iterator
@@ -24,18 +21,18 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py, wherever this is started from
+import common  # noqa: E402
 import nanogpt_baseline as nb  # noqa: E402
 
 from pocketgpt import model as model_module  # noqa: E402
-from pocketgpt.config import PrepareConfig, build_train_config  # noqa: E402
-from pocketgpt.data import BUNDLED, BatchSampler, open_tokens, prepare  # noqa: E402
+from pocketgpt.config import build_train_config  # noqa: E402
+from pocketgpt.data import BatchSampler, open_tokens  # noqa: E402
 from pocketgpt.metrics import MetricsLog  # noqa: E402
 from pocketgpt.runtime import resolve  # noqa: E402
 from pocketgpt.trainer import Trainer  # noqa: E402
 
-SHAPE = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0, bias=False)
+SHAPE = dict(**common.NANOGPT_SHAPE, dropout=0.0, bias=False)
 
 
 @contextlib.contextmanager
@@ -53,28 +50,17 @@ def bf16_attention() -> Iterator[None]:
         model_module.attend = real
 
 
-@contextlib.contextmanager
-def threads(n: int | None) -> Iterator[None]:
-    before = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def pocketgpt_step(data_dir: Path, out: Path, batch: int, dtype: str, compile_: bool,
                    foreach: bool = True) -> Callable[[int], None]:
     cfg = build_train_config("demo", None, {**SHAPE, "optimizer": "adamw", "batch_size": batch, "dtype": dtype,
                                             "compile": compile_, "learning_rate": 1e-3})
     runtime = resolve("cpu", dtype)
     out.mkdir(parents=True)
-    trainer = Trainer(cfg, data_dir, out, runtime, MetricsLog(out / "metrics.jsonl", echo=lambda s: None))
-    trainer._maybe_compile()
+    trainer = Trainer.create(cfg, data_dir, out, runtime, MetricsLog(out / "metrics.jsonl", echo=lambda s: None))
     if compile_:
+        trainer.net.compile(lambda s: None)
         trainer.step(0, 1e-3)  # compiles now; a failure would fall back to eager without a word
-        assert trainer.forward is not trainer.model, "torch.compile failed: the compile rows would be eager"
+        assert trainer.net.wrapped, "torch.compile failed: the compile rows would be eager"
     if not foreach:
         for opt in trainer.optimizers:
             for g in opt.param_groups:
@@ -82,8 +68,8 @@ def pocketgpt_step(data_dir: Path, out: Path, batch: int, dtype: str, compile_: 
     return lambda it: trainer.step(it, 1e-3)
 
 
-def baseline_step(text: Path, batch: int) -> Callable[[int], None]:
-    train, _, stoi = nb.load_char_data(str(text))
+def baseline_step(batch: int) -> Callable[[int], None]:
+    train, _, stoi = nb.load_char_data()  # the bundled corpus
     torch.manual_seed(1337)
     model = nb.GPT(nb.ModelCfg(vocab_size=len(stoi), **SHAPE))
     t = nb.TrainCfg()
@@ -117,27 +103,35 @@ def batch_assembly_us(tokens: np.ndarray, batch: int, block: int) -> tuple[float
     return loop, (time.perf_counter() - t0) / n * 1e6
 
 
+def timed_steps(step: Callable[[int], None], ctx: Callable[[], contextlib.AbstractContextManager],
+                steps: int) -> Callable[[int], None]:
+    """A contender for common.interleaved: round -1 is a 20-step warm-up (compiles included), round r
+    runs `steps` steps, all inside the variant's context."""
+    def run(r: int) -> None:
+        first, count = (0, 20) if r < 0 else (100 + r * steps, steps)
+        with ctx():
+            for i in range(first, first + count):
+                step(i)
+
+    return run
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = common.parser(__doc__)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=50, help="steps per variant per round")
     ap.add_argument("--batch-size", type=int, default=12)
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory() as t:
-        tmp = Path(t)
-        data = tmp / "data"
-        prepare(PrepareConfig(out=str(data)))
-        text = tmp / "input.txt"
-        with gzip.open(BUNDLED, "rb") as f:
-            text.write_bytes(f.read())
+    with common.scratch() as tmp:
+        data = common.prepare_bundled(tmp / "data")
         b = args.batch_size
         # name -> (step function, context it runs in)
         variants: dict[str, tuple[Callable[[int], None], Callable[[], contextlib.AbstractContextManager]]] = {
-            "baseline (nanoGPT loop, fp32)": (baseline_step(text, b), contextlib.nullcontext),
+            "baseline (nanoGPT loop, fp32)": (baseline_step(b), contextlib.nullcontext),
             "pocketgpt fp32": (pocketgpt_step(data, tmp / "a", b, "float32", False), contextlib.nullcontext),
             "pocketgpt fp32, per-tensor AdamW (foreach off)":
                 (pocketgpt_step(data, tmp / "b", b, "float32", False, foreach=False), contextlib.nullcontext),
-            "pocketgpt fp32, 1 thread": (pocketgpt_step(data, tmp / "c", b, "float32", False), lambda: threads(1)),
+            "pocketgpt fp32, 1 thread": (pocketgpt_step(data, tmp / "c", b, "float32", False), lambda: common.threads(1)),
             "pocketgpt fp32 + compile": (pocketgpt_step(data, tmp / "d", b, "float32", True), contextlib.nullcontext),
             "pocketgpt bf16 autocast, bf16 attention":
                 (pocketgpt_step(data, tmp / "e", b, "bfloat16", False), bf16_attention),
@@ -145,18 +139,9 @@ def main() -> None:
                 (pocketgpt_step(data, tmp / "f", b, "bfloat16", False), contextlib.nullcontext),
             "pocketgpt bf16 + compile": (pocketgpt_step(data, tmp / "g", b, "bfloat16", True), contextlib.nullcontext),
         }
-        times: dict[str, list[float]] = {name: [] for name in variants}
-        for name, (step, ctx) in variants.items():  # warm-up, compiles included
-            with ctx():
-                for i in range(20):
-                    step(i)
-        for r in range(args.rounds):
-            for name, (step, ctx) in variants.items():
-                with ctx():
-                    t0 = time.perf_counter()
-                    for i in range(args.steps):
-                        step(100 + r * args.steps + i)
-                    times[name].append((time.perf_counter() - t0) / args.steps * 1000)
+        seconds = common.interleaved({name: timed_steps(step, ctx, args.steps)
+                                      for name, (step, ctx) in variants.items()}, args.rounds)
+        times = {name: [s / args.steps * 1000 for s in ss] for name, ss in seconds.items()}
         tokens = np.array(open_tokens(data / "train.bin")[0])
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, shape {SHAPE}, batch {b}, "
           f"{args.rounds} rounds x {args.steps} steps, interleaved; median ms/step")

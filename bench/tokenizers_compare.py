@@ -11,13 +11,12 @@ BPE token about four), bits per byte is: it is the column to read.
 
 from __future__ import annotations
 
-import argparse
 import json
-import statistics
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py, wherever this is started from
+import common  # noqa: E402
 
 ROWS: list[tuple[str, list[str]]] = [
     ("char", ["--tokenizer", "char"]),
@@ -25,32 +24,23 @@ ROWS: list[tuple[str, list[str]]] = [
     ("bpe-4096", ["--tokenizer", "bpe", "--vocab-size", "4096"]),
     ("gpt2", ["--tokenizer", "gpt2"]),
 ]
-QUIET = ["--eval-interval", "1000000", "--eval-sample-tokens", "0", "--sample-tokens", "0", "--plots", "false"]
-
-
-def pocketgpt(*args: str) -> list[str]:
-    return [sys.executable, "-m", "pocketgpt", *args]
+QUIET = ["--eval-interval", "1000000", *common.QUIET, *common.NO_PLOTS]
 
 
 def run_row(tmp: Path, name: str, prepare_flags: list[str], budget: float, extra: list[str]) -> dict[str, float]:
-    data, run = tmp / f"data-{name}", tmp / f"run-{name}"
-    subprocess.run(pocketgpt("prepare", "--out", str(data), *prepare_flags), check=True, capture_output=True)
-    subprocess.run(pocketgpt("train", "--data", str(data), "--out", str(run), "--preset", "demo",
-                             "--max-time", str(budget), *QUIET, *extra), check=True, capture_output=True)
-    scored = json.loads(subprocess.run(pocketgpt("eval", "--model", str(run), "--json"), check=True,
-                                       capture_output=True, text=True).stdout)
-    info = json.loads(subprocess.run(pocketgpt("info", "--model", str(run), "--json"), check=True,
-                                     capture_output=True, text=True).stdout)
-    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    tps = [m["tokens_per_s"] for m in lines if "tokens_per_s" in m][1:] or [0.0]
+    data = common.prepare_bundled(tmp / f"data-{name}", *prepare_flags)
+    run = tmp / f"run-{name}"
+    common.train(data, run, "--preset", "demo", "--max-time", str(budget), *QUIET, *extra)
+    scored = common.evaluate(run)
+    info = common.info(run)
     meta = json.loads((data / "meta.json").read_text())
     return {"vocab": meta["vocab_size"], "params": info["parameters"], "iters": info["iters"],
-            "tokens_per_s": statistics.median(tps), "bytes_per_token": scored["bytes"] / scored["tokens"],
+            "tokens_per_s": common.median_tokens_per_s(run), "bytes_per_token": scored["bytes"] / scored["tokens"],
             "loss": scored["loss"], "bpb": scored["bits_per_byte"]}
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = common.parser(__doc__)
     ap.add_argument("--budget", type=float, default=120.0, help="seconds of training per row")
     ap.add_argument("--only", default="", help="run only rows whose name contains this")
     ap.add_argument("extra", nargs="*", help="more train flags for every row, after --")
@@ -58,11 +48,11 @@ def main() -> None:
     print(f"bundled Tiny Shakespeare, preset demo, {args.budget:.0f} s of training per row; full val split")
     print(f"{'tokenizer':10s} {'vocab':>6s} {'params':>10s} {'iters':>6s} {'tokens/s':>9s} {'bytes/tok':>9s} "
           f"{'val loss':>9s} {'bits/byte':>9s}")
-    with tempfile.TemporaryDirectory() as t:
+    with common.scratch() as tmp:
         for name, flags in ROWS:
             if args.only not in name:
                 continue
-            r = run_row(Path(t), name, flags, args.budget, args.extra)
+            r = run_row(tmp, name, flags, args.budget, args.extra)
             print(f"{name:10s} {r['vocab']:6d} {r['params']:10,d} {r['iters']:6d} {r['tokens_per_s']:9,.0f} "
                   f"{r['bytes_per_token']:9.2f} {r['loss']:9.4f} {r['bpb']:9.4f}", flush=True)
 

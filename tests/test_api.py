@@ -5,7 +5,7 @@ import torch
 import pocketgpt
 from pocketgpt import PrepareConfig
 
-from conftest import tiny_config
+from helpers import tiny_config
 
 
 def test_prepare_train_load_generate_logits(tmp_path, corpus_text):

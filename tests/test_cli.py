@@ -9,7 +9,10 @@ import time
 
 import pytest
 
-from conftest import metrics, run_cli, tiny_flags
+from helpers import metrics, run_cli, tiny_flags
+
+from pocketgpt import rundir
+from pocketgpt.cli import build_parser, prepare_config
 
 
 def cli(*args, **kw):
@@ -26,6 +29,7 @@ def test_help_is_fast_and_does_not_import_torch():
     assert res.returncode == 0 and "demo" in res.stdout and "shakespeare-char" in res.stdout
 
 
+@pytest.mark.slow
 def test_end_to_end(tmp_path, capsys, corpus_text):
     book = tmp_path / "book.txt"
     book.write_text(corpus_text, encoding="utf-8")
@@ -120,6 +124,7 @@ def _wait_for(proc, path, text, timeout=120):
     raise AssertionError(f"timed out waiting for {text!r}")
 
 
+@pytest.mark.slow
 def test_kill_9_mid_checkpoint_write_then_resume_matches(tmp_path, data_dir):
     flags = tiny_flags(max_iters=40, lr_decay_iters=40, dropout=0.1)
     straight = tmp_path / "straight"
@@ -154,9 +159,10 @@ def test_kill_9_mid_checkpoint_write_then_resume_matches(tmp_path, data_dir):
     b = {m["iter"]: m["loss"] for m in metrics(run) if "loss" in m}
     assert list(b) == list(range(1, 41))
     assert a == pytest.approx(b, abs=1e-5)
-    assert not [p.name for p in run.iterdir() if p.name.startswith(".")]  # stale temp folders cleaned
+    assert not [p.name for p in run.iterdir() if p.name.startswith(".") and p.name != rundir.LOCK]  # stale temp folders cleaned
 
 
+@pytest.mark.slow
 def test_kill_9_during_steps_then_resume_matches(tmp_path, data_dir):
     flags = tiny_flags(max_iters=60, lr_decay_iters=60, dropout=0.1, eval_interval=10)
     straight = tmp_path / "straight"
@@ -177,6 +183,7 @@ def test_kill_9_during_steps_then_resume_matches(tmp_path, data_dir):
     assert a == pytest.approx(b, abs=1e-5)
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_and_says_how_to_resume(tmp_path, data_dir):
     run, log = tmp_path / "run", tmp_path / "log.txt"
     flags = tiny_flags(max_iters=100000, eval_interval=100000, log_interval=1)
@@ -194,6 +201,7 @@ def test_ctrl_c_saves_and_says_how_to_resume(tmp_path, data_dir):
     assert res.returncode == 0 and f"resuming {run} at iter {state['iter']}" in res.stdout
 
 
+@pytest.mark.slow
 def test_kill_9_at_random_moments_until_done_matches(tmp_path, data_dir):
     """Kill -9 at random times (steps, evals, checkpoint writes alike), resume each time; same losses."""
     import random
@@ -231,3 +239,10 @@ def test_a_dtype_the_machine_lacks_fails_before_preparing(capsys, tmp_path):
     assert code == 2
     assert err.count("\n") == 1 and "use --dtype bfloat16 or float32" in err
     assert not (tmp_path / "run").exists()  # nothing prepared, nothing written
+
+
+def test_train_accepts_the_prepare_options():
+    args = build_parser().parse_args(["train", "book.txt", "--tokenizer", "bpe", "--vocab-size", "512",
+                                      "--strip-gutenberg", "--encoding", "latin-1"])
+    cfg = prepare_config(args, "runs/x/data")
+    assert (cfg.tokenizer, cfg.vocab_size, cfg.strip_gutenberg, cfg.encoding) == ("bpe", 512, True, "latin-1")

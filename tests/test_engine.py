@@ -1,21 +1,30 @@
 """The generation engine's own decode path (Decoder), its sampling and its low-precision choice.
 
 tests/test_model.py covers the model's KV cache, greedy = argmax, the sliding window, seeds and
-top-k / top-p through Engine; these tests cover what engine.py adds on top.
+top-k / top-p through Engine; these tests cover what engine.py adds on top: the decoder equal to
+the full forward for every architecture option, the repetition penalty, stop token ids and
+per-sample stopping, and generations that interleave without touching the caller's thread count.
 """
+
+import math
+import re
+import threading
+from pathlib import Path
 
 import pytest
 import torch
 
 from pocketgpt import engine as engine_mod
-from pocketgpt.config import ModelConfig
-from pocketgpt.engine import Decoder, Engine, low_precision_candidates, probe_logit_diff, sample
+from pocketgpt.config import MLPS, ModelConfig
+from pocketgpt.engine import Decoder, Engine, low_precision_candidates, penalize, probe_logit_diff, sample
 from pocketgpt.errors import PocketError
 from pocketgpt.model import GPT
+from pocketgpt.sampling import SamplingSettings
 
 ARCHS = {
     "gpt2": {},
     "gpt2-bias-untied": {"bias": True, "tie_embeddings": False},
+    "gpt2-gelu-tanh": {"mlp": "gelu_new", "bias": True},
     "modern": {"pos_emb": "rope", "norm": "rmsnorm", "qk_norm": True, "mlp": "relu2"},
 }
 
@@ -162,3 +171,162 @@ def test_decoder_is_rebuilt_when_the_weights_change():
 def test_bad_decode_dtype_is_refused():
     with pytest.raises(PocketError, match="decode_dtype"):
         Engine(make(), decode_dtype="float8")
+
+
+# ---------------------------------------------------------------- the model's math, through one door
+
+
+def test_every_activation_is_covered_by_the_decoder_check():
+    assert {a.get("mlp", "gelu") for a in ARCHS.values()} == set(MLPS)
+
+
+def _tanh_gelu(h: torch.Tensor) -> torch.Tensor:
+    """GPT-2's activation as its paper writes it, independent of torch's implementation."""
+    return 0.5 * h * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (h + 0.044715 * h.pow(3))))
+
+
+def test_gelu_new_is_gpt2s_tanh_gelu_in_training_and_decoding():
+    exact, tanh = make(mlp="gelu"), make(mlp="gelu_new")  # the same seed: the same weights
+    tanh.load_state_dict(exact.state_dict())  # and the same parameter names
+    mlp = tanh.transformer.h[0].mlp
+    x = torch.randn(3, 5, 16)
+    torch.testing.assert_close(mlp(x), mlp.c_proj(_tanh_gelu(mlp.c_fc(x))), rtol=1e-5, atol=1e-6)
+    idx = torch.randint(0, 23, (2, 16))
+    with torch.inference_mode():
+        a, b = exact(idx)[0], tanh(idx)[0]
+        assert (a - b).abs().max() > 1e-4  # the option is really wired: the two activations differ
+        torch.testing.assert_close(decode_all(Decoder(tanh), idx, 4), b, rtol=1e-5, atol=1e-5)
+        assert (decode_all(Decoder(exact), idx, 4) - b).abs().max() > 1e-4
+
+
+def test_the_engine_names_no_module_attribute_of_the_model():
+    source = Path(engine_mod.__file__).read_text(encoding="utf-8")
+    code = "\n".join(line.split("#")[0] for line in source.splitlines())  # comments may mention them
+    names = "transformer|c_attn|c_proj|c_fc|ln_1|ln_2|ln_f|lm_head|rope_cos|rope_sin|attn|mlp|eps"
+    assert re.findall(rf"\.({names})\b", code) == []
+
+
+def test_decode_view_shares_the_parameters_storage():
+    model = make(**ARCHS["gpt2-bias-untied"])
+    view = model.decode_view()
+    params = {p.data_ptr() for p in model.parameters()}
+    layer = view.layers[0]
+    tensors = [view.wte, view.wpe, view.head, *view.norm_f, *layer.norm_1, layer.attn_w, layer.fc_b]
+    assert all(t.data_ptr() in params for t in tensors)
+    assert not any(t.requires_grad for t in tensors)
+
+
+# ---------------------------------------------------------------- repetition penalty
+
+
+def test_penalty_divides_positive_and_multiplies_negative_logits_of_seen_tokens():
+    logits = torch.tensor([[2.0, -2.0, 3.0, -1.0]])
+    seen = torch.tensor([[True, True, False, False]])
+    assert penalize(logits, seen, 2.0).tolist() == [[1.0, -4.0, 3.0, -1.0]]
+    assert torch.equal(penalize(logits, seen, 1.0), logits)
+
+
+def test_greedy_with_repetition_penalty_follows_the_definition():
+    model = make(block_size=32)
+    prompt, p = [1, 2, 3, 1], 1.7
+    got = Engine(model).generate(prompt, 20, temperature=0, repetition_penalty=p)[0]
+    seq = list(prompt)
+    for _ in range(20):  # Hugging Face's loop: every id in prompt + output so far, once each
+        logits = model(torch.tensor([seq]))[0][0, -1]
+        for t in set(seq):
+            logits[t] = logits[t] / p if logits[t] > 0 else logits[t] * p
+        seq.append(int(logits.argmax()))
+    assert got == seq[len(prompt):]
+    assert got != Engine(model).generate(prompt, 20, temperature=0)[0]  # it changed something
+
+
+# ---------------------------------------------------------------- stopping
+
+
+def test_each_sample_ends_at_its_own_stop_token_and_the_loop_when_all_have():
+    eng = Engine(make())
+    s = SamplingSettings(max_new_tokens=30, temperature=1.0, num_samples=4, seed=2)
+    free = eng.generate([3], s)
+    stop_id = free[0][5]
+    firsts = [row.index(stop_id) if stop_id in row else None for row in free]
+    ticks = []
+    got = eng.generate([3], s, stop_token_ids=[stop_id], on_step=lambda: ticks.append(1))
+    # a finished row rides along unused, so the other rows draw the same numbers as without stops
+    assert got == [row[:i] if i is not None else row for row, i in zip(free, firsts)]
+    stream = eng.start([3], s, stop_token_ids=[stop_id])
+    steps = list(stream)
+    assert len(ticks) == len(steps) == (30 if None in firsts else max(firsts) + 1)
+    for row, i in enumerate(firsts):
+        assert stream.finish_reasons[row] == ("length" if i is None else "stop")
+        assert stream.completion_tokens[row] == (30 if i is None else i + 1)  # the stop token counts
+        assert all(step[row] is None for step in steps[(30 if i is None else i):])
+    assert stream.prompt_tokens == 1
+
+
+def test_stop_from_the_text_layer_ends_one_row():
+    stream = Engine(make()).start([1, 2], SamplingSettings(max_new_tokens=10, num_samples=2, seed=0))
+    first = next(stream)
+    stream.stop(0)
+    rest = list(stream)
+    assert all(isinstance(t, int) for t in first) and len(rest) == 9
+    assert all(step[0] is None and isinstance(step[1], int) for step in rest)
+    assert stream.finish_reasons == ["stop", "length"] and stream.completion_tokens == [1, 10]
+
+
+def test_zero_new_tokens_and_bad_prompts():
+    eng = Engine(make())
+    stream = eng.start([1], SamplingSettings(max_new_tokens=0))
+    assert list(stream) == [] and stream.finish_reasons == ["length"] and stream.completion_tokens == [0]
+    with pytest.raises(PocketError, match="prompt is empty"):
+        eng.start([], SamplingSettings())
+    with pytest.raises(PocketError, match="context is 16"):
+        eng.start([1] * 17, SamplingSettings())
+
+
+# ---------------------------------------------------------------- generations side by side
+
+
+def test_streams_run_on_their_own_threads_and_leave_the_callers_alone(monkeypatch):
+    eng = Engine(make())
+    assert eng.threads == 1  # a small model decodes on one thread
+    inside = []
+    real_step = Decoder.step
+
+    def spy(self, tok, cache):
+        inside.append((torch.get_num_threads(), torch.is_inference_mode_enabled()))
+        return real_step(self, tok, cache)
+
+    monkeypatch.setattr(Decoder, "step", spy)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        stream = eng.start([1, 2], SamplingSettings(max_new_tokens=6, seed=1))
+        for _ in stream:  # between steps the caller's settings are back
+            assert torch.get_num_threads() == 2 and not torch.is_inference_mode_enabled()
+        assert torch.get_num_threads() == 2
+        assert inside == [(1, True)] * 5  # the engine's own work: one thread, inference mode
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_interleaved_streams_give_what_each_gives_alone():
+    eng = Engine(make(block_size=8))  # 40 tokens: the window slides several times
+    a = SamplingSettings(max_new_tokens=40, temperature=1.0, seed=1)
+    b = SamplingSettings(max_new_tokens=40, temperature=0.7, top_k=5, seed=2, num_samples=2, repetition_penalty=1.3)
+    alone = eng.generate([1, 2], a), eng.generate([4], b)
+    sa, sb = eng.start([1, 2], a), eng.start([4], b)
+    got: tuple[list, list] = ([], [])
+    for x, y in zip(sa, sb):  # a step of one, then a step of the other
+        got[0].append(x)
+        got[1].append(y)
+    assert [list(r) for r in zip(*got[0])] == alone[0] and [list(r) for r in zip(*got[1])] == alone[1]
+
+
+def test_a_stream_in_another_thread_gives_the_same_tokens():
+    eng = Engine(make())
+    s = SamplingSettings(max_new_tokens=20, seed=9)
+    out = []
+    worker = threading.Thread(target=lambda: out.append(eng.generate([5], s)))
+    worker.start()
+    worker.join()
+    assert out == [eng.generate([5], s)]

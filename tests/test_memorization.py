@@ -6,7 +6,7 @@ import random
 import numpy as np
 import pytest
 
-from conftest import run_cli, tiny_config
+from helpers import run_cli, tiny_config
 from pocketgpt.config import PrepareConfig
 from pocketgpt.data import open_tokens, prepare
 from pocketgpt.errors import PocketError

@@ -126,3 +126,38 @@ def test_cpu_bf16_autocast_runs_attention_in_float32(monkeypatch, arch):
     for p, g in zip(model.parameters(), ref_grads):
         assert p.grad.dtype == torch.float32
         assert torch.nn.functional.cosine_similarity(p.grad.flatten(), g.flatten(), dim=0) > 0.98
+
+
+def test_norms_are_the_textbook_formulas():
+    from pocketgpt.model import LAYERNORM_EPS, RMSNORM_EPS, layer_norm, rms_norm
+
+    x, w, b = torch.randn(3, 7, 16), torch.randn(16), torch.randn(16)
+    centred = x - x.mean(-1, keepdim=True)
+    want_ln = centred / torch.sqrt(centred.pow(2).mean(-1, keepdim=True) + LAYERNORM_EPS) * w + b
+    torch.testing.assert_close(layer_norm(x, w, b), want_ln, rtol=1e-5, atol=1e-5)
+    want_rms = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + RMSNORM_EPS) * w
+    torch.testing.assert_close(rms_norm(x, w, None), want_rms, rtol=1e-5, atol=1e-5)
+
+
+def _block_names(layer_norm_bias: bool, linear_bias: bool) -> set[str]:
+    names = {"ln_1.weight", "attn.c_attn.weight", "attn.c_proj.weight", "ln_2.weight", "mlp.c_fc.weight",
+             "mlp.c_proj.weight"}
+    if layer_norm_bias:
+        names |= {"ln_1.bias", "ln_2.bias"}
+    if linear_bias:
+        names |= {"attn.c_attn.bias", "attn.c_proj.bias", "mlp.c_fc.bias", "mlp.c_proj.bias"}
+    return {f"transformer.h.0.{n}" for n in names}
+
+
+@pytest.mark.parametrize("opts,positions,ln_bias,bias", [
+    ({}, True, False, False),
+    ({"bias": True, "mlp": "gelu_new"}, True, True, True),
+    ({"bias": True, "norm": "rmsnorm", "pos_emb": "rope", "mlp": "relu2"}, False, False, True),
+])
+def test_parameter_names_are_gpt2s_for_every_option(opts, positions, ln_bias, bias):
+    """The checkpoint's keys (old run folders must load): GPT-2's names; RMSNorm has a gain only."""
+    cfg = ModelConfig(vocab_size=23, block_size=16, n_layer=1, n_head=2, n_embd=16, **opts)
+    want = {"transformer.wte.weight", "transformer.ln_f.weight", "lm_head.weight"} | _block_names(ln_bias, bias)
+    want |= {"transformer.wpe.weight"} if positions else set()
+    want |= {"transformer.ln_f.bias"} if ln_bias else set()
+    assert set(GPT(cfg).state_dict()) == want

@@ -9,7 +9,7 @@ from pocketgpt.model import GPT, KVCache
 from pocketgpt.optim import Muon, make_optimizers, orthogonalize
 from pocketgpt.trainer import train
 
-from conftest import metrics, tiny_config
+from helpers import metrics, tiny_config
 
 OPTIONS = [
     {},

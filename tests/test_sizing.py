@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import run_cli
+from helpers import run_cli
 from pocketgpt.config import ModelConfig
 from pocketgpt.errors import PocketError
 from pocketgpt.sizing import (
@@ -85,6 +85,7 @@ def test_parse_memory_rejects_nonsense():
         parse_memory("lots")
 
 
+@pytest.mark.slow
 def test_cli_auto_prints_why_and_trains(tmp_path, capsys, data_dir):
     code, out, err = run_cli(capsys, "train", "--preset", "auto", "--max-time", "2s", "--max-memory", "1GB",
                              "--data", data_dir, "--out", tmp_path / "r", "--eval-sample-tokens", 0,

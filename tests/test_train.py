@@ -6,10 +6,11 @@ import pytest
 import torch
 
 import pocketgpt
+from pocketgpt import rundir
 from pocketgpt.errors import PocketError, TrainingDiverged
 from pocketgpt.trainer import train
 
-from conftest import metrics, tiny_config
+from helpers import metrics, tiny_config
 
 
 def losses_by_iter(run_dir, key="loss"):
@@ -86,7 +87,7 @@ def test_interrupted_checkpoint_write_keeps_the_old_one(data_dir, tmp_path, monk
         train(tiny_config(max_iters=20), data_dir, run, resume=True, echo=lambda s: None)
     monkeypatch.undo()
     assert json.loads((run / "last" / "state.json").read_text()) == old_state
-    assert not [p for p in run.iterdir() if p.name.startswith(".")]  # no temp folders left behind
+    assert not [p for p in run.iterdir() if p.name.startswith(".") and p.name != rundir.LOCK]  # no temp folders left behind
     _, state, _, _ = checkpoint.load_resume_state(run)
     assert state["iter"] == 10
     train(tiny_config(max_iters=20), data_dir, run, resume=True, echo=lambda s: None)  # and it resumes fine
@@ -156,6 +157,7 @@ def test_corrupted_weights_are_a_clear_error(data_dir, tmp_path):
     assert pocketgpt.load(run, checkpoint="last").model is not None
 
 
+@pytest.mark.slow
 def test_max_time_budget_ends_the_run_with_decayed_lr(data_dir, tmp_path):
     res = train(tiny_config(max_iters=10**6, max_time=2.0, schedule="wsd", decay_fraction=1.0, warmup_iters=0,
                             eval_interval=10**6, log_interval=1), data_dir, tmp_path / "run", echo=lambda s: None)
@@ -176,7 +178,7 @@ def test_gradient_accumulation_equals_one_big_batch(data_dir, tmp_path):
 
     def one_step(batch_size, accum, batches):
         cfg = tiny_config(batch_size=batch_size, grad_accum_steps=accum, weight_decay=0.0)
-        t = Trainer(cfg, data_dir, tmp_path, resolve("cpu", "float32"), MetricsLog(tmp_path / "m.jsonl"))
+        t = Trainer.create(cfg, data_dir, tmp_path, resolve("cpu", "float32"), MetricsLog(tmp_path / "m.jsonl"))
         t.sampler.batch = lambda step, micro: batches[micro]
         loss, _ = t.step(0, 1e-3)
         return loss, [p.detach().clone() for p in t.model.parameters()]
@@ -216,6 +218,7 @@ def test_corpus_shorter_than_the_context_says_what_is_needed(tmp_path):
         train(tiny_config(block_size=128), data, tmp_path / "run")
 
 
+@pytest.mark.slow
 def test_samples_during_training_and_early_stopping(data_dir, tmp_path, capsys):
     # a big model on a small corpus with a high learning rate overfits within a few evals
     cfg = tiny_config(max_iters=400, eval_interval=10, eval_iters=4, n_embd=96, n_layer=3, n_head=3,
@@ -250,7 +253,7 @@ def test_fp16_gradient_scaler_skips_overflowing_steps_without_error(data_dir, tm
     from pocketgpt.trainer import Trainer
 
     runtime = Runtime(torch.device("cpu"), torch.float16, "test: fp16 on CPU to exercise the scaler")
-    t = Trainer(tiny_config(), data_dir, tmp_path, runtime, MetricsLog(tmp_path / "m.jsonl"))
+    t = Trainer.create(tiny_config(), data_dir, tmp_path, runtime, MetricsLog(tmp_path / "m.jsonl"))
     assert t.scaler.is_enabled()
     t.step(0, 1e-3)
     scale = t.scaler.get_scale()

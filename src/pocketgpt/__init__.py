@@ -7,12 +7,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
-__all__ = ["load", "train", "prepare", "TrainConfig", "PrepareConfig", "SampleConfig", "build_train_config",
-           "PocketError", "__version__"]
+__all__ = ["load", "train", "prepare", "TrainConfig", "PrepareConfig", "SampleConfig", "SamplingSettings",
+           "build_train_config", "PocketError", "__version__"]
 
 from .config import PrepareConfig, SampleConfig, TrainConfig, build_train_config
 from .errors import PocketError
+from .sampling import SamplingSettings
+from .version import __version__
 
 if TYPE_CHECKING:
     from .data import prepare

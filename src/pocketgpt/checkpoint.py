@@ -1,11 +1,7 @@
-"""Self-describing run folders: safetensors weights, JSON everything else, atomic writes.
+"""Checkpoint files: safetensors weights, JSON everything else, atomic writes; the inside of last/.
 
-A run dir holds:
-  config.json         resolved TrainConfig + format version + where the data is
-  tokenizer.json      the tokenizer, as JSON
-  model.safetensors   weights with the best val loss so far
-  last/               resume state: model.safetensors, optimizer.pt, rng.safetensors, state.json
-  metrics.jsonl       one JSON object per log / eval line
+rundir.py owns the run folder's layout; this module owns how its files are written and the
+resume folder last/ (model.safetensors, optimizer.pt, rng.safetensors, state.json).
 
 Every write goes to a temp file that is fsynced and renamed over the target, so a kill at any
 moment leaves either the old or the new file. `last/` is a folder written whole under a temp
@@ -24,14 +20,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from .errors import PocketError
+from .rundir import LAST, LAST_OLD, remove_stale_temps
 
 if TYPE_CHECKING:
     import torch
 
 CHECKPOINT_FORMAT_VERSION = 1
+WEIGHTS = "model.safetensors"  # inside last/
+STATE = "state.json"  # inside last/, written last: its presence marks a complete folder
 _UMASK = os.umask(0o22)
 os.umask(_UMASK)
-LAST = "last"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -157,31 +155,20 @@ def save_resume_state(
     tmp = run_dir / f".{LAST}.tmp-{os.getpid()}"
     tmp.mkdir(parents=True)
     try:
-        save_weights(model, tmp / "model.safetensors")
+        save_weights(model, tmp / WEIGHTS)
         atomic_write(tmp / "optimizer.pt", lambda p: torch.save(optimizer_state, p))
         _pause_hook("resume state")
         atomic_write(tmp / "rng.safetensors", lambda p: save_file(rng, str(p)))
         # state.json last: its presence marks a complete folder
-        write_json(tmp / "state.json", {"format_version": CHECKPOINT_FORMAT_VERSION, **state})
+        write_json(tmp / STATE, {"format_version": CHECKPOINT_FORMAT_VERSION, **state})
         _swap_in(run_dir, tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def is_temp(path: Path) -> bool:
-    """A half-written file or folder left by a killed save (ours to delete)."""
-    return path.name.startswith(".") and ".tmp-" in path.name
-
-
-def remove_stale_temps(run_dir: Path) -> None:
-    for p in Path(run_dir).iterdir():
-        if is_temp(p):
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-
-
 def _swap_in(run_dir: Path, tmp: Path) -> None:
-    last, old = run_dir / LAST, run_dir / f"{LAST}.old"
+    last, old = run_dir / LAST, run_dir / LAST_OLD
     if last.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.replace(last, old)
@@ -192,11 +179,17 @@ def _swap_in(run_dir: Path, tmp: Path) -> None:
 
 def resume_dir(run_dir: Path) -> Path | None:
     """The complete last/ folder, or last.old/ if a kill fell between the two renames."""
-    for name in (LAST, f"{LAST}.old"):
+    for name in (LAST, LAST_OLD):
         d = Path(run_dir) / name
-        if (d / "state.json").is_file():
+        if (d / STATE).is_file():
             return d
     return None
+
+
+def read_last_state(run_dir: Path) -> dict[str, Any]:
+    """last/state.json (iteration, tokens seen, best loss ...) as a dict; {} when the run has no last/ yet."""
+    d = resume_dir(run_dir)
+    return read_json(d / STATE, "resume state") if d else {}
 
 
 def load_resume_state(run_dir: Path) -> tuple[Path, dict[str, Any], dict[str, Any], dict[str, "torch.Tensor"]]:
@@ -209,8 +202,8 @@ def load_resume_state(run_dir: Path) -> tuple[Path, dict[str, Any], dict[str, An
     d = resume_dir(run_dir)
     if d is None:
         raise PocketError(f"{run_dir} has no resume state (last/state.json); start it again without --resume")
-    state = read_json(d / "state.json", "resume state")
-    check_format_version(state, d / "state.json")
+    state = read_json(d / STATE, "resume state")
+    check_format_version(state, d / STATE)
     try:
         optimizer_state = torch.load(d / "optimizer.pt", map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .errors import PocketError
+from .sampling import SamplingSettings
 
 try:  # Python 3.11+
     import tomllib
@@ -28,7 +29,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 SCHEDULES = ("cosine", "wsd", "constant")
 POS_EMBS = ("learned", "rope")
 NORMS = ("layernorm", "rmsnorm")
-MLPS = ("gelu", "relu2")
+MLPS = ("gelu", "gelu_new", "relu2")  # gelu_new: GPT-2's own tanh approximation of GELU
 OPTIMIZERS = ("adamw", "muon")
 TOKENIZERS = ("char", "gpt2", "bpe")
 LOGGERS = ("tensorboard", "wandb", "trackio")
@@ -124,18 +125,19 @@ class PrepareConfig:
     strip_gutenberg: bool = False  # drop Project Gutenberg's licence header and footer
 
 
-@dataclass
-class SampleConfig:
-    """How to draw text from a model."""
+@dataclass(frozen=True)
+class SampleConfig(SamplingSettings):
+    """How to draw text from a model: the sampling settings (sampling.SamplingSettings, the one
+    home of their defaults and checks) plus what to start from and which checkpoint to load."""
 
+    max_new_tokens: int = 500  # `pocketgpt sample`'s length
     prompt: str = "\n"
-    num_samples: int = 1
-    max_new_tokens: int = 500
-    temperature: float = 0.8
-    top_k: int = 0  # 0 = off
-    top_p: float = 1.0
-    seed: int | None = None
     checkpoint: str = "best"
+
+    @property
+    def settings(self) -> SamplingSettings:
+        """The sampling part alone."""
+        return SamplingSettings(**{f.name: getattr(self, f.name) for f in fields(SamplingSettings)})
 
 
 SECTIONS: dict[str, type] = {"model": ModelConfig, "optim": OptimConfig, "run": RunConfig}
@@ -206,7 +208,7 @@ def _coerce(key: str, value: Any, typ: type) -> Any:
     raise PocketError(f"config key '{key}' must be {want}, got {value!r}")
 
 
-_FIELD_TYPES: dict[str, type] = {
+FIELD_TYPES: dict[str, type] = {
     f.name: {"int": int, "float": float, "bool": bool, "str": str}[str(f.type)]
     for c in SECTIONS.values()
     for f in fields(c)
@@ -219,7 +221,7 @@ def set_key(cfg: TrainConfig, key: str, value: Any) -> None:
     if key not in KEY_SECTION or key == "vocab_size":
         raise PocketError(f"unknown config key '{key}'{nearest(key, USER_KEYS)}")
     section = getattr(cfg, KEY_SECTION[key])
-    setattr(section, key, _coerce(key, value, _FIELD_TYPES[key]))
+    setattr(section, key, _coerce(key, value, FIELD_TYPES[key]))
 
 
 def apply_overrides(cfg: TrainConfig, values: Mapping[str, Any]) -> None:
@@ -356,25 +358,49 @@ def build_train_config(
     return cfg
 
 
-def parse_cli_overrides(args: list[str]) -> dict[str, str]:
-    """['--n-layer', '4', '--compile=true', '--bias'] -> {'n_layer': '4', 'compile': 'true', 'bias': 'true'}."""
+BOOL_WORDS = ("true", "false", "1", "0", "yes", "no", "on", "off")
+
+
+def parse_config_flags(argv: list[str], reserved: set[str] | frozenset[str] = frozenset()) -> tuple[list[str], dict[str, str]]:
+    """Take `--<config key> VALUE`, `--key=VALUE` and bare boolean `--key` out of argv.
+
+    Returns (the other arguments, {key: value string}). Options in `reserved` belong to the caller
+    (a command's own flags) and are left alone. The one parser of config flags: the CLI and
+    parse_cli_overrides both use it, so a value is never mistaken for an input file.
+    """
+    rest: list[str] = []
     out: dict[str, str] = {}
     i = 0
-    while i < len(args):
-        arg = args[i]
-        if not arg.startswith("--") or len(arg) == 2:
-            raise PocketError(f"unexpected argument '{arg}'; config keys are given as --key VALUE")
+    while i < len(argv):
+        arg = argv[i]
+        flag = arg.split("=", 1)[0]
+        key = normalize_key(flag)
+        if not arg.startswith("--") or flag in reserved or key not in KEY_SECTION or key == "vocab_size":
+            rest.append(arg)
+            i += 1
+            continue
+        nxt = argv[i + 1] if i + 1 < len(argv) else None
         if "=" in arg:
-            key, value = arg[2:].split("=", 1)
+            value = arg.split("=", 1)[1]
+        elif nxt is not None and not nxt.startswith("--") and (
+                FIELD_TYPES[key] is not bool or nxt.lower() in BOOL_WORDS):
+            value = nxt
             i += 1
-        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
-            key, value = arg[2:], args[i + 1]
-            i += 2
-        else:  # a bare flag: only booleans may be given this way
-            key, value = arg[2:], "true"
-            i += 1
-        key = normalize_key(key)
-        if key not in KEY_SECTION or key == "vocab_size":
-            raise PocketError(f"unknown option --{key.replace('_', '-')}{nearest(key, USER_KEYS)}")
+        elif FIELD_TYPES[key] is bool:
+            value = "true"
+        else:
+            raise PocketError(f"{flag} needs a value, e.g. {flag} VALUE")
         out[key] = value
+        i += 1
+    return rest, out
+
+
+def parse_cli_overrides(args: list[str]) -> dict[str, str]:
+    """['--n-layer', '4', '--compile=true', '--bias'] -> {'n_layer': '4', 'compile': 'true', 'bias': 'true'}."""
+    rest, out = parse_config_flags(args)
+    for arg in rest:
+        if arg.startswith("--") and len(arg) > 2:
+            key = normalize_key(arg.split("=", 1)[0])
+            raise PocketError(f"unknown option --{key.replace('_', '-')}{nearest(key, USER_KEYS)}")
+        raise PocketError(f"unexpected argument '{arg}'; config keys are given as --key VALUE")
     return out

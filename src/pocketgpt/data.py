@@ -23,7 +23,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any, Iterable, Iterator, Union
 
@@ -40,6 +40,7 @@ from .tokenizer import (
     CharTokenizer,
     GPT2Tokenizer,
     Tokenizer,
+    load_tokenizer,
     save_tokenizer,
     train_bpe,
 )
@@ -547,7 +548,7 @@ def builtin_tokenizer(kind: str) -> Tokenizer:
 
 
 def _meta(cfg: PrepareConfig, tok: Tokenizer, writer: _SplitWriter, scan: _Scan, seconds: float) -> dict[str, Any]:
-    from . import __version__
+    from .version import __version__
 
     return {
         "format_version": DATA_FORMAT_VERSION,
@@ -590,3 +591,56 @@ def read_meta(data_dir: str | Path) -> dict[str, Any]:
     if not (d / "meta.json").is_file():
         raise PocketError(f"{d} is not a prepared data folder (no meta.json); {PREPARE_HINT}")
     return read_json(d / "meta.json", "data meta.json")
+
+
+# ---------------------------------------------------------------- what training reads
+
+EVAL_SEED_OFFSET = 1_000_003  # eval batches come from their own stream, never the training one
+
+
+@dataclass
+class TrainData:
+    """A prepared data folder opened for training: both splits, their samplers and the tokenizer.
+
+    The samplers draw a batch from (seed, step, micro) alone, so the data position in a resume
+    state is just the step.
+    """
+
+    train_tokens: np.ndarray
+    val_tokens: np.ndarray
+    vocab_size: int
+    val_bytes_per_token: float
+    tokenizer: Tokenizer
+    sampler: BatchSampler
+    eval_samplers: dict[str, BatchSampler]
+
+
+def open_training_data(data_dir: str | Path, block_size: int, batch_size: int, seed: int) -> TrainData:
+    """Open DATA_DIR for a run of this context and batch size; one-line errors when it cannot train."""
+    data_dir = Path(data_dir)
+    meta = read_meta(data_dir)
+    vocab_size = int(meta["vocab_size"])
+    train = _open_split(data_dir, "train", vocab_size, block_size)
+    val = _open_split(data_dir, "val", vocab_size, block_size)
+    val_split = meta["splits"]["val"]
+    return TrainData(
+        train_tokens=train, val_tokens=val, vocab_size=vocab_size,
+        val_bytes_per_token=val_split["bytes"] / max(val_split["tokens"], 1),
+        tokenizer=load_tokenizer(data_dir / "tokenizer.json"),
+        sampler=BatchSampler(train, block_size, batch_size, seed),
+        eval_samplers={split: BatchSampler(toks, block_size, batch_size, seed + EVAL_SEED_OFFSET)
+                       for split, toks in (("train", train), ("val", val))},
+    )
+
+
+def _open_split(data_dir: Path, split: str, vocab_size: int, block_size: int) -> np.ndarray:
+    tokens, vs = open_tokens(data_dir / f"{split}.bin")
+    if vs != vocab_size:
+        raise PocketError(f"{data_dir / (split + '.bin')} has vocab {vs} but meta.json says {vocab_size}; prepare again")
+    if len(tokens) < block_size + 1:
+        raise PocketError(
+            f"the {split} split has {len(tokens)} tokens but block_size {block_size} needs at least "
+            f"{block_size + 1}; give more text, lower --block-size"
+            + (", or raise --val-fraction when preparing" if split == "val" else "")
+        )
+    return tokens

@@ -2,12 +2,33 @@
 
 The engine does not call GPT.forward per token. At batch 1 a small model's decode step is about a
 hundred tiny ops, so its time is Python and op dispatch, not arithmetic; a big model's step reads
-every weight once, so its time is memory bandwidth. `Decoder` below is the same network as
-model.py written as flat functions over the model's own tensors (no module calls, no mask for a
-single token, in-place cache writes, fused residual matmuls), and for big models on a CPU it can
-hold its step matrices in float16 or bfloat16, half the bytes per token, when a probe shows the
-logits stay within LOGIT_TOLERANCE of float32. tests/test_engine.py checks it against GPT.forward
-for every architecture option.
+every weight once, so its time is memory bandwidth. `Decoder` below runs the same network as
+model.py as flat code over the model's own tensors (no module calls, no mask for a single token,
+in-place cache writes, fused residual matmuls), and for big models on a CPU it can hold its step
+matrices in float16 or bfloat16, half the bytes per token, when a probe shows the logits stay
+within LOGIT_TOLERANCE of float32. tests/test_engine.py checks it against GPT.forward for every
+architecture option.
+
+The model's math is not written twice: the Decoder takes everything from GPT.decode_view(), its
+one door into the model: the tensors by role (per layer a model.LayerTensors) and the model's own
+norm, activation, qk_norm and rotate functions. This file names no module attribute or parameter
+of the model.
+
+Sampling settings come as one sampling.SamplingSettings. `Engine.start` returns a TokenStream:
+next() gives one new id per sample, None once that sample has ended (at a stop token id, which is
+not given out, or at max_new_tokens; the text layer above ends samples at stop strings with
+stop(row)); finish_reasons and completion_tokens say why and after how many tokens. Finished rows
+keep riding in the batch (their ids are dropped); the loop ends when every row has finished.
+Engine.stream / Engine.generate keep the older keyword-style calls.
+
+Threads: on a 2-core CPU the decode runs on one thread (decode_threads: a second OpenMP thread
+gains nothing for a small model and up to 1.5x for a 10M one on a quiet machine, and loses 2-9x
+as soon as another process wants a core).
+The engine sets that count only around its own work, inside each start() / next() call, and puts
+the caller's back before returning (about 1 us a step), so nothing is held across a yield:
+interleaved generations and the caller's own torch work each see their own setting. (Setting it
+in a worker thread instead would be local to that thread's OpenMP count, but it changes torch's
+default for every thread started later, and handing each token across threads costs ~25 us.)
 
 When the context window is full, the window slides: the cache is rebuilt from the newest
 block_size // 2 tokens (one prefill) and decoding continues. Learned absolute positions make a
@@ -17,18 +38,17 @@ it costs one prefill per block_size // 2 tokens.
 
 from __future__ import annotations
 
-import contextlib
 import math
-from dataclasses import dataclass, replace
-from typing import Any, Callable, Iterator
+from dataclasses import replace
+from typing import Any, Callable, Collection, Iterator
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import PocketError
-from .model import GPT, KVCache, RMSNorm, rotate
+from .model import GPT, DecodeView, KVCache, LayerTensors
 from .runtime import cpu_has_fast_bf16
+from .sampling import InvalidSetting, SamplingSettings, as_settings
 
 DECODE_DTYPES = ("auto", "float32", "float16", "bfloat16")
 
@@ -47,14 +67,11 @@ LOW_PRECISION_MIN_PARAMS = 5_000_000
 
 
 def check_sampling(temperature: float, top_k: int, top_p: float, max_new_tokens: int) -> None:
-    if temperature < 0:
-        raise PocketError(f"--temperature must be 0 (greedy) or positive, got {temperature}")
-    if top_k < 0:
-        raise PocketError(f"--top-k must be 0 (off) or positive, got {top_k}")
-    if not 0.0 < top_p <= 1.0:
-        raise PocketError(f"--top-p must be in (0, 1], got {top_p}")
-    if max_new_tokens < 0:
-        raise PocketError(f"--max-new-tokens must be zero or positive, got {max_new_tokens}")
+    """The old command-line check, worded with flags ('--top-p must be ...'); SamplingSettings checks."""
+    try:
+        SamplingSettings(temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens)
+    except InvalidSetting as e:
+        raise PocketError(e.as_flag()) from None
 
 
 def pick_next(
@@ -78,6 +95,15 @@ def pick_next(
     return sample(probs, generator)
 
 
+def penalize(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL's repetition penalty (as Hugging Face's): for every id already in the text (seen, a (B, V)
+    presence mask), a positive logit is divided by penalty and a negative one multiplied by it, so
+    penalty > 1 always makes a seen token less likely. Whole-row tensor ops: no loop over the vocabulary."""
+    logits = logits.float()
+    scaled = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, scaled, logits)
+
+
 def sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """One draw per row of probs (B, V), which need not sum to 1 -> ids (B,); zero-mass ids never come.
 
@@ -95,28 +121,44 @@ def sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tens
 def decode_threads(model: GPT) -> int | None:
     """Threads for generating on a CPU: one for small models or on a two-core machine, else torch's default.
 
-    A small model's step is tiny ops where a second thread costs more than it saves. A big model's
-    step reads every weight once: on this 2-core machine one thread already moves as many bytes per
-    second as two (measured, float32 and 16-bit alike), and two OpenMP threads fall ~10x behind as
-    soon as another process wants a core (GPT-2-small: 18 vs 3 tok/s). With more cores a single
-    thread may not saturate memory bandwidth, so torch's default stays.
+    A small model's step is tiny ops where a second thread costs more than it saves. On a 2-core
+    machine two OpenMP threads fall far behind as soon as another process wants a core. Measured
+    on this 2-core EPYC (Zen 4), 1 vs 2 threads, medians of 9 interleaved runs: quiet, 0.8M params
+    1.01x, 10.7M float16 steps 0.66x (there two threads win), 10.7M float32 0.99x; beside one
+    busy-loop process 3.05x, 2.19x, 3.04x; on the shared machine under load ~4, 8.7x (0.8M) and
+    4.9x (10.7M); GPT-2-small earlier 18 vs 3 tok/s. One thread is never much slower and often far
+    faster. With more cores a single thread may not saturate memory bandwidth, so torch's default stays.
     """
     if model.num_params() < SINGLE_THREAD_PARAMS or torch.get_num_threads() <= 2:
         return 1
     return None
 
 
-@contextlib.contextmanager
-def _cpu_threads(n: int | None) -> Iterator[None]:
-    if n is None:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+class _Scoped:
+    """Inference mode and the engine's thread count for one piece of the engine's own work.
+
+    torch.set_num_threads sets the calling thread's OpenMP count (and torch's default for threads
+    not started yet), so it is set on entry and the caller's value put back on exit, never held
+    across a yield. Setting it costs ~0.1 us. A class, not @contextmanager: this runs once a token.
+    """
+
+    __slots__ = ("threads", "before", "mode")
+
+    def __init__(self, threads: int | None):
+        self.threads, self.before, self.mode = threads, None, torch.inference_mode()
+
+    def __enter__(self) -> None:
+        self.mode.__enter__()
+        n = torch.get_num_threads()
+        if self.threads is not None and n != self.threads:
+            self.before = n
+            torch.set_num_threads(self.threads)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.before is not None:
+            torch.set_num_threads(self.before)
+            self.before = None
+        self.mode.__exit__(*exc)
 
 
 def low_precision_candidates() -> list[torch.dtype]:
@@ -137,44 +179,10 @@ def low_precision_candidates() -> list[torch.dtype]:
 _MATRICES = ("attn_w", "attn_b", "attn_proj_w", "attn_proj_b", "fc_w", "fc_b", "mlp_proj_w", "mlp_proj_b")
 
 
-@dataclass
-class _Layer:
-    """One block's tensors, read once from the modules so a decode step makes no module calls."""
-
-    ln_1: tuple[torch.Tensor, torch.Tensor | None]
-    ln_2: tuple[torch.Tensor, torch.Tensor | None]
-    attn_w: torch.Tensor
-    attn_b: torch.Tensor | None
-    attn_proj_w: torch.Tensor
-    attn_proj_b: torch.Tensor | None
-    fc_w: torch.Tensor
-    fc_b: torch.Tensor | None
-    mlp_proj_w: torch.Tensor
-    mlp_proj_b: torch.Tensor | None
-
-
-def _norm_params(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    bias = getattr(m, "bias", None)
-    return m.weight.detach(), None if bias is None else bias.detach()
-
-
-def _read_layer(block: nn.Module) -> _Layer:
-    def t(p: torch.Tensor | None) -> torch.Tensor | None:
-        return None if p is None else p.detach()
-
-    a, m = block.attn, block.mlp
-    return _Layer(
-        ln_1=_norm_params(block.ln_1), ln_2=_norm_params(block.ln_2),
-        attn_w=a.c_attn.weight.detach(), attn_b=t(a.c_attn.bias),
-        attn_proj_w=a.c_proj.weight.detach(), attn_proj_b=t(a.c_proj.bias),
-        fc_w=m.c_fc.weight.detach(), fc_b=t(m.c_fc.bias),
-        mlp_proj_w=m.c_proj.weight.detach(), mlp_proj_b=t(m.c_proj.bias),
-    )
-
-
-def _step_layer(layer: _Layer, dtype: torch.dtype) -> _Layer:
+def _step_layer(layer: LayerTensors, dtype: torch.dtype) -> LayerTensors:
     """The layer for one-token steps: matrices (and biases) in dtype, each matrix transposed to
-    (in, out), the operand torch.mm takes without a per-call transpose; norms stay as they are."""
+    (in, out), the operand torch.mm takes without a per-call transpose; norms stay as they are.
+    (The same record type as the model's, holding the transposes: a step-only copy.)"""
 
     def cast(k: str) -> torch.Tensor | None:
         t = getattr(layer, k)
@@ -213,37 +221,23 @@ class Decoder:
     Only the matmuls' inputs and outputs are rounded; the residual stream, norms, attention and the
     KV cache stay float32. Embeddings are only indexed (one row per token), so they stay float32 at
     no bandwidth cost. Prefills stay float32: exact, and float16 matmuls of many rows are slow on CPUs.
+    Tensors and math come from model.decode_view() (see the module docstring).
     """
 
     def __init__(self, model: GPT, step_dtype: torch.dtype | None = None):
-        cfg = model.config
-        tr = model.transformer
-        self.cfg = cfg
-        self.n_head, self.head_size = cfg.n_head, cfg.n_embd // cfg.n_head
-        self.wte = tr.wte.weight.detach()
-        self.wpe = tr.wpe.weight.detach() if "wpe" in tr else None
-        self.rope = (model.rope_cos, model.rope_sin) if self.wpe is None else None
-        self.norm = self._norm_fn(tr.ln_f)
-        self.ln_f = _norm_params(tr.ln_f)
-        self.layers = [_read_layer(b) for b in tr.h]
-        self.head = model.lm_head.weight.detach()
+        view: DecodeView = model.decode_view()
+        self.cfg = view.config
+        self.n_head, self.head_size = self.cfg.n_head, self.cfg.n_embd // self.cfg.n_head
+        self.wte, self.wpe, self.rope, self.head = view.wte, view.wpe, view.rope, view.head
+        self.norm, self.act, self.qk_norm, self.rotate = view.norm, view.activation, view.qk_norm, view.rotate
+        self.norm_f = view.norm_f
+        self.layers = view.layers
         self.step_dtype = step_dtype or self.wte.dtype
         self.step_layers = [_step_layer(layer, self.step_dtype) for layer in self.layers]
         self.step_headT = self.head.to(self.step_dtype).t()
-        self.relu2 = cfg.mlp == "relu2"
-
-    @staticmethod
-    def _norm_fn(m: nn.Module) -> Callable[..., torch.Tensor]:
-        C = m.weight.shape[0]
-        if isinstance(m, RMSNorm):  # the same formula as RMSNorm.forward, as one fused op
-            return lambda x, p: F.rms_norm(x, (C,), p[0], eps=m.eps)
-        return lambda x, p: F.layer_norm(x, (C,), p[0], p[1], eps=m.eps)
 
     def new_cache(self, batch_size: int, device: torch.device) -> KVCache:
         return KVCache(self.cfg, batch_size, device, self.wte.dtype)
-
-    def _mlp_act(self, h: torch.Tensor) -> torch.Tensor:
-        return F.relu(h).square() if self.relu2 else F.gelu(h)
 
     def prefill(self, idx: torch.Tensor, cache: KVCache, all_logits: bool = False) -> torch.Tensor:
         """idx (B, T) into an empty cache -> float32 logits (B, V) of the last position ((B, T, V) with all_logits)."""
@@ -255,19 +249,19 @@ class Decoder:
             x = x + self.wpe[:T]
         rope = None if self.rope is None else (self.rope[0][:T], self.rope[1][:T])
         for i, layer in enumerate(self.layers):
-            h = self.norm(x, layer.ln_1)
+            h = self.norm(x, *layer.norm_1)
             qkv = F.linear(h, layer.attn_w, layer.attn_b).view(B, T, 3, self.n_head, self.head_size)
             q, k, v = self._qk_prep(qkv.permute(2, 0, 3, 1, 4), rope)  # (B, nh, T, hs) each
             cache.k[i, :, :, :T] = k
             cache.v[i, :, :, :T] = v
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, -1)
             x = x + F.linear(y, layer.attn_proj_w, layer.attn_proj_b)
-            h = self._mlp_act(F.linear(self.norm(x, layer.ln_2), layer.fc_w, layer.fc_b))
+            h = self.act(F.linear(self.norm(x, *layer.norm_2), layer.fc_w, layer.fc_b))
             x = x + F.linear(h, layer.mlp_proj_w, layer.mlp_proj_b)
         cache.pos = T
         if not all_logits:
             x = x[:, -1]
-        return F.linear(self.norm(x, self.ln_f), self.head)
+        return F.linear(self.norm(x, *self.norm_f), self.head)
 
     def step(self, tok: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """tok (B,): one new token per sample at position cache.pos -> float32 logits (B, V)."""
@@ -278,8 +272,9 @@ class Decoder:
         if self.wpe is not None:
             x.add_(self.wpe[pos])
         rope = None if self.rope is None else (self.rope[0][pos], self.rope[1][pos])
+        norm, act = self.norm, self.act
         for k_cache, v_cache, layer in zip(cache.k, cache.v, self.step_layers):
-            qkv = _mm(self.norm(x, layer.ln_1), layer.attn_w, layer.attn_b).view(B, 3, self.n_head, self.head_size)
+            qkv = _mm(norm(x, *layer.norm_1), layer.attn_w, layer.attn_b).view(B, 3, self.n_head, self.head_size)
             q, k, v = self._qk_prep(qkv.transpose(0, 1), rope)  # (B, nh, hs) each
             k_cache.select(2, pos).copy_(k)  # into the preallocated (B, nh, block_size, hs) cache
             v_cache.select(2, pos).copy_(v)
@@ -287,25 +282,133 @@ class Decoder:
             keys, values = k_cache.narrow(2, 0, pos + 1), v_cache.narrow(2, 0, pos + 1)
             y = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values)
             x = _residual(x, y.reshape(B, -1), layer.attn_proj_w, layer.attn_proj_b)  # (B, nh, 1, hs) -> (B, C)
-            h = self._mlp_act(_mm(self.norm(x, layer.ln_2), layer.fc_w, layer.fc_b))
+            h = act(_mm(norm(x, *layer.norm_2), layer.fc_w, layer.fc_b))
             x = _residual(x, h, layer.mlp_proj_w, layer.mlp_proj_b)
         cache.pos = pos + 1
-        return _mm(self.norm(x, self.ln_f), self.step_headT, None)
+        return _mm(norm(x, *self.norm_f), self.step_headT, None)
 
     def _qk_prep(
         self, qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """qkv (3, ...) -> q, k, v with QK-norm and rotary positions applied to q and k together."""
         qk, v = qkv[:2], qkv[2]
-        if self.cfg.qk_norm:
-            qk = F.rms_norm(qk, (self.head_size,))
+        if self.qk_norm is not None:
+            qk = self.qk_norm(qk)
         if rope is not None:
-            qk = rotate(qk, *rope)
+            qk = self.rotate(qk, *rope)
         return qk[0], qk[1], v
 
 
+def check_prompt(prompt_ids: list[int], block_size: int) -> None:
+    if not prompt_ids:
+        raise PocketError("the prompt is empty; give at least one character or token")
+    if len(prompt_ids) > block_size:
+        raise PocketError(
+            f"the prompt is {len(prompt_ids)} tokens but the model's context is {block_size}; "
+            f"shorten it to at most {block_size} tokens"
+        )
+
+
+class TokenStream:
+    """One generation's new token ids, a step per next(): a list with one id per sample, None for
+    a sample that has ended (see the module docstring). Made by Engine.start, which checks the
+    prompt and runs the prefill; every step runs under the engine's own thread count, put back
+    before next() returns. Independent of other streams (own KV cache, own random generator).
+
+    prompt_tokens, completion_tokens[row] (ids generated for the row, the one that ended it
+    included) and finish_reasons[row] ("stop", "length", None while running) are kept up to date.
+    """
+
+    def __init__(self, engine: "Engine", prompt_ids: list[int], settings: SamplingSettings,
+                 stop_token_ids: Collection[int] = ()):
+        check_prompt(prompt_ids, engine.cfg.block_size)
+        B, s = settings.num_samples, settings
+        self.settings, self._scope = s, _Scoped(engine.threads)
+        self.prompt_tokens = len(prompt_ids)
+        self.completion_tokens = [0] * B
+        self.finish_reasons: list[str | None] = [None if s.max_new_tokens else "length"] * B
+        self._stop_ids = frozenset(stop_token_ids)
+        self._running, self._steps, self._last = B if s.max_new_tokens else 0, 0, None
+        with self._scope:
+            self._dec = dec = engine.decoder()
+            self._gen = torch.Generator(device=engine.device)
+            self._gen.manual_seed(s.seed) if s.seed is not None else self._gen.seed()
+            self._cache = dec.new_cache(B, engine.device)
+            prompt = torch.tensor(prompt_ids, dtype=torch.long, device=engine.device).expand(B, -1)
+            self._logits = dec.prefill(prompt, self._cache)
+            self._window = list(prompt.unbind(1))  # the context as (B,) columns: no torch.cat per step
+            self._seen = None  # the repetition penalty's presence mask (B, V)
+            if s.repetition_penalty != 1.0:
+                self._seen = torch.zeros(B, engine.cfg.vocab_size, dtype=torch.bool, device=engine.device)
+                self._seen[:, prompt[0]] = True
+
+    def __iter__(self) -> "TokenStream":
+        return self
+
+    def __next__(self) -> list[int | None]:
+        ids = self.next_ids().tolist()
+        last = self._steps == self.settings.max_new_tokens
+        out: list[int | None] = []
+        for row, tok in enumerate(ids):
+            if self.finish_reasons[row] is None:
+                self.completion_tokens[row] += 1
+                if tok in self._stop_ids:
+                    self._finish(row, "stop")
+                    tok = None
+                elif last:
+                    self._finish(row, "length")
+            else:
+                tok = None
+            out.append(tok)
+        return out
+
+    def stop(self, row: int) -> None:
+        """End one sample ("stop"): the text layer found a stop string. Its row rides along unused.
+        A stop string in the very last token turns that step's "length" into "stop"."""
+        self._finish(row, "stop")
+
+    def _finish(self, row: int, reason: str) -> None:
+        if self.finish_reasons[row] is None:
+            self._running -= 1
+        self.finish_reasons[row] = reason
+
+    def close(self) -> None:
+        """End every sample now and free the KV cache (a server's cancelled request)."""
+        for row, reason in enumerate(self.finish_reasons):
+            if reason is None:
+                self._finish(row, "stop")
+        self._cache = self._window = self._logits = self._seen = None  # type: ignore[assignment]
+
+    def next_ids(self) -> torch.Tensor:
+        """The raw step: (B,) new ids on CPU, every row (ended ones too); no bookkeeping of rows."""
+        s = self.settings
+        if self._running == 0 or self._steps >= s.max_new_tokens:
+            raise StopIteration
+        with self._scope:
+            if self._last is not None:
+                self._advance(self._last)
+            logits = self._logits if self._seen is None else penalize(self._logits, self._seen, s.repetition_penalty)
+            nxt = pick_next(logits, s.temperature, s.top_k, s.top_p, self._gen)
+            if self._seen is not None:
+                self._seen.scatter_(1, nxt[:, None], True)
+            self._last = nxt
+            self._steps += 1
+            return nxt.cpu()
+
+    def _advance(self, tok: torch.Tensor) -> None:
+        """Feed the last ids: one cached step, or, with the window full, slide it and prefill again."""
+        T = self._dec.cfg.block_size
+        self._window.append(tok)
+        if self._cache.pos < T:
+            self._logits = self._dec.step(tok, self._cache)
+        else:
+            self._window = self._window[-max(1, T // 2):]
+            self._cache.reset()
+            self._logits = self._dec.prefill(torch.stack(self._window, dim=1), self._cache)
+
+
 class Engine:
-    """Samples from a GPT with a KV cache. One Engine per model; not thread-safe.
+    """Samples from a GPT with a KV cache. One Engine per model; its TokenStreams may interleave.
 
     decode_dtype is the dtype of the matrices in one-token decode steps (prefills are float32):
     "float32"; "float16" or "bfloat16" (asked for: used without a check); or "auto", which tries a
@@ -315,6 +418,7 @@ class Engine:
     AMX), and keeps the first whose logits on a probe stay within LOGIT_TOLERANCE of float32; float32
     otherwise. The choice is made at the first generation (the probe costs a few decode steps) and
     made again if the model's weights have changed since. Same seed, same choice, same output.
+    `threads` is the thread count the engine's own work runs on (decode_threads), None: the caller's.
     """
 
     def __init__(self, model: GPT, device: torch.device | None = None, decode_dtype: str = "auto"):
@@ -337,7 +441,7 @@ class Engine:
     def decoder(self) -> Decoder:
         versions = [p._version for p in self.model.parameters()]  # bumped by every in-place update
         if self._decoder is None or versions != self._versions:
-            with _cpu_threads(self.threads), torch.inference_mode():
+            with _Scoped(self.threads):
                 self._decoder = self._build_decoder()
             self._versions = versions
         return self._decoder
@@ -360,65 +464,48 @@ class Engine:
     def model_dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
-    def stream(
-        self,
-        prompt_ids: list[int],
-        max_new_tokens: int,
-        num_samples: int = 1,
-        temperature: float = 0.8,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        seed: int | None = None,
-    ) -> Iterator[torch.Tensor]:
-        """Yield the next token of every sample, (num_samples,) on CPU, max_new_tokens times."""
-        with _cpu_threads(self.threads), torch.inference_mode():
-            yield from self._stream(prompt_ids, max_new_tokens, num_samples, temperature, top_k, top_p, seed)
+    def start(self, prompt_ids: list[int], settings: SamplingSettings,
+              stop_token_ids: Collection[int] = ()) -> TokenStream:
+        """Check the prompt, prefill, and return the generation's TokenStream. settings.stop and
+        settings.stop_at_eos are text-level (sampling.TextStream); the engine ends a sample at any
+        of stop_token_ids (e.g. a tokenizer's end-of-text id) and does not give that id out."""
+        return TokenStream(self, prompt_ids, settings, stop_token_ids)
 
-    def _stream(
-        self, prompt_ids: list[int], max_new_tokens: int, num_samples: int, temperature: float, top_k: int,
-        top_p: float, seed: int | None,
-    ) -> Iterator[torch.Tensor]:
-        check_sampling(temperature, top_k, top_p, max_new_tokens)
-        T = self.cfg.block_size
-        if not prompt_ids:
-            raise PocketError("the prompt is empty; give at least one character or token")
-        if len(prompt_ids) > T:
-            raise PocketError(
-                f"the prompt is {len(prompt_ids)} tokens but the model's context is {T}; "
-                f"shorten it to at most {T} tokens"
-            )
-        dec = self.decoder()
-        gen = torch.Generator(device=self.device)
-        gen.manual_seed(seed) if seed is not None else gen.seed()
-        cache = dec.new_cache(num_samples, self.device)
-        prompt = torch.tensor(prompt_ids, dtype=torch.long, device=self.device).expand(num_samples, -1)
-        logits = dec.prefill(prompt, cache)
-        window = list(prompt.unbind(1))  # the tokens in the context, as (B,) columns: no torch.cat per step
-        keep = max(1, T // 2)
-        for i in range(max_new_tokens):
-            nxt = pick_next(logits, temperature, top_k, top_p, gen)
-            yield nxt.cpu()
-            if i == max_new_tokens - 1:
-                break
-            window.append(nxt)
-            if cache.pos < T:
-                logits = dec.step(nxt, cache)
-            else:  # the window is full: slide it and rebuild the cache in one prefill
-                window = window[-keep:]
-                cache.reset()
-                logits = dec.prefill(torch.stack(window, dim=1), cache)
+    def stream(self, prompt_ids: list[int], settings: SamplingSettings | int | None = None, num_samples: int | None = None,
+               **changes: Any) -> Iterator[torch.Tensor]:
+        """Yield the next token of every sample, (num_samples,) on CPU, max_new_tokens times.
 
-    def generate(self, prompt_ids: list[int], max_new_tokens: int, on_step: Callable[[], None] | None = None,
-                 **kwargs: Any) -> list[list[int]]:
-        """All samples at once: num_samples lists of new token ids; on_step() after each token (progress)."""
-        steps = []
-        for step in self.stream(prompt_ids, max_new_tokens, **kwargs):
-            steps.append(step)
+        The older form: stream(ids, max_new_tokens, num_samples, temperature=..., seed=...); a
+        SamplingSettings works as the second argument too. Checks run at the first next()."""
+        tokens = self.start(prompt_ids, as_settings(settings, num_samples=num_samples, **changes))
+        while True:
+            try:
+                yield tokens.next_ids()
+            except StopIteration:
+                return
+
+    def generate(self, prompt_ids: list[int], settings: SamplingSettings | int | None = None,
+                 on_step: Callable[[], None] | None = None, stop_token_ids: Collection[int] = (),
+                 **changes: Any) -> list[list[int]]:
+        """All samples at once: num_samples lists of new token ids (a sample that met a stop token
+        id ends before it, without it); on_step() after each step (progress). settings: a
+        SamplingSettings, or max_new_tokens with the other settings as keywords (the older form)."""
+        tokens = self.start(prompt_ids, as_settings(settings, **changes), stop_token_ids)
+        if not stop_token_ids:  # the fast path: every row runs to max_new_tokens
+            steps = []
+            for _ in range(tokens.settings.max_new_tokens):
+                steps.append(tokens.next_ids())
+                if on_step is not None:
+                    on_step()
+            return torch.stack(steps, dim=1).tolist() if steps else [[] for _ in tokens.finish_reasons]
+        out: list[list[int]] = [[] for _ in tokens.finish_reasons]
+        for step in tokens:
+            for row, tok in zip(out, step):
+                if tok is not None:
+                    row.append(tok)
             if on_step is not None:
                 on_step()
-        if not steps:
-            return [[] for _ in range(kwargs.get("num_samples", 1))]
-        return torch.stack(steps, dim=1).tolist()
+        return out
 
 
 def probe_logit_diff(dec: Decoder, device: torch.device, prefill: int = 8, steps: int = 16) -> float:

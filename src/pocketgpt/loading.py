@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-import itertools
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
-from .checkpoint import load_weights, read_weights_metadata
+from .checkpoint import WEIGHTS, load_weights, read_weights_metadata
 from .config import TrainConfig
 from .engine import Engine
 from .errors import PocketError
 from .model import GPT
+from .rundir import BEST_WEIGHTS
 from .runtime import resolve
-from .tokenizer import StreamDecoder, Tokenizer, load_tokenizer
+from .sampling import Chunk, Completion, SamplingSettings, TextStream, as_settings
+from .tokenizer import Tokenizer, load_tokenizer
 
 CHECKPOINTS = ("best", "last")
 
@@ -23,7 +24,7 @@ def weights_path(run_dir: Path, checkpoint: str) -> Path:
     if checkpoint not in CHECKPOINTS:
         raise PocketError(f"--checkpoint must be 'best' or 'last', got '{checkpoint}'")
     if checkpoint == "best":
-        path = run_dir / "model.safetensors"
+        path = run_dir / BEST_WEIGHTS
         if not path.is_file():
             raise PocketError(f"{run_dir} has no best checkpoint yet (no eval finished); try --checkpoint last")
         return path
@@ -32,11 +33,28 @@ def weights_path(run_dir: Path, checkpoint: str) -> Path:
     d = resume_dir(run_dir)
     if d is None:
         raise PocketError(f"{run_dir} has no last/ checkpoint; try --checkpoint best")
-    return d / "model.safetensors"
+    return d / WEIGHTS
 
 
 class LoadedModel:
-    """A model with its tokenizer: .generate(text) -> text, .logits(ids) -> (len(ids), V) float32."""
+    """A model with its tokenizer: text in, text out; .logits(ids) -> (len(ids), V) float32.
+
+    Generation takes one sampling.SamplingSettings (or, the older style, max_new_tokens and the
+    settings as keywords; keywords also change a given SamplingSettings). Three views of one
+    generation, all built on sampling.TextStream over the engine's TokenStream:
+
+    - complete(prompt, settings) -> [Completion(text, finish_reason, prompt_tokens, completion_tokens)]
+      (text: the continuation only, without the prompt or a stop string);
+    - stream_chunks(prompt, settings) -> Chunk records as text comes, each sample ending with one
+      that carries its finish_reason and token counts (what a server streams);
+    - stream(prompt, settings) -> per step a list of new text per sample (the CLI's loop), and
+      generate / generate_many -> the prompt followed by each continuation, as before.
+
+    Stop strings end a sample and are never output; stop_at_eos ends one at the tokenizer's
+    end-of-text token (gpt2 and bpe kinds); char tokenizers have none, so there it changes nothing.
+    Every view checks the settings and the prompt and runs the prefill when called, before the
+    first piece is asked for: a bad prompt fails before any output starts.
+    """
 
     def __init__(self, model: GPT, tokenizer: Tokenizer, config: TrainConfig, source: Path, info: dict[str, str]):
         self.model, self.tokenizer, self.config, self.source, self.info = model, tokenizer, config, source, info
@@ -46,42 +64,38 @@ class LoadedModel:
     def block_size(self) -> int:
         return self.model.config.block_size
 
-    def stream(
-        self,
-        prompt: str,
-        max_new_tokens: int = 200,
-        num_samples: int = 1,
-        temperature: float = 0.8,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        seed: int | None = None,
-    ) -> Iterator[list[str]]:
-        """Yield, per generated token, the new text of each sample (pieces may be empty).
-
-        The prompt is checked before anything is yielded, so a bad prompt fails before output starts.
-        """
+    def text_stream(self, prompt: str, settings: SamplingSettings | int | None = None,
+                    num_samples: int | None = None, **changes: Any) -> TextStream:
+        """The generation's text layer, prefilled and ready to iterate (see the class docstring)."""
+        s = as_settings(settings, num_samples=num_samples, **changes)
         ids = self.tokenizer.encode(prompt)
-        steps = self.engine.stream(ids, max_new_tokens, num_samples, temperature, top_k, top_p, seed)
-        first = next(steps, None)  # runs the engine's checks and the prefill now
-        decoders = [StreamDecoder(self.tokenizer) for _ in range(num_samples)]
+        eot = getattr(self.tokenizer, "eot_id", None)  # byte-level BPE kinds only
+        stop_ids = [eot] if s.stop_at_eos and eot is not None else []
+        return TextStream(self.engine.start(ids, s, stop_ids), self.tokenizer, s.stop)
 
-        def pieces() -> Iterator[list[str]]:
-            if first is None:
-                return
-            for step in itertools.chain([first], steps):
-                yield [d.push(int(t)) for d, t in zip(decoders, step)]
+    def stream(self, prompt: str, settings: SamplingSettings | int | None = None, num_samples: int | None = None,
+               **changes: Any) -> Iterator[list[str]]:
+        """Yield, per generated token, the new text of each sample (pieces may be empty)."""
+        return iter(self.text_stream(prompt, settings, num_samples, **changes))
 
-        return pieces()
+    def stream_chunks(self, prompt: str, settings: SamplingSettings | int | None = None,
+                      **changes: Any) -> Iterator[Chunk]:
+        """Chunk records as text comes; each sample's last one has finish_reason and token counts."""
+        return self.text_stream(prompt, settings, **changes).chunks()
 
-    def generate(self, prompt: str, max_new_tokens: int = 200, **kwargs) -> str:
+    def complete(self, prompt: str, settings: SamplingSettings | int | None = None,
+                 on_step: Callable[[], None] | None = None, **changes: Any) -> list[Completion]:
+        """One Completion per sample, generated as one batch; on_step() after each step (progress)."""
+        return self.text_stream(prompt, settings, **changes).completions(on_step)
+
+    def generate(self, prompt: str, settings: SamplingSettings | int | None = None, **changes: Any) -> str:
         """The prompt followed by its continuation (the first sample when num_samples > 1)."""
-        return self.generate_many(prompt, max_new_tokens, **kwargs)[0]
+        return self.generate_many(prompt, settings, **changes)[0]
 
-    def generate_many(self, prompt: str, max_new_tokens: int = 200, **kwargs) -> list[str]:
+    def generate_many(self, prompt: str, settings: SamplingSettings | int | None = None,
+                      on_step: Callable[[], None] | None = None, **changes: Any) -> list[str]:
         """num_samples texts, generated as one batch, each the prompt plus its continuation."""
-        ids = self.tokenizer.encode(prompt)
-        outs = self.engine.generate(ids, max_new_tokens, **kwargs)
-        return [prompt + self.tokenizer.decode(o) for o in outs]
+        return [prompt + c.text for c in self.complete(prompt, settings, on_step, **changes)]
 
     @torch.inference_mode()
     def logits(self, ids: list[int] | torch.Tensor) -> torch.Tensor:
@@ -98,19 +112,15 @@ class LoadedModel:
 
 def load(src: str | Path, checkpoint: str = "best", device: str = "cpu") -> LoadedModel:
     """Load a run folder (the --out of `pocketgpt train`)."""
-    from .trainer import read_run_config
+    from . import rundir
 
-    run_dir = Path(src)
-    if not run_dir.exists():
-        raise PocketError(f"model not found: {run_dir}")
-    if not (run_dir / "config.json").is_file():
-        raise PocketError(f"{run_dir} is not a pocketgpt run folder (no config.json); give the --out folder of a training run")
-    cfg, _ = read_run_config(run_dir)
+    run_dir = rundir.check_is_run(src)
+    cfg, _ = rundir.read_config(run_dir)
     if cfg.model.vocab_size <= 0:
-        raise PocketError(f"{run_dir / 'config.json'} has no vocab_size; the run did not start properly")
-    tok = load_tokenizer(run_dir / "tokenizer.json")
+        raise PocketError(f"{run_dir / rundir.CONFIG} has no vocab_size; the run did not start properly")
+    tok = load_tokenizer(run_dir / rundir.TOKENIZER)
     if tok.vocab_size != cfg.model.vocab_size:
-        raise PocketError(f"tokenizer.json has {tok.vocab_size} tokens but the model expects {cfg.model.vocab_size}")
+        raise PocketError(f"{rundir.TOKENIZER} has {tok.vocab_size} tokens but the model expects {cfg.model.vocab_size}")
     path = weights_path(run_dir, checkpoint)
     model = GPT(cfg.model)
     load_weights(model, path)

@@ -4,17 +4,69 @@ Shapes: B batch, T time (tokens), C n_embd, nh heads, hs head size (C // nh), V 
 Knows nothing of training, files or sampling; the engine drives generation through KVCache.
 The defaults are GPT-2's architecture; a few options (rotary positions, RMSNorm, QK-norm,
 squared ReLU, an untied head, zero-initialised projections) learn faster on small budgets.
+
+The math is written once, as the plain functions below (norms, activations, QK-norm, rotary
+positions, attention); the modules call them, and so does the engine's fast decode path, which
+runs the same network without module calls. The engine's one door into the model is
+GPT.decode_view(): a DecodeView holding every tensor by role (per layer a LayerTensors) and the
+model's own norm, activation, qk_norm and rotate functions. Parameter names (state_dict keys,
+GPT-2's: transformer.h.0.attn.c_attn.weight ...) stay inside this file; the engine never reads a
+module attribute.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
+
+LAYERNORM_EPS = 1e-5  # nn.LayerNorm's and GPT-2's
+RMSNORM_EPS = 1e-6
+
+NormFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
+
+# The norms call torch.layer_norm / torch.rms_norm, the ops F.layer_norm / F.rms_norm wrap: the same
+# math without the wrapper's Python checks, which the engine's decode steps pay 2 * n_layer + 1 times.
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Normalise the last dimension (weight.shape) to zero mean and unit variance, then scale and shift."""
+    return torch.layer_norm(x, weight.shape, weight, bias, LAYERNORM_EPS)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x / rms(x) * gain: LayerNorm without centring or bias, a little cheaper. (bias: always None.)"""
+    return torch.rms_norm(x, weight.shape, weight, RMSNORM_EPS)
+
+
+NORM_FUNCTIONS: dict[str, NormFn] = {"layernorm": layer_norm, "rmsnorm": rms_norm}
+
+
+def gelu(h: torch.Tensor) -> torch.Tensor:
+    return F.gelu(h)  # exact, with erf
+
+
+def gelu_tanh(h: torch.Tensor) -> torch.Tensor:
+    """GELU's tanh approximation: what GPT-2 itself uses (Hugging Face's "gelu_new")."""
+    return F.gelu(h, approximate="tanh")
+
+
+def relu2(h: torch.Tensor) -> torch.Tensor:
+    """Squared ReLU."""
+    return F.relu(h).square()
+
+
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"gelu": gelu, "gelu_new": gelu_tanh, "relu2": relu2}
+
+
+def qk_rms_norm(qk: torch.Tensor) -> torch.Tensor:
+    """QK-norm: every query / key head vector scaled to unit RMS (no gain)."""
+    return torch.rms_norm(qk, qk.shape[-1:])
 
 
 class KVCache:
@@ -39,20 +91,25 @@ class KVCache:
         self.pos = 0
 
 
-class RMSNorm(nn.Module):
-    """x / rms(x) * gain: LayerNorm without centring or bias, a little cheaper."""
+class Norm(nn.Module):
+    """LayerNorm (gain and, with bias, a bias) or RMSNorm (gain only): NORM_FUNCTIONS[cfg.norm]."""
 
-    def __init__(self, dim: int, eps: float = 1e-6):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.fn = NORM_FUNCTIONS[cfg.norm]
+        self.weight = nn.Parameter(torch.ones(cfg.n_embd))
+        with_bias = cfg.bias and cfg.norm == "layernorm"
+        self.bias = nn.Parameter(torch.zeros(cfg.n_embd)) if with_bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+        return self.fn(x, self.weight, self.bias)
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return _detached(self.weight), _detached(self.bias)
 
 
-def make_norm(cfg: ModelConfig) -> nn.Module:
-    return RMSNorm(cfg.n_embd) if cfg.norm == "rmsnorm" else nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+def _detached(p: torch.Tensor | None) -> torch.Tensor | None:
+    return None if p is None else p.detach()
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -75,7 +132,7 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
         if self.qk_norm:  # bounded attention logits: steadier at high learning rates
-            q, k = F.rms_norm(q, (q.size(-1),)), F.rms_norm(k, (k.size(-1),))
+            q, k = qk_rms_norm(q), qk_rms_norm(k)
         if rope is not None:
             q, k = rotate(q, *rope), rotate(k, *rope)
         start = 0
@@ -113,12 +170,10 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
         self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
-        self.relu2 = cfg.mlp == "relu2"
+        self.act = ACTIVATIONS[cfg.mlp]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.c_fc(x)
-        h = F.relu(h).square() if self.relu2 else F.gelu(h)
-        return self.dropout(self.c_proj(h))
+        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
 
 
 class Block(nn.Module):
@@ -126,15 +181,60 @@ class Block(nn.Module):
 
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
-        self.ln_1 = make_norm(cfg)
+        self.ln_1 = Norm(cfg)
         self.attn = CausalSelfAttention(cfg, layer)
-        self.ln_2 = make_norm(cfg)
+        self.ln_2 = Norm(cfg)
         self.mlp = MLP(cfg)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 cache: KVCache | None = None) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), rope, cache)
         return x + self.mlp(self.ln_2(x))
+
+
+@dataclass(frozen=True, eq=False)
+class LayerTensors:
+    """One block's tensors by role, detached (they share the parameters' storage).
+
+    Matrices are (out, in) as nn.Linear holds them; a bias is None when the model has none.
+    norm_1 / norm_2 are (weight, bias) for DecodeView.norm.
+    """
+
+    norm_1: tuple[torch.Tensor, torch.Tensor | None]
+    attn_w: torch.Tensor  # (3C, C): q, k, v stacked, heads side by side in each
+    attn_b: torch.Tensor | None
+    attn_proj_w: torch.Tensor  # (C, C)
+    attn_proj_b: torch.Tensor | None
+    norm_2: tuple[torch.Tensor, torch.Tensor | None]
+    fc_w: torch.Tensor  # (4C, C)
+    fc_b: torch.Tensor | None
+    mlp_proj_w: torch.Tensor  # (C, 4C)
+    mlp_proj_b: torch.Tensor | None
+
+
+@dataclass(frozen=True, eq=False)
+class DecodeView:
+    """Everything needed to run this GPT without calling its modules (GPT.decode_view()).
+
+    Per block: h = norm(x, *norm_1); q, k, v = split(h @ attn_w.T + attn_b) into heads;
+    q, k = qk_norm(q), qk_norm(k) if qk_norm is set; q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+    with rotary positions; x += causal_attention(q, k, v) @ attn_proj_w.T + attn_proj_b;
+    x += activation(norm(x, *norm_2) @ fc_w.T + fc_b) @ mlp_proj_w.T + mlp_proj_b.
+    Then logits = norm(x, *norm_f) @ head.T. Inputs: wte[ids], plus wpe[positions] (learned
+    positions) or rotary tables rope = (cos, sin), each (block_size, hs / 2).
+    """
+
+    config: ModelConfig
+    wte: torch.Tensor  # (V, C)
+    wpe: torch.Tensor | None  # (block_size, C), learned positions; None with rotary ones
+    rope: tuple[torch.Tensor, torch.Tensor] | None
+    layers: list[LayerTensors]
+    norm_f: tuple[torch.Tensor, torch.Tensor | None]
+    head: torch.Tensor  # (V, C); the same tensor as wte when tied
+    norm: NormFn
+    activation: Callable[[torch.Tensor], torch.Tensor]
+    qk_norm: Callable[[torch.Tensor], torch.Tensor] | None  # applied to queries and keys per head
+    rotate: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class GPT(nn.Module):
@@ -146,7 +246,7 @@ class GPT(nn.Module):
             wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
             drop=nn.Dropout(cfg.dropout),
             h=nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer)),
-            ln_f=make_norm(cfg),
+            ln_f=Norm(cfg),
         )
         if cfg.pos_emb == "learned":
             layers["wpe"] = nn.Embedding(cfg.block_size, cfg.n_embd)
@@ -181,6 +281,25 @@ class GPT(nn.Module):
         if non_embedding and "wpe" in self.transformer:
             n -= self.transformer.wpe.weight.numel()
         return n
+
+    def decode_view(self) -> DecodeView:
+        """The network's tensors by role and its math functions, for a decoder (engine.Decoder)."""
+        cfg, tr = self.config, self.transformer
+        layers = [
+            LayerTensors(
+                norm_1=b.ln_1.tensors(), attn_w=b.attn.c_attn.weight.detach(), attn_b=_detached(b.attn.c_attn.bias),
+                attn_proj_w=b.attn.c_proj.weight.detach(), attn_proj_b=_detached(b.attn.c_proj.bias),
+                norm_2=b.ln_2.tensors(), fc_w=b.mlp.c_fc.weight.detach(), fc_b=_detached(b.mlp.c_fc.bias),
+                mlp_proj_w=b.mlp.c_proj.weight.detach(), mlp_proj_b=_detached(b.mlp.c_proj.bias),
+            )
+            for b in tr.h
+        ]
+        return DecodeView(
+            config=cfg, wte=tr.wte.weight.detach(), wpe=tr.wpe.weight.detach() if "wpe" in tr else None,
+            rope=(self.rope_cos, self.rope_sin) if cfg.pos_emb == "rope" else None, layers=layers,
+            norm_f=tr.ln_f.tensors(), head=self.lm_head.weight.detach(), norm=NORM_FUNCTIONS[cfg.norm],
+            activation=ACTIVATIONS[cfg.mlp], qk_norm=qk_rms_norm if cfg.qk_norm else None, rotate=rotate,
+        )
 
     def forward(
         self,

@@ -9,7 +9,6 @@ it leaves the backend of a notebook that calls `train()` untouched.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import statistics
@@ -18,8 +17,8 @@ from typing import Any
 
 from .errors import PocketError
 from .metrics import read_metrics
+from .rundir import METRICS, PLOTS, read_raw_config
 
-PLOTS_DIR = "plots"
 DPI = 110
 SINGLE_SIZE = (8.0, 4.5)  # inches: 880 x 495 px at DPI
 COMPARE_SIZE = (13.0, 5.0)
@@ -41,12 +40,12 @@ def read_run_metrics(run_dir: Path) -> list[dict[str, Any]]:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise PocketError(f"{run_dir} is not a folder; give a run folder (the --out of pocketgpt train)")
-    if not (run_dir / "metrics.jsonl").is_file():
-        raise PocketError(f"{run_dir} is not a pocketgpt run folder (no metrics.jsonl)")
-    return read_metrics(run_dir / "metrics.jsonl")
+    if not (run_dir / METRICS).is_file():
+        raise PocketError(f"{run_dir} is not a pocketgpt run folder (no {METRICS})")
+    return read_metrics(run_dir / METRICS)
 
 
-def _num(value: Any) -> float:
+def num(value: Any) -> float:
     """A metric as a float; missing, "nan", "inf" or junk become nan (the log writes NaN as a string)."""
     try:
         x = float(value)
@@ -55,32 +54,25 @@ def _num(value: Any) -> float:
     return x if math.isfinite(x) else math.nan
 
 
-def _series(records: list[dict[str, Any]], x_key: str, y_key: str) -> tuple[list[float], list[float]]:
+def series(records: list[dict[str, Any]], x_key: str, y_key: str) -> tuple[list[float], list[float]]:
     """The finite (x, y) pairs of the records that carry both keys."""
     xs, ys = [], []
     for r in records:
-        x, y = _num(r.get(x_key)), _num(r.get(y_key))
+        x, y = num(r.get(x_key)), num(r.get(y_key))
         if math.isfinite(x) and math.isfinite(y):
             xs.append(x)
             ys.append(y)
     return xs, ys
 
 
-def _run_config(run_dir: Path) -> dict[str, Any]:
-    try:
-        return json.loads((Path(run_dir) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-
-
 def _fill_tokens_seen(records: list[dict[str, Any]], run_dir: Path) -> list[dict[str, Any]]:
     """Older eval lines lack tokens_seen: derive it from the iteration and the run's batch shape."""
-    cfg = _run_config(run_dir)
+    cfg = read_raw_config(run_dir)
     run, model = cfg.get("run", {}), cfg.get("model", {})
-    per_iter = _num(run.get("batch_size")) * _num(run.get("grad_accum_steps", 1)) * _num(model.get("block_size"))
+    per_iter = num(run.get("batch_size")) * num(run.get("grad_accum_steps", 1)) * num(model.get("block_size"))
     if not math.isfinite(per_iter):
         return records
-    return [r if "tokens_seen" in r or "iter" not in r else {**r, "tokens_seen": _num(r["iter"]) * per_iter}
+    return [r if "tokens_seen" in r or "iter" not in r else {**r, "tokens_seen": num(r["iter"]) * per_iter}
             for r in records]
 
 
@@ -161,9 +153,9 @@ def _smooth(ys: list[float]) -> list[float]:
 # ---------------------------------------------------------------- one run's panels
 
 def _draw_loss(ax: Any, records: list[dict[str, Any]], name: str) -> bool:
-    it, loss = _series(records, "iter", "loss")
-    ei, etrain = _series(records, "iter", "train_loss")
-    vi, vloss = _series(records, "iter", "val_loss")
+    it, loss = series(records, "iter", "loss")
+    ei, etrain = series(records, "iter", "train_loss")
+    vi, vloss = series(records, "iter", "val_loss")
     _style(ax, _title("Loss", name), "cross-entropy loss (nats / token)")
     if not (it or ei or vi):
         _no_data(ax, "loss")
@@ -211,7 +203,7 @@ def _bits_per_byte_axis(ax: Any, records: list[dict[str, Any]]) -> Any:
     it without drawing the same curve twice. If the constant changed (data swapped on resume), the
     bpb values are drawn as their own line on a twin axes, which is returned.
     """
-    pairs = [(_num(r.get("val_loss")), _num(r.get("val_bpb"))) for r in records]
+    pairs = [(num(r.get("val_loss")), num(r.get("val_bpb"))) for r in records]
     ratios = [b / v for v, b in pairs if math.isfinite(v) and math.isfinite(b) and v > 0]
     if not ratios:
         return None
@@ -221,7 +213,7 @@ def _bits_per_byte_axis(ax: Any, records: list[dict[str, Any]]) -> Any:
         sec.set_ylabel("val loss in bits per byte", fontsize=10)
         return None
     twin = ax.twinx()
-    bi, bpb = _series(records, "iter", "val_bpb")
+    bi, bpb = series(records, "iter", "val_bpb")
     twin.plot(bi, bpb, "^--", color="0.35", ms=4, lw=1.0, label="val bits per byte (right axis)")
     twin.set_ylabel("val bits per byte", fontsize=10)
     return twin
@@ -229,7 +221,7 @@ def _bits_per_byte_axis(ax: Any, records: list[dict[str, Any]]) -> Any:
 
 def _draw_simple(ax: Any, records: list[dict[str, Any]], stem: str, clip: float, name: str) -> bool:
     key, title, ylabel, log = SIMPLE[stem]
-    xs, ys = _series(records, "iter", key)
+    xs, ys = series(records, "iter", key)
     if log:
         xs, ys = [x for x, y in zip(xs, ys) if y > 0], [y for y in ys if y > 0]
     _style(ax, _title(title, name), ylabel)
@@ -304,9 +296,9 @@ def write_plots(run_dir: Path) -> list[Path]:
     if not records:
         return []
     _require_matplotlib()
-    out = run_dir / PLOTS_DIR
+    out = run_dir / PLOTS
     out.mkdir(exist_ok=True)
-    clip = _num(_run_config(run_dir).get("optim", {}).get("grad_clip"))
+    clip = num(read_raw_config(run_dir).get("optim", {}).get("grad_clip"))
     written = []
     name = run_dir.resolve().name
     fig = _figure(SINGLE_SIZE, right=0.85)  # room for the bits-per-byte axis
@@ -346,8 +338,8 @@ def compare_runs(run_dirs: list[Path], out: Path) -> Path:
 
 
 def _draw_run(ax: Any, records: list[dict[str, Any]], x_key: str, color: str) -> bool:
-    vx, vy = _series(records, x_key, "val_loss")
-    tx, ty = _series(records, x_key, "train_loss")
+    vx, vy = series(records, x_key, "val_loss")
+    tx, ty = series(records, x_key, "train_loss")
     if vx:
         ax.plot(vx, vy, "o-", color=color, ms=min(3.0, _marker_size(len(vx))), lw=1.6)
     if tx:

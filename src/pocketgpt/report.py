@@ -14,8 +14,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import atomic_write_text, resume_dir
-from .plots import PLOTS_DIR, _num, _series, read_run_metrics
+from .checkpoint import atomic_write_text, read_last_state
+from .errors import PocketError
+from .plots import num, read_run_metrics, series
+from .rundir import BEST_WEIGHTS, PLOTS, REPORT, SAMPLES, data_dir_of, read_raw_config
 
 MAX_EVAL_ROWS = 30
 SAMPLE_LINES = 40
@@ -27,9 +29,8 @@ def write_report(run_dir: Path) -> Path:
     """Write RUN_DIR/report.md (atomically) and return its path; PocketError if RUN_DIR is not a run."""
     run_dir = Path(run_dir)
     records = read_run_metrics(run_dir)
-    cfg = _read_json(run_dir / "config.json")
-    last = resume_dir(run_dir)
-    state = _read_json(last / "state.json") if last else {}
+    cfg = read_raw_config(run_dir)
+    state = _last_state(run_dir)
     sections = [
         _header(run_dir),
         _summary(run_dir, cfg, state, records),
@@ -39,12 +40,19 @@ def write_report(run_dir: Path) -> Path:
         _data_section(run_dir, cfg),
         _samples_section(run_dir),
     ]
-    path = run_dir / "report.md"
+    path = run_dir / REPORT
     atomic_write_text(path, "\n\n".join(s for s in sections if s) + "\n")
     return path
 
 
 # ---------------------------------------------------------------- reading
+
+def _last_state(run_dir: Path) -> dict[str, Any]:
+    try:
+        return read_last_state(run_dir)
+    except PocketError:  # a damaged state.json: the report says less, it does not fail
+        return {}
+
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
@@ -74,20 +82,15 @@ def count_parameters(weights: Path, tied: bool = True) -> int | None:
     return total
 
 
-def _data_dir(run_dir: Path, cfg: dict[str, Any]) -> Path:
-    ref = Path(cfg.get("data_dir", "data"))  # as train.data_dir_of, without importing torch
-    return ref if ref.is_absolute() else run_dir / ref
-
-
 # ---------------------------------------------------------------- formatting
 
 def _fmt(x: Any, digits: int = 4) -> str:
-    v = _num(x)
+    v = num(x)
     return f"{v:.{digits}f}" if math.isfinite(v) else "–"
 
 
 def _int(x: Any) -> str:
-    v = _num(x)
+    v = num(x)
     return f"{v:,.0f}" if math.isfinite(v) else "–"
 
 
@@ -121,7 +124,7 @@ def _fence(text: str) -> str:
 # ---------------------------------------------------------------- sections
 
 def _header(run_dir: Path) -> str:
-    from . import __version__
+    from .version import __version__
 
     when = datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     return (f"# Training report: {run_dir.resolve().name}\n\n"
@@ -133,14 +136,14 @@ def _evals(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _best(evals: list[dict[str, Any]]) -> dict[str, Any] | None:
-    scored = [r for r in evals if math.isfinite(_num(r.get("val_loss")))]
-    return min(scored, key=lambda r: _num(r["val_loss"])) if scored else None
+    scored = [r for r in evals if math.isfinite(num(r.get("val_loss")))]
+    return min(scored, key=lambda r: num(r["val_loss"])) if scored else None
 
 
 def _summary(run_dir: Path, cfg: dict[str, Any], state: dict[str, Any], records: list[dict[str, Any]]) -> str:
     lines = ["## Summary", ""]
     model = cfg.get("model", {})
-    params = count_parameters(run_dir / "model.safetensors", bool(model.get("tie_embeddings", True)))
+    params = count_parameters(run_dir / BEST_WEIGHTS, bool(model.get("tie_embeddings", True)))
     shape = (f"{_count(model.get('n_layer'), 'layer')}, {_count(model.get('n_head'), 'head')}, "
              f"{model.get('n_embd')} wide, context {model.get('block_size')}, "
              f"vocabulary {model.get('vocab_size')}") if model else ""
@@ -149,7 +152,7 @@ def _summary(run_dir: Path, cfg: dict[str, Any], state: dict[str, Any], records:
                      f"{'; ' if params is not None and shape else ''}{shape}")
     lines.append(_training_line(state, records))
     lines += _loss_lines(records, state)
-    _, tps = _series(records, "iter", "tokens_per_s")
+    _, tps = series(records, "iter", "tokens_per_s")
     if tps:
         lines.append(f"- **Throughput:** median {statistics.median(tps):,.0f} tokens/s")
     return "\n".join(lines)
@@ -158,7 +161,7 @@ def _summary(run_dir: Path, cfg: dict[str, Any], state: dict[str, Any], records:
 def _training_line(state: dict[str, Any], records: list[dict[str, Any]]) -> str:
     """Iterations, tokens and time from last/state.json; from the log's last line if there is none."""
     src = state or (records[-1] if records else {})
-    elapsed = _num(src.get("elapsed"))
+    elapsed = num(src.get("elapsed"))
     time = _duration(elapsed) if math.isfinite(elapsed) else "–"
     return (f"- **Training:** {_int(src.get('iter'))} iterations, {_int(src.get('tokens_seen'))} tokens seen, "
             f"{time} of training time")
@@ -168,10 +171,10 @@ def _loss_lines(records: list[dict[str, Any]], state: dict[str, Any]) -> list[st
     evals = _evals(records)
     best = _best(evals)
     if best is None:
-        if math.isfinite(_num(state.get("best_val_loss"))):
+        if math.isfinite(num(state.get("best_val_loss"))):
             return [f"- **Best val loss:** {_fmt(state['best_val_loss'])} at iter {_int(state.get('best_iter'))}"]
         return ["- **Best val loss:** no evaluation yet"]
-    bpb = _num(best.get("val_bpb"))
+    bpb = num(best.get("val_bpb"))
     lines = [f"- **Best val loss:** {_fmt(best['val_loss'])}"
              + (f" = **{bpb:.4f} bits per byte**" if math.isfinite(bpb) else "")
              + f" at iter {_int(best.get('iter'))} (the weights in `model.safetensors`)"]
@@ -208,11 +211,11 @@ def _evals_section(records: list[dict[str, Any]]) -> str:
 
 
 def _plots_section(run_dir: Path) -> str:
-    found = [(stem, title) for stem, title in PLOT_TITLES.items() if (run_dir / PLOTS_DIR / f"{stem}.png").is_file()]
+    found = [(stem, title) for stem, title in PLOT_TITLES.items() if (run_dir / PLOTS / f"{stem}.png").is_file()]
     if not found:
         return f"## Plots\n\nNone yet: `pocketgpt plot {run_dir}` draws them."
     # relative links, so the report and its pictures move together
-    return "## Plots\n\n" + "\n\n".join(f"![{title}]({PLOTS_DIR}/{stem}.png)" for stem, title in found)
+    return "## Plots\n\n" + "\n\n".join(f"![{title}]({PLOTS}/{stem}.png)" for stem, title in found)
 
 
 def _config_section(cfg: dict[str, Any]) -> str:
@@ -227,7 +230,7 @@ def _config_section(cfg: dict[str, Any]) -> str:
 
 
 def _data_section(run_dir: Path, cfg: dict[str, Any]) -> str:
-    data_dir = _data_dir(run_dir, cfg)
+    data_dir = data_dir_of(run_dir, cfg)
     meta = _read_json(data_dir / "meta.json")
     if not meta:
         return f"## Data\n\nNo readable `meta.json` in the data folder `{data_dir}` (moved or deleted?)."
@@ -246,7 +249,7 @@ def _data_section(run_dir: Path, cfg: dict[str, Any]) -> str:
 
 def _samples_section(run_dir: Path) -> str:
     try:
-        text = (run_dir / "samples.txt").read_text(encoding="utf-8", errors="replace")
+        text = (run_dir / SAMPLES).read_text(encoding="utf-8", errors="replace")
     except OSError:
         return ""
     lines = text.rstrip().splitlines()[-SAMPLE_LINES:]

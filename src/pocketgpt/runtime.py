@@ -146,3 +146,13 @@ def _sync(runtime: Runtime) -> None:
         torch.cuda.synchronize(runtime.device)
     elif runtime.device.type == "mps":
         torch.mps.synchronize()
+
+
+def device_memory_mb(runtime: Runtime) -> float:
+    """Total memory of the device in MB: the GPU's own on CUDA, the machine's RAM otherwise (0 if unknown)."""
+    if runtime.is_cuda:
+        return torch.cuda.get_device_properties(runtime.device).total_memory / 2**20
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
+    except (ValueError, OSError, AttributeError):  # not POSIX: no figure, so no refusal
+        return 0.0

@@ -1,214 +1,144 @@
-"""train(cfg) -> run dir: the loop, evals, schedule, clipping, accumulation, AMP, compile, resume."""
+"""train(cfg) -> run dir: build the model, then the loop (steps, evals, schedule, clipping, AMP, budget).
+
+Who does what around the loop:
+  data.open_training_data   the splits, samplers and tokenizer
+  build_model               the raw GPT (fresh, or an initial model passed in) and what wraps it
+  trainstate.Resumable      everything an exact resume saves and restores
+  evalsteps.EVAL_STEPS      what each eval does (best weights, notes, early stop, sample, plots)
+  rundir                    the run folder's layout, config and lock
+The Trainer itself only steps, evaluates and keeps time.
+"""
 
 from __future__ import annotations
 
+import copy
 import math
-import os
 import shutil
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from . import checkpoint as ckpt
-from .config import CONFIG_FORMAT_VERSION, TrainConfig, validate
-from .data import BatchSampler, open_tokens, read_meta
+from . import evalsteps, rundir
+from .checkpoint import atomic_write
+from .config import ModelConfig, TrainConfig, validate
+from .data import TrainData, open_training_data
 from .errors import PocketError, TrainingDiverged
 from .metrics import MetricsLog, check_loggers
 from .model import GPT
 from .optim import lr_at, make_optimizers, progress, set_lr
-from .runtime import Runtime, matmul_flops, resolve
-from .sizing import estimate_memory_mb, flops_per_token, gpu_peak_flops, seconds_per_iter, training_flops
-from .tokenizer import load_tokenizer
+from .runtime import Runtime, device_memory_mb, matmul_flops, resolve
+from .sizing import (
+    count_params,
+    estimate_memory_mb,
+    flops_per_token,
+    gpu_peak_flops,
+    seconds_per_iter,
+    training_flops,
+)
+from .trainstate import Resumable, RunState
 
 SHAPE_KEYS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias", "pos_emb", "norm", "qk_norm", "mlp",
               "tie_embeddings")
-RUN_FILES = ("config.json", "tokenizer.json", "model.safetensors", "metrics.jsonl", "samples.txt", "last", "last.old",
-             "plots", "report.md", "tensorboard", "wandb")
-EVAL_SEED_OFFSET = 1_000_003  # eval batches come from their own stream, never the training one
 
 
-@dataclass
-class RunState:
-    """What the loop needs besides weights and optimizer to carry on exactly."""
+# ---------------------------------------------------------------- the model, built before the loop
 
-    iter: int = 0
-    tokens_seen: int = 0
-    elapsed: float = 0.0  # training wall time, carried across resumes for --max-time
-    best_val_loss: float = math.inf
-    best_iter: int = -1
-    evals_since_best: int = 0
-    last_train_loss: float = math.nan
-    history: list[dict[str, Any]] = field(default_factory=list)
+class TrainModel:
+    """The raw GPT (saved, evaluated, sampled) and `forward`, what a training step calls.
 
-    def to_dict(self) -> dict[str, Any]:
-        d = dict(self.__dict__)
-        d["best_val_loss"] = None if math.isinf(self.best_val_loss) else self.best_val_loss
-        d["last_train_loss"] = None if math.isnan(self.last_train_loss) else self.last_train_loss
-        return d
+    forward is the raw model, or a compiled one (a DistributedDataParallel wrapper would go here
+    too); a compiler failure at the first call falls back to the raw model with a warning.
+    """
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "RunState":
-        s = cls()
-        for key in ("iter", "tokens_seen", "elapsed", "best_iter", "evals_since_best", "history"):
-            if key in d:
-                setattr(s, key, d[key])
-        s.best_val_loss = math.inf if d.get("best_val_loss") is None else float(d["best_val_loss"])
-        s.last_train_loss = math.nan if d.get("last_train_loss") is None else float(d["last_train_loss"])
-        return s
+    def __init__(self, raw: GPT):
+        self.raw = raw
+        self.forward: Callable[..., Any] = raw
 
+    @property
+    def wrapped(self) -> bool:
+        return self.forward is not self.raw
 
-# ---------------------------------------------------------------- run folder
+    def compile(self, say: Callable[[str], None]) -> None:
+        try:
+            self.forward = torch.compile(self.raw)
+            say("compiling the model (the first steps are slow) ...")
+        except Exception as e:  # noqa: BLE001 - any failure means: run eagerly
+            say(f"warning: torch.compile unavailable ({type(e).__name__}); training without it")
 
-def is_run_dir(path: Path) -> bool:
-    return (Path(path) / "config.json").is_file()
-
-
-def check_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to clobber anything that is not ours; with overwrite, clear a previous run (not data/)."""
-    out = Path(out)
-    if resume:
-        if not is_run_dir(out):
-            raise PocketError(f"cannot resume: {out} is not a pocketgpt run folder (no config.json)")
-        return
-    if is_run_dir(out):
-        if not overwrite:
-            raise PocketError(
-                f"{out} already holds a training run; add --resume to continue it, "
-                "--overwrite to start again, or choose another --out"
-            )
-        for name in RUN_FILES:
-            p = out / name
-            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
-        ckpt.remove_stale_temps(out)
-        return
-    if out.exists():
-        if not out.is_dir():
-            raise PocketError(f"{out} is a file, not a folder; choose another --out")
-        if any(p.name != "data" and not ckpt.is_temp(p) for p in out.iterdir()):
-            raise PocketError(f"{out} exists and is not a pocketgpt run folder; choose another --out")
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, say: Callable[[str], None]) -> Any:
+        try:
+            return self.forward(x, y)
+        except Exception as e:  # noqa: BLE001 - a compiler failure shows up at the first call
+            if not self.wrapped:
+                raise
+            say(f"warning: torch.compile failed ({type(e).__name__}: {str(e)[:200]}); training without it")
+            self.forward = self.raw
+            return self.raw(x, y)
 
 
-def save_config(out: Path, cfg: TrainConfig, data_dir: Path) -> None:
-    from . import __version__
-
-    try:
-        data_ref = str(data_dir.resolve().relative_to(out.resolve()))
-    except ValueError:
-        data_ref = str(data_dir.resolve())
-    ckpt.write_json(
-        out / "config.json",
-        {"format_version": CONFIG_FORMAT_VERSION, "pocketgpt_version": __version__, "data_dir": data_ref,
-         **cfg.to_dict()},
-    )
-
-
-def read_run_config(run_dir: Path) -> tuple[TrainConfig, dict[str, Any]]:
-    """(TrainConfig, raw dict) from RUN_DIR/config.json, with version and key checks."""
-    raw = ckpt.read_json(Path(run_dir) / "config.json", "run config")
-    ckpt.check_format_version(raw, Path(run_dir) / "config.json")
-    cfg = TrainConfig.from_dict(raw)
-    return cfg, raw
+def build_model(cfg: ModelConfig, runtime: Runtime, initial: GPT | None = None) -> TrainModel:
+    """A fresh GPT of cfg (from torch's current RNG), or `initial` (e.g. pretrained weights), on the device."""
+    if initial is not None:
+        if initial.config.vocab_size != cfg.vocab_size or initial.config.block_size < cfg.block_size:
+            raise PocketError(f"the initial model (vocab {initial.config.vocab_size}, context "
+                              f"{initial.config.block_size}) does not fit the data (vocab {cfg.vocab_size}) "
+                              f"or block_size {cfg.block_size}")
+        raw = initial
+    else:
+        raw = GPT(cfg)
+    return TrainModel(raw.to(runtime.device))
 
 
-def data_dir_of(run_dir: Path, raw: dict[str, Any]) -> Path:
-    ref = Path(raw.get("data_dir", "data"))
-    return ref if ref.is_absolute() else Path(run_dir) / ref
-
-
-# ---------------------------------------------------------------- pieces of the loop
-
-def _load_split(data_dir: Path, split: str, vocab_size: int, block_size: int) -> np.ndarray:
-    tokens, vs = open_tokens(data_dir / f"{split}.bin")
-    if vs != vocab_size:
-        raise PocketError(f"{data_dir / (split + '.bin')} has vocab {vs} but meta.json says {vocab_size}; prepare again")
-    if len(tokens) < block_size + 1:
-        raise PocketError(
-            f"the {split} split has {len(tokens)} tokens but block_size {block_size} needs at least "
-            f"{block_size + 1}; give more text, lower --block-size"
-            + (", or raise --val-fraction when preparing" if split == "val" else "")
-        )
-    return tokens
-
-
-def _rng_state(runtime: Runtime) -> dict[str, torch.Tensor]:
-    state = {"torch_cpu": torch.get_rng_state()}
-    if runtime.is_cuda:
-        state["torch_cuda"] = torch.cuda.get_rng_state(runtime.device)
-    return state
-
-
-def _set_rng_state(runtime: Runtime, state: dict[str, torch.Tensor]) -> None:
-    torch.set_rng_state(state["torch_cpu"])
-    if runtime.is_cuda and "torch_cuda" in state:
-        torch.cuda.set_rng_state(state["torch_cuda"], runtime.device)
-
+# ---------------------------------------------------------------- the loop
 
 class Trainer:
-    """Holds the model, optimizer and data of one run; `run()` trains to the end."""
+    """Steps, evaluates and keeps time for one run; `run()` trains to the end."""
 
-    def __init__(self, cfg: TrainConfig, data_dir: Path, out: Path, runtime: Runtime, log: MetricsLog):
-        self.cfg, self.data_dir, self.out, self.runtime, self.log = cfg, data_dir, out, runtime, log
-        meta = read_meta(data_dir)
-        cfg.model.vocab_size = int(meta["vocab_size"])
-        m, r = cfg.model, cfg.run
-        self.train_tokens = _load_split(data_dir, "train", m.vocab_size, m.block_size)
-        self.val_tokens = _load_split(data_dir, "val", m.vocab_size, m.block_size)
-        self.val_bytes_per_token = meta["splits"]["val"]["bytes"] / max(meta["splits"]["val"]["tokens"], 1)
-        self.sampler = BatchSampler(self.train_tokens, m.block_size, r.batch_size, r.seed)
-        self.eval_samplers = {
-            split: BatchSampler(toks, m.block_size, r.batch_size, r.seed + EVAL_SEED_OFFSET)
-            for split, toks in (("train", self.train_tokens), ("val", self.val_tokens))
-        }
-        torch.manual_seed(r.seed)
-        self.model = GPT(m).to(runtime.device)
+    def __init__(self, cfg: TrainConfig, data: TrainData, model: TrainModel, out: Path, runtime: Runtime,
+                 log: MetricsLog):
+        self.cfg, self.data, self.net, self.out, self.runtime, self.log = cfg, data, model, out, runtime, log
+        self.model = model.raw
         self.optimizers = make_optimizers(self.model, cfg.optim, runtime.device)
         self.scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.needs_grad_scaler)
-        self.forward = self.model  # replaced by the compiled module when compile works
+        self.resumable = Resumable(self.model, self.optimizers, self.scaler, runtime)
         # Reading a loss on a GPU waits for all queued work; read at log and eval steps only, and keep a
         # device-side flag of non-finite values for the steps in between (checked before every save).
         self.read_every_step = not runtime.is_cuda
         self.unread_bad = torch.zeros((), dtype=torch.bool, device=runtime.device)
         self.last_read_iter = 0
-        self.compile_pending = bool(r.compile)
         self.state = RunState()
         self.stop_requested = False
         self.early_stopped = False
-        self.tokenizer = load_tokenizer(data_dir / "tokenizer.json")
+        m = cfg.model
         self.flops_per_token = flops_per_token(_matmul_params(self.model), m.n_layer, m.n_embd, m.block_size)
         self.peak_flops = (gpu_peak_flops(torch.cuda.get_device_name(runtime.device), runtime.dtype != torch.float32)
                            if runtime.is_cuda else None)
 
+    @classmethod
+    def create(cls, cfg: TrainConfig, data_dir: Path, out: Path, runtime: Runtime, log: MetricsLog,
+               initial: GPT | None = None) -> "Trainer":
+        """Open the data, seed, build the model and the trainer: what train() does before the loop."""
+        data = open_training_data(data_dir, cfg.model.block_size, cfg.run.batch_size, cfg.run.seed)
+        cfg = replace(cfg, model=replace(cfg.model, vocab_size=data.vocab_size))
+        torch.manual_seed(cfg.run.seed)
+        return cls(cfg, data, build_model(cfg.model, runtime, initial), Path(out), runtime, log)
+
+    @property
+    def sampler(self) -> Any:
+        return self.data.sampler
+
     # -- resume -------------------------------------------------------------
     def restore(self) -> None:
-        folder, state, optimizer_state, rng = ckpt.load_resume_state(self.out)
-        ckpt.load_weights(self.model, folder / "model.safetensors")
-        try:
-            saved = optimizer_state["optimizers"]
-            if len(saved) != len(self.optimizers):
-                raise ValueError(f"{len(saved)} optimizers saved, {len(self.optimizers)} now (was optimizer changed?)")
-            for opt, sd in zip(self.optimizers, saved):
-                opt.load_state_dict(sd)
-        except (ValueError, KeyError, TypeError) as e:
-            raise PocketError(f"optimizer state in {folder} does not fit this model ({e})") from None
-        if "scaler" in state and self.scaler.is_enabled():
-            self.scaler.load_state_dict(state["scaler"])
-        _set_rng_state(self.runtime, rng)
-        self.state = RunState.from_dict(state)
+        self.state = self.resumable.restore(self.out)
 
     def save_last(self) -> None:
         self._check_unread(self.state.iter)
-        extra = {"scaler": self.scaler.state_dict()} if self.scaler.is_enabled() else {}
-        with ckpt.disk_errors(self.out, "resume checkpoint (last/)"):
-            ckpt.save_resume_state(
-                self.out, self.model, {"optimizers": [o.state_dict() for o in self.optimizers]},
-                _rng_state(self.runtime),
-                {**self.state.to_dict(), **extra},
-            )
+        self.resumable.save(self.out, self.state)
 
     # -- one optimizer step -------------------------------------------------
     def _to_device(self, a: np.ndarray) -> torch.Tensor:
@@ -216,16 +146,6 @@ class Trainer:
         if self.runtime.is_cuda:
             return t.pin_memory().to(self.runtime.device, non_blocking=True)
         return t.to(self.runtime.device)
-
-    def _maybe_compile(self) -> None:
-        if not self.compile_pending:
-            return
-        self.compile_pending = False
-        try:
-            self.forward = torch.compile(self.model)
-            self.log.say("compiling the model (the first steps are slow) ...")
-        except Exception as e:  # noqa: BLE001 - any failure means: run eagerly
-            self.log.say(f"warning: torch.compile unavailable ({type(e).__name__}); training without it")
 
     def step(self, it: int, lr: float) -> tuple[float, float]:
         """Forward/backward over grad_accum_steps micro-batches and one update; (loss, grad norm).
@@ -238,7 +158,7 @@ class Trainer:
         for micro in range(r.grad_accum_steps):
             x, y = (self._to_device(a) for a in self.sampler.batch(it, micro))
             with self.runtime.autocast():
-                _, loss = self._forward_safely(x, y)
+                _, loss = self.net(x, y, self.log.say)
             self.scaler.scale(loss / r.grad_accum_steps).backward()
             total += loss.detach()
         read = self.read_every_step or self._is_read_step(it + 1)
@@ -286,16 +206,6 @@ class Trainer:
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
 
-    def _forward_safely(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        try:
-            return self.forward(x, y)
-        except Exception as e:  # noqa: BLE001 - a compiler failure shows up at the first call
-            if self.forward is self.model:
-                raise
-            self.log.say(f"warning: torch.compile failed ({type(e).__name__}: {str(e)[:200]}); training without it")
-            self.forward = self.model
-            return self.model(x, y)
-
     def _diverged_message(self, it: int, what: str, value: float) -> str:
         return (
             f"training stopped at iter {it}: the {what} became {value}; the step was not applied and "
@@ -314,7 +224,7 @@ class Trainer:
         """Mean loss over eval_iters fixed batches per split (the same batches at every eval)."""
         self.model.eval()
         out = {}
-        for split, sampler in self.eval_samplers.items():
+        for split, sampler in self.data.eval_samplers.items():
             losses = []
             for k in range(self.cfg.run.eval_iters):
                 x, y = (self._to_device(a) for a in sampler.batch(k))
@@ -325,83 +235,23 @@ class Trainer:
         self.model.train()
         return out
 
-    def evaluate_and_save(self) -> None:
-        s = self.state
-        self._check_unread(s.iter)
-        losses = self.estimate_losses()
-        bpb = losses["val"] / math.log(2) / self.val_bytes_per_token
-        improved = losses["val"] < s.best_val_loss
-        if improved:
-            s.best_val_loss, s.best_iter = losses["val"], s.iter
-            with ckpt.disk_errors(self.out, "best weights (model.safetensors)"):
-                ckpt.save_weights(
-                    self.model, self.out / "model.safetensors",
-                    metadata={"iter": str(s.iter), "val_loss": f"{losses['val']:.6f}", "format_version": "1"},
-                )
-        record = {"iter": s.iter, "train_loss": losses["train"], "val_loss": losses["val"], "val_bpb": bpb,
-                  "elapsed": round(s.elapsed, 3), "tokens_seen": s.tokens_seen}
-        s.history.append({k: record[k] for k in ("iter", "train_loss", "val_loss")})
-        self.log.write(record)
-        self.log.say(
-            f"eval iter {s.iter}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} "
-            f"({bpb:.3f} bits/byte){' -> saved best' if improved else ''}"
-        )
-        self._watch_overfitting(improved)
-        self._write_sample(losses["val"])
-        self.save_last()
-        self._refresh_plots()
-
-    def _watch_overfitting(self, improved: bool) -> None:
-        """Say when val loss stalls while train loss keeps falling; stop if early stopping is on."""
-        s, patience = self.state, self.cfg.run.early_stop_patience
-        s.evals_since_best = 0 if improved else s.evals_since_best + 1
-        if s.evals_since_best == 0:
-            return
-        train_losses = [h["train_loss"] for h in s.history[-(s.evals_since_best + 1):]]
-        if train_losses[-1] < train_losses[0]:
-            self.log.say(
-                f"note: val loss has not improved for {s.evals_since_best} eval(s) (best {s.best_val_loss:.4f} at "
-                f"iter {s.best_iter}) while train loss keeps falling: the model is starting to overfit"
-            )
-        if patience and s.evals_since_best >= patience:
-            self.early_stopped = True
-            self.log.say(f"early stop: {patience} evals without improvement; the best checkpoint "
-                         f"(iter {s.best_iter}) is in {self.out / 'model.safetensors'}")
-
-    def _write_sample(self, val_loss: float) -> None:
-        """A short sample from a fixed prompt, so people watch the model learn (own RNG: resume stays exact)."""
-        n = self.cfg.run.eval_sample_tokens
-        if not n:
-            return
-        from .engine import Engine
-
-        try:
-            ids = self.tokenizer.encode("\n")
-        except PocketError:  # a corpus without newlines: start from its first token instead
-            ids = [0]
-        try:
-            new = Engine(self.model).generate(ids, n, temperature=0.8, seed=self.cfg.run.seed)[0]
-        finally:
-            self.model.train()
-        text = self.tokenizer.decode(new)
-        with open(self.out / "samples.txt", "a", encoding="utf-8") as f:
-            f.write(f"=== iter {self.state.iter} (val loss {val_loss:.4f}) ===\n{text}\n\n")
-        shown = text.strip().splitlines()[:4]
-        self.log.say("sample: " + " / ".join(line.strip() for line in shown if line.strip())[:160])
-
-    def _refresh_plots(self) -> None:
-        if not self.cfg.run.plots:
-            return
-        from .plots import write_plots
-
-        _never_fatal(self.log, "draw plots", lambda: write_plots(self.out))
+    def evaluate(self) -> None:
+        """Measure, then run every eval step (evalsteps.EVAL_STEPS) in order."""
+        self._check_unread(self.state.iter)
+        ev = evalsteps.record(self.state, self.estimate_losses(), self.data.val_bytes_per_token)
+        ctx = evalsteps.EvalContext(self.out, self.cfg, self.state, self.log, self.model, self.data.tokenizer,
+                                    self.save_last)
+        for eval_step in evalsteps.EVAL_STEPS:
+            eval_step(ctx, ev)
+        self.early_stopped = self.early_stopped or ctx.stop_requested
 
     # -- the loop -------------------------------------------------------------
     def run(self) -> RunState:
         r, s = self.cfg.run, self.state
         tokens_per_iter = r.batch_size * r.grad_accum_steps * self.cfg.model.block_size
         self.last_read_iter = s.iter
-        self._maybe_compile()
+        if r.compile:
+            self.net.compile(self.log.say)
         self.model.train()
         if self.runtime.is_cuda:
             torch.cuda.reset_peak_memory_stats(self.runtime.device)
@@ -435,7 +285,7 @@ class Trainer:
                               val=_shown(s.best_val_loss))
             if s.iter % r.eval_interval == 0:
                 t1 = time.perf_counter()
-                self.evaluate_and_save()
+                self.evaluate()
                 evaluated_at = s.iter
                 s.elapsed += time.perf_counter() - t1
                 window_start = time.perf_counter()
@@ -443,7 +293,7 @@ class Trainer:
             self.save_last()
             return s
         if evaluated_at != s.iter and s.iter > 0:
-            self.evaluate_and_save()
+            self.evaluate()
         elif s.iter == 0:
             raise PocketError("nothing to train: max_iters is already reached")
         return s
@@ -489,14 +339,6 @@ def _matmul_params(model: GPT) -> int:
     return n
 
 
-def _never_fatal(log: MetricsLog, what: str, fn: Callable[[], Any]) -> None:
-    """Plots and reports are for people watching; failing to make one must not stop a run."""
-    try:
-        fn()
-    except Exception as e:  # noqa: BLE001
-        log.say(f"warning: could not {what} ({type(e).__name__}: {e})")
-
-
 def _duration(seconds: float) -> str:
     seconds = max(0, int(seconds))
     h, rem = divmod(seconds, 3600)
@@ -524,6 +366,24 @@ def _check_resume_shape(saved: TrainConfig, cfg: TrainConfig) -> None:
             )
 
 
+def check_memory(cfg: TrainConfig, vocab_size: int, runtime: Runtime) -> None:
+    """Refuse a model whose estimated training memory is beyond what this machine (or GPU) has."""
+    m = cfg.model
+    n_params = count_params(m.n_layer, m.n_embd, vocab_size, m.block_size if m.pos_emb == "learned" else 0,
+                            m.tie_embeddings)
+    sized = replace(cfg, model=replace(m, vocab_size=vocab_size))
+    state_mb, act_mb = estimate_memory_mb(sized, n_params, 2 if runtime.dtype != torch.float32 else 4)
+    have = device_memory_mb(runtime)
+    if have and state_mb + act_mb > have:
+        where = "this GPU has" if runtime.is_cuda else "this machine has"
+        raise PocketError(
+            f"this model needs ~{state_mb + act_mb:,.0f} MB to train ({state_mb:,.0f} MB weights and optimizer "
+            f"state + {act_mb:,.0f} MB activations) but {where} {have:,.0f} MB; lower --block-size, --batch-size "
+            "(raise --grad-accum-steps to keep the batch), --n-embd or --n-layer, or add --skip-memory-check "
+            "if you know better"
+        )
+
+
 def train(
     cfg: TrainConfig,
     data_dir: str | Path,
@@ -532,19 +392,34 @@ def train(
     resume: bool = False,
     overwrite: bool = False,
     echo: Callable[[str], None] | None = None,
+    initial_model: GPT | None = None,
+    memory_check: bool = True,
 ) -> TrainResult:
-    """Train cfg on the prepared data in data_dir, writing the run folder `out`."""
+    """Train cfg on the prepared data in data_dir, writing the run folder `out`; cfg itself is not changed."""
     out, data_dir = Path(out), Path(data_dir)
+    cfg = copy.deepcopy(cfg)
     validate(cfg)
     check_loggers(cfg.run.loggers)
-    check_run_dir(out, resume, overwrite)
-    if resume:
-        saved, _ = read_run_config(out)
-        _check_resume_shape(saved, cfg)
+    rundir.check_for_training(out, resume, overwrite)
     runtime = resolve(cfg.run.device, cfg.run.dtype)
-    log = MetricsLog(out / "metrics.jsonl", echo)
-    out.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(cfg, data_dir, out, runtime, log)
+    with rundir.locked(out):
+        rundir.check_for_training(out, resume, overwrite)  # again: another process may have started first
+        if resume:
+            _check_resume_shape(rundir.read_config(out)[0], cfg)
+        elif overwrite and rundir.is_run_dir(out):
+            rundir.clear(out)
+        return _train_locked(cfg, data_dir, out, runtime, resume, echo, initial_model, memory_check)
+
+
+def _train_locked(cfg: TrainConfig, data_dir: Path, out: Path, runtime: Runtime, resume: bool,
+                  echo: Callable[[str], None] | None, initial_model: GPT | None, memory_check: bool) -> TrainResult:
+    log = MetricsLog(out / rundir.METRICS, echo)
+    if memory_check:
+        from .data import read_meta
+
+        check_memory(cfg, int(read_meta(data_dir)["vocab_size"]), runtime)
+    trainer = Trainer.create(cfg, data_dir, out, runtime, log, initial_model)
+    cfg = trainer.cfg  # with the data's vocab_size
     if resume:
         trainer.restore()
         if trainer.state.iter >= cfg.run.max_iters or (cfg.run.max_time and trainer.state.elapsed >= cfg.run.max_time):
@@ -558,16 +433,9 @@ def train(
         log.say(f"resuming {out} at iter {trainer.state.iter}")
     else:
         log.reset()
-        shutil.copyfile(data_dir / "tokenizer.json", out / ".tokenizer.json.tmp")
-        os.replace(out / ".tokenizer.json.tmp", out / "tokenizer.json")
-    save_config(out, cfg, data_dir)
-    n_params = trainer.model.num_params()
-    state_mb, act_mb = estimate_memory_mb(cfg, n_params, 2 if runtime.dtype != torch.float32 else 4)
-    log.say(f"model: {n_params:,} parameters | {runtime.describe()} | "
-            f"data: {len(trainer.train_tokens):,} train / {len(trainer.val_tokens):,} val tokens")
-    log.say(f"memory estimate: ~{state_mb + act_mb:,.0f} MB ({state_mb:,.0f} MB weights, gradients and "
-            f"optimizer state + {act_mb:,.0f} MB activations per micro-batch) | "
-            f"~{1000 * _iter_seconds(trainer):,.0f} ms/iter estimated")
+        atomic_write(out / rundir.TOKENIZER, lambda p: shutil.copyfile(data_dir / "tokenizer.json", p))
+    rundir.write_config(out, cfg, data_dir)
+    _say_plan(trainer)
     started = time.perf_counter()
     log.open_mirrors(cfg.run.loggers, out, cfg.to_dict(), trainer.state.iter)
     try:
@@ -582,6 +450,17 @@ def train(
     return TrainResult(out, state.iter, state.best_val_loss, trainer.stop_requested, time.perf_counter() - started)
 
 
+def _say_plan(trainer: Trainer) -> None:
+    cfg, runtime, data, log = trainer.cfg, trainer.runtime, trainer.data, trainer.log
+    n_params = trainer.model.num_params()
+    state_mb, act_mb = estimate_memory_mb(cfg, n_params, 2 if runtime.dtype != torch.float32 else 4)
+    log.say(f"model: {n_params:,} parameters | {runtime.describe()} | "
+            f"data: {len(data.train_tokens):,} train / {len(data.val_tokens):,} val tokens")
+    log.say(f"memory estimate: ~{state_mb + act_mb:,.0f} MB ({state_mb:,.0f} MB weights, gradients and "
+            f"optimizer state + {act_mb:,.0f} MB activations per micro-batch) | "
+            f"~{1000 * _iter_seconds(trainer):,.0f} ms/iter estimated")
+
+
 def _iter_seconds(trainer: Trainer) -> float:
     """Seconds per iteration from the matmul probe and sizing's efficiency (what --preset auto assumes)."""
     r, rt = trainer.cfg.run, trainer.runtime
@@ -593,7 +472,7 @@ def _iter_seconds(trainer: Trainer) -> float:
 def _finish(out: Path, log: MetricsLog) -> None:
     from .report import write_report
 
-    _never_fatal(log, "write report.md", lambda: write_report(out))
+    evalsteps.never_fatal(log, "write report.md", lambda: write_report(out))
 
 
 class _graceful_interrupt:

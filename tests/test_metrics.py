@@ -1,4 +1,4 @@
-"""Watching a run: bits per byte in `info`, mirrors to TensorBoard / W&B / trackio, progress bars, GPU keys."""
+"""metrics.py: mirrors to TensorBoard / W&B / trackio, progress bars, GPU keys; bits per byte in `info`."""
 
 import json
 import sys
@@ -6,7 +6,7 @@ import types
 
 import pytest
 
-from conftest import metrics, run_cli, tiny_config, tiny_flags
+from helpers import metrics, run_cli, tiny_config, tiny_flags
 from pocketgpt.metrics import terminal_bar
 from pocketgpt.trainer import train
 

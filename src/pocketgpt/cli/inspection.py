@@ -1,0 +1,171 @@
+"""`pocketgpt eval`, `info`, `tokenize` and `plot`: measure and show what a run holds."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from ..errors import PocketError
+from .output import say
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from ..evaluate import evaluate_tokens
+    from ..loading import load
+    from ..metrics import terminal_progress
+    from ..runtime import resolve
+
+    if not args.memorization and (args.prompts is not None or args.prompt_tokens is not None
+                                  or args.continuation_tokens is not None):
+        raise PocketError("--prompts, --prompt-tokens and --continuation-tokens go with --memorization")
+
+    model = load(args.model, checkpoint=args.checkpoint, device=args.device)
+    tok = model.tokenizer
+    if args.file and args.data:
+        raise PocketError("give either --data or --file, not both")
+    if args.file:
+        try:
+            text = Path(args.file).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise PocketError(f"file not found: {args.file}") from None
+        except UnicodeDecodeError as e:
+            raise PocketError(f"{args.file} is not valid utf-8 at byte {e.start}") from None
+        tokens, what = tok.encode_array(text), args.file
+    elif args.memorization:
+        tokens, what = _split_tokens(args, model, "train"), "train split"
+    else:
+        tokens, what = _split_tokens(args, model, "val"), "val split"
+    if args.memorization:
+        return _memorization(args, model, tokens, what)
+    with terminal_progress(max(len(tokens) - 1, 0), "eval") as update:
+        result = evaluate_tokens(model.model, tokens, tok.token_bytes(), resolve(args.device, "float32"),
+                                 on_batch=update)
+    if args.json:
+        say(json.dumps(result))
+    else:
+        say(f"{what}: loss {result['loss']:.4f} | perplexity {result['perplexity']:.3f} | "
+             f"{result['bits_per_byte']:.4f} bits/byte | {result['tokens']:,} tokens")
+    return 0
+
+
+def _memorization(args: argparse.Namespace, model: Any, tokens: Any, what: str) -> int:
+    from ..memorize import DEFAULT_CONTINUATION, DEFAULT_PROMPTS, memorization
+    from ..metrics import terminal_progress
+
+    n = DEFAULT_PROMPTS if args.prompts is None else args.prompts
+    s = DEFAULT_CONTINUATION if args.continuation_tokens is None else args.continuation_tokens
+    with terminal_progress(max(n, 0), "memorization", unit="prompt") as update:
+        r = memorization(model.model, tokens, n, args.prompt_tokens, s, on_prompt=update)
+    r["text"] = what
+    if args.json:
+        say(json.dumps(r))
+    else:
+        say(f"{what}: {r['exact_match']:.1%} of {r['prompts']} continuations exact | matching prefix "
+             f"{r['mean_prefix_tokens']:.1f} of {r['continuation_tokens']} tokens ({r['mean_prefix_share']:.1%}) | "
+             f"token accuracy {r['token_accuracy']:.1%} | prompts of {r['prompt_tokens']} tokens, greedy")
+    return 0
+
+
+def _split_tokens(args: argparse.Namespace, model: Any, split: str) -> Any:
+    from ..data import open_tokens
+    from ..rundir import check_is_run, data_dir_of
+    from ..tokenizer import load_tokenizer
+
+    if args.data:
+        data_dir = Path(args.data)
+        if load_tokenizer(data_dir / "tokenizer.json").to_dict() != model.tokenizer.to_dict():
+            raise PocketError(f"{data_dir} was prepared with a different tokenizer than {args.model}")
+    else:
+        data_dir = data_dir_of(check_is_run(args.model))
+    tokens, _ = open_tokens(data_dir / f"{split}.bin")
+    return tokens
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from ..checkpoint import read_last_state
+    from ..loading import load
+    from ..rundir import LOCK
+
+    model = load(args.model, checkpoint=args.checkpoint)
+    run = Path(args.model)
+    state = read_last_state(run)
+    info = {
+        "model": str(run),
+        "parameters": model.model.num_params(),
+        "config": model.config.to_dict(),
+        "tokenizer": {"kind": model.tokenizer.kind, "vocab_size": model.tokenizer.vocab_size},
+        "iters": state.get("iter"),
+        "tokens_seen": state.get("tokens_seen"),
+        "best_val_loss": state.get("best_val_loss"),
+        "best_val_bpb": _best_bpb(run, state.get("best_iter")),
+        "best_iter": state.get("best_iter"),
+        "files": {str(p.relative_to(run)): p.stat().st_size for p in sorted(run.rglob("*"))
+                  if p.is_file() and p.name != LOCK},
+    }
+    if args.json:
+        say(json.dumps(info, indent=2))
+        return 0
+    m = info["config"]["model"]
+    say(f"{run}: {info['parameters']:,} parameters ({m['n_layer']} layers, {m['n_head']} heads, "
+        f"{m['n_embd']} wide, context {m['block_size']}), {info['tokenizer']['kind']} tokenizer "
+        f"with {info['tokenizer']['vocab_size']} tokens")
+    best, bpb = info["best_val_loss"], info["best_val_bpb"]
+    say(f"trained {info['iters']} iters, {info['tokens_seen'] or 0:,} tokens seen; "
+        f"best val loss {best if best is None else round(best, 4)}"
+        f"{'' if bpb is None else f' ({bpb:.4f} bits/byte)'} at iter {info['best_iter']}")
+    for name, size in info["files"].items():
+        say(f"  {name:40s} {size:>12,} bytes")
+    return 0
+
+
+def _best_bpb(run: Path, best_iter: int | None) -> float | None:
+    """val_bpb of the eval line at the best iteration in metrics.jsonl (None for runs without one)."""
+    from ..metrics import read_metrics
+    from ..rundir import METRICS
+
+    evals = [m for m in read_metrics(run / METRICS)
+             if "val_bpb" in m and isinstance(m.get("val_loss"), (int, float))]
+    at_best = [m for m in evals if m.get("iter") == best_iter] or sorted(evals, key=lambda m: m["val_loss"])[:1]
+    value = at_best[-1]["val_bpb"] if at_best else None
+    return value if isinstance(value, (int, float)) else None
+
+
+def cmd_tokenize(args: argparse.Namespace) -> int:
+    from ..data import builtin_tokenizer
+    from ..tokenizer import load_tokenizer, token_piece
+
+    if sum(bool(x) for x in (args.model, args.data, args.tokenizer)) != 1:
+        raise PocketError("give exactly one of --model RUN_DIR, --data DATA_DIR or --tokenizer char|gpt2")
+    if args.tokenizer:
+        tok = builtin_tokenizer(args.tokenizer)
+    else:
+        tok = load_tokenizer(Path(args.model or args.data) / "tokenizer.json")
+    ids = tok.encode(args.text)
+    # A byte-level token may hold part of a character: its text then shows U+FFFD, and "bytes"
+    # (hex, one entry per token) says exactly what it holds.
+    say(json.dumps({"ids": ids, "tokens": [tok.decode([i]) for i in ids],
+                     "bytes": [token_piece(tok, i).hex() for i in ids]}, ensure_ascii=False))
+    return 0
+
+
+# ---------------------------------------------------------------- plot
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from ..plots import compare_runs, write_plots
+    from ..report import write_report
+
+    runs = [Path(r) for r in args.runs]
+    if len(runs) > 1 or args.out:  # several runs (or a chosen file): one comparison picture
+        say(str(compare_runs(runs, Path(args.out or "runs-compare.png"))))
+        return 0
+    paths = write_plots(runs[0])
+    if not paths:
+        say(f"{runs[0]}: nothing logged yet in metrics.jsonl, so no plots")
+    paths.append(write_report(runs[0]))
+    for path in paths:
+        say(str(path))
+    return 0
+
+

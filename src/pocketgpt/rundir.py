@@ -1,0 +1,208 @@
+"""The run folder (the --out of `pocketgpt train`): its layout, config, data folder, lock and clean-up.
+
+Torch-free, and the only module that knows what a run folder holds:
+
+  config.json         resolved TrainConfig + format and package versions + where the data is
+  tokenizer.json      the tokenizer, as JSON (a copy of the data folder's)
+  model.safetensors   weights with the best val loss so far
+  last/               resume state (checkpoint.py writes it: model, optimizer, rng, state.json)
+  metrics.jsonl       one JSON object per log / eval line
+  samples.txt         a sample at every eval
+  plots/, report.md   pictures and the one-page report
+  tensorboard/, wandb/  logger folders (the `loggers` key)
+  data/               the prepared data, when train prepared it (kept by --overwrite)
+  .lock               held while a training writes, so two trainings never share a folder
+
+Whoever writes a new file or folder into a run folder adds its name to RUN_FILES, so --overwrite
+never leaves a stale one behind (tests/test_rundir.py checks a real run writes nothing unlisted).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
+
+from .errors import PocketError
+from .version import __version__
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
+
+CONFIG = "config.json"
+TOKENIZER = "tokenizer.json"
+BEST_WEIGHTS = "model.safetensors"
+LAST = "last"
+LAST_OLD = "last.old"
+METRICS = "metrics.jsonl"
+SAMPLES = "samples.txt"
+PLOTS = "plots"
+REPORT = "report.md"
+DATA = "data"
+LOCK = ".lock"
+
+# Everything a training writes into a run folder: --overwrite removes exactly these (never data/).
+RUN_FILES: tuple[str, ...] = (CONFIG, TOKENIZER, BEST_WEIGHTS, LAST, LAST_OLD, METRICS, SAMPLES, PLOTS, REPORT,
+                              "tensorboard", "wandb")
+# Names that may sit in a folder that is not yet a run: the data train prepared, our lock.
+_NOT_FOREIGN = (DATA, LOCK)
+
+
+def is_temp(path: Path) -> bool:
+    """A half-written file or folder left by a killed atomic write (ours to delete)."""
+    return path.name.startswith(".") and ".tmp-" in path.name
+
+
+def remove_stale_temps(run_dir: Path) -> None:
+    for p in Path(run_dir).iterdir():
+        if is_temp(p):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def is_run_dir(path: str | Path) -> bool:
+    """True for a folder whose config.json pocketgpt wrote; False for others (a Hugging Face model has one too)."""
+    try:
+        raw = json.loads((Path(path) / CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(raw, dict) and "format_version" in raw and isinstance(raw.get("model"), dict)
+
+
+def check_is_run(path: str | Path) -> Path:
+    """path as a Path, or a one-line PocketError saying what it is instead."""
+    path = Path(path)
+    if not path.exists():
+        raise PocketError(f"model not found: {path}")
+    if not (path / CONFIG).is_file():
+        raise PocketError(f"{path} is not a pocketgpt run folder (no {CONFIG}); give the --out folder of a "
+                          "training run")
+    if not is_run_dir(path):
+        raise PocketError(f"{path / CONFIG} was not written by pocketgpt (is it a Hugging Face model folder?); "
+                          "give the --out folder of a training run")
+    return path
+
+
+# ---------------------------------------------------------------- config
+
+def read_config(run_dir: str | Path) -> tuple["TrainConfig", dict[str, Any]]:
+    """(TrainConfig, raw dict) from RUN_DIR/config.json, with version and key checks."""
+    from .checkpoint import check_format_version, read_json
+    from .config import TrainConfig
+
+    path = Path(run_dir) / CONFIG
+    raw = read_json(path, "run config")
+    check_format_version(raw, path)
+    return TrainConfig.from_dict(raw), raw
+
+
+def write_config(run_dir: Path, cfg: "TrainConfig", data_dir: Path) -> None:
+    """config.json: the resolved config and where the data is (relative when it lives inside the run)."""
+    from .checkpoint import write_json
+    from .config import CONFIG_FORMAT_VERSION
+
+    run_dir = Path(run_dir)
+    try:
+        data_ref = str(Path(data_dir).resolve().relative_to(run_dir.resolve()))
+    except ValueError:
+        data_ref = str(Path(data_dir).resolve())
+    write_json(run_dir / CONFIG, {"format_version": CONFIG_FORMAT_VERSION, "pocketgpt_version": __version__,
+                                  "data_dir": data_ref, **cfg.to_dict()})
+
+
+def read_raw_config(run_dir: str | Path) -> dict[str, Any]:
+    """config.json as a dict, {} when missing or damaged: for reports and plots, which never fail."""
+    try:
+        d = json.loads((Path(run_dir) / CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return d if isinstance(d, dict) else {}
+
+
+def data_dir_of(run_dir: str | Path, raw: dict[str, Any] | None = None) -> Path:
+    """The data folder a run trained on (config.json's data_dir, relative to the run folder)."""
+    raw = read_raw_config(run_dir) if raw is None else raw
+    ref = Path(raw.get("data_dir", DATA))
+    return ref if ref.is_absolute() else Path(run_dir) / ref
+
+
+# ---------------------------------------------------------------- starting a training
+
+def check_for_training(out: str | Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to clobber anything that is not ours; reads only (clear() does the removing)."""
+    out = Path(out)
+    if resume:
+        if not is_run_dir(out):
+            raise PocketError(f"cannot resume: {out} is not a pocketgpt run folder (no {CONFIG})")
+        return
+    if is_run_dir(out):
+        if not overwrite:
+            raise PocketError(
+                f"{out} already holds a training run; add --resume to continue it, "
+                "--overwrite to start again, or choose another --out"
+            )
+        return
+    if out.exists():
+        if not out.is_dir():
+            raise PocketError(f"{out} is a file, not a folder; choose another --out")
+        if any(p.name not in _NOT_FOREIGN and not is_temp(p) for p in out.iterdir()):
+            raise PocketError(f"{out} exists and is not a pocketgpt run folder; choose another --out")
+
+
+def clear(out: str | Path) -> None:
+    """--overwrite: remove what an earlier training wrote (RUN_FILES and half-written temps), keep data/."""
+    out = Path(out)
+    for name in RUN_FILES:
+        p = out / name
+        shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    remove_stale_temps(out)
+
+
+# ---------------------------------------------------------------- the lock
+
+_held: dict[str, int] = {}  # resolved path -> nesting depth, so one process can re-enter its own lock
+
+
+@contextlib.contextmanager
+def locked(out: str | Path) -> Iterator[None]:
+    """Hold RUN_DIR/.lock exclusively while a training writes; a second training is refused.
+
+    An OS file lock (flock): the kernel drops it when its process dies, so a lock left by a
+    killed run never blocks the next one. The holder's pid is written into the file for the message.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    key = str(out.resolve())
+    if key in _held:
+        _held[key] += 1
+        try:
+            yield
+        finally:
+            _held[key] -= 1
+        return
+    try:
+        import fcntl
+    except ImportError:  # not POSIX (Windows): no lock rather than no training
+        yield
+        return
+    fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "another process"
+            raise PocketError(f"{out} is in use by a training in process {holder}; wait for it to finish, "
+                              "stop it, or choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        _held[key] = 1
+        try:
+            yield
+        finally:
+            del _held[key]
+            os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)

@@ -1,0 +1,91 @@
+"""What an exact resume needs, saved and restored in one place: RunState and Resumable.
+
+Resumable gathers the model's weights, the optimizers, the gradient scaler, the RNG streams, the
+loop's RunState and the data position, and writes them as RUN_DIR/last/ (checkpoint.py's format).
+The data position is the iteration itself: data.BatchSampler draws batch (step, micro) from the
+seed alone, so restoring RunState.iter puts the sampler exactly where an unbroken run would be.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import checkpoint as ckpt
+from .errors import PocketError
+from .runtime import Runtime
+
+
+@dataclass
+class RunState:
+    """What the loop needs besides weights and optimizer to carry on exactly."""
+
+    iter: int = 0
+    tokens_seen: int = 0
+    elapsed: float = 0.0  # training wall time, carried across resumes for --max-time
+    best_val_loss: float = math.inf
+    best_iter: int = -1
+    evals_since_best: int = 0
+    last_train_loss: float = math.nan
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["best_val_loss"] = None if math.isinf(self.best_val_loss) else self.best_val_loss
+        d["last_train_loss"] = None if math.isnan(self.last_train_loss) else self.last_train_loss
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RunState":
+        s = cls()
+        for key in ("iter", "tokens_seen", "elapsed", "best_iter", "evals_since_best", "history"):
+            if key in d:
+                setattr(s, key, d[key])
+        s.best_val_loss = math.inf if d.get("best_val_loss") is None else float(d["best_val_loss"])
+        s.last_train_loss = math.nan if d.get("last_train_loss") is None else float(d["last_train_loss"])
+        return s
+
+
+class Resumable:
+    """The model (unwrapped), optimizers, scaler and RNG of one run: save() and restore() as a whole."""
+
+    def __init__(self, model: torch.nn.Module, optimizers: list[torch.optim.Optimizer],
+                 scaler: torch.amp.GradScaler, runtime: Runtime):
+        self.model, self.optimizers, self.scaler, self.runtime = model, optimizers, scaler, runtime
+
+    def save(self, out: Path, state: RunState) -> None:
+        extra = {"scaler": self.scaler.state_dict()} if self.scaler.is_enabled() else {}
+        with ckpt.disk_errors(out, "resume checkpoint (last/)"):
+            ckpt.save_resume_state(out, self.model, {"optimizers": [o.state_dict() for o in self.optimizers]},
+                                   self._rng_state(), {**state.to_dict(), **extra})
+
+    def restore(self, out: Path) -> RunState:
+        folder, state, optimizer_state, rng = ckpt.load_resume_state(out)
+        ckpt.load_weights(self.model, folder / ckpt.WEIGHTS)
+        try:
+            saved = optimizer_state["optimizers"]
+            if len(saved) != len(self.optimizers):
+                raise ValueError(f"{len(saved)} optimizers saved, {len(self.optimizers)} now (was optimizer changed?)")
+            for opt, sd in zip(self.optimizers, saved):
+                opt.load_state_dict(sd)
+        except (ValueError, KeyError, TypeError) as e:
+            raise PocketError(f"optimizer state in {folder} does not fit this model ({e})") from None
+        if "scaler" in state and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["scaler"])
+        self._set_rng_state(rng)
+        return RunState.from_dict(state)
+
+    def _rng_state(self) -> dict[str, torch.Tensor]:
+        state = {"torch_cpu": torch.get_rng_state()}
+        if self.runtime.is_cuda:
+            state["torch_cuda"] = torch.cuda.get_rng_state(self.runtime.device)
+        return state
+
+    def _set_rng_state(self, state: dict[str, torch.Tensor]) -> None:
+        torch.set_rng_state(state["torch_cpu"])
+        if self.runtime.is_cuda and "torch_cuda" in state:
+            torch.cuda.set_rng_state(state["torch_cuda"], self.runtime.device)
