@@ -111,9 +111,21 @@ class LoadedModel:
 
 
 def load(src: str | Path, checkpoint: str = "best", device: str = "cpu") -> LoadedModel:
-    """Load a run folder (the --out of `pocketgpt train`)."""
+    """Load a run folder (the --out of `pocketgpt train`), a Hugging Face GPT-2 folder or hub name, or a
+    nanoGPT checkpoint (ckpt.pt or its out_dir). Foreign models have one set of weights: checkpoint is ignored."""
     from . import rundir
 
+    if not rundir.is_run_dir(src):
+        from .hf import source_kind
+
+        kind = source_kind(src)
+        if kind is not None:
+            from .config import TrainConfig
+            from .hf import load_foreign
+
+            got = load_foreign(src, kind)
+            got.model.to(resolve(device, "float32").device).eval()
+            return LoadedModel(got.model, got.tokenizer, TrainConfig(model=got.model.config), got.source, got.info)
     run_dir = rundir.check_is_run(src)
     cfg, _ = rundir.read_config(run_dir)
     if cfg.model.vocab_size <= 0:

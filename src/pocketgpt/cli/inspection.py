@@ -73,6 +73,9 @@ def _split_tokens(args: argparse.Namespace, model: Any, split: str) -> Any:
     from ..rundir import check_is_run, data_dir_of
     from ..tokenizer import load_tokenizer
 
+    if not args.data and model.info.get("source_kind"):  # imported: no data folder of its own
+        raise PocketError(f"{args.model} is a {model.info['source_kind']} model with no data of its own; "
+                          "give --file TEXT_FILE or --data DATA_DIR")
     if args.data:
         data_dir = Path(args.data)
         if load_tokenizer(data_dir / "tokenizer.json").to_dict() != model.tokenizer.to_dict():
@@ -89,6 +92,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     from ..rundir import LOCK
 
     model = load(args.model, checkpoint=args.checkpoint)
+    if model.info.get("source_kind"):  # imported (Hugging Face, nanoGPT): no run folder to read
+        return _foreign_info(args, model)
     run = Path(args.model)
     state = read_last_state(run)
     info = {
@@ -117,6 +122,28 @@ def cmd_info(args: argparse.Namespace) -> int:
         f"{'' if bpb is None else f' ({bpb:.4f} bits/byte)'} at iter {info['best_iter']}")
     for name, size in info["files"].items():
         say(f"  {name:40s} {size:>12,} bytes")
+    return 0
+
+
+def _foreign_info(args: argparse.Namespace, model: Any) -> int:
+    """info for an imported model: what its files say (no training state, metrics or run files)."""
+    info = {
+        "model": str(args.model), "source_kind": model.info["source_kind"], "source": str(model.source),
+        "parameters": model.model.num_params(), "config": model.config.to_dict(),
+        "tokenizer": {"kind": model.tokenizer.kind, "vocab_size": model.tokenizer.vocab_size},
+        **{k: v for k, v in model.info.items() if k not in ("source_kind", "source")},
+    }
+    if args.json:
+        say(json.dumps(info, indent=2))
+        return 0
+    m = info["config"]["model"]
+    say(f"{args.model}: a {info['source_kind']} model from {info['source']}")
+    say(f"{info['parameters']:,} parameters ({m['n_layer']} layers, {m['n_head']} heads, {m['n_embd']} wide, "
+        f"context {m['block_size']}, mlp {m['mlp']}, bias {str(m['bias']).lower()}), "
+        f"{info['tokenizer']['kind']} tokenizer with {info['tokenizer']['vocab_size']} tokens")
+    extra = {k: v for k, v in model.info.items() if k not in ("source_kind", "source")}
+    if extra:
+        say(", ".join(f"{k} {v}" for k, v in extra.items()))
     return 0
 
 

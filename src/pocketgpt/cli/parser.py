@@ -80,6 +80,14 @@ def build_parser() -> Parser:
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (the --out of train)")
     p.add_argument("--out", help="the comparison picture (default runs-compare.png); given with one run, "
                                  "draws that run's losses there instead of plots/")
+
+    from .export import add_export  # export's options live with cmd_export (cli/export.py)
+
+    add_export(command)
+
+    from .serve import add_serve  # serve's options live with cmd_serve (cli/serve.py)
+
+    add_serve(command)
     return parser
 
 
@@ -130,7 +138,9 @@ def _add_eval(command: Any) -> None:
 
 def add_sampling(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
     d = SAMPLING_DEFAULTS
-    p.add_argument("--model", required=True, help="a run folder (the --out of train)")
+    p.add_argument("--model", required=True,
+                   help="a run folder (the --out of train), a Hugging Face GPT-2 folder or hub name "
+                        "(gpt2, user/repo), or a nanoGPT ckpt.pt or out_dir")
     p.add_argument("--checkpoint", choices=["best", "last"], default="best",
                    help="best: lowest val loss (default); last: the most recent save")
     p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help=f"default {max_new_tokens}")

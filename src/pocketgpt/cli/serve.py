@@ -1,0 +1,86 @@
+"""`pocketgpt serve`: the OpenAI-compatible HTTP server (pocketgpt.serve) on uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..errors import PocketError
+
+INSTALL_HINT = 'pip install "pocketgpt[serve]"'
+
+
+def add_serve(command: Any) -> None:
+    """The `serve` subcommand's options (command: build_parser's subcommand factory)."""
+    from ..serve.api import Limits
+
+    d = Limits()
+    p = command("serve", help="serve a model over HTTP: an OpenAI-compatible API",
+                description="An OpenAI-compatible API (/v1/completions, /v1/chat/completions, /v1/models) "
+                            "and /health, on FastAPI + uvicorn (pip install \"pocketgpt[serve]\").")
+    p.add_argument("--model", required=True, help="a run folder (the --out of train)")
+    p.add_argument("--checkpoint", choices=["best", "last"], default="best")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, mps or auto")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="default 8000")
+    p.add_argument("--api-key", help="require Authorization: Bearer KEY (not for /health)")
+    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="allow browser pages from ORIGIN (repeatable); default: none")
+    p.add_argument("--max-tokens", type=int, default=d.max_tokens, help=f"cap on a request's max_tokens ({d.max_tokens})")
+    p.add_argument("--max-n", type=int, default=d.max_n, help=f"cap on a request's n ({d.max_n})")
+    p.add_argument("--max-active", type=int, default=d.max_active,
+                   help=f"requests generating at once, stepped in turn ({d.max_active})")
+    p.add_argument("--max-queue", type=int, default=d.max_queue,
+                   help=f"requests waiting beyond those; more get 429 ({d.max_queue})")
+    p.add_argument("--timeout", type=float, default=d.timeout_s, help=f"seconds one request may take ({d.timeout_s:g})")
+    p.add_argument("--max-body", type=int, default=d.max_body_bytes, help=f"request body bytes ({d.max_body_bytes})")
+
+
+def limits_from(args: argparse.Namespace) -> object:
+    from ..serve.api import Limits
+
+    values = {"max_tokens": args.max_tokens, "max_n": args.max_n, "max_queue": args.max_queue,
+              "max_active": args.max_active, "timeout_s": args.timeout, "max_body_bytes": args.max_body}
+    for name, v in values.items():
+        if v <= 0:
+            raise PocketError(f"--{name.removesuffix('_s').replace('_', '-')} must be positive, got {v}")
+    return Limits(**values)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise PocketError(f"serve needs {' and '.join(missing)}; install them with: {INSTALL_HINT}")
+    from ..loading import weights_path
+    from ..rundir import is_run_dir
+
+    if is_run_dir(args.model):  # a run without weights fails here, in one line, before the server starts
+        weights_path(Path(args.model), args.checkpoint)
+    limits = limits_from(args)
+    import uvicorn
+
+    from ..serve.app import create_app
+
+    failed: list[str] = []
+    server: uvicorn.Server | None = None
+
+    def on_load_error(message: str) -> None:
+        failed.append(message)
+        if server is not None:
+            server.should_exit = True
+
+    app = create_app(args.model, checkpoint=args.checkpoint, device=args.device, limits=limits,
+                     api_key=args.api_key, cors_origins=args.cors_origin, on_load_error=on_load_error)
+    config = uvicorn.Config(app, host=args.host, port=args.port, access_log=True, log_level="info",
+                            timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
+    print(f"serving {args.model} at http://{args.host}:{args.port}/v1 (Ctrl-C stops)", file=sys.stderr, flush=True)
+    server.run()  # uvicorn handles Ctrl-C and SIGTERM: stop accepting, finish, then the scheduler stops
+    if failed:
+        raise PocketError(f"cannot load {args.model}: {failed[0]}")
+    if not server.started:
+        raise PocketError(f"could not listen on {args.host}:{args.port} (in use?)")
+    return 0

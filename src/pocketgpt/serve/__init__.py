@@ -1,0 +1,22 @@
+"""`pocketgpt serve`: an OpenAI-compatible HTTP API over one run folder (FastAPI + uvicorn, the `serve` extra).
+
+  api.py        request bodies -> GenRequest (one SamplingSettings) or ApiError; response shapes (no FastAPI)
+  scheduler.py  the thread that owns the model and steps every request's stream in turn (no FastAPI)
+  app.py        the FastAPI app: routes, API key, CORS, errors in OpenAI's shape, server-sent events
+
+Endpoints: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health.
+Later increments: a /metrics endpoint, --reload of a retrained run, a web page, logprobs, and a
+batched scheduler (one forward for all requests' decode steps) in place of the round-robin one.
+"""
+
+from .api import ApiError, Limits
+
+__all__ = ["ApiError", "Limits", "create_app"]
+
+
+def __getattr__(name: str):  # create_app imports FastAPI: only when asked for
+    if name == "create_app":
+        from .app import create_app
+
+        return create_app
+    raise AttributeError(name)

@@ -1,0 +1,260 @@
+"""The FastAPI app: routes, auth, errors in OpenAI's shape, server-sent events. The only FastAPI importer."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable, Sequence
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..sampling import Chunk
+from . import api
+from .api import ApiError, GenRequest, Limits
+from .scheduler import DONE, STARTED, Job, RoundRobinScheduler
+
+log = logging.getLogger("pocketgpt.serve")
+
+
+def _error_response(e: ApiError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+class _Guard:
+    """Pure ASGI middleware: the API key (Bearer; /health stays open) and the catch-all that turns
+    any exception into a one-line JSON 500 (pure ASGI, not BaseHTTPMiddleware: streams and
+    client disconnects pass through untouched)."""
+
+    def __init__(self, app: Any, api_key: str | None):
+        self.app, self.api_key = app, api_key
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if self.api_key and scope["path"] != "/health" and scope["method"] != "OPTIONS":
+            auth = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+            if not hmac.compare_digest(auth.encode(), f"Bearer {self.api_key}".encode()):
+                e = ApiError("missing or wrong API key (send Authorization: Bearer KEY)", status=401,
+                             kind="authentication_error")
+                return await _error_response(e)(scope, receive, send)
+        started = False
+
+        async def tracked(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception as e:  # noqa: BLE001 - the server keeps serving; the client gets one line
+            log.error("internal error on %s: %s: %s", scope["path"], type(e).__name__, str(e).splitlines()[:1])
+            if not started:
+                await _error_response(ApiError(f"internal error: {type(e).__name__}", status=500,
+                                               kind="server_error"))(scope, receive, send)
+
+
+async def _read_json(request: Request, limits: Limits) -> dict[str, Any]:
+    """The body as a JSON object, refused beyond limits.max_body_bytes before it is all read."""
+    too_big = ApiError(f"the body is larger than this server's {limits.max_body_bytes} bytes", "body", status=413)
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limits.max_body_bytes:
+        raise too_big
+    data = bytearray()
+    async for part in request.stream():
+        data += part
+        if len(data) > limits.max_body_bytes:
+            raise too_big
+    try:
+        body = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ApiError(f"the body is not valid JSON: {str(e).splitlines()[0]}", "body") from None
+    if not isinstance(body, dict):
+        raise ApiError("the body must be a JSON object", "body")
+    return body
+
+
+def _sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
+
+
+def model_card(model: Any, model_id: str) -> dict[str, Any]:
+    """GET /v1/models' entry: OpenAI's fields, then what the run folder says about the model."""
+    from ..checkpoint import read_last_state
+    from ..cli.inspection import _best_bpb
+
+    run = Path(model.source)
+    try:
+        state = read_last_state(run)
+        bpb = _best_bpb(run, state.get("best_iter"))
+    except Exception:  # noqa: BLE001 - the extras are optional: a folder without them still serves
+        state, bpb = {}, None
+    return {"id": model_id, "object": "model", "created": int(run.stat().st_mtime) if run.exists() else 0, "owned_by": "pocketgpt",
+            "parameters": model.model.num_params(), "context": model.block_size,
+            "tokenizer": {"kind": model.tokenizer.kind, "vocab_size": model.tokenizer.vocab_size},
+            "iterations": state.get("iter"), "best_val_loss": state.get("best_val_loss"), "best_val_bpb": bpb}
+
+
+class _Server:
+    """What the routes share: the scheduler, the limits and the model's name."""
+
+    def __init__(self, scheduler: RoundRobinScheduler, limits: Limits, model_id: str):
+        self.scheduler, self.limits, self.model_id = scheduler, limits, model_id
+
+    def ready_model(self) -> Any:
+        if not self.scheduler.ready.is_set():
+            raise ApiError("the model is still loading", status=503, kind="server_error")
+        return self.scheduler.model
+
+    def check_prompts(self, req: GenRequest) -> None:
+        """Token counts against the context, here, so the answer is a 400 naming the field."""
+        model = self.ready_model()
+        param = "messages" if req.chat else "prompt"
+        for prompt in req.prompts:
+            try:
+                n = len(model.tokenizer.encode(prompt))
+            except Exception as e:  # noqa: BLE001 - a character the tokenizer lacks
+                raise ApiError(str(e).splitlines()[0], param) from None
+            if n == 0:
+                raise ApiError(f"{param} is empty; give at least one character", param)
+            if n > model.block_size:
+                raise ApiError(f"{param} is {n} tokens but the model's context is {model.block_size}", param)
+
+    async def generate(self, request: Request, req: GenRequest) -> Any:
+        self.check_prompts(req)
+        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+        job = Job(req.prompts, req.settings, lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev),
+                  self.limits.timeout_s)
+        self.scheduler.submit(job)
+        try:
+            first = await self._next(request, queue, job)
+        except BaseException:
+            self.scheduler.cancel(job)
+            raise
+        if isinstance(first, ApiError):
+            raise first
+        if req.stream:
+            return StreamingResponse(self._events(request, req, queue, job), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        try:
+            return await self._collect(request, req, queue, job)
+        finally:
+            self.scheduler.cancel(job)
+
+    async def _next(self, request: Request, queue: asyncio.Queue, job: Job) -> Any:
+        """The next event; every second without one, check whether the client has gone."""
+        while True:
+            try:
+                return await asyncio.wait_for(queue.get(), 1.0)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    self.scheduler.cancel(job)
+                    raise ApiError("the client disconnected", status=499) from None
+
+    async def _collect(self, request: Request, req: GenRequest, queue: asyncio.Queue, job: Job) -> dict[str, Any]:
+        texts: dict[int, list[str]] = {}
+        finals: list[Chunk] = []
+        while (ev := await self._next(request, queue, job)) != DONE:
+            if isinstance(ev, ApiError):
+                raise ev
+            texts.setdefault(ev.index, []).append(ev.text)
+            if ev.finish_reason is not None:
+                finals.append(ev)
+        joined = {i: "".join(parts) for i, parts in texts.items()}
+        return api.full_response(req, self.model_id, joined, finals)
+
+    async def _events(self, request: Request, req: GenRequest, queue: asyncio.Queue, job: Job) -> AsyncIterator[str]:
+        """Server-sent events; a client that leaves cancels the generator, and finally frees the job."""
+        seen: set[int] = set()
+        finals: list[Chunk] = []
+        try:
+            while (ev := await queue.get()) != DONE:
+                if isinstance(ev, ApiError):  # the headers are out: the error goes as an event
+                    yield _sse(ev.body())
+                    break
+                if ev is STARTED:
+                    continue
+                yield _sse(api.chunk_response(req, self.model_id, ev, ev.index not in seen))
+                seen.add(ev.index)
+                if ev.finish_reason is not None:
+                    finals.append(ev)
+            else:
+                if req.include_usage:
+                    yield _sse(api.usage_response(req, self.model_id, finals))
+            yield "data: [DONE]\n\n"
+        finally:
+            self.scheduler.cancel(job)
+
+
+def create_app(run_dir: str | Path, *, checkpoint: str = "best", device: str = "cpu", limits: Limits = Limits(),
+               api_key: str | None = None, cors_origins: Sequence[str] = (),
+               on_load_error: Callable[[str], None] | None = None) -> FastAPI:
+    """The app serving one run folder; the model loads on the scheduler thread at startup."""
+    from ..loading import load
+
+    scheduler = RoundRobinScheduler(lambda: load(run_dir, checkpoint=checkpoint, device=device), limits,
+                                    on_load_error)
+    server = _Server(scheduler, limits, Path(run_dir).resolve().name)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        scheduler.start()
+        yield
+        await asyncio.to_thread(scheduler.stop)
+
+    app = FastAPI(title="pocketgpt", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.scheduler = scheduler
+    _routes(app, server)
+    app.add_exception_handler(ApiError, _api_error)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
+    app.add_middleware(_Guard, api_key=api_key)
+    if cors_origins:  # closed unless asked for; added last, so it is outermost and preflights pass
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
+    return app
+
+
+async def _api_error(request: Request, e: ApiError) -> JSONResponse:
+    return _error_response(e)
+
+
+async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+    """404 / 405 and friends in OpenAI's error shape too."""
+    return _error_response(ApiError(f"{request.method} {request.url.path}: {e.detail}", status=e.status_code))
+
+
+def _routes(app: FastAPI, server: _Server) -> None:
+    limits = server.limits
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        sched = server.scheduler
+        if sched.load_error:
+            return JSONResponse({"status": "error", "message": sched.load_error}, status_code=503)
+        if not sched.ready.is_set():
+            return JSONResponse({"status": "loading"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        model = server.ready_model()
+        return {"object": "list", "data": [model_card(model, server.model_id)]}
+
+    async def endpoint(request: Request, parse: Callable[[dict, Limits], GenRequest]) -> Any:
+        return await server.generate(request, parse(await _read_json(request, limits), limits))
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Any:
+        return await endpoint(request, api.parse_completion)
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Any:
+        return await endpoint(request, api.parse_chat)
+

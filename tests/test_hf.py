@@ -1,0 +1,308 @@
+"""Hugging Face and nanoGPT interop (hf.py): import, the hub cache, export, and what is refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from helpers import run_cli  # noqa: E402
+
+from pocketgpt import hf  # noqa: E402
+from pocketgpt.checkpoint import save_weights  # noqa: E402
+from pocketgpt.config import ModelConfig, TrainConfig  # noqa: E402
+from pocketgpt.errors import PocketError  # noqa: E402
+from pocketgpt.loading import load  # noqa: E402
+from pocketgpt.model import GPT  # noqa: E402
+from pocketgpt.rundir import write_config  # noqa: E402
+from pocketgpt.tokenizer import CharTokenizer, GPT2Tokenizer, save_tokenizer, train_bpe  # noqa: E402
+
+TOL = 1e-4
+TEXT = "Hello world, this is pocketgpt talking to GPT-2. Ünïcode too!"
+SMALL = dict(n_layer=2, n_embd=32, n_head=2, n_positions=32, vocab_size=50257)
+
+
+def hf_model(seed: int = 0, **overrides) -> "transformers.GPT2LMHeadModel":
+    """A tiny random GPT-2, float32 eager attention; LayerNorms and biases randomised so mistakes there show."""
+    torch.manual_seed(seed)
+    if overrides.get("vocab_size", 50257) < 50257:  # GPT-2's end-of-text id would lie outside the vocabulary
+        overrides = {"bos_token_id": None, "eos_token_id": None, **overrides}
+    cfg = transformers.GPT2Config(**{**SMALL, **overrides}, attn_implementation="eager")
+    m = transformers.GPT2LMHeadModel(cfg)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "ln_" in name or name.endswith("bias"):
+                p.normal_(0.0, 0.5)
+    return m.eval()
+
+
+def hf_logits(folder: Path, ids: list[int]) -> torch.Tensor:
+    m = transformers.AutoModelForCausalLM.from_pretrained(str(folder), attn_implementation="eager",
+                                                          dtype=torch.float32).eval()
+    with torch.no_grad():
+        return m(torch.tensor([ids])).logits[0]
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).abs().max())
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("hf") / "tiny-gpt2"
+    hf_model().save_pretrained(str(d))
+    return d
+
+
+# ---------------------------------------------------------------- Hugging Face -> pocketgpt
+
+@pytest.mark.parametrize("activation", ["gelu_new", "gelu"])
+def test_hf_folder_logits_equal(tmp_path, activation):
+    d = tmp_path / "m"
+    hf_model(activation_function=activation).save_pretrained(str(d))
+    lm = load(d)
+    assert lm.info["source_kind"] == "huggingface" and lm.model.config.mlp == hf.HF_ACTIVATIONS[activation]
+    ids = lm.tokenizer.encode(TEXT)
+    assert max_diff(lm.logits(ids), hf_logits(d, ids)) < TOL
+
+
+def test_pytorch_model_bin_with_old_buffers_and_no_prefix(tmp_path, hf_folder):
+    """An old save: pytorch_model.bin (read with weights_only), GPT2Model keys, attn.bias / masked_bias buffers."""
+    m = hf_model()
+    state = {k.removeprefix("transformer."): v for k, v in m.state_dict().items() if k != "lm_head.weight"}
+    for i in range(SMALL["n_layer"]):
+        state[f"h.{i}.attn.bias"] = torch.tril(torch.ones(32, 32)).view(1, 1, 32, 32)
+        state[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    d = tmp_path / "old"
+    d.mkdir()
+    torch.save(state, d / "pytorch_model.bin")
+    (d / "config.json").write_text((hf_folder / "config.json").read_text())
+    lm = load(d)
+    ids = lm.tokenizer.encode(TEXT)
+    assert max_diff(lm.logits(ids), hf_logits(hf_folder, ids)) < TOL
+
+
+class _Boom:
+    def __reduce__(self):
+        return (os.mkdir, ("/tmp/pocketgpt-should-never-exist",))
+
+
+def test_pickle_with_code_is_refused(tmp_path, hf_folder):
+    d = tmp_path / "evil"
+    d.mkdir()
+    (d / "config.json").write_text((hf_folder / "config.json").read_text())
+    with open(d / "pytorch_model.bin", "wb") as f:
+        pickle.dump({"wte.weight": _Boom()}, f, protocol=2)
+    with pytest.raises(PocketError, match="refusing to load"):
+        load(d)
+    assert not Path("/tmp/pocketgpt-should-never-exist").exists()
+
+
+def test_unsupported_hf_models_are_refused(tmp_path, hf_folder):
+    d = tmp_path / "other"
+    d.mkdir()
+    raw = json.loads((hf_folder / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**raw, "model_type": "llama"}))
+    with pytest.raises(PocketError, match="only GPT-2"):
+        load(d)
+    (d / "config.json").write_text(json.dumps({**raw, "scale_attn_by_inverse_layer_idx": True}))
+    with pytest.raises(PocketError, match="scale_attn_by_inverse_layer_idx"):
+        load(d)
+    (d / "config.json").write_text(json.dumps({**raw, "vocab_size": 1000}))
+    with pytest.raises(PocketError, match="only GPT-2's own tokenizer"):
+        load(d)
+
+
+def _fake_hub_cache(root: Path, repo: str, src: Path) -> None:
+    """The layout huggingface_hub writes: models--org--name/{refs/main, snapshots/<rev>/files}."""
+    base = root / ("models--" + repo.replace("/", "--"))
+    rev = "0123456789abcdef0123456789abcdef01234567"
+    snap = base / "snapshots" / rev
+    snap.mkdir(parents=True)
+    for f in src.iterdir():
+        (snap / f.name).write_bytes(f.read_bytes())
+    (base / "refs").mkdir()
+    (base / "refs" / "main").write_text(rev)
+
+
+def test_hub_name_from_the_cache_offline(tmp_path, monkeypatch, hf_folder):
+    cache = tmp_path / "hub"
+    _fake_hub_cache(cache, "someone/tiny-gpt2", hf_folder)
+    _fake_hub_cache(cache, "openai-community/gpt2", hf_folder)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)  # so no local folder of that name can be found instead
+    lm = load("someone/tiny-gpt2")
+    assert lm.info["hub_name"] == "someone/tiny-gpt2" and lm.model.config.n_layer == 2
+    ids = lm.tokenizer.encode(TEXT)
+    assert max_diff(lm.logits(ids), hf_logits(hf_folder, ids)) < TOL
+    assert load("gpt2").model.config.n_embd == 32  # the short name finds openai-community/gpt2
+    with pytest.raises(PocketError, match="not in the Hugging Face cache"):
+        load("someone/missing")
+
+
+# ---------------------------------------------------------------- the CLI on an imported model
+
+def test_sample_info_eval_on_hf_folder(capsys, tmp_path, hf_folder):
+    code, out, err = run_cli(capsys, "sample", "--model", hf_folder, "--prompt", "Hello", "--max-new-tokens", 5,
+                             "--seed", 1)
+    assert code == 0 and out.startswith("Hello") and len(out) > len("Hello\n"), err
+    code, out, err = run_cli(capsys, "info", "--model", hf_folder)
+    assert code == 0 and "huggingface" in out and "gpt2 tokenizer" in out, err
+    code, out, err = run_cli(capsys, "eval", "--model", hf_folder)
+    assert code == 2 and "--file" in err and "--data" in err
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT * 3)
+    code, out, err = run_cli(capsys, "eval", "--model", hf_folder, "--file", text, "--json")
+    assert code == 0 and json.loads(out)["loss"] > 0, err
+
+
+# ---------------------------------------------------------------- nanoGPT -> pocketgpt
+
+def _nanogpt_dir(tmp_path: Path, m: "transformers.GPT2LMHeadModel", vocab: int, bias: bool = True,
+                 compiled: bool = True) -> Path:
+    """ckpt.pt as nanoGPT's train.py writes it, from a GPT-2's weights turned into nn.Linear layout."""
+    state = {}
+    for k, v in m.state_dict().items():
+        if k.endswith(hf.CONV1D_SUFFIXES):
+            v = v.t().contiguous()
+        if not bias and k.endswith(".bias"):
+            continue
+        state[("_orig_mod." if compiled else "") + k] = v
+    state[("_orig_mod." if compiled else "") + "transformer.h.0.attn.bias"] = torch.tril(torch.ones(1, 1, 32, 32))
+    c = m.config
+    args = dict(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, block_size=c.n_positions, bias=bias,
+                vocab_size=vocab, dropout=0.0)
+    d = tmp_path / "out-nano"
+    d.mkdir()
+    torch.save({"model": state, "model_args": args, "config": {"dataset": "shakespeare_char"}, "iter_num": 5000,
+                "best_val_loss": torch.tensor(1.47)}, d / "ckpt.pt")
+    return d
+
+
+def test_nanogpt_char_checkpoint(tmp_path):
+    chars = sorted(set("\n !',.:?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"))
+    m = hf_model(vocab_size=len(chars), activation_function="gelu")  # nanoGPT's GELU is the exact one
+    d = _nanogpt_dir(tmp_path, m, len(chars))
+    with open(d / "meta.pkl", "wb") as f:
+        pickle.dump({"vocab_size": len(chars), "itos": dict(enumerate(chars)),
+                     "stoi": {c: i for i, c in enumerate(chars)}}, f)
+    for src in (d, d / "ckpt.pt"):
+        lm = load(src)
+        assert lm.info["source_kind"] == "nanogpt" and lm.tokenizer.kind == "char"
+        ids = lm.tokenizer.encode("ROMEO: Hello, world!")
+        assert ids == [chars.index(c) for c in "ROMEO: Hello, world!"]
+        with torch.no_grad():
+            ref = m(torch.tensor([ids])).logits[0]
+        assert max_diff(lm.logits(ids), ref) < TOL
+    assert lm.info["iter"] == "5000"
+
+
+def test_nanogpt_without_bias_and_padded_gpt2_vocab(tmp_path):
+    m = hf_model(vocab_size=hf.NANOGPT_PADDED_VOCAB, activation_function="gelu")
+    d = _nanogpt_dir(tmp_path, m, hf.NANOGPT_PADDED_VOCAB, bias=False, compiled=False)
+    lm = load(d)  # no meta.pkl and GPT-2's (padded) vocabulary: GPT-2's tokenizer, as nanoGPT's sample.py
+    assert lm.tokenizer.kind == "gpt2" and lm.model.config.vocab_size == 50257 and not lm.model.config.bias
+    assert lm.generate("Hi", max_new_tokens=4, seed=0).startswith("Hi")
+
+
+def test_nanogpt_meta_pkl_with_code_is_refused(tmp_path):
+    m = hf_model(vocab_size=10, activation_function="gelu")
+    d = _nanogpt_dir(tmp_path, m, 10)
+    target = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.mkdir, (str(target),))
+
+    with open(d / "meta.pkl", "wb") as f:
+        pickle.dump({"vocab_size": 10, "stoi": Evil()}, f)
+    with pytest.raises(PocketError, match="refusing to read .*meta.pkl.*posix.mkdir|refusing to read .*os.mkdir"):
+        load(d)
+    assert not target.exists()
+    with open(d / "meta.pkl", "wb") as f:
+        pickle.dump({"vocab_size": 10, "stoi": {"a": 0.5}}, f)  # a float: plain, but not what meta.pkl holds
+    with pytest.raises(PocketError, match="only a dict of strings and ints"):
+        load(d)
+    (d / "meta.pkl").unlink()
+    with pytest.raises(PocketError, match="no meta.pkl.*later version"):
+        load(d)
+
+
+# ---------------------------------------------------------------- pocketgpt -> Hugging Face
+
+def make_run(root: Path, tok, **model) -> Path:
+    """A run folder as training leaves one (config.json, tokenizer.json, model.safetensors), untrained."""
+    torch.manual_seed(1)
+    mc = ModelConfig(vocab_size=tok.vocab_size, block_size=32, n_layer=2, n_head=2, n_embd=32, **model)
+    gpt = GPT(mc)
+    with torch.no_grad():
+        for name, p in gpt.named_parameters():
+            if "ln_" in name or name.endswith("bias"):
+                p.normal_(0.0, 0.5)
+    run = root / "run"
+    run.mkdir()
+    write_config(run, TrainConfig(model=mc), run / "data")
+    save_tokenizer(tok, run / "tokenizer.json")
+    save_weights(gpt, run / "model.safetensors")
+    return run
+
+
+def _export(capsys, run: Path, out: Path, *extra) -> tuple[int, str, str]:
+    return run_cli(capsys, "export", "--model", run, "--format", "hf", "--out", out, *extra)
+
+
+def test_export_gpt2_run_round_trips(capsys, tmp_path):
+    run = make_run(tmp_path, GPT2Tokenizer(), bias=True, mlp="gelu_new")
+    out = tmp_path / "export"
+    code, stdout, err = _export(capsys, run, out)
+    assert code == 0, err
+    assert {"config.json", "model.safetensors", "generation_config.json", "README.md", "vocab.json",
+            "merges.txt"} <= {p.name for p in out.iterdir()}
+    ours = load(run)
+    ids = ours.tokenizer.encode(TEXT)
+    assert max_diff(ours.logits(ids), hf_logits(out, ids)) < TOL
+    assert max_diff(ours.logits(ids), load(out).logits(ids)) < TOL  # and back into pocketgpt
+    tok = transformers.AutoTokenizer.from_pretrained(str(out))
+    for s in (TEXT, "  spaces\n\nand\ttabs  ", "<|endoftext|> is text here", "数字 123,456"):
+        assert tok(s)["input_ids"] == ours.tokenizer.encode(s), s
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\nlicense: other") and "pipeline_tag: text-generation" in card
+    code, _, err = _export(capsys, run, out)
+    assert code == 2 and "--overwrite" in err
+    code, _, err = _export(capsys, run, out, "--overwrite")
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("tokenizer", ["char", "bpe"])
+def test_export_no_bias_exact_gelu_untied(capsys, tmp_path, tokenizer, corpus_text):
+    tok = (CharTokenizer.from_text(corpus_text) if tokenizer == "char"
+           else train_bpe([corpus_text[:20_000]], 300))
+    run = make_run(tmp_path, tok, bias=False, mlp="gelu", tie_embeddings=False)
+    out = tmp_path / "export"
+    code, stdout, err = _export(capsys, run, out)
+    assert code == 0, err
+    assert ("not exported yet" in stdout) == (tokenizer == "char")
+    ours = load(run)
+    ids = ours.tokenizer.encode(corpus_text[:30])
+    assert max_diff(ours.logits(ids), hf_logits(out, ids)) < TOL
+    if tokenizer == "bpe":
+        hf_tok = transformers.AutoTokenizer.from_pretrained(str(out))
+        for s in (corpus_text[:200], "odd   spacing\n\n\tand Ünïcode"):
+            assert hf_tok(s)["input_ids"] == ours.tokenizer.encode(s)
+
+
+@pytest.mark.parametrize("option, name", [({"pos_emb": "rope"}, "rope"), ({"norm": "rmsnorm"}, "rmsnorm"),
+                                          ({"qk_norm": True}, "qk_norm"), ({"mlp": "relu2"}, "relu2")])
+def test_export_refuses_what_gpt2_cannot_express(capsys, tmp_path, option, name):
+    run = make_run(tmp_path, CharTokenizer("abc"), **option)
+    out = tmp_path / "export"
+    code, _, err = _export(capsys, run, out)
+    assert code == 2 and name in err and err.count("\n") == 1
+    assert not out.exists()

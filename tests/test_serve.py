@@ -1,0 +1,304 @@
+"""pocketgpt serve against a real server on a free loopback port: the OpenAI client, streams, limits, errors."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx")
+
+from helpers import run_cli, tiny_config  # noqa: E402
+
+from pocketgpt.serve.api import Limits  # noqa: E402
+
+PROMPT = "ROMEO:\nWhat "
+WAIT_S = 20.0  # every poll loop ends by then
+
+
+class Served:
+    """One uvicorn server in a thread, on a socket bound to 127.0.0.1 port 0 (no race for a port)."""
+
+    def __init__(self, run: Path, **kwargs: Any):
+        import uvicorn
+
+        from pocketgpt.serve.app import create_app
+
+        self.app = create_app(run, **kwargs)
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", timeout_graceful_shutdown=2))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread.start()
+        wait_for(lambda: _health(self.url) == 200, "the server to become healthy")
+
+    @property
+    def scheduler(self) -> Any:
+        return self.app.state.scheduler
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.sock.close()
+
+
+def _health(url: str) -> int | None:
+    try:
+        return httpx.get(url + "/health", timeout=2).status_code
+    except httpx.TransportError:
+        return None
+
+
+def wait_for(ok: Any, what: str) -> None:
+    end = time.monotonic() + WAIT_S
+    while not ok():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, data_dir) -> Path:
+    from pocketgpt.trainer import train
+
+    out = tmp_path_factory.mktemp("serve") / "tiny"
+    train(tiny_config(max_iters=30, block_size=64), data_dir, out, echo=lambda s: None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def served(run_dir) -> Iterator[Served]:
+    s = Served(run_dir, limits=Limits(max_tokens=20_000, max_body_bytes=20_000, max_stop=4, max_n=3))
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def small(run_dir) -> Iterator[Served]:
+    """A server with one generation at a time, one waiting place, and an API key."""
+    s = Served(run_dir, limits=Limits(max_tokens=50_000, max_active=1, max_queue=1, timeout_s=30), api_key="sekrit")
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    from openai import OpenAI
+
+    return OpenAI(base_url=served.url + "/v1", api_key="unused", max_retries=0, timeout=30)
+
+
+def post(url: str, path: str, body: Any, **kwargs: Any) -> httpx.Response:
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return httpx.post(url + path, content=content, headers={"Content-Type": "application/json", **kwargs}, timeout=30)
+
+
+def stream_text(url: str, body: dict[str, Any]) -> tuple[str, list[dict]]:
+    """A streamed completion read with httpx: (the joined text of choice 0, every event)."""
+    events = []
+    with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True}, timeout=30) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                events.append(line[6:])
+    assert events[-1] == "[DONE]"
+    parsed = [json.loads(e) for e in events[:-1]]
+    return "".join(c["text"] for e in parsed for c in e["choices"] if c["index"] == 0), parsed
+
+
+# ---------------------------------------------------------------- the API, through the openai client
+
+
+def test_health_and_models(served, client):
+    assert httpx.get(served.url + "/health").json() == {"status": "ok"}
+    (card,) = client.models.list().data
+    extra = card.model_dump()
+    assert card.id == "tiny" and extra["context"] == 64 and extra["tokenizer"]["kind"] == "char"
+    assert extra["parameters"] > 0 and extra["iterations"] == 30
+    assert extra["best_val_loss"] > 0 and extra["best_val_bpb"] > 0
+
+
+def test_completion_stream_equals_full(client):
+    kw = dict(model="tiny", prompt=PROMPT, max_tokens=40, temperature=0.9, seed=3)
+    full = client.completions.create(**kw)
+    (choice,) = full.choices
+    parts = list(client.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.text for p in parts for c in p.choices) == choice.text
+    assert parts[-1].choices == [] and parts[-1].usage == full.usage
+    assert choice.finish_reason == "length" and parts[-2].choices[0].finish_reason == "length"
+    assert full.usage.prompt_tokens == len(PROMPT) and full.usage.completion_tokens == 40
+    assert full.usage.total_tokens == len(PROMPT) + 40
+
+
+def test_greedy_matches_the_loaded_model(client, run_dir):
+    from pocketgpt import load
+
+    want = load(run_dir).complete(PROMPT, max_new_tokens=30, temperature=0)[0].text
+    for seed in (1, 2):  # temperature 0 is greedy: the seed changes nothing
+        got = client.completions.create(model="x", prompt=PROMPT, max_tokens=30, temperature=0, seed=seed)
+        assert got.choices[0].text == want
+
+
+def test_stop_string_is_never_sent(client, served):
+    kw = {"prompt": PROMPT, "max_tokens": 60, "temperature": 1.0, "seed": 4}
+    base = client.completions.create(model="x", **kw).choices[0].text
+    at = next(i for i in range(10, 57) if base[i:i + 3] not in base[:i + 2])  # a first occurrence, mid-text
+    stop = base[at:at + 3]
+    full = client.completions.create(model="x", **kw, stop=[stop, "QQQ"])
+    assert full.choices[0].text == base[:at] and full.choices[0].finish_reason == "stop"
+    text, _ = stream_text(served.url, {**kw, "stop": stop})
+    assert text == base[:at]
+
+
+def test_chat_stream_equals_full(client):
+    kw = dict(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=30, temperature=0.7, seed=5)
+    full = client.chat.completions.create(**kw)
+    parts = list(client.chat.completions.create(**kw, stream=True))
+    assert parts[0].choices[0].delta.role == "assistant"
+    assert "".join(p.choices[0].delta.content or "" for p in parts) == full.choices[0].message.content
+    assert full.choices[0].finish_reason in ("stop", "length")
+    assert full.usage.prompt_tokens == len("user: Hi\nassistant:")
+
+
+def test_n_and_a_list_of_prompts(client):
+    got = client.completions.create(model="x", prompt=[PROMPT, "JULIET:\n"], n=2, max_tokens=8, seed=1)
+    assert [c.index for c in got.choices] == [0, 1, 2, 3]
+    assert got.usage.prompt_tokens == len(PROMPT) + len("JULIET:\n") and got.usage.completion_tokens == 32
+    assert got.choices[0].text != got.choices[1].text  # two samples, not one twice
+
+
+def test_max_tokens_zero(client):
+    got = client.completions.create(model="x", prompt=PROMPT, max_tokens=0)
+    assert got.choices[0].text == "" and got.choices[0].finish_reason == "length"
+    assert got.usage.completion_tokens == 0
+
+
+# ---------------------------------------------------------------- many users at once
+
+
+def test_concurrent_streams_equal_their_single_output(served):
+    bodies = [{"prompt": PROMPT, "max_tokens": 50, "temperature": 1.0, "seed": s} for s in range(4)]
+    alone = [stream_text(served.url, b)[0] for b in bodies]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda b: stream_text(served.url, b)[0], bodies))
+    assert together == alone and len(set(alone)) == 4
+
+
+def test_disconnect_frees_the_stream_and_others_go_on(served):
+    sched = served.scheduler
+    body = {"prompt": PROMPT, "max_tokens": 200, "temperature": 1.0, "seed": 9}
+    want = stream_text(served.url, body)[0]
+    with ThreadPoolExecutor(1) as pool:
+        with httpx.stream("POST", served.url + "/v1/completions", timeout=30,
+                          json={"prompt": PROMPT, "max_tokens": 20_000, "stream": True}) as r:  # ~10 s to run out
+            lines = r.iter_lines()
+            next(lines)  # one event, then hang up
+            other = pool.submit(stream_text, served.url, body)
+            wait_for(lambda: sched.active == 2 or other.done(), "both streams to run")
+        hung_up = time.monotonic()
+        assert other.result(timeout=WAIT_S)[0] == want
+        wait_for(lambda: sched.active == 0 and sched.waiting == 0, "the scheduler to drop the stream")
+    assert time.monotonic() - hung_up < 5  # dropped, not run to its end
+
+
+def test_queue_full_is_429_and_the_api_key(small):
+    sched, auth = small.scheduler, {"Authorization": "Bearer sekrit"}
+    assert post(small.url, "/v1/completions", {"prompt": "a"}).status_code == 401
+    assert post(small.url, "/v1/completions", {"prompt": "a"}, Authorization="Bearer wrong").json()["error"]["type"] \
+        == "authentication_error"
+    assert httpx.get(small.url + "/health").status_code == 200  # open without the key
+    long = {"prompt": PROMPT, "max_tokens": 50_000, "stream": True}
+    with ThreadPoolExecutor(1) as pool:
+        with httpx.stream("POST", small.url + "/v1/completions", json=long, headers=auth, timeout=30) as r:
+            lines = r.iter_lines()  # held: a dropped iterator closes the response
+            next(lines)
+            waiting = pool.submit(post, small.url, "/v1/completions", {"prompt": PROMPT, "max_tokens": 5}, **auth)
+            wait_for(lambda: sched.waiting == 1, "the second request to queue")
+            busy = post(small.url, "/v1/completions", {"prompt": PROMPT, "max_tokens": 5}, **auth)
+            assert busy.status_code == 429 and busy.headers["Retry-After"] == "1"
+            assert busy.json()["error"]["type"] == "rate_limit_error"
+        ok = waiting.result(timeout=WAIT_S)  # the long one hung up: the waiting one gets its turn
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 5
+
+
+# ---------------------------------------------------------------- every bad request is a 4xx naming the field
+
+BAD = [
+    ({"prompt": "a", "temperature": 3}, "temperature"),
+    ({"prompt": "a", "temperature": -1}, "temperature"),
+    ({"prompt": "a", "temperature": "hot"}, "temperature"),
+    ({"prompt": "a", "top_p": 1.5}, "top_p"),
+    ({"prompt": "a", "top_p": 0}, "top_p"),
+    ({"prompt": "a", "top_k": -1}, "top_k"),
+    ({"prompt": "a", "max_tokens": 100_000}, "max_tokens"),
+    ({"prompt": "a", "max_tokens": -1}, "max_tokens"),
+    ({"prompt": "a", "max_tokens": "ten"}, "max_tokens"),
+    ({"prompt": "a", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"prompt": "a", "stop": 7}, "stop"),
+    ({"prompt": "a", "n": 10}, "n"),
+    ({"prompt": "a", "n": 0}, "n"),
+    ({"prompt": "a", "seed": "x"}, "seed"),
+    ({"prompt": "a", "repetition_penalty": 0}, "repetition_penalty"),
+    ({"prompt": "a", "logprobs": 2}, "logprobs"),
+    ({"prompt": "a", "frequency_penalty": 0.5}, "frequency_penalty"),
+    ({"prompt": "a", "temprature": 0.5}, "temprature"),
+    ({"prompt": "a", "model": 123}, "model"),
+    ({"prompt": "a", "stream": "yes"}, "stream"),
+    ({"prompt": 5}, "prompt"),
+    ({"prompt": [1, 2, 3]}, "prompt"),
+    ({"prompt": ""}, "prompt"),
+    ({"prompt": "e" * 65}, "prompt"),  # the context is 64
+    ({"prompt": "\u2603"}, "prompt"),  # not in the character vocabulary
+    ({}, "prompt"),
+]
+
+
+@pytest.mark.parametrize("body, param", BAD, ids=[f"{p}-{i}" for i, (_, p) in enumerate(BAD)])
+def test_bad_completion_request(served, body, param):
+    r = post(served.url, "/v1/completions", body)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and err["type"] == "invalid_request_error" and err["code"] is None
+    assert "\n" not in err["message"]
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "robot", "content": "hi"}]}, "messages"),
+    ({"messages": [{"role": "user", "content": 5}]}, "messages"),
+    ({"messages": [{"role": "user", "content": "e" * 80}]}, "messages"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 10**6}, "max_tokens"),
+])
+def test_bad_chat_request(served, body, param):
+    r = post(served.url, "/v1/chat/completions", body)
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+@pytest.mark.parametrize("content, status", [(b"{not json", 400), (b"[1, 2]", 400), (b"x" * 30_000, 413)])
+def test_bad_body(served, content, status):
+    r = post(served.url, "/v1/completions", content)
+    assert r.status_code == status and r.json()["error"]["param"] == "body"
+
+
+def test_unknown_path_is_json(served):
+    r = httpx.get(served.url + "/v1/nothing")
+    assert r.status_code == 404 and "error" in r.json()
+    assert post(served.url, "/v1/completions", {"prompt": "a", "max_tokens": 3}).status_code == 200  # still serving
+
+
+def test_serve_without_fastapi_names_the_install(capsys, monkeypatch, run_dir):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "fastapi" else real(name, *a))
+    code, _, err = run_cli(capsys, "serve", "--model", run_dir)
+    assert code == 2 and 'pip install "pocketgpt[serve]"' in err
