@@ -230,6 +230,65 @@ def test_queue_full_is_429_and_the_api_key(small):
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 5
 
 
+# ---------------------------------------------------------------- /metrics and the page
+
+
+def scrape(url: str, **headers: str) -> dict[str, float]:
+    from pocketgpt.serve.metrics import parse
+
+    r = httpx.get(url + "/metrics", headers=headers, timeout=10)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain; version=0.0.4")
+    return parse(r.text)
+
+
+def test_metrics_after_a_few_requests(served):
+    before = scrape(served.url)
+    ok = 'pocketgpt_requests_total{endpoint="/v1/completions",status="200"}'
+    bad = 'pocketgpt_requests_total{endpoint="/v1/completions",status="400"}'
+    assert post(served.url, "/v1/completions", {"prompt": PROMPT, "max_tokens": 12, "seed": 1}).status_code == 200
+    stream_text(served.url, {"prompt": PROMPT, "max_tokens": 10, "seed": 2})
+    assert post(served.url, "/v1/completions", {"prompt": "a", "top_p": 2}).status_code == 400
+    httpx.get(served.url + "/v1/nothing")
+    after = scrape(served.url)
+    assert after[ok] - before.get(ok, 0) == 2 and after[bad] - before.get(bad, 0) == 1
+    assert after['pocketgpt_requests_total{endpoint="other",status="404"}'] >= 1
+    assert after["pocketgpt_generated_tokens_total"] - before["pocketgpt_generated_tokens_total"] == 22
+    ttft, itl = "pocketgpt_time_to_first_token_seconds", "pocketgpt_inter_token_latency_seconds"
+    assert after[f"{ttft}_count"] - before[f"{ttft}_count"] == 2  # one per request
+    assert after[f"{itl}_count"] - before[f"{itl}_count"] == 20  # every token but each stream's first
+    assert after[f'{ttft}_bucket{{le="+Inf"}}'] == after[f"{ttft}_count"] and after[f"{ttft}_sum"] > 0
+    buckets = [v for k, v in after.items() if k.startswith(f"{itl}_bucket")]
+    assert buckets == sorted(buckets)  # cumulative
+    assert after["pocketgpt_queue_length"] == 0 and after["pocketgpt_active_streams"] == 0
+    assert after["pocketgpt_max_active"] == 16
+
+
+def test_metrics_show_active_streams(served):
+    with httpx.stream("POST", served.url + "/v1/completions", timeout=30,
+                      json={"prompt": PROMPT, "max_tokens": 20_000, "n": 2, "stream": True}) as r:
+        lines = r.iter_lines()  # held: a dropped iterator closes the response
+        next(lines)
+        got = scrape(served.url)
+        assert got["pocketgpt_active_streams"] == 2 and got["pocketgpt_active_requests"] == 1
+    wait_for(lambda: scrape(served.url)["pocketgpt_active_streams"] == 0, "the stream to be dropped")
+
+
+def test_metrics_and_page_with_an_api_key(small):
+    assert httpx.get(small.url + "/metrics").status_code == 401
+    assert "pocketgpt_active_streams" in scrape(small.url, Authorization="Bearer sekrit")
+    page = httpx.get(small.url + "/")  # the page is open: it asks for the key itself
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert 'content="api-key-required"' in page.text and 'content="50000"' in page.text
+
+
+def test_page_is_shipped_and_self_contained(served):
+    page = httpx.get(served.url + "/").text
+    assert 'content="api-key-optional"' in page and 'name="pocketgpt-max-tokens" content="20000"' in page
+    assert "http://" not in page and "https://" not in page and "<script src" not in page  # offline: no CDN
+    for element in ('id="prompt"', 'id="generate"', 'id="stop"', 'id="output"', 'id="seed"', 'id="show-tokens"'):
+        assert element in page
+
+
 # ---------------------------------------------------------------- every bad request is a 4xx naming the field
 
 BAD = [

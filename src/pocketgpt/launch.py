@@ -6,7 +6,7 @@ same. Torch loads only when training starts, so a bad request fails fast and che
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -15,7 +15,10 @@ from .config import PrepareConfig, TrainConfig, apply_overrides, build_train_con
 from .errors import PocketError
 
 if TYPE_CHECKING:
+    from .config import ModelConfig
+    from .model import GPT
     from .runtime import Runtime
+    from .tokenizer import Tokenizer
     from .trainer import TrainResult
 
 
@@ -35,6 +38,9 @@ class TrainRequest:
     max_memory: str | None = None  # --preset auto only
     prepare: PrepareConfig = field(default_factory=PrepareConfig)  # tokenizer etc.; inputs/out are filled in
     memory_check: bool = True
+    # fine-tune: start from this model (anything pocketgpt.load accepts: a run folder, a Hugging Face GPT-2
+    # folder or hub name, a nanoGPT checkpoint); its shape and tokenizer are the run's
+    init_from: str | None = None
 
 
 @dataclass
@@ -68,11 +74,16 @@ def launch(req: TrainRequest, echo: Callable[[str], None] | None = None) -> Laun
     if req.resume:
         if req.inputs or req.preset:
             raise PocketError("--resume continues a run as it was set up; drop INPUT and --preset")
+        if req.init_from is not None:
+            raise PocketError("--resume continues from the run's own last/ checkpoint (a fine-tune's base model is "
+                              "not reloaded); drop --init-from")
         rundir.check_for_training(out, resume=True, overwrite=False)
         saved, raw = rundir.read_config(out)
         cfg = build_train_config(None, req.config_file, overrides, base=saved)
         data_dir = Path(req.data) if req.data else rundir.data_dir_of(out, raw)
         return _launched(_train(cfg, data_dir, out, req, echo), out, data_dir)
+    if req.init_from is not None:
+        return _launch_finetune(req, overrides, out, echo)
     auto = req.preset == "auto"
     # auto sizes the model from the data, so it is built after preparing; this checks keys first
     cfg = build_train_config(None if auto else req.preset or "demo", req.config_file, overrides)
@@ -95,11 +106,191 @@ def launch(req: TrainRequest, echo: Callable[[str], None] | None = None) -> Laun
 
 
 def _train(cfg: TrainConfig, data_dir: Path, out: Path, req: TrainRequest,
-           echo: Callable[[str], None] | None) -> "TrainResult":
+           echo: Callable[[str], None] | None, initial_model: "GPT | None" = None,
+           record: dict[str, Any] | None = None) -> "TrainResult":
     from .trainer import train
 
     return train(cfg, data_dir, out, resume=req.resume, overwrite=req.overwrite, echo=echo,
-                 memory_check=req.memory_check)
+                 memory_check=req.memory_check, initial_model=initial_model, record=record)
+
+
+# ---------------------------------------------------------------- fine-tuning (--init-from)
+
+FINETUNE_PRESET = "finetune"
+
+
+@dataclass
+class Base:
+    """The pretrained model a fine-tune starts from, and how config.json's init_from records it."""
+
+    model: "GPT"
+    tokenizer: "Tokenizer"
+    record: dict[str, str]  # {"source": what --init-from said, "kind": pocketgpt | huggingface | hub | nanogpt}
+
+
+def base_kind(src: str) -> str:
+    """What --init-from names: a pocketgpt run folder, or one of hf.source_kind()'s kinds; else a clear error."""
+    if rundir.is_run_dir(src):
+        return "pocketgpt"
+    from .hf import source_kind
+
+    kind = source_kind(src)
+    if kind is None:
+        raise PocketError(f"--init-from {src}: not a pocketgpt run folder, a Hugging Face GPT-2 folder or hub name, "
+                          "or a nanoGPT checkpoint")
+    return kind
+
+
+def load_base(src: str) -> Base:
+    from .loading import load
+
+    kind = base_kind(src)
+    got = load(src)  # a run folder: its best weights
+    return Base(got.model, got.tokenizer, {"source": str(src), "kind": kind})
+
+
+def given_keys(req: TrainRequest, overrides: dict[str, Any]) -> tuple[TrainConfig, set[str]]:
+    """The keys --config and the command line set (not a preset's), with their values on a TrainConfig."""
+    from .config import normalize_key, read_toml
+
+    given, keys = TrainConfig(), set()
+    layers = [read_toml(req.config_file)] if req.config_file else []
+    for values in [*layers, overrides]:
+        apply_overrides(given, values)  # unknown keys and bad values fail here, before anything loads
+        for k, v in values.items():
+            keys.update(normalize_key(s) for s in v) if isinstance(v, dict) else keys.add(normalize_key(k))
+    return given, keys
+
+
+def finetune_config(req: TrainRequest, overrides: dict[str, Any], base: "ModelConfig",
+                    say: Callable[[str], None]) -> TrainConfig:
+    """The base model's shape (its context cropped by a smaller block_size) under the finetune preset (or
+    --preset), --config and the command line; a shape key that contradicts the base is refused by name."""
+    from .config import validate
+    from .trainer import SHAPE_KEYS
+
+    given, keys = given_keys(req, overrides)
+    block = base.block_size
+    for key in SHAPE_KEYS:
+        if key not in keys or key == "vocab_size":
+            continue
+        want, have = getattr(given.model, key), getattr(base, key)
+        flag = "--" + key.replace("_", "-")
+        if key == "block_size" and want < have:
+            block = want
+            say(f"fine-tune: block_size {want} crops the base model's context of {have} (its first {want} "
+                "positions are kept)")
+        elif key == "block_size" and want > have:
+            raise PocketError(f"{flag} {want} is longer than the base model's context ({have}); a fine-tune can keep "
+                              "or crop the context, not extend it")
+        elif want != have:
+            raise PocketError(f"{flag} {want} contradicts the base model, whose {key} is {have}; a fine-tune keeps "
+                              f"the base's shape: drop {flag}")
+    start = TrainConfig(model=replace(base, block_size=block))
+    cfg = build_train_config(req.preset or FINETUNE_PRESET, req.config_file, overrides, base=start)
+    for key in SHAPE_KEYS:  # a preset's shape keys (say --preset demo) give way to the base model's
+        setattr(cfg.model, key, getattr(start.model, key))
+    validate(cfg)
+    return cfg
+
+
+def check_data_tokenizer(data_dir: Path, base: Base) -> None:
+    """--data must hold tokens of the base model's own tokenizer (tokenizer.json equal to the base's)."""
+    from .tokenizer import load_tokenizer
+
+    theirs = load_tokenizer(Path(data_dir) / "tokenizer.json")
+    if theirs.to_dict() != base.tokenizer.to_dict():
+        raise PocketError(
+            f"--data {data_dir} was prepared with a {theirs.kind} tokenizer of {theirs.vocab_size} tokens, not the base "
+            f"model's own ({base.tokenizer.kind}, {base.tokenizer.vocab_size} tokens), so its token ids would mean "
+            "other text to the model; drop --data and give the text files: they are prepared with the base's tokenizer")
+
+
+def prepare_for_base(req: TrainRequest, out: Path, base: Base) -> Path:
+    """Prepare the inputs (or the bundled corpus) into RUN/data with the base model's tokenizer."""
+    from .data import prepare
+
+    kind = base.tokenizer.kind
+    if kind not in ("gpt2", "char"):
+        raise PocketError(f"the base model's tokenizer is {kind}; preparing text with it is not supported yet "
+                          "(fine-tuning works from GPT-2 and char models)")
+    if req.prepare.tokenizer not in ("char", kind) or req.prepare.vocab_size:  # char is the option's default
+        raise PocketError(f"--tokenizer/--vocab-size: a fine-tune prepares the text with the base model's own "
+                          f"tokenizer ({kind}); drop them")
+    prep = PrepareConfig(**{**req.prepare.__dict__, "inputs": list(req.inputs), "out": str(out / rundir.DATA),
+                            "tokenizer": kind})
+    data_dir = prepare(prep)
+    if kind == "char":
+        _renumber_chars(data_dir, base.tokenizer)
+    check_data_tokenizer(data_dir, base)
+    return data_dir
+
+
+def _renumber_chars(data_dir: Path, base_tok: "Tokenizer") -> None:
+    """A char data folder's ids (the text's own sorted characters) -> the base vocabulary's ids, in place.
+
+    A character the base lacks is refused by name: the model has no embedding for it.
+    """
+    import numpy as np
+
+    from .checkpoint import atomic_write, write_json
+    from .data import open_tokens, read_meta, token_dtype, write_header
+    from .tokenizer import describe_char, load_tokenizer, save_tokenizer
+
+    own = load_tokenizer(data_dir / "tokenizer.json")
+    missing = [c for c in own.chars if c not in set(base_tok.chars)]
+    if missing:
+        raise PocketError(f"the text contains {describe_char(missing[0])}, which the base model's "
+                          f"{base_tok.vocab_size}-character vocabulary lacks ({len(missing)} such character"
+                          f"{'s' if len(missing) > 1 else ''}); remove them or fine-tune a model that has them")
+    lut = np.asarray(base_tok.encode("".join(own.chars)), dtype=np.int64)
+    vocab, dtype = base_tok.vocab_size, token_dtype(base_tok.vocab_size)
+    for split in ("train", "val"):
+        path = data_dir / f"{split}.bin"
+        tokens, _ = open_tokens(path)
+        ids = lut[np.asarray(tokens, dtype=np.int64)].astype(dtype)
+        del tokens
+
+        def write(p: Path, ids: "np.ndarray" = ids) -> None:
+            with open(p, "wb") as f:
+                write_header(f, vocab, len(ids))
+                f.write(ids.tobytes())
+
+        atomic_write(path, write)
+    save_tokenizer(base_tok, data_dir / "tokenizer.json")
+    meta = read_meta(data_dir)
+    write_json(data_dir / "meta.json", {**meta, "vocab_size": vocab, "dtype": str(dtype)})
+
+
+def _launch_finetune(req: TrainRequest, overrides: dict[str, Any], out: Path,
+                     echo: Callable[[str], None] | None) -> Launched:
+    """A new run from a pretrained model: its shape and tokenizer, the finetune preset, init_from recorded."""
+    from .metrics import check_loggers
+    from .runtime import resolve
+
+    if req.preset == "auto":
+        raise PocketError("--preset auto sizes a new model; a fine-tune keeps the base model's shape: drop --preset auto")
+    if req.max_memory is not None:
+        raise PocketError("--max-memory sizes the model of --preset auto; a fine-tune keeps the base's: drop it")
+    if req.data and req.inputs:
+        raise PocketError("give either INPUT files or --data, not both")
+    given_keys(req, overrides)  # bad keys fail before the base model loads
+    rundir.check_for_training(out, resume=False, overwrite=req.overwrite)
+    say = echo or print
+    base = load_base(req.init_from or "")
+    cfg = finetune_config(req, overrides, base.model.config, say)
+    check_loggers(cfg.run.loggers)
+    resolve(cfg.run.device, cfg.run.dtype)
+    say(f"fine-tuning {base.record['source']} ({base.record['kind']}, {base.model.num_params():,} parameters)")
+    with rundir.locked(out):
+        if req.data:
+            data_dir = Path(req.data)
+            check_data_tokenizer(data_dir, base)
+        else:
+            data_dir = prepare_for_base(req, out, base)
+        # config.json says what the run was fine-tuned from from its first write on (report, info, resume)
+        result = _train(cfg, data_dir, out, req, echo, initial_model=base.model, record={"init_from": base.record})
+        return _launched(result, out, data_dir)
 
 
 def _launched(result: "TrainResult", out: Path, data_dir: Path) -> Launched:

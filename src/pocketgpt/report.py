@@ -150,6 +150,9 @@ def _summary(run_dir: Path, cfg: dict[str, Any], state: dict[str, Any], records:
     if params is not None or shape:
         lines.append(f"- **Model:** {_millions(params) + ' parameters' if params is not None else ''}"
                      f"{'; ' if params is not None and shape else ''}{shape}")
+    base = cfg.get("init_from")
+    if isinstance(base, dict) and base.get("source"):
+        lines.append(f"- **Fine-tuned from:** `{base['source']}` ({base.get('kind', 'unknown kind')})")
     lines.append(_training_line(state, records))
     lines += _loss_lines(records, state)
     _, tps = series(records, "iter", "tokens_per_s")

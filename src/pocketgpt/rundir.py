@@ -3,6 +3,7 @@
 Torch-free, and the only module that knows what a run folder holds:
 
   config.json         resolved TrainConfig + format and package versions + where the data is
+                      (+ init_from: the base model of a fine-tune, {source, kind})
   tokenizer.json      the tokenizer, as JSON (a copy of the data folder's)
   model.safetensors   weights with the best val loss so far
   last/               resume state (checkpoint.py writes it: model, optimizer, rng, state.json)
@@ -98,18 +99,29 @@ def read_config(run_dir: str | Path) -> tuple["TrainConfig", dict[str, Any]]:
     return TrainConfig.from_dict(raw), raw
 
 
-def write_config(run_dir: Path, cfg: "TrainConfig", data_dir: Path) -> None:
-    """config.json: the resolved config and where the data is (relative when it lives inside the run)."""
+# Fields of config.json beyond the TrainConfig that describe how a run began (init_from: the base model
+# of a fine-tune). A later write_config without them (a resume) keeps what the file already holds.
+KEPT_FIELDS = ("init_from",)
+
+
+def write_config(run_dir: Path, cfg: "TrainConfig", data_dir: Path, extra: dict[str, Any] | None = None) -> None:
+    """config.json: the resolved config, where the data is (relative when it lives inside the run), and
+    extra fields (KEPT_FIELDS only); those already in the file are kept unless extra replaces them."""
     from .checkpoint import write_json
     from .config import CONFIG_FORMAT_VERSION
 
     run_dir = Path(run_dir)
+    unknown = set(extra or {}) - set(KEPT_FIELDS)
+    if unknown:
+        raise ValueError(f"write_config: unknown extra fields {sorted(unknown)}")
     try:
         data_ref = str(Path(data_dir).resolve().relative_to(run_dir.resolve()))
     except ValueError:
         data_ref = str(Path(data_dir).resolve())
+    old = read_raw_config(run_dir)
+    kept = {k: old[k] for k in KEPT_FIELDS if k in old}
     write_json(run_dir / CONFIG, {"format_version": CONFIG_FORMAT_VERSION, "pocketgpt_version": __version__,
-                                  "data_dir": data_ref, **cfg.to_dict()})
+                                  "data_dir": data_ref, **cfg.to_dict(), **kept, **(extra or {})})
 
 
 def read_raw_config(run_dir: str | Path) -> dict[str, Any]:

@@ -82,15 +82,30 @@ class TrainModel:
 
 
 def build_model(cfg: ModelConfig, runtime: Runtime, initial: GPT | None = None) -> TrainModel:
-    """A fresh GPT of cfg (from torch's current RNG), or `initial` (e.g. pretrained weights), on the device."""
-    if initial is not None:
-        if initial.config.vocab_size != cfg.vocab_size or initial.config.block_size < cfg.block_size:
-            raise PocketError(f"the initial model (vocab {initial.config.vocab_size}, context "
-                              f"{initial.config.block_size}) does not fit the data (vocab {cfg.vocab_size}) "
-                              f"or block_size {cfg.block_size}")
-        raw = initial
-    else:
-        raw = GPT(cfg)
+    """A fresh GPT of cfg (from torch's current RNG), or `initial` (e.g. pretrained weights), on the device.
+
+    An initial model of exactly cfg is used as it is; one that differs only in dropout or a longer
+    context (cropped: the first block_size rows of its position table) is copied into a GPT of cfg.
+    """
+    if initial is None:
+        return TrainModel(GPT(cfg).to(runtime.device))
+    have = initial.config
+    if have.vocab_size != cfg.vocab_size or have.block_size < cfg.block_size:
+        raise PocketError(f"the initial model (vocab {have.vocab_size}, context "
+                          f"{have.block_size}) does not fit the data (vocab {cfg.vocab_size}) "
+                          f"or block_size {cfg.block_size}")
+    for key in SHAPE_KEYS:
+        if key not in ("vocab_size", "block_size") and getattr(have, key) != getattr(cfg, key):
+            raise PocketError(f"the initial model does not fit the config: its {key} is {getattr(have, key)}, "
+                              f"the config's {getattr(cfg, key)}")
+    if have == cfg:
+        return TrainModel(initial.to(runtime.device))
+    raw = GPT(cfg)
+    state = initial.state_dict()
+    wpe = "transformer.wpe.weight"
+    if wpe in state and have.block_size > cfg.block_size:
+        state[wpe] = state[wpe][: cfg.block_size]
+    raw.load_state_dict(state)
     return TrainModel(raw.to(runtime.device))
 
 
@@ -394,8 +409,13 @@ def train(
     echo: Callable[[str], None] | None = None,
     initial_model: GPT | None = None,
     memory_check: bool = True,
+    record: dict[str, Any] | None = None,
 ) -> TrainResult:
-    """Train cfg on the prepared data in data_dir, writing the run folder `out`; cfg itself is not changed."""
+    """Train cfg on the prepared data in data_dir, writing the run folder `out`; cfg itself is not changed.
+
+    initial_model: start from these weights (a fine-tune); record: extra config.json fields saying how
+    the run began (rundir.KEPT_FIELDS, e.g. init_from), kept by later resumes.
+    """
     out, data_dir = Path(out), Path(data_dir)
     cfg = copy.deepcopy(cfg)
     validate(cfg)
@@ -408,11 +428,12 @@ def train(
             _check_resume_shape(rundir.read_config(out)[0], cfg)
         elif overwrite and rundir.is_run_dir(out):
             rundir.clear(out)
-        return _train_locked(cfg, data_dir, out, runtime, resume, echo, initial_model, memory_check)
+        return _train_locked(cfg, data_dir, out, runtime, resume, echo, initial_model, memory_check, record)
 
 
 def _train_locked(cfg: TrainConfig, data_dir: Path, out: Path, runtime: Runtime, resume: bool,
-                  echo: Callable[[str], None] | None, initial_model: GPT | None, memory_check: bool) -> TrainResult:
+                  echo: Callable[[str], None] | None, initial_model: GPT | None, memory_check: bool,
+                  record: dict[str, Any] | None) -> TrainResult:
     log = MetricsLog(out / rundir.METRICS, echo)
     if memory_check:
         from .data import read_meta
@@ -434,7 +455,7 @@ def _train_locked(cfg: TrainConfig, data_dir: Path, out: Path, runtime: Runtime,
     else:
         log.reset()
         atomic_write(out / rundir.TOKENIZER, lambda p: shutil.copyfile(data_dir / "tokenizer.json", p))
-    rundir.write_config(out, cfg, data_dir)
+    rundir.write_config(out, cfg, data_dir, record)
     _say_plan(trainer)
     started = time.perf_counter()
     log.open_mirrors(cfg.run.loggers, out, cfg.to_dict(), trainer.state.iter)

@@ -106,6 +106,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         "best_val_loss": state.get("best_val_loss"),
         "best_val_bpb": _best_bpb(run, state.get("best_iter")),
         "best_iter": state.get("best_iter"),
+        "init_from": _init_from(run),
         "files": {str(p.relative_to(run)): p.stat().st_size for p in sorted(run.rglob("*"))
                   if p.is_file() and p.name != LOCK},
     }
@@ -116,6 +117,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     say(f"{run}: {info['parameters']:,} parameters ({m['n_layer']} layers, {m['n_head']} heads, "
         f"{m['n_embd']} wide, context {m['block_size']}), {info['tokenizer']['kind']} tokenizer "
         f"with {info['tokenizer']['vocab_size']} tokens")
+    if info["init_from"]:
+        say(f"fine-tuned from {info['init_from']['source']} ({info['init_from'].get('kind', 'unknown kind')})")
     best, bpb = info["best_val_loss"], info["best_val_bpb"]
     say(f"trained {info['iters']} iters, {info['tokens_seen'] or 0:,} tokens seen; "
         f"best val loss {best if best is None else round(best, 4)}"
@@ -123,6 +126,14 @@ def cmd_info(args: argparse.Namespace) -> int:
     for name, size in info["files"].items():
         say(f"  {name:40s} {size:>12,} bytes")
     return 0
+
+
+def _init_from(run: Path) -> dict[str, Any] | None:
+    """config.json's init_from ({source, kind}: the base model of a fine-tune), None for runs from scratch."""
+    from ..rundir import read_raw_config
+
+    base = read_raw_config(run).get("init_from")
+    return base if isinstance(base, dict) and base.get("source") else None
 
 
 def _foreign_info(args: argparse.Namespace, model: Any) -> int:

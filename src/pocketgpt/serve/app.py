@@ -11,12 +11,13 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Sequence
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..sampling import Chunk
 from . import api
 from .api import ApiError, GenRequest, Limits
+from .metrics import Metrics
 from .scheduler import DONE, STARTED, Job, RoundRobinScheduler
 
 log = logging.getLogger("pocketgpt.serve")
@@ -26,18 +27,37 @@ def _error_response(e: ApiError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
 
-class _Guard:
-    """Pure ASGI middleware: the API key (Bearer; /health stays open) and the catch-all that turns
-    any exception into a one-line JSON 500 (pure ASGI, not BaseHTTPMiddleware: streams and
-    client disconnects pass through untouched)."""
+OPEN_PATHS = ("/health", "/")  # no API key: the page asks for the key itself
+ENDPOINTS = ("/", "/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions")
 
-    def __init__(self, app: Any, api_key: str | None):
-        self.app, self.api_key = app, api_key
+
+class _Guard:
+    """Pure ASGI middleware: the API key (Bearer; /health and the page stay open), the request
+    count of /metrics, and the catch-all that turns any exception into a one-line JSON 500 (pure
+    ASGI, not BaseHTTPMiddleware: streams and client disconnects pass through untouched)."""
+
+    def __init__(self, app: Any, api_key: str | None, metrics: Metrics):
+        self.app, self.api_key, self.metrics = app, api_key, metrics
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        if self.api_key and scope["path"] != "/health" and scope["method"] != "OPTIONS":
+        status = 499  # what is counted when no response started: the client left first
+        endpoint = scope["path"] if scope["path"] in ENDPOINTS else "other"
+
+        async def tracked(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self._guarded(scope, receive, tracked)
+        finally:
+            self.metrics.request(endpoint, status)
+
+    async def _guarded(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if self.api_key and scope["path"] not in OPEN_PATHS and scope["method"] != "OPTIONS":
             auth = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
             if not hmac.compare_digest(auth.encode(), f"Bearer {self.api_key}".encode()):
                 e = ApiError("missing or wrong API key (send Authorization: Bearer KEY)", status=401,
@@ -57,6 +77,17 @@ class _Guard:
             if not started:
                 await _error_response(ApiError(f"internal error: {type(e).__name__}", status=500,
                                                kind="server_error"))(scope, receive, send)
+
+
+def page_html(api_key_required: bool, max_tokens: int) -> str:
+    """The web page (page.html, shipped in the package), told whether to show its API key field
+    and how far its max tokens slider goes (its two meta tags)."""
+    from importlib.resources import files
+
+    html = files(__package__).joinpath("page.html").read_text(encoding="utf-8")
+    key = "required" if api_key_required else "optional"
+    return (html.replace('content="api-key-optional"', f'content="api-key-{key}"', 1)
+                .replace('name="pocketgpt-max-tokens" content="1024"', f'name="pocketgpt-max-tokens" content="{max_tokens}"', 1))
 
 
 async def _read_json(request: Request, limits: Limits) -> dict[str, Any]:
@@ -197,8 +228,10 @@ def create_app(run_dir: str | Path, *, checkpoint: str = "best", device: str = "
     """The app serving one run folder; the model loads on the scheduler thread at startup."""
     from ..loading import load
 
+    metrics = Metrics()
     scheduler = RoundRobinScheduler(lambda: load(run_dir, checkpoint=checkpoint, device=device), limits,
-                                    on_load_error)
+                                    on_load_error, metrics)
+    metrics.gauges = lambda: (scheduler.waiting, scheduler.active_samples, scheduler.active_requests, limits.max_active)
     server = _Server(scheduler, limits, Path(run_dir).resolve().name)
 
     @asynccontextmanager
@@ -208,11 +241,20 @@ def create_app(run_dir: str | Path, *, checkpoint: str = "best", device: str = "
         await asyncio.to_thread(scheduler.stop)
 
     app = FastAPI(title="pocketgpt", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.scheduler = scheduler
+    app.state.scheduler, app.state.metrics = scheduler, metrics
     _routes(app, server)
+    page = page_html(bool(api_key), limits.max_tokens)
+
+    @app.get("/")
+    async def index() -> HTMLResponse:
+        return HTMLResponse(page, headers={"Cache-Control": "no-cache"})
+
+    @app.get("/metrics")
+    async def metrics_text() -> PlainTextResponse:
+        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
     app.add_exception_handler(ApiError, _api_error)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
-    app.add_middleware(_Guard, api_key=api_key)
+    app.add_middleware(_Guard, api_key=api_key, metrics=metrics)
     if cors_origins:  # closed unless asked for; added last, so it is outermost and preflights pass
         from fastapi.middleware.cors import CORSMiddleware
 

@@ -9,6 +9,9 @@ TextStream.chunks() (one engine step, or a few when text is held back: a possibl
 or a character split over tokens). Events per job: STARTED once every prompt is prefilled (so a
 bad prompt is still a plain 400), a Chunk per piece of text, then DONE, or one ApiError instead.
 
+The thread also feeds metrics.Metrics (GET /metrics): tokens generated and inter-token latency
+per stream (from the engine stream's completion_tokens), time to first text per job.
+
 A job whose client left (cancel()) or whose deadline passed has its streams closed at its next
 turn (TokenStream.close() frees the KV cache). Any error inside one job ends only that job.
 
@@ -29,6 +32,7 @@ from typing import Any, Callable, Iterator
 from ..errors import PocketError
 from ..sampling import Chunk, SamplingSettings
 from .api import ApiError, Limits
+from .metrics import Metrics
 
 STARTED = "started"
 DONE = "done"
@@ -40,7 +44,9 @@ class Job:
     def __init__(self, prompts: list[str], settings: SamplingSettings, deliver: Callable[[Any], None],
                  timeout_s: float):
         self.prompts, self.settings, self.deliver = prompts, settings, deliver
-        self.deadline = time.monotonic() + timeout_s
+        self.submitted = time.monotonic()
+        self.deadline = self.submitted + timeout_s
+        self.first_text = False  # its first text has gone out (time to first token is measured once)
         self.cancelled = False
         self.open = 0  # streams still running
         self.ended = False
@@ -52,14 +58,17 @@ class _Unit:
     def __init__(self, job: Job, text_stream: Any, offset: int):
         self.job, self.tokens, self.offset = job, text_stream.tokens, offset
         self.chunks: Iterator[Chunk] = text_stream.chunks()
+        self.counted = 0  # tokens already counted in the metrics
+        self.last: float | None = None  # when its previous tokens came
 
 
 class RoundRobinScheduler:
     """Owns the model (loaded on its own thread) and the engine; see the module docstring."""
 
     def __init__(self, load: Callable[[], Any], limits: Limits,
-                 on_load_error: Callable[[str], None] | None = None):
+                 on_load_error: Callable[[str], None] | None = None, metrics: Metrics | None = None):
         self._load, self.limits, self._on_load_error = load, limits, on_load_error
+        self.metrics = metrics if metrics is not None else Metrics()
         self._cv = threading.Condition()
         self._pending: collections.deque[Job] = collections.deque()
         self._units: list[_Unit] = []
@@ -107,6 +116,15 @@ class RoundRobinScheduler:
     @property
     def waiting(self) -> int:
         return len(self._pending)
+
+    @property
+    def active_samples(self) -> int:
+        """Sample streams generating (n per prompt: one engine row each)."""
+        return sum(u.job.settings.num_samples for u in list(self._units))
+
+    @property
+    def active_requests(self) -> int:
+        return len({id(u.job) for u in list(self._units)})
 
     # ---------------------------------------------------------------- the scheduler thread
 
@@ -182,7 +200,19 @@ class RoundRobinScheduler:
             return
         except Exception as e:  # noqa: BLE001 - ends this job only
             return self._close_job(unit.job, _internal(e))
+        self._measure(unit, chunk)
         self._send(unit.job, dataclasses.replace(chunk, index=chunk.index + unit.offset))
+
+    def _measure(self, unit: _Unit, chunk: Chunk) -> None:
+        """Tokens generated, inter-token latency (per stream), time to first text (per job)."""
+        now, job = time.monotonic(), unit.job
+        done = sum(unit.tokens.completion_tokens)
+        if done > unit.counted:
+            self.metrics.generated(done - unit.counted, None if unit.last is None else now - unit.last)
+            unit.counted, unit.last = done, now
+        if chunk.text and not job.first_text:
+            job.first_text = True
+            self.metrics.first_token(now - job.submitted)
 
     def _drop(self, unit: _Unit) -> None:
         unit.tokens.close()

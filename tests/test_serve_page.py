@@ -1,0 +1,116 @@
+"""The web page at GET / in a real browser: Debian's chromium driven by playwright, against a real server.
+
+Needs /usr/bin/chromium (apt-get install chromium; .ci/run installs it) and the playwright package
+(the dev extra); never `playwright install`. Skipped, with the reason, when either is missing.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+pytest.importorskip("httpx")
+
+from test_serve import PROMPT, WAIT_S, Served, scrape, wait_for  # noqa: E402
+
+from helpers import tiny_config  # noqa: E402
+
+from pocketgpt.serve.api import Limits  # noqa: E402
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("the browser test needs playwright (pip install playwright; the dev extra has it)")
+    if not Path(CHROMIUM).exists() and not shutil.which("chromium"):
+        pytest.skip(f"the browser test needs {CHROMIUM} (apt-get install chromium)")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM if Path(CHROMIUM).exists() else shutil.which("chromium"),
+                              args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, data_dir) -> Path:
+    from pocketgpt.trainer import train
+
+    out = tmp_path_factory.mktemp("page") / "tiny"
+    train(tiny_config(max_iters=20, block_size=64), data_dir, out, echo=lambda s: None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def served(run_dir) -> Iterator[Served]:
+    s = Served(run_dir, limits=Limits(max_tokens=50_000, timeout_s=60), api_key="pagekey")
+    yield s
+    s.close()
+
+
+def _set_range(page: Any, name: str, value: float) -> None:
+    page.eval_on_selector(f"#{name}", "(el, v) => { el.value = v; el.dispatchEvent(new Event('input')); }", value)
+
+
+def test_page_streams_stops_and_keeps_history(browser, served, tmp_path):
+    auth = {"Authorization": "Bearer pagekey"}
+    page = browser.new_page(viewport={"width": 1100, "height": 760})
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(served.url + "/")
+    assert page.is_visible("#api-key")  # the server has a key: the page asks for it
+    page.fill("#api-key", "pagekey")
+    page.dispatch_event("#api-key", "change")
+    page.wait_for_function("document.getElementById('model-info').textContent.includes('tiny')", timeout=WAIT_S * 1000)
+    assert "context 64" in page.text_content("#model-info")
+
+    page.fill("#prompt", PROMPT)
+    _set_range(page, "max_tokens", 50_000)  # ~25 s of text: it is still streaming when Stop is clicked
+    _set_range(page, "temperature", 0.9)
+    page.fill("#seed", "7")
+    page.check("#show-tokens")
+    page.click("#generate")
+    chunks = "document.querySelectorAll('#output .tok').length"
+    page.wait_for_function(f"{chunks} >= 5", timeout=WAIT_S * 1000)
+    grown = page.evaluate(chunks)
+    page.wait_for_function(f"{chunks} > {grown + 20}", timeout=WAIT_S * 1000)  # it keeps growing: a stream
+    assert scrape(served.url, **auth)["pocketgpt_active_streams"] == 1
+    assert page.is_disabled("#generate") and page.is_enabled("#stop")
+    page.screenshot(path=str(tmp_path / "streaming.png"))
+
+    page.click("#stop")
+    page.wait_for_function("document.getElementById('status').textContent.startsWith('stopped')", timeout=WAIT_S * 1000)
+    wait_for(lambda: scrape(served.url, **auth)["pocketgpt_active_streams"] == 0, "the server to drop the stream")
+    stopped = page.evaluate(chunks)
+    page.wait_for_timeout(300)
+    assert page.evaluate(chunks) == stopped  # nothing more arrives
+    text = page.evaluate("[...document.querySelectorAll('#output .tok')].map(s => s.textContent).join('')")
+    assert len(text) >= stopped > grown
+    assert page.is_enabled("#generate") and page.is_disabled("#stop")
+    page.screenshot(path=str(tmp_path / "stopped.png"))
+
+    saved = page.evaluate("JSON.parse(localStorage.getItem('pocketgpt-history'))")
+    assert saved[0]["prompt"] == PROMPT and saved[0]["finish"] == "stopped" and saved[0]["text"] == text
+    assert saved[0]["settings"]["seed"] == 7 and saved[0]["settings"]["max_tokens"] == 50_000
+
+    _set_range(page, "max_tokens", 30)  # a short one runs to its end and joins the history
+    page.click("#generate")
+    page.wait_for_function("document.getElementById('status').textContent.startsWith('done')", timeout=WAIT_S * 1000)
+    assert "30 tokens" in page.text_content("#status") and page.locator("#history li").count() == 2
+    page.reload()  # the history lives in the browser
+    page.wait_for_selector("#history li")
+    assert page.locator("#history li").count() == 2
+    page.click("#history li >> nth=0")  # an entry back from the history, token boundaries shown
+    assert page.input_value("#max_tokens") == "30" and page.input_value("#seed") == "7"
+    page.check("#show-tokens")
+    page.screenshot(path=str(tmp_path / "history.png"))
+    assert not errors, errors
+    page.close()
