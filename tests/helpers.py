@@ -106,3 +106,11 @@ def fake_weights() -> dict[str, np.ndarray]:
 
 
 EXPECTED_PARAMS = VOCAB * EMBD + BLOCK * EMBD + 3 * EMBD * EMBD + EMBD
+
+
+def train_tiny(out: Path, data_dir: Path, **overrides) -> Path:
+    """A tiny trained run folder at out (for tests that need a model to load, serve or sample)."""
+    from pocketgpt.trainer import train
+
+    train(tiny_config(**overrides), data_dir, out, echo=lambda s: None)
+    return out

@@ -16,7 +16,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
-from helpers import run_cli, tiny_config  # noqa: E402
+from helpers import run_cli, train_tiny  # noqa: E402
 
 from pocketgpt.serve.api import Limits  # noqa: E402
 
@@ -68,11 +68,7 @@ def wait_for(ok: Any, what: str) -> None:
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, data_dir) -> Path:
-    from pocketgpt.trainer import train
-
-    out = tmp_path_factory.mktemp("serve") / "tiny"
-    train(tiny_config(max_iters=30, block_size=64), data_dir, out, echo=lambda s: None)
-    return out
+    return train_tiny(tmp_path_factory.mktemp("serve") / "tiny", data_dir, max_iters=30, block_size=64)
 
 
 @pytest.fixture(scope="module")

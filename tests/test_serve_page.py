@@ -18,7 +18,7 @@ pytest.importorskip("httpx")
 
 from test_serve import PROMPT, WAIT_S, Served, scrape, wait_for  # noqa: E402
 
-from helpers import tiny_config  # noqa: E402
+from helpers import train_tiny  # noqa: E402
 
 from pocketgpt.serve.api import Limits  # noqa: E402
 
@@ -42,11 +42,7 @@ def browser() -> Iterator[Any]:
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, data_dir) -> Path:
-    from pocketgpt.trainer import train
-
-    out = tmp_path_factory.mktemp("page") / "tiny"
-    train(tiny_config(max_iters=20, block_size=64), data_dir, out, echo=lambda s: None)
-    return out
+    return train_tiny(tmp_path_factory.mktemp("page") / "tiny", data_dir, max_iters=20, block_size=64)
 
 
 @pytest.fixture(scope="module")

@@ -77,7 +77,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = uvicorn.Config(app, host=args.host, port=args.port, access_log=True, log_level="info",
                             timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)
-    print(f"serving {args.model}: the page at http://{args.host}:{args.port}/, the API at http://{args.host}:{args.port}/v1 (Ctrl-C stops)", file=sys.stderr, flush=True)
+    base = f"http://{args.host}:{args.port}"
+    print(f"serving {args.model}: the page at {base}/, the API at {base}/v1 (Ctrl-C stops)", file=sys.stderr,
+          flush=True)
     server.run()  # uvicorn handles Ctrl-C and SIGTERM: stop accepting, finish, then the scheduler stops
     if failed:
         raise PocketError(f"cannot load {args.model}: {failed[0]}")
