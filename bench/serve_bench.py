@@ -26,14 +26,12 @@ The last lines: the machine (CPU, torch, threads) and aggregate(N=16) / aggregat
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
 import platform
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import time
