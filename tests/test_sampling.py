@@ -17,7 +17,6 @@ from hypothesis import strategies as st
 
 from pocketgpt import SampleConfig, sampling
 from pocketgpt.config import ModelConfig, TrainConfig
-from pocketgpt.engine import check_sampling
 from pocketgpt.errors import PocketError
 from pocketgpt.loading import LoadedModel
 from pocketgpt.model import GPT
@@ -79,14 +78,6 @@ def test_keyword_calls_become_one_settings_value():
     assert as_settings(base) is base and as_settings(base, num_samples=3) == base.replace(num_samples=3)
     with pytest.raises(PocketError, match="unknown sampling setting 'temprature'"):
         as_settings(10, temprature=0.5)
-
-
-def test_the_old_command_line_check_keeps_its_flag_wording():
-    with pytest.raises(PocketError, match=r"^--top-p must be in \(0, 1\], got 1.5$"):
-        check_sampling(0.8, 0, 1.5, 10)
-    with pytest.raises(PocketError, match="^--max-new-tokens must be zero or positive"):
-        check_sampling(0.8, 0, 1.0, -1)
-    check_sampling(0.0, 5, 0.5, 0)
 
 
 # ---------------------------------------------------------------- stop strings

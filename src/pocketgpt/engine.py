@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from .errors import PocketError
 from .model import GPT, DecodeView, KVCache, LayerTensors
 from .runtime import cpu_has_fast_bf16
-from .sampling import InvalidSetting, SamplingSettings, as_settings
+from .sampling import SamplingSettings, as_settings
 
 DECODE_DTYPES = ("auto", "float32", "float16", "bfloat16")
 
@@ -64,14 +64,6 @@ SINGLE_THREAD_PARAMS = 5_000_000
 # vs float16, 1 thread, this 2-core AVX-512 machine (busy): 0.8M 0.30 vs 0.48 ms, 1.8M 0.49 vs 0.59,
 # 3.2M 1.0 vs 0.8, 10.7M 5.1 vs 2.2, 29.5M 13.2 vs 5.5, GPT-2-small 48 vs 21 (bench_generate.py).
 LOW_PRECISION_MIN_PARAMS = 5_000_000
-
-
-def check_sampling(temperature: float, top_k: int, top_p: float, max_new_tokens: int) -> None:
-    """The old command-line check, worded with flags ('--top-p must be ...'); SamplingSettings checks."""
-    try:
-        SamplingSettings(temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens)
-    except InvalidSetting as e:
-        raise PocketError(e.as_flag()) from None
 
 
 def pick_next(

@@ -98,8 +98,7 @@ def launch(req: TrainRequest, echo: Callable[[str], None] | None = None) -> Laun
         else:  # INPUT files, or the bundled corpus: prepared into the run folder
             from .data import prepare
 
-            prep = PrepareConfig(**{**req.prepare.__dict__, "inputs": list(req.inputs), "out": str(out / rundir.DATA)})
-            data_dir = prepare(prep)
+            data_dir = prepare(replace(req.prepare, inputs=list(req.inputs), out=str(out / rundir.DATA)))
         if auto:
             cfg = auto_config(req, data_dir, overrides, runtime, echo or print)
         return _launched(_train(cfg, data_dir, out, req, echo), out, data_dir)
@@ -217,9 +216,7 @@ def prepare_for_base(req: TrainRequest, out: Path, base: Base) -> Path:
     if req.prepare.tokenizer not in ("char", kind) or req.prepare.vocab_size:  # char is the option's default
         raise PocketError(f"--tokenizer/--vocab-size: a fine-tune prepares the text with the base model's own "
                           f"tokenizer ({kind}); drop them")
-    prep = PrepareConfig(**{**req.prepare.__dict__, "inputs": list(req.inputs), "out": str(out / rundir.DATA),
-                            "tokenizer": kind})
-    data_dir = prepare(prep)
+    data_dir = prepare(replace(req.prepare, inputs=list(req.inputs), out=str(out / rundir.DATA), tokenizer=kind))
     if kind == "char":
         _renumber_chars(data_dir, base.tokenizer)
     check_data_tokenizer(data_dir, base)

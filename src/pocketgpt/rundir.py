@@ -140,6 +140,30 @@ def data_dir_of(run_dir: str | Path, raw: dict[str, Any] | None = None) -> Path:
     return ref if ref.is_absolute() else Path(run_dir) / ref
 
 
+def summary(run_dir: str | Path) -> dict[str, Any]:
+    """What a run's training reached, for info, export and serve: iters, tokens seen, best val loss with its
+    bits per byte and iteration, and the base model of a fine-tune (None where the run does not say)."""
+    from .checkpoint import read_last_state
+
+    state = read_last_state(run_dir)
+    base = read_raw_config(run_dir).get("init_from")
+    return {"iters": state.get("iter"), "tokens_seen": state.get("tokens_seen"),
+            "best_val_loss": state.get("best_val_loss"),
+            "best_val_bpb": best_val_bpb(run_dir, state.get("best_iter")), "best_iter": state.get("best_iter"),
+            "init_from": base if isinstance(base, dict) and base.get("source") else None}
+
+
+def best_val_bpb(run_dir: str | Path, best_iter: int | None) -> float | None:
+    """val_bpb of the eval line at the best iteration in metrics.jsonl (None for runs without one)."""
+    from .metrics import read_metrics
+
+    evals = [m for m in read_metrics(Path(run_dir) / METRICS)
+             if "val_bpb" in m and isinstance(m.get("val_loss"), (int, float))]
+    at_best = [m for m in evals if m.get("iter") == best_iter] or sorted(evals, key=lambda m: m["val_loss"])[:1]
+    value = at_best[-1]["val_bpb"] if at_best else None
+    return value if isinstance(value, (int, float)) else None
+
+
 # ---------------------------------------------------------------- starting a training
 
 def check_for_training(out: str | Path, resume: bool, overwrite: bool) -> None:

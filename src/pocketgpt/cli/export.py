@@ -28,15 +28,9 @@ def add_export(command: Any) -> None:
 
 def run_stats(run: Path) -> dict[str, Any]:
     """Iterations, tokens seen, best val loss and bits per byte of a run folder; {} for other models."""
-    from ..checkpoint import read_last_state
-    from ..rundir import is_run_dir
-    from .inspection import _best_bpb
+    from ..rundir import is_run_dir, summary
 
-    if not is_run_dir(run):
-        return {}
-    state = read_last_state(run)
-    return {"iters": state.get("iter"), "tokens_seen": state.get("tokens_seen"),
-            "best_val_loss": state.get("best_val_loss"), "best_val_bpb": _best_bpb(run, state.get("best_iter"))}
+    return summary(run) if is_run_dir(run) else {}
 
 
 def cmd_export(args: argparse.Namespace) -> int:

@@ -87,26 +87,19 @@ def _split_tokens(args: argparse.Namespace, model: Any, split: str) -> Any:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from ..checkpoint import read_last_state
     from ..loading import load
-    from ..rundir import LOCK
+    from ..rundir import LOCK, summary
 
     model = load(args.model, checkpoint=args.checkpoint)
     if model.info.get("source_kind"):  # imported (Hugging Face, nanoGPT): no run folder to read
         return _foreign_info(args, model)
     run = Path(args.model)
-    state = read_last_state(run)
     info = {
         "model": str(run),
         "parameters": model.model.num_params(),
         "config": model.config.to_dict(),
         "tokenizer": {"kind": model.tokenizer.kind, "vocab_size": model.tokenizer.vocab_size},
-        "iters": state.get("iter"),
-        "tokens_seen": state.get("tokens_seen"),
-        "best_val_loss": state.get("best_val_loss"),
-        "best_val_bpb": _best_bpb(run, state.get("best_iter")),
-        "best_iter": state.get("best_iter"),
-        "init_from": _init_from(run),
+        **summary(run),  # iters, tokens_seen, best_val_loss, best_val_bpb, best_iter, init_from
         "files": {str(p.relative_to(run)): p.stat().st_size for p in sorted(run.rglob("*"))
                   if p.is_file() and p.name != LOCK},
     }
@@ -126,14 +119,6 @@ def cmd_info(args: argparse.Namespace) -> int:
     for name, size in info["files"].items():
         say(f"  {name:40s} {size:>12,} bytes")
     return 0
-
-
-def _init_from(run: Path) -> dict[str, Any] | None:
-    """config.json's init_from ({source, kind}: the base model of a fine-tune), None for runs from scratch."""
-    from ..rundir import read_raw_config
-
-    base = read_raw_config(run).get("init_from")
-    return base if isinstance(base, dict) and base.get("source") else None
 
 
 def _foreign_info(args: argparse.Namespace, model: Any) -> int:
@@ -156,18 +141,6 @@ def _foreign_info(args: argparse.Namespace, model: Any) -> int:
     if extra:
         say(", ".join(f"{k} {v}" for k, v in extra.items()))
     return 0
-
-
-def _best_bpb(run: Path, best_iter: int | None) -> float | None:
-    """val_bpb of the eval line at the best iteration in metrics.jsonl (None for runs without one)."""
-    from ..metrics import read_metrics
-    from ..rundir import METRICS
-
-    evals = [m for m in read_metrics(run / METRICS)
-             if "val_bpb" in m and isinstance(m.get("val_loss"), (int, float))]
-    at_best = [m for m in evals if m.get("iter") == best_iter] or sorted(evals, key=lambda m: m["val_loss"])[:1]
-    value = at_best[-1]["val_bpb"] if at_best else None
-    return value if isinstance(value, (int, float)) else None
 
 
 def cmd_tokenize(args: argparse.Namespace) -> int:

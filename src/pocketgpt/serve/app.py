@@ -116,19 +116,18 @@ def _sse(obj: Any) -> str:
 
 def model_card(model: Any, model_id: str) -> dict[str, Any]:
     """GET /v1/models' entry: OpenAI's fields, then what the run folder says about the model."""
-    from ..checkpoint import read_last_state
-    from ..cli.inspection import _best_bpb
+    from ..rundir import summary
 
     run = Path(model.source)
     try:
-        state = read_last_state(run)
-        bpb = _best_bpb(run, state.get("best_iter"))
+        stats = summary(run)
     except Exception:  # noqa: BLE001 - the extras are optional: a folder without them still serves
-        state, bpb = {}, None
+        stats = {}
     return {"id": model_id, "object": "model", "created": int(run.stat().st_mtime) if run.exists() else 0, "owned_by": "pocketgpt",
             "parameters": model.model.num_params(), "context": model.block_size,
             "tokenizer": {"kind": model.tokenizer.kind, "vocab_size": model.tokenizer.vocab_size},
-            "iterations": state.get("iter"), "best_val_loss": state.get("best_val_loss"), "best_val_bpb": bpb}
+            "iterations": stats.get("iters"), "best_val_loss": stats.get("best_val_loss"),
+            "best_val_bpb": stats.get("best_val_bpb")}
 
 
 class _Server:
