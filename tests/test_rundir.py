@@ -115,3 +115,16 @@ def test_two_trainings_started_together_never_interleave_metrics(data_dir, tmp_p
     for kind in ("loss", "val_loss"):  # one run's log lines and eval lines, each in order, none twice
         iters = [m["iter"] for m in lines if kind in m]
         assert iters == sorted(set(iters)) and iters[-1] == 60
+
+
+def test_an_overwrite_that_is_refused_leaves_the_earlier_run_as_it_was(data_dir, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_config(max_iters=10), data_dir, run, echo=lambda s: None)
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    with pytest.raises(PocketError, match="needs ~"):  # the memory guard
+        train(tiny_config(batch_size=100_000_000), data_dir, run, overwrite=True, echo=lambda s: None)
+    with pytest.raises(PocketError, match="needs at least"):  # a context longer than the data
+        train(tiny_config(block_size=5_000_000, max_iters=10), data_dir, run, overwrite=True, memory_check=False,
+              echo=lambda s: None)
+    after = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert after == before

@@ -26,7 +26,7 @@ import torch
 from . import evalsteps, rundir
 from .checkpoint import atomic_write
 from .config import ModelConfig, TrainConfig, validate
-from .data import TrainData, open_training_data
+from .data import TrainData, open_training_data, read_meta
 from .errors import PocketError, TrainingDiverged
 from .metrics import MetricsLog, check_loggers
 from .model import GPT
@@ -139,6 +139,12 @@ class Trainer:
                initial: GPT | None = None) -> "Trainer":
         """Open the data, seed, build the model and the trainer: what train() does before the loop."""
         data = open_training_data(data_dir, cfg.model.block_size, cfg.run.batch_size, cfg.run.seed)
+        return cls.from_data(cfg, data, out, runtime, log, initial)
+
+    @classmethod
+    def from_data(cls, cfg: TrainConfig, data: TrainData, out: Path, runtime: Runtime, log: MetricsLog,
+                  initial: GPT | None = None) -> "Trainer":
+        """Seed, build the model (with the data's vocab_size in a copy of cfg) and the trainer."""
         cfg = replace(cfg, model=replace(cfg.model, vocab_size=data.vocab_size))
         torch.manual_seed(cfg.run.seed)
         return cls(cfg, data, build_model(cfg.model, runtime, initial), Path(out), runtime, log)
@@ -426,20 +432,21 @@ def train(
         rundir.check_for_training(out, resume, overwrite)  # again: another process may have started first
         if resume:
             _check_resume_shape(rundir.read_config(out)[0], cfg)
-        elif overwrite and rundir.is_run_dir(out):
+        # everything that can refuse the run comes before --overwrite removes the earlier one; the memory
+        # guard first, from meta.json alone, so a model that cannot fit is named as such
+        if memory_check:
+            check_memory(cfg, int(read_meta(data_dir)["vocab_size"]), runtime)
+        data = open_training_data(data_dir, cfg.model.block_size, cfg.run.batch_size, cfg.run.seed)
+        if not resume and overwrite and rundir.is_run_dir(out):
             rundir.clear(out)
-        return _train_locked(cfg, data_dir, out, runtime, resume, echo, initial_model, memory_check, record)
+        return _train_locked(cfg, data, data_dir, out, runtime, resume, echo, initial_model, record)
 
 
-def _train_locked(cfg: TrainConfig, data_dir: Path, out: Path, runtime: Runtime, resume: bool,
-                  echo: Callable[[str], None] | None, initial_model: GPT | None, memory_check: bool,
+def _train_locked(cfg: TrainConfig, data: TrainData, data_dir: Path, out: Path, runtime: Runtime, resume: bool,
+                  echo: Callable[[str], None] | None, initial_model: GPT | None,
                   record: dict[str, Any] | None) -> TrainResult:
     log = MetricsLog(out / rundir.METRICS, echo)
-    if memory_check:
-        from .data import read_meta
-
-        check_memory(cfg, int(read_meta(data_dir)["vocab_size"]), runtime)
-    trainer = Trainer.create(cfg, data_dir, out, runtime, log, initial_model)
+    trainer = Trainer.from_data(cfg, data, out, runtime, log, initial_model)
     cfg = trainer.cfg  # with the data's vocab_size
     if resume:
         trainer.restore()
