@@ -114,3 +114,32 @@ def train_tiny(out: Path, data_dir: Path, **overrides) -> Path:
 
     train(tiny_config(**overrides), data_dir, out, echo=lambda s: None)
     return out
+
+
+# ---------------------------------------------------------------- an untrained GPT-2-shaped run (export tests)
+
+
+def untrained_run(root: Path, tok, **model) -> Path:
+    """A GPT-2-shaped run folder as training leaves one (config.json, tokenizer.json, model.safetensors),
+    untrained, with random LayerNorms and biases (so a wrong mapping of them shows)."""
+    import torch
+
+    from pocketgpt.checkpoint import save_weights
+    from pocketgpt.config import ModelConfig
+    from pocketgpt.model import GPT
+    from pocketgpt.rundir import write_config
+    from pocketgpt.tokenizer import save_tokenizer
+
+    torch.manual_seed(1)
+    mc = ModelConfig(vocab_size=tok.vocab_size, block_size=32, n_layer=2, n_head=2, n_embd=32, **model)
+    gpt = GPT(mc)
+    with torch.no_grad():
+        for name, p in gpt.named_parameters():
+            if "ln_" in name or name.endswith("bias"):
+                p.normal_(0.0, 0.5)
+    run = root / "run"
+    run.mkdir()
+    write_config(run, TrainConfig(model=mc), run / "data")
+    save_tokenizer(tok, run / "tokenizer.json")
+    save_weights(gpt, run / "model.safetensors")
+    return run

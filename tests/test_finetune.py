@@ -27,8 +27,8 @@ RUN = {k: v for k, v in TINY.items() if k not in ("n_layer", "n_head", "n_embd",
 QUIET = dict(echo=lambda s: None)
 
 
-@pytest.fixture(scope="module")
-def gpt2_folder(tmp_path_factory) -> Path:
+def tiny_gpt2(folder: Path) -> Path:
+    """A tiny random Hugging Face GPT-2 (BASE) saved to folder; also test_lora's base."""
     torch.manual_seed(0)
     cfg = transformers.GPT2Config(**BASE, attn_implementation="eager")
     m = transformers.GPT2LMHeadModel(cfg)
@@ -36,9 +36,13 @@ def gpt2_folder(tmp_path_factory) -> Path:
         for name, p in m.named_parameters():
             if "ln_" in name or name.endswith("bias"):
                 p.normal_(0.0, 0.5)
-    d = tmp_path_factory.mktemp("hf") / "tiny-gpt2"
-    m.eval().save_pretrained(str(d))
-    return d
+    m.eval().save_pretrained(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def gpt2_folder(tmp_path_factory) -> Path:
+    return tiny_gpt2(tmp_path_factory.mktemp("hf") / "tiny-gpt2")
 
 
 @pytest.fixture(scope="module")

@@ -12,16 +12,12 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from helpers import run_cli  # noqa: E402
+from helpers import run_cli, untrained_run  # noqa: E402
 
 from pocketgpt import hf  # noqa: E402
-from pocketgpt.checkpoint import save_weights  # noqa: E402
-from pocketgpt.config import ModelConfig, TrainConfig  # noqa: E402
 from pocketgpt.errors import PocketError  # noqa: E402
 from pocketgpt.loading import load  # noqa: E402
-from pocketgpt.model import GPT  # noqa: E402
-from pocketgpt.rundir import write_config  # noqa: E402
-from pocketgpt.tokenizer import CharTokenizer, GPT2Tokenizer, save_tokenizer, train_bpe  # noqa: E402
+from pocketgpt.tokenizer import CharTokenizer, GPT2Tokenizer, train_bpe  # noqa: E402
 
 TOL = 1e-4
 TEXT = "Hello world, this is pocketgpt talking to GPT-2. Ünïcode too!"
@@ -237,29 +233,12 @@ def test_nanogpt_meta_pkl_with_code_is_refused(tmp_path):
 
 # ---------------------------------------------------------------- pocketgpt -> Hugging Face
 
-def make_run(root: Path, tok, **model) -> Path:
-    """A run folder as training leaves one (config.json, tokenizer.json, model.safetensors), untrained."""
-    torch.manual_seed(1)
-    mc = ModelConfig(vocab_size=tok.vocab_size, block_size=32, n_layer=2, n_head=2, n_embd=32, **model)
-    gpt = GPT(mc)
-    with torch.no_grad():
-        for name, p in gpt.named_parameters():
-            if "ln_" in name or name.endswith("bias"):
-                p.normal_(0.0, 0.5)
-    run = root / "run"
-    run.mkdir()
-    write_config(run, TrainConfig(model=mc), run / "data")
-    save_tokenizer(tok, run / "tokenizer.json")
-    save_weights(gpt, run / "model.safetensors")
-    return run
-
-
 def _export(capsys, run: Path, out: Path, *extra) -> tuple[int, str, str]:
     return run_cli(capsys, "export", "--model", run, "--format", "hf", "--out", out, *extra)
 
 
 def test_export_gpt2_run_round_trips(capsys, tmp_path):
-    run = make_run(tmp_path, GPT2Tokenizer(), bias=True, mlp="gelu_new")
+    run = untrained_run(tmp_path, GPT2Tokenizer(), bias=True, mlp="gelu_new")
     out = tmp_path / "export"
     code, stdout, err = _export(capsys, run, out)
     assert code == 0, err
@@ -284,7 +263,7 @@ def test_export_gpt2_run_round_trips(capsys, tmp_path):
 def test_export_no_bias_exact_gelu_untied(capsys, tmp_path, tokenizer, corpus_text):
     tok = (CharTokenizer.from_text(corpus_text) if tokenizer == "char"
            else train_bpe([corpus_text[:20_000]], 300))
-    run = make_run(tmp_path, tok, bias=False, mlp="gelu", tie_embeddings=False)
+    run = untrained_run(tmp_path, tok, bias=False, mlp="gelu", tie_embeddings=False)
     out = tmp_path / "export"
     code, stdout, err = _export(capsys, run, out)
     assert code == 0, err
@@ -301,7 +280,7 @@ def test_export_no_bias_exact_gelu_untied(capsys, tmp_path, tokenizer, corpus_te
 @pytest.mark.parametrize("option, name", [({"pos_emb": "rope"}, "rope"), ({"norm": "rmsnorm"}, "rmsnorm"),
                                           ({"qk_norm": True}, "qk_norm"), ({"mlp": "relu2"}, "relu2")])
 def test_export_refuses_what_gpt2_cannot_express(capsys, tmp_path, option, name):
-    run = make_run(tmp_path, CharTokenizer("abc"), **option)
+    run = untrained_run(tmp_path, CharTokenizer("abc"), **option)
     out = tmp_path / "export"
     code, _, err = _export(capsys, run, out)
     assert code == 2 and name in err and err.count("\n") == 1

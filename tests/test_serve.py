@@ -178,15 +178,63 @@ def test_max_tokens_zero(client):
     assert got.usage.completion_tokens == 0
 
 
+def test_completion_logprobs_are_the_models_own(client, served, run_dir):
+    import torch
+
+    from pocketgpt import load
+
+    model = load(run_dir)
+    got = client.completions.create(model="x", prompt=PROMPT, max_tokens=12, temperature=0.9, seed=2, logprobs=3)
+    (choice,) = got.choices
+    lp = choice.logprobs
+    assert "".join(lp.tokens) == choice.text and len(lp.token_logprobs) == 12
+    ids = model.tokenizer.encode(PROMPT + choice.text)
+    want = torch.log_softmax(model.logits(ids[:-1]), dim=-1)[len(model.tokenizer.encode(PROMPT)) - 1:]
+    for i, (tok, value, top) in enumerate(zip(lp.tokens, lp.token_logprobs, lp.top_logprobs)):
+        row = want[i]
+        assert value == pytest.approx(float(row[model.tokenizer.encode(tok)[0]]), abs=1e-4)
+        best = row.topk(3)
+        assert list(top) == [model.tokenizer.decode([j]) for j in best.indices.tolist()]
+        assert list(top.values()) == pytest.approx(best.values.tolist(), abs=1e-4)
+    assert lp.text_offset == [len(PROMPT) + len("".join(lp.tokens[:i])) for i in range(12)]
+    _, events = stream_text(served.url, {"prompt": PROMPT, "max_tokens": 12, "temperature": 0.9, "seed": 2, "logprobs": 3})
+    streamed = [c["logprobs"] for e in events for c in e["choices"]]
+    assert sum((x["tokens"] for x in streamed), []) == lp.tokens
+    assert sum((x["text_offset"] for x in streamed), []) == lp.text_offset
+    assert sum((x["token_logprobs"] for x in streamed), []) == pytest.approx(lp.token_logprobs)
+
+
+def test_chat_logprobs_in_the_openai_shape(client):
+    kw = dict(model="x", messages=[{"role": "user", "content": "Hi"}], max_tokens=10, temperature=0.8, seed=1)
+    plain = client.chat.completions.create(**kw)
+    assert plain.choices[0].logprobs is None
+    full = client.chat.completions.create(**kw, logprobs=True, top_logprobs=2)
+    content = full.choices[0].logprobs.content
+    assert "".join(t.token for t in content) == full.choices[0].message.content == plain.choices[0].message.content
+    for t in content:
+        assert t.logprob <= 0 and bytes(t.bytes).decode() == t.token and len(t.top_logprobs) == 2
+        assert t.top_logprobs[0].logprob >= t.top_logprobs[1].logprob and t.top_logprobs[0].logprob >= t.logprob - 1e-6
+    parts = list(client.chat.completions.create(**kw, logprobs=True, stream=True))
+    streamed = [t for p in parts for c in p.choices if c.logprobs for t in c.logprobs.content]
+    assert [t.token for t in streamed] == [t.token for t in content] and all(t.top_logprobs == [] for t in streamed)
+
+
 # ---------------------------------------------------------------- many users at once
 
 
 def test_concurrent_streams_equal_their_single_output(served):
     bodies = [{"prompt": PROMPT, "max_tokens": 50, "temperature": 1.0, "seed": s} for s in range(4)]
     alone = [stream_text(served.url, b)[0] for b in bodies]
+
+    def shared_steps() -> float:  # decode steps that fed more than one row
+        m = scrape(served.url)
+        return m["pocketgpt_batch_rows_count"] - m['pocketgpt_batch_rows_bucket{le="1"}']
+
+    before = shared_steps()
     with ThreadPoolExecutor(4) as pool:
         together = list(pool.map(lambda b: stream_text(served.url, b)[0], bodies))
     assert together == alone and len(set(alone)) == 4
+    assert shared_steps() - before >= 10  # they were stepped together, not in turn
 
 
 def test_disconnect_frees_the_stream_and_others_go_on(served):
@@ -303,7 +351,8 @@ BAD = [
     ({"prompt": "a", "n": 0}, "n"),
     ({"prompt": "a", "seed": "x"}, "seed"),
     ({"prompt": "a", "repetition_penalty": 0}, "repetition_penalty"),
-    ({"prompt": "a", "logprobs": 2}, "logprobs"),
+    ({"prompt": "a", "logprobs": 6}, "logprobs"),
+    ({"prompt": "a", "logprobs": True}, "logprobs"),
     ({"prompt": "a", "frequency_penalty": 0.5}, "frequency_penalty"),
     ({"prompt": "a", "temprature": 0.5}, "temprature"),
     ({"prompt": "a", "model": 123}, "model"),
@@ -332,6 +381,9 @@ def test_bad_completion_request(served, body, param):
     ({"messages": [{"role": "user", "content": 5}]}, "messages"),
     ({"messages": [{"role": "user", "content": "e" * 80}]}, "messages"),
     ({"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 10**6}, "max_tokens"),
+    ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "top_logprobs"),  # without logprobs
+    ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ({"messages": [{"role": "user", "content": "hi"}], "logprobs": 1}, "logprobs"),
 ])
 def test_bad_chat_request(served, body, param):
     r = post(served.url, "/v1/chat/completions", body)
@@ -357,3 +409,49 @@ def test_serve_without_fastapi_names_the_install(capsys, monkeypatch, run_dir):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "fastapi" else real(name, *a))
     code, _, err = run_cli(capsys, "serve", "--model", run_dir)
     assert code == 2 and 'pip install "pocketgpt[serve]"' in err
+
+
+def test_reload_serves_new_weights_and_running_streams_finish_on_theirs(tmp_path, run_dir):
+    import shutil
+
+    import torch
+
+    from pocketgpt import load
+    from pocketgpt.checkpoint import save_weights
+    from pocketgpt.rundir import BEST_WEIGHTS
+
+    run = tmp_path / "watched"
+    shutil.copytree(run_dir, run)
+    old = load(run)
+    body = {"prompt": PROMPT, "max_tokens": 30, "temperature": 0}
+    s = Served(run, reload=True, reload_every_s=0.05, limits=Limits(max_tokens=50_000))
+    try:
+        assert post(s.url, "/v1/completions", body).json()["choices"][0]["text"] == old.complete(PROMPT, 30, temperature=0)[0].text
+        long_body = {"prompt": PROMPT, "max_tokens": 3000, "temperature": 1.0, "seed": 5, "stream": True}
+        with httpx.stream("POST", s.url + "/v1/completions", json=long_body, timeout=60) as r:
+            lines = r.iter_lines()
+            next(lines)  # the long stream runs on the old weights
+            with torch.no_grad():
+                for p in old.model.parameters():
+                    p.add_(torch.randn_like(p) * 0.5)
+            save_weights(old.model, run / BEST_WEIGHTS)  # written as training writes it (atomic rename)
+            wait_for(lambda: s.scheduler.reloads == 1, "the new weights to be loaded")
+            new_text = post(s.url, "/v1/completions", body).json()["choices"][0]["text"]
+            rest = [line for line in lines if line.startswith("data: ")]
+        assert rest[-1] == "data: [DONE]"  # not dropped by the reload
+        assert new_text == load(run).complete(PROMPT, 30, temperature=0)[0].text != old_text(run_dir)
+        assert scrape(s.url)["pocketgpt_reloads_total"] == 1
+    finally:
+        s.close()
+
+
+def old_text(run_dir: Path) -> str:
+    from pocketgpt import load
+
+    return load(run_dir).complete(PROMPT, 30, temperature=0)[0].text
+
+
+def test_reload_needs_a_run_folder(tmp_path, capsys):
+    (tmp_path / "config.json").write_text("{}")
+    code, _, err = run_cli(capsys, "serve", "--model", tmp_path, "--reload")
+    assert code == 2 and "--reload" in err and "run folder" in err and "Traceback" not in err

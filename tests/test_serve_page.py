@@ -73,6 +73,7 @@ def test_page_streams_stops_and_keeps_history(browser, served, tmp_path):
     _set_range(page, "temperature", 0.9)
     page.fill("#seed", "7")
     page.check("#show-tokens")
+    page.check("#show-probs")
     page.click("#generate")
     chunks = "document.querySelectorAll('#output .tok').length"
     page.wait_for_function(f"{chunks} >= 5", timeout=WAIT_S * 1000)
@@ -81,6 +82,9 @@ def test_page_streams_stops_and_keeps_history(browser, served, tmp_path):
     assert scrape(served.url, **auth)["pocketgpt_active_streams"] == 1
     assert page.is_disabled("#generate") and page.is_enabled("#stop")
     page.screenshot(path=str(tmp_path / "streaming.png"))
+    probs = page.evaluate("[...document.querySelectorAll('#output .tok[data-p]')].map(s => +s.dataset.p)")
+    assert len(probs) >= 20 and all(0 < p <= 1 for p in probs)  # one span per token, with its probability
+    assert "p = " in page.get_attribute("#output .tok[data-p] >> nth=3", "title")
 
     page.click("#stop")
     page.wait_for_function("document.getElementById('status').textContent.startsWith('stopped')", timeout=WAIT_S * 1000)

@@ -109,6 +109,29 @@ def save_weights(model: "torch.nn.Module", path: Path, metadata: dict[str, str] 
     atomic_write(path, lambda p: save_model(model, str(p), metadata=metadata))
 
 
+def save_tensors(tensors: dict[str, "torch.Tensor"], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Named tensors (contiguous, none sharing memory) as one safetensors file, e.g. a LoRA adapter alone."""
+    from safetensors.torch import save_file
+
+    atomic_write(path, lambda p: save_file(tensors, str(p), metadata=metadata))
+
+
+def export_dir(out: Path, overwrite: bool, files: tuple[str, ...]) -> Path:
+    """An export's folder, made ready: new or empty, or with --overwrite cleared of `files` (only what the
+    export writes, so nothing stale outlives it and nothing else is touched); a one-line refusal otherwise."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise PocketError(f"{out} is a file, not a folder; choose another --out")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise PocketError(f"{out} exists and is not empty; add --overwrite to replace the export there, "
+                              "or choose another --out")
+        for name in files:
+            (out / name).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
 def load_weights(model: "torch.nn.Module", path: Path) -> None:
     from safetensors import SafetensorError
     from safetensors.torch import load_model

@@ -33,6 +33,18 @@ MLPS = ("gelu", "gelu_new", "relu2")  # gelu_new: GPT-2's own tanh approximation
 OPTIMIZERS = ("adamw", "muon")
 TOKENIZERS = ("char", "gpt2", "bpe")
 LOGGERS = ("tensorboard", "wandb", "trackio")
+# What lora_targets may name: the four matrices of a block (GPT-2's names, as peft's target_modules give
+# them for Hugging Face's GPT-2), their bare names (c_proj: both projections, as peft matches it), and
+# three short groups. Each maps to the block-relative module names, listed in model order.
+LORA_MODULES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+LORA_TARGETS: dict[str, tuple[str, ...]] = {
+    "attn": ("attn.c_attn",), "proj": ("attn.c_proj",), "mlp": ("mlp.c_fc", "mlp.c_proj"), "all": LORA_MODULES,
+    "c_attn": ("attn.c_attn",), "c_proj": ("attn.c_proj", "mlp.c_proj"), "c_fc": ("mlp.c_fc",),
+    **{name: (name,) for name in LORA_MODULES},
+}
+# Each matrix's (in, out) in units of n_embd (model.py: q, k, v side by side; an MLP 4 times as wide).
+LORA_WIDTHS: dict[str, tuple[int, int]] = {"attn.c_attn": (1, 3), "attn.c_proj": (1, 1), "mlp.c_fc": (1, 4),
+                                           "mlp.c_proj": (4, 1)}
 
 
 @dataclass
@@ -89,6 +101,9 @@ class RunConfig:
     device: str = "auto"
     dtype: str = "auto"
     compile: bool = False
+    # keep only each block's input for the backward pass and run the block again there: activations of about
+    # one layer instead of all, for one more forward pass a step (bench/lora_memory.py measures both)
+    gradient_checkpointing: bool = False
     sample_tokens: int = 300  # length of the sample printed when training ends
     eval_sample_tokens: int = 200  # a sample at every eval, to samples.txt and the console; 0 = off
     early_stop_patience: int = 0  # stop after this many evals without a better val loss; 0 = off
@@ -97,10 +112,44 @@ class RunConfig:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA: a fine-tune that trains low-rank adapters on the base model's frozen weights (lora_rank 0: off).
+
+    Each targeted matrix W computes x W^T + (alpha / rank) * x A^T B^T, A (rank, in) and B (out, rank),
+    B starting at zero; only A and B train (AdamW, never Muon). Defaults: rank 8 is the usual
+    starting point when enabled; alpha 16 (a scale of 2 at rank 8); no adapter dropout (the model's own
+    dropout still applies, and an adapter dropout would keep a copy of every targeted layer's input);
+    every matrix of every block, which learns better than attention alone for little more memory.
+    """
+
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: str = "attn,proj,mlp"  # comma-separated LORA_TARGETS names
+
+    @property
+    def enabled(self) -> bool:
+        return self.lora_rank > 0
+
+    @property
+    def modules(self) -> tuple[str, ...]:
+        """The targeted block-relative module names, in model order (lora_modules)."""
+        return lora_modules(self.lora_targets)
+
+    def trainable_params(self, model: ModelConfig) -> int:
+        """Adapter parameters for this model: rank * (in + out) per targeted matrix per block (0 when off)."""
+        if not self.enabled:
+            return 0
+        per_block = sum(sum(LORA_WIDTHS[m]) for m in self.modules) * model.n_embd
+        return model.n_layer * self.lora_rank * per_block
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -140,7 +189,7 @@ class SampleConfig(SamplingSettings):
         return SamplingSettings(**{f.name: getattr(self, f.name) for f in fields(SamplingSettings)})
 
 
-SECTIONS: dict[str, type] = {"model": ModelConfig, "optim": OptimConfig, "run": RunConfig}
+SECTIONS: dict[str, type] = {"model": ModelConfig, "optim": OptimConfig, "run": RunConfig, "lora": LoraConfig}
 KEY_SECTION: dict[str, str] = {f.name: s for s, c in SECTIONS.items() for f in fields(c)}
 # Keys the user may set; vocab_size is derived from the data.
 USER_KEYS = sorted(k for k in KEY_SECTION if k != "vocab_size")
@@ -150,6 +199,20 @@ def nearest(name: str, choices: list[str] | tuple[str, ...]) -> str:
     """' (did you mean X?)' for the closest choice, or '' when nothing is close."""
     match = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
     return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def lora_modules(targets: str) -> tuple[str, ...]:
+    """'attn,mlp' -> ('attn.c_attn', 'mlp.c_fc', 'mlp.c_proj'); an unknown name is refused with the nearest one."""
+    names = [n.strip() for n in targets.split(",") if n.strip()]
+    if not names:
+        raise PocketError(f"lora_targets names no module; choose from {', '.join(LORA_TARGETS)}")
+    chosen: set[str] = set()
+    for name in names:
+        if name not in LORA_TARGETS:
+            raise PocketError(f"lora_targets: unknown target '{name}'{nearest(name, list(LORA_TARGETS))}; "
+                              f"choose from {', '.join(LORA_TARGETS)}")
+        chosen.update(LORA_TARGETS[name])
+    return tuple(m for m in LORA_MODULES if m in chosen)
 
 
 def normalize_key(key: str) -> str:
@@ -286,9 +349,10 @@ def validate(cfg: TrainConfig) -> None:
          f"device must be one of {', '.join(DEVICES)} (or cuda:N), got '{r.device}'" + nearest(r.device, DEVICES)),
         (r.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}, got '{r.dtype}'" + nearest(r.dtype, DTYPES)),
     ]
-    for ok, message in checks:
+    for ok, message in checks + _lora_checks(cfg):
         if not ok:
             raise PocketError(message)
+    lora_modules(cfg.lora.lora_targets)  # an unknown target is refused here, by name
     for name in logger_names(r.loggers):
         if name not in LOGGERS:
             raise PocketError(f"loggers: unknown logger '{name}'{nearest(name, LOGGERS)}; choose from {', '.join(LOGGERS)}")
@@ -300,6 +364,34 @@ def validate(cfg: TrainConfig) -> None:
         )
     if m.pos_emb == "rope" and (m.n_embd // m.n_head) % 2:
         raise PocketError(f"pos_emb rope needs an even head size, but n_embd/n_head = {m.n_embd // m.n_head}")
+
+
+def _lora_checks(cfg: TrainConfig) -> list[tuple[bool, str]]:
+    lo, width = cfg.lora, cfg.model.n_embd
+    return [
+        (lo.lora_rank >= 0, f"lora_rank must be zero (off) or positive, got {lo.lora_rank}"),
+        (lo.lora_alpha > 0, f"lora_alpha must be positive, got {lo.lora_alpha}"),
+        (0.0 <= lo.lora_dropout < 1.0, f"lora_dropout must be in [0, 1), got {lo.lora_dropout}"),
+        # a rank as wide as the model saves nothing over training the matrices themselves
+        (lo.lora_rank < width, f"lora_rank {lo.lora_rank} is not below the model's width (n_embd {width}), so the "
+                               "adapters would be as big as the weights; use a smaller rank (4 to 64 is usual) or "
+                               "drop lora_rank for a full fine-tune"),
+    ]
+
+
+def check_lora(cfg: TrainConfig, has_base: bool) -> None:
+    """What LoRA needs beyond valid values: a pretrained base to adapt (a run from scratch has none; this is
+    asked first, being what a user most likely missed), and AdamW. For runs about to start or resume."""
+    if not cfg.lora.enabled:
+        return
+    if not has_base:
+        raise PocketError(f"lora_rank {cfg.lora.lora_rank}: LoRA trains small adapters on a pretrained model's "
+                          "frozen weights, and a model trained from scratch has nothing to adapt; add --init-from "
+                          "MODEL (e.g. gpt2, a Hugging Face folder or a run folder) or drop --lora-rank")
+    if cfg.optim.optimizer == "muon":
+        raise PocketError("optimizer muon: with LoRA only the adapters train, and they train with AdamW (Muon's "
+                          "orthogonalised step is made for whole weight matrices, not rank-r factors); drop "
+                          "--optimizer muon")
 
 
 def logger_names(text: str) -> list[str]:

@@ -21,6 +21,12 @@ stop(row)); finish_reasons and completion_tokens say why and after how many toke
 keep riding in the batch (their ids are dropped); the loop ends when every row has finished.
 Engine.stream / Engine.generate keep the older keyword-style calls.
 
+Many generations at once (a server): `DecodeBatch` holds one KV cache whose rows belong to several
+TokenStreams, each at its own position; advance() feeds all their last tokens through the model
+in one forward (Decoder.step_rows, a mask hiding each row's empty slots) and pick() draws their
+next ids per group of equal settings, each stream with its own generator. A stream's ids do not
+depend on its neighbours: they are what Engine.start gives it alone (tests/test_batch.py).
+
 Threads: on a 2-core CPU the decode runs on one thread (decode_threads: a second OpenMP thread
 gains nothing for a small model and up to 1.5x for a 10M one on a quiet machine, and loses 2-9x
 as soon as another process wants a core).
@@ -73,6 +79,12 @@ def pick_next(
     logits = logits.float()
     if temperature == 0:
         return logits.argmax(dim=-1)
+    return sample(distribution(logits, temperature, top_k, top_p), generator)
+
+
+def distribution(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """float32 logits (B, V) -> the probabilities pick_next draws from (B, V), rows need not sum to 1.
+    Every operation is per row, so rows batched together get what each gets alone."""
     logits = logits / temperature
     if 0 < top_k < logits.size(-1):
         # keep the k best by index, so ties at the k-th value cannot let more than k through
@@ -84,7 +96,7 @@ def pick_next(
         before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass of strictly better tokens
         sorted_probs = sorted_probs.masked_fill(before >= top_p, 0.0)  # the best token always stays
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-    return sample(probs, generator)
+    return probs
 
 
 def penalize(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -96,7 +108,12 @@ def penalize(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.
     return torch.where(seen, scaled, logits)
 
 
-def sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def uniforms(rows: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """The (rows, 1) float64 draws sample() makes: drawn apart per generator, used together."""
+    return torch.rand(rows, 1, generator=generator, dtype=torch.float64, device=device)
+
+
+def sample(probs: torch.Tensor, generator: torch.Generator | None, u: torch.Tensor | None = None) -> torch.Tensor:
     """One draw per row of probs (B, V), which need not sum to 1 -> ids (B,); zero-mass ids never come.
 
     Inverse-CDF sampling: the first id whose running mass exceeds a uniform draw. Same distribution
@@ -105,7 +122,7 @@ def sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tens
     rounding cannot shift any id's probability noticeably.
     """
     cdf = torch.cumsum(probs, dim=-1, dtype=torch.float64)
-    u = torch.rand(probs.size(0), 1, generator=generator, dtype=torch.float64, device=probs.device)
+    u = uniforms(probs.size(0), generator, probs.device) if u is None else u
     ids = torch.searchsorted(cdf, u.mul_(cdf[:, -1:]), right=True)
     return ids.squeeze(-1).clamp_(max=probs.size(-1) - 1)  # u * total can round up to total itself
 
@@ -201,6 +218,17 @@ def _residual(x: torch.Tensor, y: torch.Tensor, wT: torch.Tensor, b: torch.Tenso
     return x if b is None else x.add_(b)
 
 
+def _cache_rows(k_all: torch.Tensor, v_all: torch.Tensor, rows: slice | torch.Tensor, at: torch.Tensor,
+                pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Write each row's new key and value (B, nh, hs) at its position in one layer's (rows, nh, T, hs)
+    cache; return the rows' first keys_len keys and values. Adjacent rows are views (no copy)."""
+    if isinstance(rows, slice):
+        k_all, v_all, rows = k_all[rows], v_all[rows], slice(None)
+    k_all[at, :, pos] = k
+    v_all[at, :, pos] = v
+    return k_all[rows, :, :keys_len], v_all[rows, :, :keys_len]
+
+
 class Decoder:
     """GPT's forward pass for generation: the last position's logits, filling a KV cache.
 
@@ -279,6 +307,34 @@ class Decoder:
         cache.pos = pos + 1
         return _mm(norm(x, *self.norm_f), self.step_headT, None)
 
+    def step_rows(self, tok: torch.Tensor, pos: torch.Tensor, cache: KVCache, rows: slice | torch.Tensor) -> torch.Tensor:
+        """One new token for each of some rows of a shared cache, each row at its own position.
+
+        tok, pos (B,): the token of each row and the position it goes to; rows: which rows of cache
+        (a slice when they are adjacent, the usual case, else their indices). Same math as step();
+        keys past a row's own position (an empty slot, or a longer neighbour's) are masked out.
+        Returns float32 logits (B, V). The caller moves each row's position on.
+        """
+        B, keys_len = tok.size(0), int(pos.max()) + 1
+        if keys_len > self.cfg.block_size:
+            raise ValueError(f"a row's cache is full ({keys_len - 1} tokens); slide its window first")
+        x = F.embedding(tok, self.wte)
+        if self.wpe is not None:
+            x.add_(F.embedding(pos, self.wpe))
+        rope = None if self.rope is None else (self.rope[0][pos].unsqueeze(1), self.rope[1][pos].unsqueeze(1))
+        mask = (torch.arange(keys_len, device=pos.device) <= pos[:, None]).view(B, 1, 1, keys_len)
+        at = torch.arange(B, device=pos.device) if isinstance(rows, slice) else rows
+        norm, act = self.norm, self.act
+        for k_all, v_all, layer in zip(cache.k, cache.v, self.step_layers):
+            qkv = _mm(norm(x, *layer.norm_1), layer.attn_w, layer.attn_b).view(B, 3, self.n_head, self.head_size)
+            q, k, v = self._qk_prep(qkv.transpose(0, 1), rope)
+            keys, values = _cache_rows(k_all, v_all, rows, at, pos, k, v, keys_len)
+            y = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=mask)
+            x = _residual(x, y.reshape(B, -1), layer.attn_proj_w, layer.attn_proj_b)
+            h = act(_mm(norm(x, *layer.norm_2), layer.fc_w, layer.fc_b))
+            x = _residual(x, h, layer.mlp_proj_w, layer.mlp_proj_b)
+        return _mm(norm(x, *self.norm_f), self.step_headT, None)
+
     def _qk_prep(
         self, qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -303,31 +359,43 @@ def check_prompt(prompt_ids: list[int], block_size: int) -> None:
 
 class TokenStream:
     """One generation's new token ids, a step per next(): a list with one id per sample, None for
-    a sample that has ended (see the module docstring). Made by Engine.start, which checks the
-    prompt and runs the prefill; every step runs under the engine's own thread count, put back
-    before next() returns. Independent of other streams (own KV cache, own random generator).
+    a sample that has ended (see the module docstring). Made by Engine.start (or DecodeBatch.start),
+    which checks the prompt and runs the prefill; every step runs under the engine's own thread
+    count, put back before next() returns. Its samples are rows of a DecodeBatch's KV cache: its
+    own batch (Engine.start), or one shared with other streams, stepped together; either way it has
+    its own rows, position and random generator, so its output does not depend on its neighbours.
 
     prompt_tokens, completion_tokens[row] (ids generated for the row, the one that ended it
     included) and finish_reasons[row] ("stop", "length", None while running) are kept up to date.
+    With settings.logprobs set, last_logprobs holds, after each step, per sample the chosen id's
+    log-probability and the settings.logprobs most likely (id, log-probability) pairs.
     """
 
     def __init__(self, engine: "Engine", prompt_ids: list[int], settings: SamplingSettings,
-                 stop_token_ids: Collection[int] = ()):
+                 stop_token_ids: Collection[int] = (), batch: "DecodeBatch | None" = None):
         check_prompt(prompt_ids, engine.cfg.block_size)
         B, s = settings.num_samples, settings
         self.settings, self._scope = s, _Scoped(engine.threads)
         self.prompt_tokens = len(prompt_ids)
         self.completion_tokens = [0] * B
         self.finish_reasons: list[str | None] = [None if s.max_new_tokens else "length"] * B
+        self.last_logprobs: list[tuple[float, list[tuple[int, float]]]] = []
         self._stop_ids = frozenset(stop_token_ids)
         self._running, self._steps, self._last = B if s.max_new_tokens else 0, 0, None
+        self._picked: torch.Tensor | None = None  # next ids drawn ahead by the batch (DecodeBatch.pick)
+        self._batch = batch if batch is not None else DecodeBatch(engine, B, shared=False)
+        self.rows, self._row0 = B, 0  # its rows in the batch's cache: _row0 .. _row0 + rows
         with self._scope:
-            self._dec = dec = engine.decoder()
+            self._dec = self._batch.dec
             self._gen = torch.Generator(device=engine.device)
             self._gen.manual_seed(s.seed) if s.seed is not None else self._gen.seed()
-            self._cache = dec.new_cache(B, engine.device)
             prompt = torch.tensor(prompt_ids, dtype=torch.long, device=engine.device).expand(B, -1)
-            self._logits = dec.prefill(prompt, self._cache)
+            self._cache = self._batch.join(self)
+            try:
+                self._logits = self._dec.prefill(prompt, self._cache)
+            except BaseException:
+                self._batch.leave(self)
+                raise
             self._window = list(prompt.unbind(1))  # the context as (B,) columns: no torch.cat per step
             self._seen = None  # the repetition penalty's presence mask (B, V)
             if s.repetition_penalty != 1.0:
@@ -364,39 +432,193 @@ class TokenStream:
             self._running -= 1
         self.finish_reasons[row] = reason
 
+    @property
+    def done(self) -> bool:
+        """Every sample has ended: no more steps."""
+        return self._running == 0 or self._steps >= self.settings.max_new_tokens
+
     def close(self) -> None:
-        """End every sample now and free the KV cache (a server's cancelled request)."""
+        """End every sample now and give the rows back to the batch (a server's cancelled request)."""
         for row, reason in enumerate(self.finish_reasons):
             if reason is None:
                 self._finish(row, "stop")
-        self._cache = self._window = self._logits = self._seen = None  # type: ignore[assignment]
+        self._batch.leave(self)
+        self._cache = self._window = self._logits = self._seen = self._last = self._picked = None  # type: ignore[assignment]
 
     def next_ids(self) -> torch.Tensor:
         """The raw step: (B,) new ids on CPU, every row (ended ones too); no bookkeeping of rows."""
         s = self.settings
-        if self._running == 0 or self._steps >= s.max_new_tokens:
+        if self.done or self._cache is None:
             raise StopIteration
         with self._scope:
-            if self._last is not None:
-                self._advance(self._last)
-            logits = self._logits if self._seen is None else penalize(self._logits, self._seen, s.repetition_penalty)
-            nxt = pick_next(logits, s.temperature, s.top_k, s.top_p, self._gen)
+            if self._last is not None:  # not fed by a shared batch step: feed it alone
+                self._batch.advance([self])
+            nxt = self._picked if self._picked is not None else self._pick()
+            self._picked = None
+            if s.logprobs is not None:
+                self.last_logprobs = token_logprobs(self._logits, nxt, s.logprobs)
             if self._seen is not None:
                 self._seen.scatter_(1, nxt[:, None], True)
             self._last = nxt
             self._steps += 1
             return nxt.cpu()
 
-    def _advance(self, tok: torch.Tensor) -> None:
-        """Feed the last ids: one cached step, or, with the window full, slide it and prefill again."""
+    def _pick(self) -> torch.Tensor:
+        s = self.settings
+        return pick_next(self.sampling_logits(), s.temperature, s.top_k, s.top_p, self._gen)
+
+    def sampling_logits(self) -> torch.Tensor:
+        """The logits the next ids are drawn from: the model's, with the repetition penalty applied."""
+        if self._seen is None:
+            return self._logits
+        return penalize(self._logits, self._seen, self.settings.repetition_penalty)
+
+    @property
+    def due(self) -> bool:
+        """It has sampled ids that the model has not read yet (the next step feeds them)."""
+        return self._last is not None and not self.done and self._cache is not None
+
+    def _feed(self) -> bool:
+        """Append the last ids to the window; True if they fit the cache (a step), else the window
+        slid: the cache is rebuilt from its newest half in one prefill, and the logits are ready."""
         T = self._dec.cfg.block_size
-        self._window.append(tok)
+        self._window.append(self._last)
         if self._cache.pos < T:
-            self._logits = self._dec.step(tok, self._cache)
-        else:
-            self._window = self._window[-max(1, T // 2):]
-            self._cache.reset()
-            self._logits = self._dec.prefill(torch.stack(self._window, dim=1), self._cache)
+            return True
+        self._window = self._window[-max(1, T // 2):]
+        self._cache.reset()
+        self._logits = self._dec.prefill(torch.stack(self._window, dim=1), self._cache)
+        return False
+
+
+def token_logprobs(logits: torch.Tensor, chosen: torch.Tensor, top: int) -> list[tuple[float, list[tuple[int, float]]]]:
+    """Per row: the chosen id's log-probability under the model's distribution (the logits before
+    temperature, top-k, top-p and penalties, as OpenAI reports them) and the top most likely ids."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    picked = lp.gather(1, chosen[:, None]).squeeze(1).tolist()
+    if top <= 0:
+        return [(p, []) for p in picked]
+    values, ids = lp.topk(min(top, lp.size(-1)), dim=-1)
+    return [(p, list(zip(i, v))) for p, i, v in zip(picked, ids.tolist(), values.tolist())]
+
+
+class DecodeBatch:
+    """One KV cache whose rows belong to several generations, stepped by one forward together.
+
+    A server's many requests each add a TokenStream here (start); advance() feeds every stream's
+    last sampled ids through the model at once, each row at its own position (Decoder.step_rows),
+    and hands each stream its rows of the logits, so a step costs about one matrix read of the
+    weights whatever the number of rows. Streams sample on their own (own generator and settings).
+    Rows are kept packed in join order: a stream that leaves has the rows after it moved down
+    (a copy of their filled keys), so the usual step reads adjacent rows as views. The cache grows
+    (doubling) when a stream joins a full one, so memory follows the rows in use. Not thread-safe:
+    one thread steps a batch (the server's scheduler thread).
+    """
+
+    def __init__(self, engine: "Engine", rows: int = 1, shared: bool = True):
+        self.engine = engine
+        with _Scoped(engine.threads):
+            self.dec = engine.decoder(many_rows=shared)
+            self.cache = self.dec.new_cache(max(1, rows), engine.device)
+        self.members: list[TokenStream] = []
+        self.used = 0
+
+    def start(self, prompt_ids: list[int], settings: SamplingSettings,
+              stop_token_ids: Collection[int] = ()) -> TokenStream:
+        """A new generation in this batch (prefilled now, into its own rows)."""
+        return TokenStream(self.engine, prompt_ids, settings, stop_token_ids, batch=self)
+
+    def join(self, stream: TokenStream) -> KVCache:
+        """Rows for a new stream (the cache grows if it must); returns the stream's cache view."""
+        if self.used + stream.rows > self.cache.k.size(1):
+            self._grow(max(self.used + stream.rows, 2 * self.cache.k.size(1)))
+        view = self.cache.rows(self.used, stream.rows)
+        stream._row0 = self.used
+        self.members.append(stream)
+        self.used += stream.rows
+        return view
+
+    def leave(self, stream: TokenStream) -> None:
+        """Give a stream's rows back; the streams after it move down so rows stay packed."""
+        if stream not in self.members:
+            return
+        i = self.members.index(stream)
+        self.members.pop(i)
+        start = stream._row0
+        with _Scoped(self.engine.threads):  # the cache is an inference tensor
+            for s in self.members[i:]:
+                self._move(s, start)
+                start += s.rows
+        self.used = start
+
+    def _move(self, s: TokenStream, to: int) -> None:
+        old, n, pos = s._row0, s.rows, s._cache.pos
+        if pos:
+            for t in (self.cache.k, self.cache.v):
+                t[:, to : to + n, :, :pos] = t[:, old : old + n, :, :pos].clone()
+        s._row0, s._cache = to, self.cache.rows(to, n, pos)
+
+    def _grow(self, rows: int) -> None:
+        bigger = self.dec.new_cache(rows, self.cache.k.device)
+        bigger.k[:, : self.used] = self.cache.k[:, : self.used]
+        bigger.v[:, : self.used] = self.cache.v[:, : self.used]
+        self.cache = bigger
+        for s in self.members:
+            s._cache = bigger.rows(s._row0, s.rows, s._cache.pos)
+
+    def advance(self, streams: list[TokenStream] | None = None) -> int:
+        """Feed the sampled ids of every due stream (or of the ones given) in one forward; returns
+        the rows fed by it (streams whose window slid are prefilled apart and not counted)."""
+        due = [s for s in (self.members if streams is None else streams) if s.due]
+        if not due:
+            return 0
+        with _Scoped(self.engine.threads):
+            stepping = [s for s in due if s._feed()]
+            if len(stepping) == 1:  # one stream: the plain step, its rows a view of their own
+                s = stepping[0]
+                s._logits = self.dec.step(s._last, s._cache)
+            elif stepping:
+                self._step_together(stepping)
+            for s in due:
+                s._last = None
+        return sum(s.rows for s in stepping)
+
+    def pick(self) -> None:
+        """Draw the next ids of every member that will be asked for them, one sampling pass per
+        group of equal settings: the distributions of all its rows at once, each stream's uniform
+        draws from its own generator (what it would draw alone, so the ids are the same)."""
+        groups: dict[tuple[float, int, float], list[TokenStream]] = {}
+        for m in self.members:
+            if m._picked is None and m._last is None and not m.done and m._cache is not None:
+                s = m.settings
+                groups.setdefault((s.temperature, s.top_k, s.top_p), []).append(m)
+        with _Scoped(self.engine.threads):
+            for (temperature, top_k, top_p), streams in groups.items():
+                if len(streams) == 1:
+                    continue  # picks on its own when asked
+                logits = torch.cat([m.sampling_logits() for m in streams]).float()
+                if temperature == 0:
+                    ids = logits.argmax(dim=-1)
+                else:
+                    probs = distribution(logits, temperature, top_k, top_p)
+                    u = torch.cat([uniforms(m.rows, m._gen, logits.device) for m in streams])
+                    ids = sample(probs, None, u)
+                for m, part in zip(streams, ids.split([m.rows for m in streams])):
+                    m._picked = part
+
+    def _step_together(self, streams: list[TokenStream]) -> None:
+        toks = torch.cat([s._last for s in streams])
+        dev = toks.device
+        pos = torch.cat([torch.full((s.rows,), s._cache.pos, dtype=torch.long, device=dev) for s in streams])
+        first = streams[0]._row0
+        adjacent = all(b._row0 == a._row0 + a.rows for a, b in zip(streams, streams[1:]))
+        rows: slice | torch.Tensor = (slice(first, first + len(toks)) if adjacent else
+                                      torch.cat([torch.arange(s._row0, s._row0 + s.rows, device=dev)
+                                                 for s in streams]))
+        logits = self.dec.step_rows(toks, pos, self.cache, rows)
+        for s, part in zip(streams, logits.split([s.rows for s in streams])):
+            s._logits = part
+            s._cache.pos += 1
 
 
 class Engine:
@@ -421,7 +643,7 @@ class Engine:
         self.device = device or next(model.parameters()).device
         self.decode_dtype = decode_dtype
         self.threads = decode_threads(model) if self.device.type == "cpu" else None
-        self._decoder: Decoder | None = None
+        self._decoders: dict[bool, Decoder] = {}  # by many_rows
         self._versions: list[int] = []
         self.logit_diffs: dict[str, float] = {}  # auto's probe: max |logit - float32 logit| per dtype tried
 
@@ -430,22 +652,30 @@ class Engine:
         """The dtype of the decode steps' matrices (decided at the first generation)."""
         return self.decoder().step_dtype
 
-    def decoder(self) -> Decoder:
+    def decoder(self, many_rows: bool = False) -> Decoder:
+        """The decoder for one generation (many_rows False) or for a batch shared by many
+        (DecodeBatch): "auto" never gives the latter float16 steps, whose matrix-vector products
+        are fast on AVX-512 but whose many-row matmuls are not (GPT-2-small, 16 rows, 1 thread,
+        this AMD machine, busy: 275 ms a step in float16, 115 in float32, 93 in bfloat16; 1 row:
+        27, 54, 62). A batch keeps its choice for every step, whatever its row count, so a
+        request's output does not depend on how many others share its steps."""
         versions = [p._version for p in self.model.parameters()]  # bumped by every in-place update
-        if self._decoder is None or versions != self._versions:
+        if versions != self._versions:
+            self._decoders, self._versions = {}, versions
+        if many_rows not in self._decoders:
             with _Scoped(self.threads):
-                self._decoder = self._build_decoder()
-            self._versions = versions
-        return self._decoder
+                self._decoders[many_rows] = self._build_decoder(many_rows)
+        return self._decoders[many_rows]
 
-    def _build_decoder(self) -> Decoder:
+    def _build_decoder(self, many_rows: bool = False) -> Decoder:
         if self.decode_dtype != "auto":
             return Decoder(self.model, getattr(torch, self.decode_dtype))
         big = self.model.num_params() >= LOW_PRECISION_MIN_PARAMS
         if not (self.device.type == "cpu" and big and self.model_dtype() == torch.float32):
             return Decoder(self.model)
         self.logit_diffs = {}
-        for dtype in low_precision_candidates():
+        candidates = [d for d in low_precision_candidates() if not (many_rows and d == torch.float16)]
+        for dtype in candidates:
             dec = Decoder(self.model, dtype)
             diff = probe_logit_diff(dec, self.device)
             self.logit_diffs[str(dtype).removeprefix("torch.")] = diff

@@ -106,7 +106,9 @@ def write_sample(ctx: EvalContext, ev: EvalResult) -> None:
     except PocketError:  # a corpus without newlines: start from its first token instead
         ids = [0]
     try:
-        new = Engine(ctx.model).generate(ids, SamplingSettings(max_new_tokens=n, seed=ctx.cfg.run.seed))[0]
+        # float32 steps: a short sample is not worth 16-bit copies of the matrices (memory) or the probe
+        engine = Engine(ctx.model, decode_dtype="float32")
+        new = engine.generate(ids, SamplingSettings(max_new_tokens=n, seed=ctx.cfg.run.seed))[0]
     finally:
         ctx.model.train()
     text = ctx.tokenizer.decode(new)

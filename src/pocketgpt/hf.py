@@ -49,7 +49,7 @@ HF_ACTIVATIONS = {"gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_new", "gelu
 # nanoGPT pads GPT-2's vocabulary to a multiple of 64 for speed; the extra rows are never trained on.
 NANOGPT_PADDED_VOCAB = 50304
 # A hub repo id: "name" or "owner/name" (letters, digits, - _ .), never a path that starts with . or /.
-_HUB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
+HUB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
 # GPT-2's original checkpoints, which the hub now keeps under openai-community/.
 _OPENAI_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "distilgpt2")
 
@@ -78,7 +78,7 @@ def source_kind(src: str | Path) -> str | None:
         if (p / NANOGPT_CKPT).is_file():
             return "nanogpt"
         return None
-    if not p.exists() and _HUB_NAME.match(str(src)):
+    if not p.exists() and HUB_NAME.match(str(src)):
         return "hub"
     return None
 
@@ -167,9 +167,11 @@ def _is_attention_buffer(key: str) -> bool:
 
 
 def state_from_hf(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Hugging Face GPT-2 keys and layout -> pocketgpt's (transformer.* names, Linear weights)."""
+    """Hugging Face GPT-2 keys and layout -> pocketgpt's (transformer.* names, Linear weights).
+    Empties `tensors` as it goes, so a big model is held about once, not twice, while converting."""
     out: dict[str, torch.Tensor] = {}
-    for key, t in tensors.items():
+    for key in list(tensors):
+        t = tensors.pop(key)
         if _is_attention_buffer(key):
             continue
         name = key.removeprefix("transformer.")
@@ -196,7 +198,11 @@ def _fill(model: GPT, state: dict[str, torch.Tensor], where: Path) -> None:
         if own[k].shape != v.shape:
             raise PocketError(f"the weights in {where} do not fit this config: {k} is {tuple(v.shape)}, "
                               f"expected {tuple(own[k].shape)}")
-    model.load_state_dict(state, strict=False)
+    # assign: the converted tensors become the parameters (the model may be built on the meta device,
+    # so a 355M model is not held twice); a tied head then points at the new embedding again
+    model.load_state_dict(state, strict=False, assign=True)
+    if model.config.tie_embeddings:
+        model.lm_head.weight = model.transformer.wte.weight
 
 
 def _gpt2_tokenizer_for(vocab_size: int, where: Path) -> GPT2Tokenizer:
@@ -213,14 +219,16 @@ def load_hf_folder(folder: str | Path, info: dict[str, str] | None = None) -> Im
         raise PocketError(f"{folder / HF_CONFIG} is not a Hugging Face model config (no model_type)")
     cfg = model_config_from_hf(raw, folder)
     tok = _gpt2_tokenizer_for(cfg.vocab_size, folder)
-    model = GPT(cfg)
-    _fill(model, state_from_hf(_hf_tensors(folder)), folder)
+    state = state_from_hf(_hf_tensors(folder))
+    with torch.device("meta"):  # no random init to throw away: _fill assigns the real tensors
+        model = GPT(cfg)
+    _fill(model, state, folder)
     return Imported(model.eval(), tok, folder, {"source_kind": "huggingface", "source": str(folder), **(info or {})})
 
 
 # ---------------------------------------------------------------- the hub
 
-def _offline() -> bool:
+def hub_offline() -> bool:
     # Read the variable itself: huggingface_hub reads it once at import, which may precede the caller's setting.
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
@@ -250,7 +258,7 @@ def resolve_hub(name: str) -> Path:
             return Path(snapshot_download(repo, cache_dir=cache, local_files_only=True, allow_patterns=patterns))
         except (LocalEntryNotFoundError, FileNotFoundError, ValueError):
             continue
-    if _offline():
+    if hub_offline():
         raise PocketError(f"model not found: {name} is not a folder, not in the Hugging Face cache and HF_HUB_OFFLINE "
                           "is set; download it once with network, or give a local folder")
     try:
@@ -497,20 +505,11 @@ def export_hf(model: GPT, tok: Tokenizer, out: str | Path, overwrite: bool = Fal
     """Write a Hugging Face GPT-2 folder to out; returns notes for the user (e.g. what was left out)."""
     from safetensors.torch import save_file
 
-    from .checkpoint import atomic_write, atomic_write_text, write_json
+    from .checkpoint import atomic_write, atomic_write_text, export_dir, write_json
 
     cfg = model.config
     check_exportable(cfg)
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise PocketError(f"{out} is a file, not a folder; choose another --out")
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise PocketError(f"{out} exists and is not empty; add --overwrite to replace the export there, "
-                              "or choose another --out")
-        for f in EXPORT_FILES:  # only what an export writes: a stale tokenizer must not outlive its model
-            (out / f).unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
+    out = export_dir(Path(out), overwrite, EXPORT_FILES)  # a stale tokenizer must not outlive its model
     tensors = state_to_hf(model)
     atomic_write(out / HF_SAFETENSORS, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
     write_json(out / HF_CONFIG, hf_config(cfg, tok))

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from . import rundir
-from .config import PrepareConfig, TrainConfig, apply_overrides, build_train_config, parse_duration
+from .config import PrepareConfig, TrainConfig, apply_overrides, build_train_config, check_lora, parse_duration
 from .errors import PocketError
 
 if TYPE_CHECKING:
@@ -87,6 +87,7 @@ def launch(req: TrainRequest, echo: Callable[[str], None] | None = None) -> Laun
     auto = req.preset == "auto"
     # auto sizes the model from the data, so it is built after preparing; this checks keys first
     cfg = build_train_config(None if auto else req.preset or "demo", req.config_file, overrides)
+    check_lora(cfg, has_base=False)
     check_loggers(cfg.run.loggers)
     runtime = resolve(cfg.run.device, cfg.run.dtype)  # a device or dtype this machine lacks fails before a prepare
     rundir.check_for_training(out, resume=False, overwrite=req.overwrite)
@@ -116,6 +117,7 @@ def _train(cfg: TrainConfig, data_dir: Path, out: Path, req: TrainRequest,
 # ---------------------------------------------------------------- fine-tuning (--init-from)
 
 FINETUNE_PRESET = "finetune"
+FINETUNE_LORA_PRESET = "finetune-lora"  # the default when --lora-rank (or a config file's lora_rank) turns LoRA on
 
 
 @dataclass
@@ -163,8 +165,9 @@ def given_keys(req: TrainRequest, overrides: dict[str, Any]) -> tuple[TrainConfi
 
 def finetune_config(req: TrainRequest, overrides: dict[str, Any], base: "ModelConfig",
                     say: Callable[[str], None]) -> TrainConfig:
-    """The base model's shape (its context cropped by a smaller block_size) under the finetune preset (or
-    --preset), --config and the command line; a shape key that contradicts the base is refused by name."""
+    """The base model's shape (its context cropped by a smaller block_size) under the finetune preset (finetune-lora
+    with a lora_rank; or --preset), --config and the command line; a shape key that contradicts the base is
+    refused by name."""
     from .config import validate
     from .trainer import SHAPE_KEYS
 
@@ -186,10 +189,12 @@ def finetune_config(req: TrainRequest, overrides: dict[str, Any], base: "ModelCo
             raise PocketError(f"{flag} {want} contradicts the base model, whose {key} is {have}; a fine-tune keeps "
                               f"the base's shape: drop {flag}")
     start = TrainConfig(model=replace(base, block_size=block))
-    cfg = build_train_config(req.preset or FINETUNE_PRESET, req.config_file, overrides, base=start)
+    preset = req.preset or (FINETUNE_LORA_PRESET if given.lora.enabled else FINETUNE_PRESET)
+    cfg = build_train_config(preset, req.config_file, overrides, base=start)
     for key in SHAPE_KEYS:  # a preset's shape keys (say --preset demo) give way to the base model's
         setattr(cfg.model, key, getattr(start.model, key))
     validate(cfg)
+    check_lora(cfg, has_base=True)
     return cfg
 
 
@@ -271,7 +276,7 @@ def _launch_finetune(req: TrainRequest, overrides: dict[str, Any], out: Path,
         raise PocketError("--max-memory sizes the model of --preset auto; a fine-tune keeps the base's: drop it")
     if req.data and req.inputs:
         raise PocketError("give either INPUT files or --data, not both")
-    given_keys(req, overrides)  # bad keys fail before the base model loads
+    check_lora(given_keys(req, overrides)[0], has_base=True)  # bad keys (and LoRA with Muon) fail before the base loads
     rundir.check_for_training(out, resume=False, overwrite=req.overwrite)
     say = echo or print
     base = load_base(req.init_from or "")

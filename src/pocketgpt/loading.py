@@ -65,13 +65,14 @@ class LoadedModel:
         return self.model.config.block_size
 
     def text_stream(self, prompt: str, settings: SamplingSettings | int | None = None,
-                    num_samples: int | None = None, **changes: Any) -> TextStream:
-        """The generation's text layer, prefilled and ready to iterate (see the class docstring)."""
+                    num_samples: int | None = None, batch: Any = None, **changes: Any) -> TextStream:
+        """The generation's text layer, prefilled and ready to iterate (see the class docstring).
+        batch: an engine.DecodeBatch of this model's engine to join (a server's), else its own."""
         s = as_settings(settings, num_samples=num_samples, **changes)
         ids = self.tokenizer.encode(prompt)
         eot = getattr(self.tokenizer, "eot_id", None)  # byte-level BPE kinds only
         stop_ids = [eot] if s.stop_at_eos and eot is not None else []
-        return TextStream(self.engine.start(ids, s, stop_ids), self.tokenizer, s.stop)
+        return TextStream((batch or self.engine).start(ids, s, stop_ids), self.tokenizer, s.stop)
 
     def stream(self, prompt: str, settings: SamplingSettings | int | None = None, num_samples: int | None = None,
                **changes: Any) -> Iterator[list[str]]:
@@ -134,8 +135,13 @@ def load(src: str | Path, checkpoint: str = "best", device: str = "cpu") -> Load
     if tok.vocab_size != cfg.model.vocab_size:
         raise PocketError(f"{rundir.TOKENIZER} has {tok.vocab_size} tokens but the model expects {cfg.model.vocab_size}")
     path = weights_path(run_dir, checkpoint)
-    model = GPT(cfg.model)
-    load_weights(model, path)
+    if cfg.lora.enabled and checkpoint == "last":  # last/ holds the frozen base and the adapters: merge them
+        from .lora import load_merged
+
+        model = load_merged(cfg.model, cfg.lora, path)
+    else:  # best weights, a LoRA run's already merged
+        model = GPT(cfg.model)
+        load_weights(model, path)
     info = read_weights_metadata(path)
     model.to(resolve(device, "float32").device).eval()
     return LoadedModel(model, tok, cfg, run_dir, info)

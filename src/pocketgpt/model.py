@@ -90,6 +90,14 @@ class KVCache:
     def reset(self) -> None:
         self.pos = 0
 
+    def rows(self, start: int, n: int, pos: int = 0) -> "KVCache":
+        """A cache over rows start..start+n of this one: the same storage, its own position. Several
+        generations share one cache this way (engine.DecodeBatch), each at its own length."""
+        view = object.__new__(KVCache)
+        view.k, view.v = self.k[:, start : start + n], self.v[:, start : start + n]
+        view.pos, view.capacity = pos, self.capacity
+        return view
+
 
 class Norm(nn.Module):
     """LayerNorm (gain and, with bias, a bias) or RMSNorm (gain only): NORM_FUNCTIONS[cfg.norm]."""

@@ -7,10 +7,15 @@ import math
 import torch
 
 from .config import OptimConfig
+from .lora import is_adapter
 
 
 def _adamw(params: list[torch.nn.Parameter], cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices and embeddings (>= 2-D) only, never on gains and biases."""
+    """AdamW; weight decay on matrices and embeddings (>= 2-D) only, never on gains and biases.
+
+    LoRA factors are matrices, so they decay too: shrinking A and B shrinks the update B A, which pulls
+    the model towards its base (the same "stay near what was learned" a full fine-tune's small decay gives).
+    """
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
@@ -21,13 +26,20 @@ def _adamw(params: list[torch.nn.Parameter], cfg: OptimConfig, device: torch.dev
 
 
 def make_optimizers(model: torch.nn.Module, cfg: OptimConfig, device: torch.device) -> list[torch.optim.Optimizer]:
-    """[AdamW] or, with optimizer = muon, [AdamW for embeddings/head/gains, Muon for block matrices]."""
+    """[AdamW] or, with optimizer = muon, [AdamW for embeddings/head/gains, Muon for block matrices].
+
+    Only parameters that train are given out (a LoRA run's frozen base gets no optimizer state), and
+    LoRA factors always go to AdamW: nothing shows Muon's orthogonalised step suits rank-r factors
+    (config.check_lora refuses muon with LoRA; this holds for callers that skip it).
+    """
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if cfg.optimizer != "muon":
         return [_adamw([p for _, p in named], cfg, device)]
-    hidden = [p for n, p in named if n.startswith("transformer.h.") and p.dim() == 2]
+    hidden = [p for n, p in named if n.startswith("transformer.h.") and p.dim() == 2 and not is_adapter(n)]
     hidden_ids = {id(p) for p in hidden}
     rest = [p for _, p in named if id(p) not in hidden_ids]
+    if not hidden:
+        return [_adamw(rest, cfg, device)]
     return [_adamw(rest, cfg, device), Muon(hidden, lr=cfg.muon_lr, momentum=cfg.muon_momentum)]
 
 

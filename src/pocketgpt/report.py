@@ -17,7 +17,7 @@ from typing import Any
 from .checkpoint import atomic_write_text, read_last_state
 from .errors import PocketError
 from .plots import num, read_run_metrics, series
-from .rundir import BEST_WEIGHTS, PLOTS, REPORT, SAMPLES, data_dir_of, read_raw_config
+from .rundir import ADAPTER, BEST_WEIGHTS, PLOTS, REPORT, SAMPLES, data_dir_of, lora_summary, read_raw_config
 
 MAX_EVAL_ROWS = 30
 SAMPLE_LINES = 40
@@ -111,6 +111,10 @@ def _millions(n: int) -> str:
     return f"{n:,} ({n / 1e6:.2f} M)" if n >= 100_000 else f"{n:,}"
 
 
+def _size(n: int) -> str:
+    return f"{n / 2**20:,.1f} MB" if n >= 2**20 else f"{n / 2**10:,.0f} KB"
+
+
 def _fence(text: str) -> str:
     """A code fence longer than any run of backticks in the text, so a sample cannot end it early."""
     longest, run = 0, 0
@@ -153,12 +157,24 @@ def _summary(run_dir: Path, cfg: dict[str, Any], state: dict[str, Any], records:
     base = cfg.get("init_from")
     if isinstance(base, dict) and base.get("source"):
         lines.append(f"- **Fine-tuned from:** `{base['source']}` ({base.get('kind', 'unknown kind')})")
+    lora = lora_summary(cfg)
+    if lora:
+        lines.append(_lora_line(run_dir, lora, params))
     lines.append(_training_line(state, records))
     lines += _loss_lines(records, state)
     _, tps = series(records, "iter", "tokens_per_s")
     if tps:
         lines.append(f"- **Throughput:** median {statistics.median(tps):,.0f} tokens/s")
     return "\n".join(lines)
+
+
+def _lora_line(run_dir: Path, lora: dict[str, Any], params: int | None) -> str:
+    n = lora["trainable_parameters"]
+    share = f" ({100 * n / params:.2f}% of the base's {params:,}, frozen)" if params else ""
+    adapter = run_dir / ADAPTER
+    size = f"; the best adapter alone is `{ADAPTER}` ({_size(adapter.stat().st_size)})" if adapter.is_file() else ""
+    return (f"- **LoRA:** rank {lora['rank']}, alpha {lora['alpha']:g}, on {', '.join(lora['targets'])}: "
+            f"{n:,} trainable parameters{share}{size}; `model.safetensors` holds the merged weights")
 
 
 def _training_line(state: dict[str, Any], records: list[dict[str, Any]]) -> str:
@@ -223,7 +239,7 @@ def _plots_section(run_dir: Path) -> str:
 
 def _config_section(cfg: dict[str, Any]) -> str:
     rows = []
-    for section in ("model", "optim", "run"):
+    for section in ("model", "optim", "run", *(("lora",) if lora_summary(cfg) else ())):
         for i, (key, value) in enumerate(cfg.get(section, {}).items()):
             shown = value if isinstance(value, str) else json.dumps(value)
             rows.append(f"| {section if i == 0 else ''} | `{key}` | {shown} |")

@@ -5,7 +5,8 @@ Torch-free, and the only module that knows what a run folder holds:
   config.json         resolved TrainConfig + format and package versions + where the data is
                       (+ init_from: the base model of a fine-tune, {source, kind})
   tokenizer.json      the tokenizer, as JSON (a copy of the data folder's)
-  model.safetensors   weights with the best val loss so far
+  model.safetensors   weights with the best val loss so far (a LoRA run's merged: a plain GPT)
+  adapter.safetensors a LoRA run's best adapter alone (lora.py; config.json's [lora] says its settings)
   last/               resume state (checkpoint.py writes it: model, optimizer, rng, state.json)
   metrics.jsonl       one JSON object per log / eval line
   samples.txt         a sample at every eval
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
 CONFIG = "config.json"
 TOKENIZER = "tokenizer.json"
 BEST_WEIGHTS = "model.safetensors"
+ADAPTER = "adapter.safetensors"
 LAST = "last"
 LAST_OLD = "last.old"
 METRICS = "metrics.jsonl"
@@ -46,8 +48,8 @@ DATA = "data"
 LOCK = ".lock"
 
 # Everything a training writes into a run folder: --overwrite removes exactly these (never data/).
-RUN_FILES: tuple[str, ...] = (CONFIG, TOKENIZER, BEST_WEIGHTS, LAST, LAST_OLD, METRICS, SAMPLES, PLOTS, REPORT,
-                              "tensorboard", "wandb")
+RUN_FILES: tuple[str, ...] = (CONFIG, TOKENIZER, BEST_WEIGHTS, ADAPTER, LAST, LAST_OLD, METRICS, SAMPLES, PLOTS,
+                              REPORT, "tensorboard", "wandb")
 # Names that may sit in a folder that is not yet a run: the data train prepared, our lock.
 _NOT_FOREIGN = (DATA, LOCK)
 
@@ -146,11 +148,28 @@ def summary(run_dir: str | Path) -> dict[str, Any]:
     from .checkpoint import read_last_state
 
     state = read_last_state(run_dir)
-    base = read_raw_config(run_dir).get("init_from")
+    raw = read_raw_config(run_dir)
+    base = raw.get("init_from")
     return {"iters": state.get("iter"), "tokens_seen": state.get("tokens_seen"),
             "best_val_loss": state.get("best_val_loss"),
             "best_val_bpb": best_val_bpb(run_dir, state.get("best_iter")), "best_iter": state.get("best_iter"),
-            "init_from": base if isinstance(base, dict) and base.get("source") else None}
+            "init_from": base if isinstance(base, dict) and base.get("source") else None, "lora": lora_summary(raw)}
+
+
+def lora_summary(raw: dict[str, Any]) -> dict[str, Any] | None:
+    """A LoRA run's rank, alpha, dropout, targeted modules and trainable parameter count; None for other runs."""
+    from .config import TrainConfig
+
+    try:
+        cfg = TrainConfig.from_dict(raw)
+        modules = cfg.lora.modules
+    except PocketError:  # a damaged config: info and the report say less, they do not fail
+        return None
+    lo = cfg.lora
+    if not lo.enabled:
+        return None
+    return {"rank": lo.lora_rank, "alpha": lo.lora_alpha, "dropout": lo.lora_dropout, "targets": list(modules),
+            "trainable_parameters": lo.trainable_params(cfg.model)}
 
 
 def best_val_bpb(run_dir: str | Path, best_iter: int | None) -> float | None:

@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterator, Protocol, Sequence
 from .errors import PocketError
 
 FINISH_REASONS = ("stop", "length")
+MAX_LOGPROBS = 20  # most likely alternatives per token (OpenAI's chat limit)
 
 
 class InvalidSetting(PocketError):
@@ -62,6 +63,7 @@ class SamplingSettings:
     stop: tuple[str, ...] = ()  # end a sample when its text contains one; the stop string is not output
     stop_at_eos: bool = False  # BPE tokenizers: end a sample at <|endoftext|>; no-op for char tokenizers
     num_samples: int = 1  # independent samples, generated as one batch
+    logprobs: int | None = None  # None: off; k: each token's log-probability and the k most likely ids
 
     def __post_init__(self) -> None:
         stop = (self.stop,) if isinstance(self.stop, str) else self.stop
@@ -85,6 +87,8 @@ class SamplingSettings:
             ("stop", all(isinstance(s, str) and s for s in self.stop), "must hold non-empty strings"),
             ("stop_at_eos", isinstance(self.stop_at_eos, bool), "must be true or false"),
             ("num_samples", _integer(self.num_samples) and self.num_samples >= 1, "must be at least 1"),
+            ("logprobs", self.logprobs is None or (_integer(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
+             f"must be None (off) or an integer from 0 to {MAX_LOGPROBS}"),
         ]
         for name, ok, rule in checks:
             if not ok:
@@ -178,14 +182,28 @@ class TextDecoder(Protocol):
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token as logprobs report it: its text and bytes (a token may hold part of a
+    character, so bytes are the exact form), its log-probability, and the most likely alternatives
+    as (text, bytes, log-probability)."""
+
+    token: str
+    bytes: tuple[int, ...]
+    logprob: float
+    top: tuple[tuple[str, tuple[int, ...], float], ...] = ()
+
+
+@dataclass(frozen=True)
 class Chunk:
-    """New text of one sample. Its last chunk has finish_reason ("stop" or "length") and the counts."""
+    """New text of one sample. Its last chunk has finish_reason ("stop" or "length") and the counts.
+    With settings.logprobs, `logprobs` holds the sample's tokens since its previous chunk."""
 
     index: int  # which sample
     text: str
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -206,6 +224,11 @@ class _Row:
         self.ids: list[int] = []
         self.decoded = 0  # characters the streaming decoder has given out so far
         self.done = False
+        self.logprobs: list[TokenLogprob] = []  # tokens not yet reported in a chunk
+
+    def take_logprobs(self) -> tuple[TokenLogprob, ...]:
+        got, self.logprobs = tuple(self.logprobs), []
+        return got
 
     def push(self, token: int) -> tuple[str, bool]:
         self.ids.append(token)
@@ -237,17 +260,22 @@ class TextStream:
             def new_decoder() -> Any:
                 return StreamDecoder(tokenizer)  # type: ignore[arg-type]
 
-        self.tokens = tokens
+        self.tokens, self.tokenizer = tokens, tokenizer
         self.rows = [_Row(tokenizer, new_decoder, stops) for _ in tokens.finish_reasons]
         self.finished_now: list[int] = []  # the rows that ended in the last step
+        self._steps = iter(tokens)
+        self._ended = False
 
     def __iter__(self) -> Iterator[list[str]]:
-        for step in self.tokens:
+        for step in self._steps:
             yield self._step(step)
 
     def _step(self, step: list[int | None]) -> list[str]:
         pieces, self.finished_now = [], []
+        logprobs = getattr(self.tokens, "last_logprobs", None) or None
         for i, (row, token) in enumerate(zip(self.rows, step)):
+            if logprobs is not None and token is not None and not row.done:
+                row.logprobs.append(self._token_logprob(token, *logprobs[i]))
             text, stopped = row.push(token) if token is not None and not row.done else ("", False)
             if stopped:
                 self.tokens.stop(i)
@@ -259,19 +287,47 @@ class TextStream:
             pieces.append(text)
         return pieces
 
+    def _token_logprob(self, token: int, logprob: float, top: list[tuple[int, float]]) -> TokenLogprob:
+        text, raw = self._token_text(token)
+        return TokenLogprob(text, raw, logprob, tuple((*self._token_text(i), lp) for i, lp in top))
+
+    def _token_text(self, token: int) -> tuple[str, tuple[int, ...]]:
+        """A token's text and its exact bytes (byte-level tokenizers say them; else the text's UTF-8)."""
+        text = self.tokenizer.decode([token])
+        piece = getattr(self.tokenizer, "piece", None)
+        return text, tuple(piece(token) if piece is not None else text.encode("utf-8"))
+
     def chunks(self) -> Iterator[Chunk]:
         """Chunk records: non-empty text as it comes, then one final chunk per sample."""
+        while (got := self.next_chunks()) is not None:
+            yield from got
+
+    def next_chunks(self) -> list[Chunk] | None:
+        """The chunks of one engine step (maybe none: text held back); None once every sample has
+        ended. A server steps many streams together with this (one engine step each per turn)."""
+        if self._ended:
+            return None
         t = self.tokens
-        for pieces in self:
-            for i, text in enumerate(pieces):
-                if i in self.finished_now:
-                    yield Chunk(i, text, t.finish_reasons[i], t.prompt_tokens, t.completion_tokens[i])
-                elif text:
-                    yield Chunk(i, text)
-        for i, row in enumerate(self.rows):  # max_new_tokens 0: no step came, but every sample ends
-            if not row.done:
+        try:
+            pieces = self._step(next(self._steps))
+        except StopIteration:
+            self._ended = True
+            # rows a step never ended (max_new_tokens 0, or a closed stream) end here
+            finals = [Chunk(i, row.flush(), t.finish_reasons[i] or "length", t.prompt_tokens,
+                            t.completion_tokens[i], row.take_logprobs())
+                      for i, row in enumerate(self.rows) if not row.done]
+            for row in self.rows:
                 row.done = True
-                yield Chunk(i, row.flush(), t.finish_reasons[i] or "length", t.prompt_tokens, t.completion_tokens[i])
+            return finals or None
+        out = []
+        for i, text in enumerate(pieces):
+            if i in self.finished_now:
+                row = self.rows[i]
+                out.append(Chunk(i, text, t.finish_reasons[i], t.prompt_tokens, t.completion_tokens[i],
+                                 row.take_logprobs()))
+            elif text:
+                out.append(Chunk(i, text, logprobs=self.rows[i].take_logprobs()))
+        return out
 
     def completions(self, on_step: Callable[[], None] | None = None) -> list[Completion]:
         """Run to the end: one Completion per sample; on_step() after every engine step (progress)."""

@@ -2,7 +2,7 @@
 
 Who does what around the loop:
   data.open_training_data   the splits, samplers and tokenizer
-  build_model               the raw GPT (fresh, or an initial model passed in) and what wraps it
+  build_model               the raw GPT (fresh, or an initial model passed in; LoRA adapters added) and what wraps it
   trainstate.Resumable      everything an exact resume saves and restores
   evalsteps.EVAL_STEPS      what each eval does (best weights, notes, early stop, sample, plots)
   rundir                    the run folder's layout, config and lock
@@ -12,6 +12,7 @@ The Trainer itself only steps, evaluates and keeps time.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import shutil
 import signal
@@ -24,10 +25,11 @@ import numpy as np
 import torch
 
 from . import evalsteps, rundir
-from .checkpoint import atomic_write
-from .config import ModelConfig, TrainConfig, validate
+from .checkpoint import atomic_write, disk_errors
+from .config import LoraConfig, ModelConfig, TrainConfig, check_lora, validate
 from .data import TrainData, open_training_data, read_meta
 from .errors import PocketError, TrainingDiverged
+from .lora import add_adapters, describe, gpt_around, merged_model, save_adapter
 from .metrics import MetricsLog, check_loggers
 from .model import GPT
 from .optim import lr_at, make_optimizers, progress, set_lr
@@ -44,6 +46,9 @@ from .trainstate import Resumable, RunState
 
 SHAPE_KEYS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias", "pos_emb", "norm", "qk_norm", "mlp",
               "tie_embeddings")
+# LoRA settings a resume keeps (with the targeted modules): the rank shapes the adapters, alpha scales what they
+# add; lora_dropout may change, as dropout may
+LORA_KEYS = ("lora_rank", "lora_alpha")
 
 
 # ---------------------------------------------------------------- the model, built before the loop
@@ -81,14 +86,25 @@ class TrainModel:
             return self.raw(x, y)
 
 
-def build_model(cfg: ModelConfig, runtime: Runtime, initial: GPT | None = None) -> TrainModel:
+def build_model(cfg: ModelConfig, runtime: Runtime, initial: GPT | None = None,
+                lora: LoraConfig | None = None) -> TrainModel:
     """A fresh GPT of cfg (from torch's current RNG), or `initial` (e.g. pretrained weights), on the device.
 
     An initial model of exactly cfg is used as it is; one that differs only in dropout or a longer
-    context (cropped: the first block_size rows of its position table) is copied into a GPT of cfg.
+    context (cropped: the first block_size rows of its position table) is rebuilt as a GPT of cfg around
+    its very tensors. Either way nothing is copied (a second copy of a base model would be a second
+    share of the memory a fine-tune has), so training changes the initial model's weights: pass a copy
+    to keep one. With LoRA on, the weights are frozen and the targeted matrices wrapped (lora.add_adapters).
     """
+    raw = _raw_model(cfg, runtime, initial)
+    if lora is not None and lora.enabled:
+        add_adapters(raw, lora)  # after the move: the adapters are made on the weights' device
+    return TrainModel(raw)
+
+
+def _raw_model(cfg: ModelConfig, runtime: Runtime, initial: GPT | None) -> GPT:
     if initial is None:
-        return TrainModel(GPT(cfg).to(runtime.device))
+        return GPT(cfg).to(runtime.device)
     have = initial.config
     if have.vocab_size != cfg.vocab_size or have.block_size < cfg.block_size:
         raise PocketError(f"the initial model (vocab {have.vocab_size}, context "
@@ -99,14 +115,25 @@ def build_model(cfg: ModelConfig, runtime: Runtime, initial: GPT | None = None) 
             raise PocketError(f"the initial model does not fit the config: its {key} is {getattr(have, key)}, "
                               f"the config's {getattr(cfg, key)}")
     if have == cfg:
-        return TrainModel(initial.to(runtime.device))
-    raw = GPT(cfg)
+        return initial.to(runtime.device)
     state = initial.state_dict()
     wpe = "transformer.wpe.weight"
     if wpe in state and have.block_size > cfg.block_size:
-        state[wpe] = state[wpe][: cfg.block_size]
-    raw.load_state_dict(state)
-    return TrainModel(raw.to(runtime.device))
+        state[wpe] = state[wpe][: cfg.block_size].clone()  # a small copy: safetensors saves no part-views
+    return gpt_around(cfg, state, dict(initial.named_buffers())).to(runtime.device)
+
+
+def checkpoint_blocks(model: GPT) -> None:
+    """Gradient checkpointing: each block keeps only its input for the backward pass and runs again there.
+
+    The block's own forward is wrapped on the instance (its parameters, names and state dict are as
+    they were); torch replays the RNG state, so dropout draws the same masks and a step computes what
+    it computes without checkpointing. Evals and samples are unaffected (no backward, or the engine).
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    for block in model.transformer.h:
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
 
 
 # ---------------------------------------------------------------- the loop
@@ -118,6 +145,7 @@ class Trainer:
                  log: MetricsLog):
         self.cfg, self.data, self.net, self.out, self.runtime, self.log = cfg, data, model, out, runtime, log
         self.model = model.raw
+        self.lora = cfg.lora.enabled  # the model's targeted matrices are LoRALinear layers (build_model)
         self.optimizers = make_optimizers(self.model, cfg.optim, runtime.device)
         self.scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.needs_grad_scaler)
         self.resumable = Resumable(self.model, self.optimizers, self.scaler, runtime)
@@ -147,7 +175,10 @@ class Trainer:
         """Seed, build the model (with the data's vocab_size in a copy of cfg) and the trainer."""
         cfg = replace(cfg, model=replace(cfg.model, vocab_size=data.vocab_size))
         torch.manual_seed(cfg.run.seed)
-        return cls(cfg, data, build_model(cfg.model, runtime, initial), Path(out), runtime, log)
+        model = build_model(cfg.model, runtime, initial, cfg.lora)
+        if cfg.run.gradient_checkpointing:
+            checkpoint_blocks(model.raw)
+        return cls(cfg, data, model, Path(out), runtime, log)
 
     @property
     def sampler(self) -> Any:
@@ -260,11 +291,23 @@ class Trainer:
         """Measure, then run every eval step (evalsteps.EVAL_STEPS) in order."""
         self._check_unread(self.state.iter)
         ev = evalsteps.record(self.state, self.estimate_losses(), self.data.val_bytes_per_token)
-        ctx = evalsteps.EvalContext(self.out, self.cfg, self.state, self.log, self.model, self.data.tokenizer,
-                                    self.save_last)
+        ctx = evalsteps.EvalContext(self.out, self.cfg, self.state, self.log, self._eval_model(ev),
+                                    self.data.tokenizer, self.save_last)
         for eval_step in evalsteps.EVAL_STEPS:
             eval_step(ctx, ev)
         self.early_stopped = self.early_stopped or ctx.stop_requested
+
+    def _eval_model(self, ev: evalsteps.EvalResult) -> GPT:
+        """The model the eval steps save as best and sample from. With LoRA: a merged plain copy (its
+        targeted matrices new, the rest shared), so model.safetensors loads as any run's and the engine's
+        decode, which reads plain weights, sees the adapters; a new best adapter is saved first, beside it."""
+        if not self.lora:
+            return self.model
+        if ev.improved:
+            with disk_errors(self.out, f"best adapter ({rundir.ADAPTER})"):
+                save_adapter(self.model, self.out / rundir.ADAPTER, self.cfg.lora,
+                             {"iter": str(ev.iter), "val_loss": f"{ev.val_loss:.6f}", "format_version": "1"})
+        return merged_model(self.model)
 
     # -- the loop -------------------------------------------------------------
     def run(self) -> RunState:
@@ -385,6 +428,31 @@ def _check_resume_shape(saved: TrainConfig, cfg: TrainConfig) -> None:
                 f"--resume cannot change the model's shape: {key} was {a}, now {b}; "
                 "drop that option or start a new run with --out"
             )
+    was, now = saved.lora, cfg.lora
+    if not (was.enabled or now.enabled):
+        return
+    changed = [(k, getattr(was, k), getattr(now, k)) for k in LORA_KEYS if getattr(was, k) != getattr(now, k)]
+    if not changed and was.enabled and was.modules != now.modules:
+        changed = [("lora_targets", ",".join(was.modules), ",".join(now.modules))]
+    if changed:
+        key, a, b = changed[0]
+        raise PocketError(f"--resume cannot change LoRA: {key} was {a}, now {b}; drop that option, or start a new "
+                          "run with --out (--init-from this run to build on what it learned)")
+
+
+def memory_estimate_mb(cfg: TrainConfig, n_params: int, runtime: Runtime) -> tuple[float, float]:
+    """(weights + gradients + optimizer state, activations of one micro-batch) in MB, from sizing's rule; a
+    LoRA run's frozen base holds its weights alone (4 bytes a parameter), only the adapters the full 16."""
+    width = 2 if runtime.dtype != torch.float32 else 4
+    state_mb, act_mb = estimate_memory_mb(cfg, n_params, width)
+    if cfg.lora.enabled:
+        state_mb = (n_params * 4 + cfg.lora.trainable_params(cfg.model) * 16) / 2**20
+    m, r = cfg.model, cfg.run
+    if r.gradient_checkpointing and m.n_layer > 1:  # one layer's activations, plus every block's input (fp32)
+        _, head_mb = estimate_memory_mb(replace(cfg, model=replace(m, n_layer=0)), n_params, width)
+        inputs_mb = m.n_layer * r.batch_size * m.block_size * m.n_embd * 4 / 2**20
+        act_mb = head_mb + (act_mb - head_mb) / m.n_layer + inputs_mb
+    return state_mb, act_mb
 
 
 def check_memory(cfg: TrainConfig, vocab_size: int, runtime: Runtime) -> None:
@@ -393,14 +461,15 @@ def check_memory(cfg: TrainConfig, vocab_size: int, runtime: Runtime) -> None:
     n_params = count_params(m.n_layer, m.n_embd, vocab_size, m.block_size if m.pos_emb == "learned" else 0,
                             m.tie_embeddings)
     sized = replace(cfg, model=replace(m, vocab_size=vocab_size))
-    state_mb, act_mb = estimate_memory_mb(sized, n_params, 2 if runtime.dtype != torch.float32 else 4)
+    state_mb, act_mb = memory_estimate_mb(sized, n_params, runtime)
     have = device_memory_mb(runtime)
     if have and state_mb + act_mb > have:
         where = "this GPU has" if runtime.is_cuda else "this machine has"
+        more = "" if cfg.run.gradient_checkpointing else ", add --gradient-checkpointing (one more forward pass a step)"
         raise PocketError(
             f"this model needs ~{state_mb + act_mb:,.0f} MB to train ({state_mb:,.0f} MB weights and optimizer "
             f"state + {act_mb:,.0f} MB activations) but {where} {have:,.0f} MB; lower --block-size, --batch-size "
-            "(raise --grad-accum-steps to keep the batch), --n-embd or --n-layer, or add --skip-memory-check "
+            f"(raise --grad-accum-steps to keep the batch), --n-embd or --n-layer{more}, or add --skip-memory-check "
             "if you know better"
         )
 
@@ -425,6 +494,7 @@ def train(
     out, data_dir = Path(out), Path(data_dir)
     cfg = copy.deepcopy(cfg)
     validate(cfg)
+    check_lora(cfg, has_base=resume or initial_model is not None)  # a resume's base is in its last/ checkpoint
     check_loggers(cfg.run.loggers)
     rundir.check_for_training(out, resume, overwrite)
     runtime = resolve(cfg.run.device, cfg.run.dtype)
@@ -480,10 +550,12 @@ def _train_locked(cfg: TrainConfig, data: TrainData, data_dir: Path, out: Path, 
 
 def _say_plan(trainer: Trainer) -> None:
     cfg, runtime, data, log = trainer.cfg, trainer.runtime, trainer.data, trainer.log
-    n_params = trainer.model.num_params()
-    state_mb, act_mb = estimate_memory_mb(cfg, n_params, 2 if runtime.dtype != torch.float32 else 4)
+    n_params = trainer.model.num_params() - cfg.lora.trainable_params(cfg.model)  # the GPT's own, without adapters
+    state_mb, act_mb = memory_estimate_mb(cfg, n_params, runtime)
     log.say(f"model: {n_params:,} parameters | {runtime.describe()} | "
             f"data: {len(data.train_tokens):,} train / {len(data.val_tokens):,} val tokens")
+    if cfg.lora.enabled:
+        log.say(describe(cfg.lora, cfg.model, n_params))
     log.say(f"memory estimate: ~{state_mb + act_mb:,.0f} MB ({state_mb:,.0f} MB weights, gradients and "
             f"optimizer state + {act_mb:,.0f} MB activations per micro-batch) | "
             f"~{1000 * _iter_seconds(trainer):,.0f} ms/iter estimated")

@@ -14,7 +14,7 @@ from typing import Callable
 
 from ..config import USER_KEYS, nearest, parse_config_flags
 from ..errors import PocketError, TrainingDiverged
-from . import export, generate, inspection, serve, train
+from . import export, generate, inspection, push, serve, train
 from .parser import Parser, build_parser
 
 EXIT_USER_ERROR = 2
@@ -24,7 +24,7 @@ EXIT_INTERRUPTED = 130
 COMMANDS: dict[str, Callable[..., int]] = {
     "prepare": train.cmd_prepare, "train": train.cmd_train, "sample": generate.cmd_sample, "chat": generate.cmd_chat,
     "eval": inspection.cmd_eval, "info": inspection.cmd_info, "tokenize": inspection.cmd_tokenize, "plot": inspection.cmd_plot,
-    "export": export.cmd_export,
+    "export": export.cmd_export, "push": push.cmd_push,
     "serve": serve.cmd_serve,
 }
 

@@ -1,4 +1,4 @@
-"""`pocketgpt export`: a trained model as a folder other tools load (today: Hugging Face GPT-2)."""
+"""`pocketgpt export`: a trained model as files other tools load: a Hugging Face GPT-2 folder or a GGUF file."""
 
 from __future__ import annotations
 
@@ -9,21 +9,27 @@ from typing import Any
 from ..errors import PocketError
 from .output import say
 
-FORMATS = ("hf",)
+FORMATS = ("hf", "gguf", "peft")
 
 
 def add_export(command: Any) -> None:
     """The export subcommand's options (parser.py calls this from build_parser)."""
-    p = command("export", help="write a model as a Hugging Face folder (transformers loads it)",
-                description="Write a trained model as a Hugging Face GPT-2 folder: config.json, "
+    p = command("export", help="write a model as a Hugging Face folder or a GGUF file (llama.cpp)",
+                description="Write a trained model as a Hugging Face GPT-2 folder (config.json, "
                             "model.safetensors, generation_config.json, tokenizer files and a README.md "
-                            "model card, ready for AutoModelForCausalLM.from_pretrained or the hub.")
+                            "model card, ready for AutoModelForCausalLM.from_pretrained or the hub), or as "
+                            "one GGUF file with its tokenizer that llama.cpp runs (--format gguf).")
     p.add_argument("--model", required=True, help="a run folder (or any model `sample` loads)")
-    p.add_argument("--format", choices=FORMATS, default="hf", help="hf: Hugging Face GPT-2 (default)")
-    p.add_argument("--out", required=True, help="the folder to write")
+    p.add_argument("--format", choices=FORMATS, default="hf",
+                   help="hf: Hugging Face GPT-2 (default; a LoRA run's merged weights); gguf: one file for "
+                        "llama.cpp; peft: a LoRA run's adapter alone, for Hugging Face peft")
+    p.add_argument("--out", required=True, help="the folder (hf, peft) or the .gguf file (gguf) to write")
     p.add_argument("--checkpoint", choices=["best", "last"], default="best")
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
-    p.add_argument("--license", default="other", help="the license in the model card's header (default other)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier export at --out")
+    p.add_argument("--license", default="other", help="the license in the model card's header or the GGUF "
+                                                      "metadata (default other)")
+    p.add_argument("--gguf-dtype", choices=["f32", "f16"], default=None,
+                   help="gguf: f32 (default; exactly pocketgpt's weights) or f16 (half the size)")
 
 
 def run_stats(run: Path) -> dict[str, Any]:
@@ -33,18 +39,61 @@ def run_stats(run: Path) -> dict[str, Any]:
     return summary(run) if is_run_dir(run) else {}
 
 
-def cmd_export(args: argparse.Namespace) -> int:
-    from ..hf import export_hf, check_exportable
+def load_exportable(model: str, checkpoint: str) -> Any:
+    """The model export and push share: loaded, and refused before anything is written if GPT-2 cannot hold it."""
+    from ..hf import check_exportable
     from ..loading import load
 
-    if args.format != "hf":  # argparse's choices already refuse; kept for callers building args by hand
+    loaded = load(model, checkpoint=checkpoint)
+    check_exportable(loaded.model.config)
+    return loaded
+
+
+def model_name(model: str) -> str:
+    """The run folder's name (or the hub name given) for the model card and the GGUF metadata."""
+    return Path(model).resolve().name if Path(model).exists() else str(model)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    if args.format not in FORMATS:  # argparse's choices already refuse; kept for callers building args by hand
         raise PocketError(f"--format must be one of {', '.join(FORMATS)}")
-    loaded = load(args.model, checkpoint=args.checkpoint)
-    check_exportable(loaded.model.config)  # before anything is written
-    name = Path(args.model).resolve().name if Path(args.model).exists() else str(args.model)
-    notes = export_hf(loaded.model, loaded.tokenizer, args.out, overwrite=args.overwrite, name=name,
+    if args.format != "gguf" and getattr(args, "gguf_dtype", None):
+        raise PocketError("--gguf-dtype applies to --format gguf only")
+    if args.format == "gguf":
+        return _export_gguf(args)
+    if args.format == "peft":
+        return _export_peft(args)
+    from ..hf import export_hf
+
+    loaded = load_exportable(args.model, args.checkpoint)
+    notes = export_hf(loaded.model, loaded.tokenizer, args.out, overwrite=args.overwrite, name=model_name(args.model),
                       stats=run_stats(Path(args.model)), license=args.license)
     for note in notes:
         say(f"note: {note}")
     say(f"wrote {args.out}: load it with transformers.AutoModelForCausalLM.from_pretrained({str(args.out)!r})")
+    return 0
+
+
+def _export_gguf(args: argparse.Namespace) -> int:
+    from ..gguf_export import DEFAULT_GGUF_DTYPE, export_gguf
+    from ..loading import load
+
+    loaded = load(args.model, checkpoint=args.checkpoint)
+    # export_gguf refuses what llama.cpp's gpt2 cannot run (check_exportable's reasons, a char vocabulary)
+    # before it writes anything
+    notes = export_gguf(loaded.model, loaded.tokenizer, args.out, dtype=args.gguf_dtype or DEFAULT_GGUF_DTYPE,
+                        overwrite=args.overwrite, name=model_name(args.model), license=args.license)
+    for note in notes:
+        say(f"note: {note}")
+    say(f"wrote {args.out}: run it with llama.cpp, e.g. llama-cli -m {args.out} -p 'Once upon a time'")
+    return 0
+
+
+def _export_peft(args: argparse.Namespace) -> int:
+    from ..lora import export_peft
+
+    for note in export_peft(args.model, args.out, overwrite=args.overwrite, checkpoint=args.checkpoint):
+        say(f"note: {note}")
+    say(f"wrote {args.out}: load it with peft.PeftModel.from_pretrained("
+        f"transformers.AutoModelForCausalLM.from_pretrained(BASE), {str(args.out)!r})")
     return 0

@@ -112,6 +112,11 @@ def cmd_info(args: argparse.Namespace) -> int:
         f"with {info['tokenizer']['vocab_size']} tokens")
     if info["init_from"]:
         say(f"fine-tuned from {info['init_from']['source']} ({info['init_from'].get('kind', 'unknown kind')})")
+    if info.get("lora"):
+        lo = info["lora"]
+        say(f"LoRA rank {lo['rank']} (alpha {lo['alpha']:g}) on {', '.join(lo['targets'])}: "
+            f"{lo['trainable_parameters']:,} trainable parameters; model.safetensors holds the merged weights, "
+            "adapter.safetensors the adapter alone")
     best, bpb = info["best_val_loss"], info["best_val_bpb"]
     say(f"trained {info['iters']} iters, {info['tokens_seen'] or 0:,} tokens seen; "
         f"best val loss {best if best is None else round(best, 4)}"

@@ -85,6 +85,10 @@ def build_parser() -> Parser:
 
     add_export(command)
 
+    from .push import add_push  # push's options live with cmd_push (cli/push.py)
+
+    add_push(command)
+
     from .serve import add_serve  # serve's options live with cmd_serve (cli/serve.py)
 
     add_serve(command)

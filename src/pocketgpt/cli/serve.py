@@ -32,11 +32,14 @@ def add_serve(command: Any) -> None:
     p.add_argument("--max-tokens", type=int, default=d.max_tokens, help=f"cap on a request's max_tokens ({d.max_tokens})")
     p.add_argument("--max-n", type=int, default=d.max_n, help=f"cap on a request's n ({d.max_n})")
     p.add_argument("--max-active", type=int, default=d.max_active,
-                   help=f"requests generating at once, stepped in turn ({d.max_active})")
+                   help=f"requests generating at once, batched in one decode step ({d.max_active})")
     p.add_argument("--max-queue", type=int, default=d.max_queue,
                    help=f"requests waiting beyond those; more get 429 ({d.max_queue})")
     p.add_argument("--timeout", type=float, default=d.timeout_s, help=f"seconds one request may take ({d.timeout_s:g})")
     p.add_argument("--max-body", type=int, default=d.max_body_bytes, help=f"request body bytes ({d.max_body_bytes})")
+    p.add_argument("--reload", action="store_true",
+                   help="watch the run folder and serve new weights as training writes them (running "
+                        "requests finish on the weights they started with)")
 
 
 def limits_from(args: argparse.Namespace) -> object:
@@ -59,6 +62,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if is_run_dir(args.model):  # a run without weights fails here, in one line, before the server starts
         weights_path(Path(args.model), args.checkpoint)
+    elif args.reload:
+        raise PocketError(f"--reload watches a run folder's weights as training writes them; {args.model} "
+                          "is not a run folder (leave out --reload)")
     limits = limits_from(args)
     import uvicorn
 
@@ -73,13 +79,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
             server.should_exit = True
 
     app = create_app(args.model, checkpoint=args.checkpoint, device=args.device, limits=limits,
-                     api_key=args.api_key, cors_origins=args.cors_origin, on_load_error=on_load_error)
+                     api_key=args.api_key, cors_origins=args.cors_origin, on_load_error=on_load_error,
+                     reload=args.reload, on_reload=lambda line: print(line, file=sys.stderr, flush=True))
     config = uvicorn.Config(app, host=args.host, port=args.port, access_log=True, log_level="info",
                             timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)
     base = f"http://{args.host}:{args.port}"
-    print(f"serving {args.model}: the page at {base}/, the API at {base}/v1 (Ctrl-C stops)", file=sys.stderr,
-          flush=True)
+    watching = "; new weights are picked up as they are written" if args.reload else ""
+    print(f"serving {args.model}: the page at {base}/, the API at {base}/v1{watching} (Ctrl-C stops)",
+          file=sys.stderr, flush=True)
     server.run()  # uvicorn handles Ctrl-C and SIGTERM: stop accepting, finish, then the scheduler stops
     if failed:
         raise PocketError(f"cannot load {args.model}: {failed[0]}")

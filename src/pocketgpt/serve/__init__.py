@@ -1,14 +1,13 @@
 """`pocketgpt serve`: an OpenAI-compatible HTTP API over one run folder (FastAPI + uvicorn, the `serve` extra).
 
   api.py        request bodies -> GenRequest (one SamplingSettings) or ApiError; response shapes (no FastAPI)
-  scheduler.py  the thread that owns the model and steps every request's stream in turn (no FastAPI)
+  scheduler.py  the thread that owns the model and steps every request together, one batched
+                forward per token (engine.DecodeBatch), and reloads new weights (no FastAPI)
   metrics.py    GET /metrics: Prometheus text format by hand (requests, tokens, latencies, queue, streams)
   app.py        the FastAPI app: routes, API key, CORS, errors in OpenAI's shape, server-sent events
   page.html     GET /: one self-contained page (no CDN) that streams /v1/completions in a browser
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health, GET /metrics, GET /.
-Later increments: --reload of a retrained run, logprobs, and a batched scheduler (one forward for
-all requests' decode steps) in place of the round-robin one.
 """
 
 from .api import ApiError, Limits

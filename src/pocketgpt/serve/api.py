@@ -12,7 +12,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from ..sampling import Chunk, InvalidSetting, SamplingSettings
+from ..sampling import MAX_LOGPROBS, Chunk, InvalidSetting, SamplingSettings, TokenLogprob
 
 # SamplingSettings' names that the API spells differently
 API_NAMES = {"max_new_tokens": "max_tokens", "num_samples": "n"}
@@ -91,8 +91,6 @@ def _check_fields(body: dict[str, Any], known: frozenset[str]) -> None:
         raise ApiError(f"unknown field '{unknown[0]}'", unknown[0])
     _typed(body, "model", lambda v: isinstance(v, str), "a string")
     _typed(body, "user", lambda v: isinstance(v, str), "a string")
-    if _typed(body, "logprobs", lambda v: isinstance(v, (bool, int)), "a boolean or an integer") not in (None, False, 0):
-        raise ApiError("logprobs are not supported yet", "logprobs")
     for name in ("frequency_penalty", "presence_penalty"):
         if _typed(body, name, _is_number, "a number") not in (None, 0):
             raise ApiError(f"{name} is not supported; use repetition_penalty (> 1 discourages repeats)", name)
@@ -112,7 +110,27 @@ def _stop(body: dict[str, Any], limits: Limits) -> tuple[str, ...]:
     return tuple(stops)
 
 
-def _settings(body: dict[str, Any], limits: Limits, max_tokens: int, extra_stop: Sequence[str] = ()) -> SamplingSettings:
+def _completion_logprobs(body: dict[str, Any]) -> int | None:
+    """/v1/completions: logprobs is how many alternatives per token (0 to 5, OpenAI's range); null: off."""
+    k = _typed(body, "logprobs", _is_int, "an integer from 0 to 5 (or null)")
+    if k is not None and not 0 <= k <= 5:
+        raise ApiError(f"logprobs must be from 0 to 5, got {k}", "logprobs")
+    return k
+
+
+def _chat_logprobs(body: dict[str, Any]) -> int | None:
+    """/v1/chat/completions: logprobs true turns them on; top_logprobs (0 to 20) asks for alternatives."""
+    on = _typed(body, "logprobs", lambda v: isinstance(v, bool), "true or false")
+    top = _typed(body, "top_logprobs", _is_int, f"an integer from 0 to {MAX_LOGPROBS}")
+    if top is not None and not 0 <= top <= MAX_LOGPROBS:
+        raise ApiError(f"top_logprobs must be from 0 to {MAX_LOGPROBS}, got {top}", "top_logprobs")
+    if top is not None and not on:
+        raise ApiError("top_logprobs needs logprobs: true", "top_logprobs")
+    return (top or 0) if on else None
+
+
+def _settings(body: dict[str, Any], limits: Limits, max_tokens: int, extra_stop: Sequence[str] = (),
+              logprobs: int | None = None) -> SamplingSettings:
     """One SamplingSettings from the body's sampling fields; out-of-range values name their field."""
     if max_tokens > limits.max_tokens:
         raise ApiError(f"max_tokens is {max_tokens}; this server allows at most {limits.max_tokens}", "max_tokens")
@@ -124,7 +142,8 @@ def _settings(body: dict[str, Any], limits: Limits, max_tokens: int, extra_stop:
         raise ApiError(f"temperature must be in [0, 2] (0 = greedy), got {temperature!r}", "temperature")
     given = {"max_new_tokens": max_tokens, "num_samples": n, "temperature": temperature,
              "top_p": body.get("top_p"), "top_k": body.get("top_k"), "seed": body.get("seed"),
-             "repetition_penalty": body.get("repetition_penalty"), "stop": _stop(body, limits) + tuple(extra_stop)}
+             "repetition_penalty": body.get("repetition_penalty"), "stop": _stop(body, limits) + tuple(extra_stop),
+             "logprobs": logprobs}
     try:  # SamplingSettings keeps the defaults and the range checks; only given values are passed
         return SamplingSettings(**{k: v for k, v in given.items() if v is not None})
     except InvalidSetting as e:
@@ -167,7 +186,8 @@ def parse_completion(body: dict[str, Any], limits: Limits) -> GenRequest:
     if len(prompts) > limits.max_prompts:
         raise ApiError(f"prompt has {len(prompts)} prompts; this server takes at most {limits.max_prompts}", "prompt")
     stream, usage = _stream_flags(body)
-    settings = _settings(body, limits, _max_tokens(body, ["max_tokens"], 16))  # 16: OpenAI's default
+    settings = _settings(body, limits, _max_tokens(body, ["max_tokens"], 16),  # 16: OpenAI's default
+                         logprobs=_completion_logprobs(body))
     return GenRequest(prompts, settings, stream, usage)
 
 
@@ -195,15 +215,14 @@ def _message(m: Any) -> dict[str, str]:
 def parse_chat(body: dict[str, Any], limits: Limits) -> GenRequest:
     """POST /v1/chat/completions: messages through chat_prompt(), the reply ended at CHAT_STOP too."""
     _check_fields(body, CHAT_FIELDS)
-    if body.get("top_logprobs") is not None:
-        raise ApiError("logprobs are not supported yet", "top_logprobs")
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError("messages must be a non-empty list", "messages")
     prompt = chat_prompt([_message(m) for m in messages])
     stream, usage = _stream_flags(body)
     max_tokens = _max_tokens(body, ["max_completion_tokens", "max_tokens"], min(256, limits.max_tokens))
-    return GenRequest([prompt], _settings(body, limits, max_tokens, [CHAT_STOP]), stream, usage, chat=True)
+    settings = _settings(body, limits, max_tokens, [CHAT_STOP], logprobs=_chat_logprobs(body))
+    return GenRequest([prompt], settings, stream, usage, chat=True)
 
 
 # ---------------------------------------------------------------- responses
@@ -221,28 +240,60 @@ def _head(req: GenRequest, model_id: str, obj: str) -> dict[str, Any]:
     return {"id": prefix + req.id, "object": obj, "created": req.created, "model": model_id}
 
 
-def full_response(req: GenRequest, model_id: str, texts: dict[int, str], finals: Sequence[Chunk]) -> dict[str, Any]:
-    """The non-streaming answer: every choice in index order, with usage."""
+def _top_chat(top: Sequence[tuple[str, tuple[int, ...], float]]) -> list[dict[str, Any]]:
+    return [{"token": t, "logprob": lp, "bytes": list(b)} for t, b, lp in top]
+
+
+def logprobs_object(req: GenRequest, index: int, tokens: Sequence[TokenLogprob], offset: int) -> dict[str, Any] | None:
+    """A choice's logprobs in OpenAI's shape for these tokens (None when not asked for). Chat:
+    {"content": [{token, logprob, bytes, top_logprobs}]}; completions: parallel lists tokens,
+    token_logprobs, top_logprobs ({text: logprob} per token) and text_offset (each token's place
+    in the prompt and text, starting at `offset`). The log-probabilities are the model's own
+    distribution, before temperature, top-k, top-p and the repetition penalty."""
+    if req.settings.logprobs is None:
+        return None
+    if req.chat:
+        return {"content": [{"token": t.token, "logprob": t.logprob, "bytes": list(t.bytes),
+                             "top_logprobs": _top_chat(t.top)} for t in tokens], "refusal": None}
+    offsets = []
+    for t in tokens:
+        offsets.append(offset)
+        offset += len(t.token)
+    return {"tokens": [t.token for t in tokens], "token_logprobs": [t.logprob for t in tokens],
+            "top_logprobs": [{text: lp for text, _, lp in t.top} for t in tokens] if req.settings.logprobs else None,
+            "text_offset": offsets}
+
+
+def prompt_chars(req: GenRequest, index: int) -> int:
+    """Where a choice's text starts in prompt + text (completions' text_offset counts the prompt)."""
+    return 0 if req.chat else len(req.prompts[index // req.settings.num_samples])
+
+
+def full_response(req: GenRequest, model_id: str, texts: dict[int, str], finals: Sequence[Chunk],
+                  logprobs: dict[int, list[TokenLogprob]] | None = None) -> dict[str, Any]:
+    """The non-streaming answer: every choice in index order, with usage (and logprobs if asked)."""
     choices = []
     for c in sorted(finals, key=lambda c: c.index):
         text = texts.get(c.index, "")
+        lp = logprobs_object(req, c.index, (logprobs or {}).get(c.index, []), prompt_chars(req, c.index))
         if req.chat:
             choices.append({"index": c.index, "message": {"role": "assistant", "content": text},
-                            "logprobs": None, "finish_reason": c.finish_reason})
+                            "logprobs": lp, "finish_reason": c.finish_reason})
         else:
-            choices.append({"index": c.index, "text": text, "logprobs": None, "finish_reason": c.finish_reason})
+            choices.append({"index": c.index, "text": text, "logprobs": lp, "finish_reason": c.finish_reason})
     obj = "chat.completion" if req.chat else "text_completion"
     return {**_head(req, model_id, obj), "choices": choices, "usage": usage(finals, req.settings.num_samples)}
 
 
-def chunk_response(req: GenRequest, model_id: str, chunk: Chunk, first: bool) -> dict[str, Any]:
-    """One streamed event for a chunk; in chat the first one of a choice carries the role."""
+def chunk_response(req: GenRequest, model_id: str, chunk: Chunk, first: bool, offset: int = 0) -> dict[str, Any]:
+    """One streamed event for a chunk; in chat the first one of a choice carries the role. offset:
+    the choice's text so far in characters, with its prompt (completions' text_offset)."""
     if req.chat:
         delta: dict[str, str] = {"role": "assistant", "content": chunk.text} if first else {"content": chunk.text}
         choice: dict[str, Any] = {"index": chunk.index, "delta": delta}
     else:
         choice = {"index": chunk.index, "text": chunk.text}
-    choice.update(logprobs=None, finish_reason=chunk.finish_reason)
+    choice.update(logprobs=logprobs_object(req, chunk.index, chunk.logprobs, offset), finish_reason=chunk.finish_reason)
     obj = "chat.completion.chunk" if req.chat else "text_completion"
     return {**_head(req, model_id, obj), "choices": [choice], **({"usage": None} if req.include_usage else {})}
 

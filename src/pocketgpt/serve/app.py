@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import json
 import logging
+import threading
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Sequence
@@ -18,7 +20,7 @@ from ..sampling import Chunk
 from . import api
 from .api import ApiError, GenRequest, Limits
 from .metrics import Metrics
-from .scheduler import DONE, STARTED, Job, RoundRobinScheduler
+from .scheduler import DONE, STARTED, Job, Scheduler
 
 log = logging.getLogger("pocketgpt.serve")
 
@@ -42,41 +44,34 @@ class _Guard:
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        status = 499  # what is counted when no response started: the client left first
+        status = 0  # the response's status once it has started; 0: not yet
         endpoint = scope["path"] if scope["path"] in ENDPOINTS else "other"
 
-        async def tracked(message: dict) -> None:
+        async def tracked(message: dict) -> None:  # one wrapper: it runs for every streamed event
             nonlocal status
-            if message["type"] == "http.response.start":
+            if not status and message["type"] == "http.response.start":
                 status = message["status"]
             await send(message)
 
         try:
-            await self._guarded(scope, receive, tracked)
-        finally:
-            self.metrics.request(endpoint, status)
-
-    async def _guarded(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if self.api_key and scope["path"] not in OPEN_PATHS and scope["method"] != "OPTIONS":
-            auth = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
-            if not hmac.compare_digest(auth.encode(), f"Bearer {self.api_key}".encode()):
+            if self._refused(scope):
                 e = ApiError("missing or wrong API key (send Authorization: Bearer KEY)", status=401,
                              kind="authentication_error")
-                return await _error_response(e)(scope, receive, send)
-        started = False
-
-        async def tracked(message: dict) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
+                return await _error_response(e)(scope, receive, tracked)
             await self.app(scope, receive, tracked)
         except Exception as e:  # noqa: BLE001 - the server keeps serving; the client gets one line
             log.error("internal error on %s: %s: %s", scope["path"], type(e).__name__, str(e).splitlines()[:1])
-            if not started:
+            if not status:
                 await _error_response(ApiError(f"internal error: {type(e).__name__}", status=500,
-                                               kind="server_error"))(scope, receive, send)
+                                               kind="server_error"))(scope, receive, tracked)
+        finally:
+            self.metrics.request(endpoint, status or 499)  # 499: the client left before an answer
+
+    def _refused(self, scope: dict) -> bool:
+        if not self.api_key or scope["path"] in OPEN_PATHS or scope["method"] == "OPTIONS":
+            return False
+        auth = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+        return not hmac.compare_digest(auth.encode(), f"Bearer {self.api_key}".encode())
 
 
 def page_html(api_key_required: bool, max_tokens: int) -> str:
@@ -114,6 +109,53 @@ def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
 
+class _Outbox:
+    """Events from the scheduler thread to the event loop's request queues, handed over once per
+    scheduler turn (wake(), called by the scheduler after each step) instead of once per event:
+    a batched step makes an event for every active stream at once, and each call_soon_threadsafe
+    is a write to the loop's wake-up pipe, a loop iteration, and a fight for the GIL."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self.lock = loop, threading.Lock()
+        self.items: list[tuple[asyncio.Queue, Any]] = []
+        self.waking = False
+
+    def put(self, queue: asyncio.Queue, event: Any) -> None:
+        with self.lock:
+            self.items.append((queue, event))
+
+    def wake(self) -> None:
+        """Have the loop deliver what is waiting (one wake-up; none if one is on its way)."""
+        with self.lock:
+            if not self.items or self.waking:
+                return
+            self.waking = True
+        try:
+            self.loop.call_soon_threadsafe(self._flush)
+        except RuntimeError:  # the loop has closed (shutdown): nobody is listening
+            pass
+
+    def _flush(self) -> None:
+        with self.lock:
+            items, self.items, self.waking = self.items, [], False
+        for queue, event in items:
+            queue.put_nowait(event)
+
+
+def _merged(events: list[Any]) -> list[Any]:
+    """Chunks that wait together in a queue, with the text-only ones of one choice joined (one SSE
+    event instead of several when the client reads slower than tokens come); order is kept."""
+    out: list[Any] = []
+    for ev in events:
+        prev = out[-1] if out else None
+        if (isinstance(ev, Chunk) and isinstance(prev, Chunk) and prev.index == ev.index
+                and prev.finish_reason is None):
+            out[-1] = dataclasses.replace(ev, text=prev.text + ev.text, logprobs=prev.logprobs + ev.logprobs)
+        else:
+            out.append(ev)
+    return out
+
+
 def model_card(model: Any, model_id: str) -> dict[str, Any]:
     """GET /v1/models' entry: OpenAI's fields, then what the run folder says about the model."""
     from ..rundir import summary
@@ -130,11 +172,35 @@ def model_card(model: Any, model_id: str) -> dict[str, Any]:
             "best_val_bpb": stats.get("best_val_bpb")}
 
 
+def weights_stamp(run_dir: str | Path, checkpoint: str) -> Callable[[], tuple[int, int]]:
+    """What --reload watches: the mtime and size of the run's weights file. Checkpoints are written
+    to a temporary name and renamed, so a changed stamp is always a complete file."""
+    from ..loading import weights_path
+
+    def stamp() -> tuple[int, int]:
+        st = weights_path(Path(run_dir), checkpoint).stat()
+        return st.st_mtime_ns, st.st_size
+
+    return stamp
+
+
 class _Server:
     """What the routes share: the scheduler, the limits and the model's name."""
 
-    def __init__(self, scheduler: RoundRobinScheduler, limits: Limits, model_id: str):
+    def __init__(self, scheduler: Scheduler, limits: Limits, model_id: str):
         self.scheduler, self.limits, self.model_id = scheduler, limits, model_id
+        self._outbox: _Outbox | None = None
+
+    def outbox(self) -> _Outbox:
+        loop = asyncio.get_running_loop()
+        if self._outbox is None or self._outbox.loop is not loop:
+            self._outbox = _Outbox(loop)
+        return self._outbox
+
+    def wake(self) -> None:
+        """The scheduler's end of turn: the events of the step go to the loop together."""
+        if self._outbox is not None:
+            self._outbox.wake()
 
     def ready_model(self) -> Any:
         if not self.scheduler.ready.is_set():
@@ -157,9 +223,9 @@ class _Server:
 
     async def generate(self, request: Request, req: GenRequest) -> Any:
         self.check_prompts(req)
-        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-        job = Job(req.prompts, req.settings, lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev),
-                  self.limits.timeout_s)
+        queue: asyncio.Queue = asyncio.Queue()
+        outbox = self.outbox()
+        job = Job(req.prompts, req.settings, lambda ev: outbox.put(queue, ev), self.limits.timeout_s)
         self.scheduler.submit(job)
         try:
             first = await self._next(request, queue, job)
@@ -188,50 +254,71 @@ class _Server:
 
     async def _collect(self, request: Request, req: GenRequest, queue: asyncio.Queue, job: Job) -> dict[str, Any]:
         texts: dict[int, list[str]] = {}
+        logprobs: dict[int, list[Any]] = {}
         finals: list[Chunk] = []
         while (ev := await self._next(request, queue, job)) != DONE:
             if isinstance(ev, ApiError):
                 raise ev
+            if ev is STARTED:
+                continue
             texts.setdefault(ev.index, []).append(ev.text)
+            logprobs.setdefault(ev.index, []).extend(ev.logprobs)
             if ev.finish_reason is not None:
                 finals.append(ev)
         joined = {i: "".join(parts) for i, parts in texts.items()}
-        return api.full_response(req, self.model_id, joined, finals)
+        return api.full_response(req, self.model_id, joined, finals, logprobs)
 
     async def _events(self, request: Request, req: GenRequest, queue: asyncio.Queue, job: Job) -> AsyncIterator[str]:
         """Server-sent events; a client that leaves cancels the generator, and finally frees the job."""
         seen: set[int] = set()
+        offsets: dict[int, int] = {}  # per choice: characters sent so far, with its prompt (text_offset)
         finals: list[Chunk] = []
         try:
-            while (ev := await queue.get()) != DONE:
-                if isinstance(ev, ApiError):  # the headers are out: the error goes as an event
-                    yield _sse(ev.body())
-                    break
-                if ev is STARTED:
-                    continue
-                yield _sse(api.chunk_response(req, self.model_id, ev, ev.index not in seen))
-                seen.add(ev.index)
-                if ev.finish_reason is not None:
-                    finals.append(ev)
-            else:
-                if req.include_usage:
-                    yield _sse(api.usage_response(req, self.model_id, finals))
-            yield "data: [DONE]\n\n"
+            done = False
+            while not done:
+                events = [await queue.get()]
+                while not queue.empty():  # what else is already here goes out in the same write
+                    events.append(queue.get_nowait())
+                out = []
+                for ev in _merged(events):
+                    if ev == DONE or isinstance(ev, ApiError):
+                        done = True
+                        if isinstance(ev, ApiError):  # the headers are out: the error goes as an event
+                            out.append(_sse(ev.body()))
+                        elif req.include_usage:
+                            out.append(_sse(api.usage_response(req, self.model_id, finals)))
+                        out.append("data: [DONE]\n\n")
+                        break
+                    if ev is STARTED:
+                        continue
+                    offset = offsets.get(ev.index, api.prompt_chars(req, ev.index))
+                    out.append(_sse(api.chunk_response(req, self.model_id, ev, ev.index not in seen, offset)))
+                    offsets[ev.index] = offset + sum(len(t.token) for t in ev.logprobs)
+                    seen.add(ev.index)
+                    if ev.finish_reason is not None:
+                        finals.append(ev)
+                if out:
+                    yield "".join(out)
         finally:
             self.scheduler.cancel(job)
 
 
 def create_app(run_dir: str | Path, *, checkpoint: str = "best", device: str = "cpu", limits: Limits = Limits(),
                api_key: str | None = None, cors_origins: Sequence[str] = (),
-               on_load_error: Callable[[str], None] | None = None) -> FastAPI:
-    """The app serving one run folder; the model loads on the scheduler thread at startup."""
+               on_load_error: Callable[[str], None] | None = None, reload: bool = False,
+               reload_every_s: float = 2.0, on_reload: Callable[[str], None] | None = None) -> FastAPI:
+    """The app serving one run folder; the model loads on the scheduler thread at startup.
+    reload: watch the run's weights file (its mtime and size, every reload_every_s) and serve new
+    weights when training writes them; on_reload gets a line each time (the CLI prints it)."""
     from ..loading import load
 
     metrics = Metrics()
-    scheduler = RoundRobinScheduler(lambda: load(run_dir, checkpoint=checkpoint, device=device), limits,
-                                    on_load_error, metrics)
+    scheduler = Scheduler(lambda: load(run_dir, checkpoint=checkpoint, device=device), limits,
+                          on_load_error, metrics, watch=weights_stamp(run_dir, checkpoint) if reload else None,
+                          reload_every_s=reload_every_s, on_reload=on_reload)
     metrics.gauges = lambda: (scheduler.waiting, scheduler.active_samples, scheduler.active_requests, limits.max_active)
     server = _Server(scheduler, limits, Path(run_dir).resolve().name)
+    scheduler.after_turn = server.wake
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -14,6 +14,7 @@ from typing import Callable, Iterable, Sequence
 # seconds: a tiny CPU model makes tokens in well under a millisecond, a big one on a busy server in seconds
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 ITL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)  # rows (samples) fed through the model by one decode step
 
 
 class Histogram:
@@ -59,6 +60,8 @@ class Metrics:
         self.tokens = 0
         self.ttft = Histogram(TTFT_BUCKETS)
         self.itl = Histogram(ITL_BUCKETS)
+        self.batch = Histogram(BATCH_BUCKETS)
+        self.reloads = 0
         self.gauges: Callable[[], tuple[int, int, int, int]] = lambda: (0, 0, 0, 0)
 
     def request(self, endpoint: str, status: int) -> None:
@@ -79,6 +82,16 @@ class Metrics:
             if gap_s is not None:
                 self.itl.observe(gap_s / tokens, tokens)
 
+    def batch_step(self, rows: int) -> None:
+        """One batched decode step fed `rows` rows (0: nothing was due, not counted)."""
+        if rows > 0:
+            with self._lock:
+                self.batch.observe(rows)
+
+    def reloaded(self) -> None:
+        with self._lock:
+            self.reloads += 1
+
     def render(self) -> str:
         waiting, streams, active, max_active = self.gauges()
         with self._lock:
@@ -95,7 +108,14 @@ class Metrics:
                     *self.ttft.lines("pocketgpt_time_to_first_token_seconds"),
                     "# HELP pocketgpt_inter_token_latency_seconds Time between a stream's tokens.",
                     "# TYPE pocketgpt_inter_token_latency_seconds histogram",
-                    *self.itl.lines("pocketgpt_inter_token_latency_seconds")]
+                    *self.itl.lines("pocketgpt_inter_token_latency_seconds"),
+                    "# HELP pocketgpt_batch_rows Rows (samples of all requests) fed through the model by one "
+                    "decode step: how full the batch is.",
+                    "# TYPE pocketgpt_batch_rows histogram",
+                    *self.batch.lines("pocketgpt_batch_rows"),
+                    "# HELP pocketgpt_reloads_total Times --reload swapped in new weights.",
+                    "# TYPE pocketgpt_reloads_total counter",
+                    f"pocketgpt_reloads_total {self.reloads}"]
         out += ["# HELP pocketgpt_queue_length Requests waiting for a place to generate.",
                 "# TYPE pocketgpt_queue_length gauge", f"pocketgpt_queue_length {waiting}",
                 "# HELP pocketgpt_active_streams Sample streams generating now (one per prompt and sample).",

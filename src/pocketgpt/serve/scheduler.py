@@ -1,24 +1,26 @@
-"""The scheduler: one thread owns the model and the engine and steps every request in turn.
+"""The scheduler: one thread owns the model and the engine and steps every request together.
 
 Each request becomes a `Job`: its prompts, one SamplingSettings, a `deliver` callback (the web
 side puts events on the request's asyncio queue with loop.call_soon_threadsafe) and a deadline.
-The thread admits waiting jobs between turns (up to Limits.max_active generating at once), starts
-one engine TokenStream per prompt wrapped in sampling.TextStream (decoding, stop strings, finish
-reasons), and then goes round-robin: one turn per stream, a turn being one Chunk of its
-TextStream.chunks() (one engine step, or a few when text is held back: a possible stop string
-or a character split over tokens). Events per job: STARTED once every prompt is prefilled (so a
-bad prompt is still a plain 400), a Chunk per piece of text, then DONE, or one ApiError instead.
+The thread admits waiting jobs between steps (up to Limits.max_active generating at once) and
+starts one engine TokenStream per prompt in a shared engine.DecodeBatch (the KV cache has one
+row per sample, each at its own position), wrapped in sampling.TextStream (decoding, stop
+strings, finish reasons). A turn is one batched step: DecodeBatch.advance() feeds every stream's
+last token through the model in one forward, then each stream samples its next token on its
+own (own settings and seed, so its output is what it would be alone) and its TextStream gives
+the step's chunks. Events per job: STARTED once every prompt is prefilled (so a bad prompt is
+still a plain 400), a Chunk per piece of text, then DONE, or one ApiError instead.
 
 The thread also feeds metrics.Metrics (GET /metrics): tokens generated and inter-token latency
 per stream (from the engine stream's completion_tokens), time to first text per job.
 
-A job whose client left (cancel()) or whose deadline passed has its streams closed at its next
-turn (TokenStream.close() frees the KV cache). Any error inside one job ends only that job.
+A job whose client left (cancel()) or whose deadline passed has its streams closed before the
+next step (TokenStream.close() gives its rows back). Any error inside one job ends only that job.
 
-Swapping in true batching later: `RoundRobinScheduler._turn` is the only place that steps
-streams. A batched scheduler keeps submit / cancel / stop and the events, and replaces `_turn`
-with one forward over all active requests (one KV row per request at its own position); the web
-side does not change.
+Reload (`watch`): between turns, every `reload_every_s`, the scheduler asks watch() for a stamp
+of the weights (their file's mtime and size); when it changes, a side thread loads the model
+again and the next turn swaps it in: new requests start on the new weights in a new batch, and
+running ones finish on the weights they started with (no request is dropped or mixed).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import collections
 import dataclasses
 import threading
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from ..errors import PocketError
 from ..sampling import Chunk, SamplingSettings
@@ -53,31 +55,40 @@ class Job:
 
 
 class _Unit:
-    """One prompt of a job: its TextStream's chunks, its engine stream, and its choice offset."""
+    """One prompt of a job: its TextStream, its engine stream, its batch and its choice offset."""
 
-    def __init__(self, job: Job, text_stream: Any, offset: int):
-        self.job, self.tokens, self.offset = job, text_stream.tokens, offset
-        self.chunks: Iterator[Chunk] = text_stream.chunks()
+    def __init__(self, job: Job, text_stream: Any, batch: Any, offset: int):
+        self.job, self.text, self.tokens, self.batch, self.offset = job, text_stream, text_stream.tokens, batch, offset
         self.counted = 0  # tokens already counted in the metrics
         self.last: float | None = None  # when its previous tokens came
 
 
-class RoundRobinScheduler:
-    """Owns the model (loaded on its own thread) and the engine; see the module docstring."""
+class Scheduler:
+    """Owns the model (loaded on its own thread), its engine and decode batch; see the module docstring."""
 
     def __init__(self, load: Callable[[], Any], limits: Limits,
-                 on_load_error: Callable[[str], None] | None = None, metrics: Metrics | None = None):
+                 on_load_error: Callable[[str], None] | None = None, metrics: Metrics | None = None,
+                 watch: Callable[[], Any] | None = None, reload_every_s: float = 2.0,
+                 on_reload: Callable[[str], None] | None = None):
         self._load, self.limits, self._on_load_error = load, limits, on_load_error
         self.metrics = metrics if metrics is not None else Metrics()
+        self._watch, self.reload_every_s, self._on_reload = watch, reload_every_s, on_reload
         self._cv = threading.Condition()
         self._pending: collections.deque[Job] = collections.deque()
         self._units: list[_Unit] = []
         self._stopping = False
         self.model: Any = None
+        self._batch: Any = None
+        self._stamp: Any = None
+        self._next_check = 0.0
+        self._reloading: threading.Thread | None = None
+        self._reloaded: Any = None  # a model loaded by the side thread, swapped in at the next turn
+        self.reloads = 0
         self.ready = threading.Event()
         self.load_error: str | None = None
+        # called after every turn: a web side that collects the turn's events sends them here
+        self.after_turn: Callable[[], None] = lambda: None
         self._thread = threading.Thread(target=self._run, name="pocketgpt-scheduler", daemon=True)
-
     # ---------------------------------------------------------------- the web side
 
     def start(self) -> None:
@@ -130,24 +141,71 @@ class RoundRobinScheduler:
 
     def _run(self) -> None:
         try:
-            self.model = self._load()
+            self._stamp = self._watch() if self._watch is not None else None
+            self._use(self._load())
         except Exception as e:  # noqa: BLE001 - any failure to load is reported as one line
-            self.load_error = str(e).splitlines()[0] if str(e) else type(e).__name__
+            self.load_error = _first_line(e)
             if self._on_load_error is not None:
                 self._on_load_error(self.load_error)
             return
         self.ready.set()
         while (admitted := self._wait_for_work()) is not None:
+            self._maybe_reload()
             for job in admitted:
                 self._start(job)
             self._turn()
+            self.after_turn()
         self._end_all()
+        self.after_turn()
+
+    def _use(self, model: Any) -> None:
+        from ..engine import DecodeBatch  # torch, only once the model is there
+
+        self.model, self._batch = model, DecodeBatch(model.engine)
+
+    def _maybe_reload(self) -> None:
+        """Swap in a reloaded model; start a reload when the weights' stamp has changed."""
+        if self._reloaded is not None:
+            model, self._reloaded = self._reloaded, None
+            self._use(model)
+            self.reloads += 1
+            self.metrics.reloaded()
+            self._say(f"reloaded {getattr(model, 'source', 'the model')}: new requests use the new weights")
+        now = time.monotonic()
+        if self._watch is None or now < self._next_check or self._reloading is not None:
+            return
+        self._next_check = now + self.reload_every_s
+        try:
+            stamp = self._watch()
+        except Exception:  # noqa: BLE001 - the file is being replaced: look again later
+            return
+        if stamp != self._stamp:
+            self._stamp = stamp
+            self._reloading = threading.Thread(target=self._reload, name="pocketgpt-reload", daemon=True)
+            self._reloading.start()
+
+    def _reload(self) -> None:
+        try:
+            self._reloaded = self._load()
+        except Exception as e:  # noqa: BLE001 - keep serving the weights already loaded
+            self._say(f"reload failed, still serving the earlier weights: {_first_line(e)}")
+        finally:
+            self._reloading = None
+            with self._cv:
+                self._cv.notify()
+
+    def _say(self, line: str) -> None:
+        if self._on_reload is not None:
+            self._on_reload(line)
 
     def _wait_for_work(self) -> list[Job] | None:
-        """The jobs to start now (maybe none); None when stopping."""
+        """The jobs to start now (maybe none); None when stopping. With a watch, it wakes up every
+        reload_every_s even when idle, to look at the weights."""
+        timeout = self.reload_every_s if self._watch is not None else None
         with self._cv:
-            while not self._stopping and not self._pending and not self._units:
-                self._cv.wait()
+            while not self._stopping and not self._pending and not self._units and self._reloaded is None:
+                if not self._cv.wait(timeout):
+                    break
             if self._stopping:
                 return None
             running = len({id(u.job) for u in self._units})
@@ -161,7 +219,8 @@ class RoundRobinScheduler:
         units = []
         try:
             for i, prompt in enumerate(job.prompts):
-                units.append(_Unit(job, self.model.text_stream(prompt, job.settings), i * job.settings.num_samples))
+                stream = self.model.text_stream(prompt, job.settings, batch=self._batch)
+                units.append(_Unit(job, stream, self._batch, i * job.settings.num_samples))
         except PocketError as e:
             for u in units:
                 u.tokens.close()
@@ -175,33 +234,51 @@ class RoundRobinScheduler:
         self._send(job, STARTED)
 
     def _turn(self) -> None:
-        """One chunk from every active stream, in turn (the place a batched step would go)."""
+        """One batched step: close what has ended or must end, one forward for every stream left
+        (per batch: streams on reloaded weights step apart), then each stream's chunks go out."""
         now = time.monotonic()
         for unit in list(self._units):
             job = unit.job
-            if unit not in self._units:  # its job was closed earlier in this turn
+            if unit not in self._units:  # its job was closed earlier in this loop
                 continue
             if job.ended:
                 self._drop(unit)
             elif job.cancelled or now > job.deadline:
                 self._close_job(job, None if job.cancelled else _timeout(self.limits))
-            else:
+        try:
+            for batch in {id(u.batch): u.batch for u in self._units}.values():
+                self.metrics.batch_step(batch.advance())
+                batch.pick()
+        except Exception as e:  # noqa: BLE001 - a failed forward ends the jobs in it, not the server
+            for unit in list(self._units):
+                if unit in self._units:
+                    self._close_job(unit.job, _internal(e))
+            return
+        for unit in list(self._units):
+            if unit in self._units:
                 self._step(unit)
 
     def _step(self, unit: _Unit) -> None:
+        """Sample the stream's next tokens and send the step's chunks; end the stream when it has."""
         try:
-            chunk = next(unit.chunks)
-        except StopIteration:
+            chunks = unit.text.next_chunks()
+            if chunks is not None and unit.tokens.done:  # the last step: its final chunks come now
+                more = unit.text.next_chunks()
+                chunks = chunks + (more or [])
+                ended = True
+            else:
+                ended = chunks is None
+        except Exception as e:  # noqa: BLE001 - ends this job only
+            return self._close_job(unit.job, _internal(e))
+        for chunk in chunks or ():
+            self._measure(unit, chunk)
+            self._send(unit.job, dataclasses.replace(chunk, index=chunk.index + unit.offset))
+        if ended:
             self._drop(unit)
             unit.job.open -= 1
             if unit.job.open == 0:
                 unit.job.ended = True
                 self._send(unit.job, DONE)
-            return
-        except Exception as e:  # noqa: BLE001 - ends this job only
-            return self._close_job(unit.job, _internal(e))
-        self._measure(unit, chunk)
-        self._send(unit.job, dataclasses.replace(chunk, index=chunk.index + unit.offset))
 
     def _measure(self, unit: _Unit, chunk: Chunk) -> None:
         """Tokens generated, inter-token latency (per stream), time to first text (per job)."""
@@ -246,6 +323,10 @@ class RoundRobinScheduler:
 
 def _timeout(limits: Limits) -> ApiError:
     return ApiError(f"the request ran past the server's {limits.timeout_s:g} s limit", status=504, kind="timeout")
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
 def _internal(e: Exception) -> ApiError:

@@ -1,0 +1,256 @@
+"""LoRA: low-rank adapters on a fine-tune's frozen base weights, merged for sampling, exported for peft.
+
+With `lora_rank` R (config.LoraConfig) every targeted nn.Linear of a block becomes a LoRALinear:
+the base weight W (out, in) is frozen and two small matrices train, A (R, in) and B (out, R), so the
+layer computes x W^T + b + (alpha / R) * x A^T B^T. B starts at zero: step 0 is the base model.
+Only A and B have gradients and optimizer state (AdamW, never Muon: optim.py), which is where a
+full fine-tune's memory goes (weights + gradients + two Adam moments = 16 bytes per parameter;
+here 4 per base parameter plus the adapters).
+
+Why a small layer of our own rather than peft's: the model that trains is pocketgpt's GPT (model.py),
+not a transformers model, and a run must stay loadable without peft (the core install lacks it, as
+it lacks transformers). The layer is laid out so that its tensors *are* peft's: a LoRALinear at
+transformer.h.0.attn.c_attn holds lora_A.weight (R, in) and lora_B.weight (out, R), which is exactly
+what peft saves for Hugging Face's GPT-2 under base_model.model.transformer.h.0.attn.c_attn (its
+Conv1D stores W as (in, out), hence fan_in_fan_out = true, but the factors keep nn.Linear's layout).
+So export_peft() renames and writes; nothing is transposed, and tests/test_lora.py checks the result
+with peft itself.
+
+In the run folder (rundir.py):
+- last/model.safetensors holds the training model whole (frozen base + adapters): resume is exact
+  and needs neither the base's source nor peft;
+- model.safetensors (the best weights) is merged, a plain GPT: sample, eval, export --format hf,
+  serve and info load it as any run's, at full decode speed (no adapter on the hot path);
+- adapter.safetensors is the best adapter alone (a few MB), with peft's tensor names less the
+  base_model.model. prefix; config.json's [lora] section says rank, alpha and targets.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import LoraConfig, ModelConfig
+from .errors import PocketError
+from .model import GPT
+
+ADAPTER_PARTS = (".lora_A.", ".lora_B.")
+PEFT_PREFIX = "base_model.model."  # what PeftModelForCausalLM puts before the base model's own names
+PEFT_WEIGHTS = "adapter_model.safetensors"
+PEFT_CONFIG = "adapter_config.json"
+PEFT_FILES = (PEFT_WEIGHTS, PEFT_CONFIG, "README.md")
+
+
+class LoRALinear(nn.Module):
+    """A frozen nn.Linear plus a trainable low-rank update: x W^T + b + scale * B(A(dropout(x))).
+
+    weight and bias are the wrapped layer's own Parameters (shared, not copied), so the state_dict
+    keeps the base's names (…c_attn.weight) beside …c_attn.lora_A.weight and …lora_B.weight.
+    The engine's decode reads `.weight` alone: sample from merged_model(), never from this layer.
+    """
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float):
+        super().__init__()
+        self.weight, self.bias = base.weight, base.bias
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        kw = dict(bias=False, device=base.weight.device, dtype=base.weight.dtype)
+        # A gets nn.Linear's own (Kaiming-uniform) start and B zeros: peft's default init, so the update starts at 0
+        self.lora_A = nn.Linear(base.in_features, rank, **kw)
+        self.lora_B = nn.Linear(rank, base.out_features, **kw)
+        nn.init.zeros_(self.lora_B.weight)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.scale = alpha / rank
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias) + self.lora_B(self.lora_A(self.dropout(x))) * self.scale
+
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        """W + scale * B A, a new (out, in) tensor: what one plain nn.Linear needs to compute the same."""
+        return self.weight + (self.lora_B.weight @ self.lora_A.weight) * self.scale
+
+
+def is_adapter(name: str) -> bool:
+    """True for a LoRA factor's parameter name (…lora_A.weight, …lora_B.weight)."""
+    return any(part in name for part in ADAPTER_PARTS)
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            yield name, module
+
+
+def add_adapters(model: GPT, cfg: LoraConfig) -> int:
+    """Freeze every weight of model and wrap its targeted block matrices, in place; returns the trainable count."""
+    model.requires_grad_(False)
+    suffixes = tuple("." + m for m in cfg.modules)
+    targets = [(n, m) for n, m in model.named_modules()
+               if n.startswith("transformer.h.") and n.endswith(suffixes) and isinstance(m, nn.Linear)]
+    for name, linear in targets:
+        owner, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(owner), leaf, LoRALinear(linear, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout))
+    return trainable_params(model)
+
+
+def trainable_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapters' tensors by parameter name (peft's names less its prefix), detached, on the CPU."""
+    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if is_adapter(n)}
+
+
+def merged_model(model: GPT) -> GPT:
+    """A plain GPT computing what the LoRA model computes: targeted matrices merged (W + scale B A),
+    every other tensor shared with model (no copy). For sampling at full speed and for saving a
+    plain best checkpoint; model itself (base, adapters, optimizer's view of them) is not touched."""
+    state = {k: v for k, v in model.state_dict().items() if not is_adapter(k)}
+    for name, layer in lora_layers(model):
+        state[f"{name}.weight"] = layer.merged_weight()
+    plain = gpt_around(model.config, state, dict(model.named_buffers()))
+    return plain.requires_grad_(False).train(model.training)
+
+
+def gpt_around(cfg: ModelConfig, state: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor]) -> GPT:
+    """A GPT of cfg that holds the given tensors themselves: no copy, no init work (merged_model, and
+    trainer.build_model when it crops a base's context). Derived buffers (rotary tables, in no state
+    dict) come from `buffers`, cut to cfg's shape (a shorter context keeps their first rows)."""
+    with torch.device("meta"):  # the module tree alone; the tensors come next
+        gpt = GPT(cfg)
+    gpt.load_state_dict(state, assign=True)
+    if cfg.tie_embeddings:  # assign made two Parameters of the shared matrix; one again, as GPT ties it
+        gpt.lm_head.weight = gpt.transformer.wte.weight
+    for name, empty in list(gpt.named_buffers()):
+        owner, _, leaf = name.rpartition(".")
+        setattr(gpt.get_submodule(owner), leaf, buffers[name][tuple(slice(0, n) for n in empty.shape)])
+    return gpt
+
+
+def load_merged(cfg: ModelConfig, lora: LoraConfig, path: Path) -> GPT:
+    """A LoRA training checkpoint (base + adapters, e.g. last/model.safetensors) as a merged plain GPT."""
+    from .checkpoint import load_weights
+
+    model = GPT(cfg)
+    add_adapters(model, lora)
+    load_weights(model, path)
+    return merged_model(model)
+
+
+# ---------------------------------------------------------------- the adapter on its own
+
+def save_adapter(model: nn.Module, path: Path, lora: LoraConfig, metadata: dict[str, str]) -> None:
+    """The adapters alone as safetensors, their LoRA settings in the metadata (so the file describes itself)."""
+    from .checkpoint import save_tensors
+
+    meta = {**metadata, "lora_rank": str(lora.lora_rank), "lora_alpha": str(lora.lora_alpha),
+            "lora_targets": ",".join(lora.modules)}
+    save_tensors(adapter_tensors(model), path, meta)
+
+
+def read_adapter(run_dir: Path, checkpoint: str = "best") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a run's best adapter (adapter.safetensors) or last one (from last/)."""
+    from safetensors import SafetensorError, safe_open
+
+    from .checkpoint import WEIGHTS, resume_dir
+    from .rundir import ADAPTER
+
+    if checkpoint not in ("best", "last"):
+        raise PocketError(f"--checkpoint must be 'best' or 'last', got '{checkpoint}'")
+    if checkpoint == "best":
+        path = run_dir / ADAPTER
+        if not path.is_file():
+            raise PocketError(f"{run_dir} has no {ADAPTER} yet (no eval finished); try --checkpoint last")
+    else:
+        last = resume_dir(run_dir)
+        if last is None:
+            raise PocketError(f"{run_dir} has no last/ checkpoint; try --checkpoint best")
+        path = last / WEIGHTS
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys() if is_adapter(k)}, dict(f.metadata() or {})
+    except (SafetensorError, OSError) as e:
+        raise PocketError(f"cannot read the adapter in {path}: {str(e).splitlines()[0]}") from None
+
+
+# ---------------------------------------------------------------- export for peft
+
+def peft_config(lora: LoraConfig, base: str) -> dict[str, object]:
+    """adapter_config.json as peft reads it for Hugging Face's GPT-2 (Conv1D: fan_in_fan_out)."""
+    return {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base,
+        "r": lora.lora_rank, "lora_alpha": lora.lora_alpha, "lora_dropout": lora.lora_dropout,
+        "target_modules": list(lora.modules), "fan_in_fan_out": True, "bias": "none",
+        "modules_to_save": None, "init_lora_weights": True, "inference_mode": True,
+        "use_rslora": False, "use_dora": False, "layers_to_transform": None, "layers_pattern": None,
+        "rank_pattern": {}, "alpha_pattern": {}, "revision": None,
+    }
+
+
+def _base_notes(record: dict[str, str] | None) -> tuple[str, list[str]]:
+    """What adapter_config.json names as the base, and what the user should know about it."""
+    if not record:
+        return "", ["the run does not say what it was fine-tuned from; set base_model_name_or_path in "
+                    f"{PEFT_CONFIG} to the base's Hugging Face folder or hub name"]
+    source, kind = record["source"], record.get("kind", "")
+    if kind == "hub":
+        return source, []
+    if kind == "huggingface":
+        return str(Path(source).resolve()), []
+    return source, [f"the base {source} is a {kind} model, not a Hugging Face one: write it as one with "
+                    f"`pocketgpt export --model {source} --format hf --out BASE_DIR`, load the adapter onto "
+                    f"BASE_DIR, and set base_model_name_or_path in {PEFT_CONFIG} to it"]
+
+
+def _card(run_dir: Path, base: str, lora: LoraConfig, params: int) -> str:
+    shown = base or "BASE_DIR"
+    return "\n".join([
+        "---", "library_name: peft", *([f"base_model: {base}"] if base else []), "tags:", "- pocketgpt", "- lora",
+        "---", "",
+        f"# LoRA adapter from {run_dir.resolve().name}", "",
+        f"Rank {lora.lora_rank}, alpha {lora.lora_alpha:g}, on {', '.join(lora.modules)} of every block: "
+        f"{params:,} parameters, trained with [pocketgpt](https://pypi.org/project/pocketgpt/).", "",
+        "```python", "from peft import PeftModel", "from transformers import AutoModelForCausalLM", "",
+        f'model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{shown}"), "PATH")',
+        "model = model.merge_and_unload()  # optional: one plain GPT-2, full speed", "```", ""])
+
+
+def export_peft(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False, checkpoint: str = "best") -> list[str]:
+    """Write a LoRA run's adapter as a folder Hugging Face peft loads onto the base model's HF folder:
+    PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(BASE), out_dir). Returns notes for the user."""
+    from . import rundir
+    from .checkpoint import atomic_write_text, export_dir, read_weights_metadata, save_tensors, write_json
+    from .hf import check_exportable
+
+    run = rundir.check_is_run(run_dir)
+    cfg, raw = rundir.read_config(run)
+    if not cfg.lora.enabled:
+        raise PocketError(f"{run} was not trained with LoRA (lora_rank 0), so it has no adapter to export; "
+                          "export the whole model with --format hf")
+    check_exportable(cfg.model)  # peft loads onto a Hugging Face GPT-2: the base must be one
+    tensors, meta = read_adapter(run, checkpoint)
+    base, notes = _base_notes(raw.get("init_from"))
+    if checkpoint == "best" and (run / rundir.BEST_WEIGHTS).is_file():
+        best_iter = read_weights_metadata(run / rundir.BEST_WEIGHTS).get("iter")
+        if meta.get("iter") != best_iter:  # a kill between the two writes of one eval
+            notes.append(f"{rundir.ADAPTER} is from iter {meta.get('iter')} but {rundir.BEST_WEIGHTS} from iter "
+                         f"{best_iter}; the adapter is exported")
+    out = export_dir(Path(out_dir), overwrite, PEFT_FILES)
+    save_tensors({PEFT_PREFIX + k: v for k, v in tensors.items()}, out / PEFT_WEIGHTS, {"format": "pt"})
+    write_json(out / PEFT_CONFIG, peft_config(cfg.lora, base))
+    atomic_write_text(out / "README.md", _card(run, base, cfg.lora, sum(t.numel() for t in tensors.values())))
+    return notes
+
+
+def describe(lora: LoraConfig, model: ModelConfig, base_params: int) -> str:
+    """'LoRA rank 8 (alpha 16) on attn.c_attn, …: 1,179,648 trainable parameters (0.95% of the base's 124,439,808, …)'."""
+    n = lora.trainable_params(model)
+    return (f"LoRA rank {lora.lora_rank} (alpha {lora.lora_alpha:g}) on {', '.join(lora.modules)}: {n:,} trainable "
+            f"parameters ({100 * n / max(base_params, 1):.2f}% of the base's {base_params:,}, which stay frozen)")

@@ -1,0 +1,162 @@
+"""engine.DecodeBatch: several generations in one KV cache, stepped by one forward together.
+
+What a server relies on: each stream's output equals what it gives alone (same seed), whatever
+its neighbours do (join late, leave early, slide their window, use other settings); the batched
+step equals the plain one-row step for every architecture option; rows are given back.
+"""
+
+import pytest
+import torch
+
+from pocketgpt.engine import DecodeBatch, Decoder, Engine, token_logprobs
+from pocketgpt.sampling import SamplingSettings
+from tests.test_engine import ARCHS, make
+
+
+def alone(engine: Engine, prompt: list[int], settings: SamplingSettings) -> list[list[int]]:
+    return engine.generate(prompt, settings)
+
+
+def run_together(batch: DecodeBatch, jobs: dict[str, tuple[list[int], SamplingSettings]],
+                 join_at: dict[str, int] | None = None, leave_at: dict[str, int] | None = None,
+                 pick: bool = True) -> dict[str, list[list[int]]]:
+    """Step every job in one batch as a server does (one forward for all, the next ids drawn
+    together per group of equal settings, then each stream takes its own); a job may join after
+    some steps or be closed after some. pick=False: each stream draws alone."""
+    join_at, leave_at = join_at or {}, leave_at or {}
+    streams, out, step = {}, {}, 0
+    while True:
+        for name, (prompt, s) in jobs.items():
+            if name not in streams and join_at.get(name, 0) == step:
+                streams[name], out[name] = batch.start(prompt, s), [[] for _ in range(s.num_samples)]
+        for name, st in list(streams.items()):
+            if leave_at.get(name) == step:
+                st.close()
+                del streams[name]
+        if not streams and all(n in out for n in jobs):
+            return out
+        batch.advance()
+        if pick:
+            batch.pick()
+        for name, st in list(streams.items()):
+            if st.done:
+                st.close()
+                del streams[name]
+                continue
+            for row, tok in zip(out[name], next(st)):
+                if tok is not None:
+                    row.append(tok)
+        step += 1
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_step_rows_equals_one_row_steps_at_different_positions(arch):
+    model = make(**ARCHS[arch])
+    dec = Decoder(model)
+    idx = torch.randint(0, 23, (3, 16))
+    with torch.inference_mode():
+        full, _ = model(idx)
+        shared = dec.new_cache(5, idx.device)  # 5 rows, 3 used: rows 1, 2, 4 (not adjacent)
+        lengths, rows = [3, 7, 11], [1, 2, 4]
+        for r, row, n in zip(range(3), rows, lengths):
+            dec.prefill(idx[r : r + 1, :n], shared.rows(row, 1))
+        got = dec.step_rows(idx[[0, 1, 2], lengths], torch.tensor(lengths), shared, torch.tensor(rows))
+        want = full[[0, 1, 2], lengths]
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        adjacent = dec.new_cache(3, idx.device)  # the view path: rows 0..2
+        for r, n in enumerate(lengths):
+            dec.prefill(idx[r : r + 1, :n], adjacent.rows(r, 1))
+        got = dec.step_rows(idx[[0, 1, 2], lengths], torch.tensor(lengths), adjacent, slice(0, 3))
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch,pick", [("gpt2", True), ("modern", True), ("gpt2", False)])
+def test_streams_in_one_batch_equal_their_output_alone(arch, pick):
+    engine = Engine(make(block_size=12, **ARCHS[arch]))
+    jobs = {
+        "greedy": ([1, 2, 3], SamplingSettings(max_new_tokens=20, temperature=0)),  # slides its window
+        "greedy2": ([5], SamplingSettings(max_new_tokens=6, temperature=0)),
+        "seeded": ([4, 5, 6, 7, 8, 9], SamplingSettings(max_new_tokens=9, temperature=1.0, seed=7, num_samples=3)),
+        "topk": ([7], SamplingSettings(max_new_tokens=14, temperature=0.9, top_k=5, seed=3, repetition_penalty=1.3)),
+        "topk2": ([3], SamplingSettings(max_new_tokens=14, temperature=0.9, top_k=5, top_p=0.8, seed=4)),
+        "short": ([2, 2], SamplingSettings(max_new_tokens=2, temperature=1.0, seed=1)),
+        "same": ([2, 2], SamplingSettings(max_new_tokens=8, temperature=1.0, seed=9)),
+    }
+    want = {name: alone(engine, *job) for name, job in jobs.items()}
+    batch = DecodeBatch(engine)
+    got = run_together(batch, jobs, join_at={"topk": 3, "short": 5}, pick=pick)
+    assert got == want
+    assert batch.used == 0 and not batch.members  # every row given back
+    assert batch.cache.k.size(1) >= 5  # it grew from one row to hold them all
+
+
+def test_a_stream_leaving_early_moves_its_neighbours_without_changing_them():
+    engine = Engine(make(block_size=32))
+    jobs = {n: ([i + 1, i + 2], SamplingSettings(max_new_tokens=15, temperature=1.0, seed=i, num_samples=2))
+            for i, n in enumerate("abcd")}
+    want = {n: alone(engine, *job) for n, job in jobs.items()}
+    batch = DecodeBatch(engine)
+    got = run_together(batch, jobs, leave_at={"a": 4, "c": 9})
+    for n in "bd":
+        assert got[n] == want[n]
+    for n, steps in (("a", 4), ("c", 9)):  # what they had before leaving is what they give alone
+        assert got[n] == [row[:steps] for row in want[n]]
+
+
+def test_finished_rows_ride_along_and_stop_tokens_end_only_their_sample():
+    engine = Engine(make(block_size=32))
+    s = SamplingSettings(max_new_tokens=12, temperature=1.0, seed=5, num_samples=4)
+    want = engine.generate([3], s, stop_token_ids=[4])
+    batch = DecodeBatch(engine)
+    other = batch.start([9, 9], SamplingSettings(max_new_tokens=12, temperature=0))
+    mine = batch.start([3], s, stop_token_ids=[4])
+    rows = [[] for _ in range(4)]
+    while not mine.done:
+        batch.advance()
+        batch.pick()
+        next(other)
+        for row, tok in zip(rows, next(mine)):
+            if tok is not None:
+                row.append(tok)
+    assert rows == want
+
+
+def test_logprobs_are_the_models_distribution_and_its_top_ids():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0], [0.0, 0.0, 3.0, 0.0]])
+    got = token_logprobs(logits, torch.tensor([1, 2]), top=2)
+    lp = torch.log_softmax(logits, dim=-1)
+    assert got[0][0] == pytest.approx(float(lp[0, 1]))
+    assert [i for i, _ in got[0][1]] == [0, 1] and [i for i, _ in got[1][1]][0] == 2
+    assert got[1][1][0][1] == pytest.approx(float(lp[1, 2]))
+    assert token_logprobs(logits, torch.tensor([0, 0]), top=0)[1][1] == []
+
+
+def test_stream_reports_logprobs_of_the_tokens_it_picks():
+    engine = Engine(make(block_size=32))
+    model = engine.model
+    stream = engine.start([1, 2, 3], SamplingSettings(max_new_tokens=4, temperature=0, logprobs=3))
+    ids = [1, 2, 3]
+    for _ in range(4):
+        (tok,) = next(stream)
+        with torch.inference_mode():
+            lp = torch.log_softmax(model(torch.tensor([ids]))[0][0, -1], dim=-1)
+        chosen, top = stream.last_logprobs[0]
+        assert chosen == pytest.approx(float(lp[tok]), abs=1e-4)
+        assert [i for i, _ in top] == lp.topk(3).indices.tolist() and top[0][0] == tok  # greedy: the best
+        ids.append(tok)
+
+
+def test_a_shared_batch_never_steps_in_float16_under_auto(monkeypatch):
+    from pocketgpt import engine as engine_mod
+
+    monkeypatch.setattr(engine_mod, "LOW_PRECISION_MIN_PARAMS", 0)
+    monkeypatch.setattr(engine_mod, "low_precision_candidates", lambda: [torch.float16, torch.bfloat16])
+    monkeypatch.setattr(engine_mod, "LOGIT_TOLERANCE", 1.0)  # let both pass the probe
+    engine = Engine(make(scale=0.1))
+    assert engine.step_dtype == torch.float16  # one generation: float16 matrix-vector steps
+    batch = DecodeBatch(engine)
+    assert batch.dec.step_dtype == torch.bfloat16  # many rows: float16 matmuls are slow
+    s = SamplingSettings(max_new_tokens=6, temperature=1.0, seed=2)
+    alone_in_batch = run_together(DecodeBatch(engine), {"a": ([1, 2], s)})["a"]
+    together = run_together(DecodeBatch(engine), {"a": ([1, 2], s), "b": ([3], s)})["a"]
+    assert together == alone_in_batch  # the batch's dtype does not depend on its row count
