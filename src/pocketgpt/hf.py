@@ -318,18 +318,35 @@ def read_meta_pkl(path: Path) -> CharTokenizer:
     return tok
 
 
-def _nanogpt_tokenizer(ckpt: Path, vocab_size: int) -> Tokenizer:
+def vocab_from_text(path: Path) -> CharTokenizer:
+    """A char vocabulary rebuilt from the text nanoGPT prepared: its sorted distinct characters, the
+    very numbering nanoGPT's char prepare.py writes into meta.pkl."""
+    try:
+        return CharTokenizer.from_text(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PocketError(f"--vocab: no file at {path}") from None
+    except UnicodeDecodeError as e:
+        raise PocketError(f"--vocab: {path} is neither a meta.pkl nor UTF-8 text (byte {e.start})") from None
+
+
+def _nanogpt_tokenizer(ckpt: Path, vocab_size: int, vocab: Path | None = None) -> Tokenizer:
+    """The checkpoint's vocabulary: --vocab (a meta.pkl, or the original text to rebuild it from), else
+    meta.pkl beside ckpt.pt, else GPT-2's for a GPT-2-sized vocabulary."""
+    if vocab is not None:
+        vocab = Path(vocab)
+        return read_meta_pkl(vocab) if vocab.suffix == ".pkl" else vocab_from_text(vocab)
     meta = ckpt.parent / NANOGPT_META
     if meta.is_file():
         return read_meta_pkl(meta)
     if vocab_size in (GPT2_VOCAB_SIZE, NANOGPT_PADDED_VOCAB):
         return GPT2Tokenizer()  # nanoGPT's own sample.py assumes GPT-2's encoding when meta.pkl is absent
     raise PocketError(f"{ckpt.parent} has no {NANOGPT_META} (the char vocabulary) and its {vocab_size} tokens are not "
-                      "GPT-2's; put meta.pkl from nanoGPT's data folder beside ckpt.pt (rebuilding it from the "
-                      "original text comes in a later version)")
+                      "GPT-2's; give --vocab PATH: nanoGPT's meta.pkl (in its data folder), or the text it "
+                      "was prepared from (input.txt) to rebuild it")
 
 
-def load_nanogpt(src: str | Path) -> Imported:
+def load_nanogpt(src: str | Path, vocab_file: str | Path | None = None) -> Imported:
+    """A nanoGPT out_dir or ckpt.pt; vocab_file: its meta.pkl or original text when not beside it."""
     p = Path(src)
     ckpt = p / NANOGPT_CKPT if p.is_dir() else p
     d = _torch_load(ckpt)
@@ -348,7 +365,7 @@ def load_nanogpt(src: str | Path) -> Imported:
         k = k.removeprefix("_orig_mod.")  # torch.compile'd models save under this prefix
         if not _is_attention_buffer(k):  # nanoGPT without flash attention registers its mask as attn.bias
             state[k] = v.float()
-    tok = _nanogpt_tokenizer(ckpt, vocab)
+    tok = _nanogpt_tokenizer(ckpt, vocab, vocab_file)
     head, wte = state.get("lm_head.weight"), state.get("transformer.wte.weight")
     if head is not None and wte is not None and not torch.equal(head, wte):
         cfg.tie_embeddings = False
@@ -360,7 +377,9 @@ def load_nanogpt(src: str | Path) -> Imported:
             if k in state:
                 state[k] = state[k][:GPT2_VOCAB_SIZE].contiguous()
     elif tok.vocab_size != vocab:
-        raise PocketError(f"{ckpt} has {vocab} tokens but its {NANOGPT_META} has {tok.vocab_size}")
+        given = f"the vocabulary from {vocab_file}" if vocab_file is not None else f"its {NANOGPT_META}"
+        raise PocketError(f"{ckpt} has {vocab} tokens but {given} has {tok.vocab_size}; give the meta.pkl or the "
+                          "exact text nanoGPT prepared for this checkpoint")
     model = GPT(cfg)
     _fill(model, state, ckpt)
     info = {"source_kind": "nanogpt", "source": str(ckpt)}
@@ -371,12 +390,15 @@ def load_nanogpt(src: str | Path) -> Imported:
     return Imported(model.eval(), tok, ckpt, info)
 
 
-def load_foreign(src: str | Path, kind: str) -> Imported:
-    """Load a source of a kind source_kind() named."""
+def load_foreign(src: str | Path, kind: str, vocab: str | Path | None = None) -> Imported:
+    """Load a source of a kind source_kind() named; vocab (a nanoGPT char vocabulary) for nanoGPT only."""
+    if vocab is not None and kind != "nanogpt":
+        raise PocketError("--vocab is for nanoGPT checkpoints (a meta.pkl or the text it was prepared from); "
+                          f"{src} carries its own tokenizer")
     if kind == "huggingface":
         return load_hf_folder(src)
     if kind == "nanogpt":
-        return load_nanogpt(src)
+        return load_nanogpt(src, vocab)
     if kind == "hub":
         return load_hub(str(src))
     raise ValueError(kind)
@@ -440,6 +462,9 @@ def state_to_hf(model: GPT) -> dict[str, torch.Tensor]:
 # pocketgpt encodes "<|endoftext|>" inside a text as plain characters (tokenizer.GPT2Tokenizer.encode); this
 # makes transformers' tokenizer do the same, so both give the same ids for every string.
 _PLAIN_TEXT_SPECIALS = {"split_special_tokens": True}
+# The unknown-character token a char tokenizer.json names; it is not in the vocabulary, so a character
+# the model never saw fails to encode (as in pocketgpt) instead of becoming some id.
+CHAR_UNK = "[UNK]"
 
 
 def _gpt2_tokenizer_files(out: Path, block_size: int) -> list[str]:
@@ -466,6 +491,26 @@ def _bpe_tokenizer_files(out: Path, tok: Tokenizer, block_size: int) -> list[str
     write_json(out / "tokenizer_config.json", {
         "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": block_size,
         "bos_token": EOT, "eos_token": EOT, "unk_token": EOT, **_PLAIN_TEXT_SPECIALS,
+    })
+    return ["tokenizer.json", "tokenizer_config.json"]
+
+
+def _char_tokenizer_files(out: Path, tok: Tokenizer, block_size: int) -> list[str]:
+    """A char vocabulary as a `tokenizers` JSON: every character split off alone (the pattern matches any
+    one character, newlines too), looked up in a word-level vocabulary with pocketgpt's ids, and
+    joined back without spaces. A character outside the vocabulary is an error, as in pocketgpt."""
+    from tokenizers import Regex, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from .checkpoint import atomic_write, write_json
+
+    hf = HFTokenizer(models.WordLevel(vocab={c: i for i, c in enumerate(tok.chars)}, unk_token=CHAR_UNK))
+    hf.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    hf.decoder = decoders.Fuse()
+    atomic_write(out / "tokenizer.json", lambda p: hf.save(str(p)))
+    write_json(out / "tokenizer_config.json", {
+        "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": block_size,
+        "clean_up_tokenization_spaces": False, **_PLAIN_TEXT_SPECIALS,
     })
     return ["tokenizer.json", "tokenizer_config.json"]
 
@@ -520,10 +565,11 @@ def export_hf(model: GPT, tok: Tokenizer, out: str | Path, overwrite: bool = Fal
         _gpt2_tokenizer_files(out, cfg.block_size)
     elif tok.kind == "bpe":
         _bpe_tokenizer_files(out, tok, cfg.block_size)
+    elif tok.kind == "char":
+        _char_tokenizer_files(out, tok, cfg.block_size)
     else:
-        notes.append(f"the {tok.kind} tokenizer is not exported yet (a later version will); the model is, "
-                     "so feed it pocketgpt's ids")
-    exported = tok.kind in ("gpt2", "bpe")
+        notes.append(f"the {tok.kind} tokenizer is not exported; the model is, so feed it pocketgpt's ids")
+    exported = tok.kind in ("gpt2", "bpe", "char")
     params = sum(t.numel() for t in model.parameters())
     atomic_write_text(out / "README.md", model_card(name or out.name, params, cfg, tok, stats or {}, exported, license))
     return notes

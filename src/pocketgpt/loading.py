@@ -111,9 +111,10 @@ class LoadedModel:
         return out[0].float().cpu()
 
 
-def load(src: str | Path, checkpoint: str = "best", device: str = "cpu") -> LoadedModel:
+def load(src: str | Path, checkpoint: str = "best", device: str = "cpu", vocab: str | Path | None = None) -> LoadedModel:
     """Load a run folder (the --out of `pocketgpt train`), a Hugging Face GPT-2 folder or hub name, or a
-    nanoGPT checkpoint (ckpt.pt or its out_dir). Foreign models have one set of weights: checkpoint is ignored."""
+    nanoGPT checkpoint (ckpt.pt or its out_dir). Foreign models have one set of weights: checkpoint is ignored.
+    vocab: a nanoGPT char checkpoint's meta.pkl, or the text it was prepared from, when not beside ckpt.pt."""
     from . import rundir
 
     if not rundir.is_run_dir(src):
@@ -124,10 +125,12 @@ def load(src: str | Path, checkpoint: str = "best", device: str = "cpu") -> Load
             from .config import TrainConfig
             from .hf import load_foreign
 
-            got = load_foreign(src, kind)
+            got = load_foreign(src, kind, vocab)
             got.model.to(resolve(device, "float32").device).eval()
             return LoadedModel(got.model, got.tokenizer, TrainConfig(model=got.model.config), got.source, got.info)
     run_dir = rundir.check_is_run(src)
+    if vocab is not None:
+        raise PocketError(f"--vocab is for nanoGPT checkpoints; {run_dir} is a pocketgpt run with its own tokenizer")
     cfg, _ = rundir.read_config(run_dir)
     if cfg.model.vocab_size <= 0:
         raise PocketError(f"{run_dir / rundir.CONFIG} has no vocab_size; the run did not start properly")

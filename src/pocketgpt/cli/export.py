@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import PocketError
+from .parser import add_vocab
 from .output import say
 
 FORMATS = ("hf", "gguf", "peft")
@@ -25,6 +26,7 @@ def add_export(command: Any) -> None:
                         "llama.cpp; peft: a LoRA run's adapter alone, for Hugging Face peft")
     p.add_argument("--out", required=True, help="the folder (hf, peft) or the .gguf file (gguf) to write")
     p.add_argument("--checkpoint", choices=["best", "last"], default="best")
+    add_vocab(p)
     p.add_argument("--overwrite", action="store_true", help="replace an earlier export at --out")
     p.add_argument("--license", default="other", help="the license in the model card's header or the GGUF "
                                                       "metadata (default other)")
@@ -39,12 +41,12 @@ def run_stats(run: Path) -> dict[str, Any]:
     return summary(run) if is_run_dir(run) else {}
 
 
-def load_exportable(model: str, checkpoint: str) -> Any:
+def load_exportable(model: str, checkpoint: str, vocab: str | None = None) -> Any:
     """The model export and push share: loaded, and refused before anything is written if GPT-2 cannot hold it."""
     from ..hf import check_exportable
     from ..loading import load
 
-    loaded = load(model, checkpoint=checkpoint)
+    loaded = load(model, checkpoint=checkpoint, vocab=vocab)
     check_exportable(loaded.model.config)
     return loaded
 
@@ -65,7 +67,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         return _export_peft(args)
     from ..hf import export_hf
 
-    loaded = load_exportable(args.model, args.checkpoint)
+    loaded = load_exportable(args.model, args.checkpoint, args.vocab)
     notes = export_hf(loaded.model, loaded.tokenizer, args.out, overwrite=args.overwrite, name=model_name(args.model),
                       stats=run_stats(Path(args.model)), license=args.license)
     for note in notes:
@@ -78,7 +80,7 @@ def _export_gguf(args: argparse.Namespace) -> int:
     from ..gguf_export import DEFAULT_GGUF_DTYPE, export_gguf
     from ..loading import load
 
-    loaded = load(args.model, checkpoint=args.checkpoint)
+    loaded = load(args.model, checkpoint=args.checkpoint, vocab=args.vocab)
     # export_gguf refuses what llama.cpp's gpt2 cannot run (check_exportable's reasons, a char vocabulary)
     # before it writes anything
     notes = export_gguf(loaded.model, loaded.tokenizer, args.out, dtype=args.gguf_dtype or DEFAULT_GGUF_DTYPE,

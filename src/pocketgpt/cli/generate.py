@@ -44,7 +44,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
             prompt = Path(args.prompt_file).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise PocketError(f"cannot read --prompt-file {args.prompt_file}: {e}") from None
-    model = load(args.model, checkpoint=args.checkpoint, device=args.device)
+    model = load(args.model, checkpoint=args.checkpoint, device=args.device, vocab=args.vocab)
     if args.num_samples == 1:
         print_stream(model, prompt, settings)
         return 0
@@ -62,7 +62,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from ..loading import load
 
     settings = settings_from(args)
-    model = load(args.model, checkpoint=args.checkpoint, device=args.device)
+    model = load(args.model, checkpoint=args.checkpoint, device=args.device, vocab=args.vocab)
     interactive = sys.stdin.isatty()
     if interactive:
         say(f"chatting with {args.model}: type a prompt and press Enter; 'exit', 'quit' or Ctrl-D ends.")

@@ -21,7 +21,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                   or args.continuation_tokens is not None):
         raise PocketError("--prompts, --prompt-tokens and --continuation-tokens go with --memorization")
 
-    model = load(args.model, checkpoint=args.checkpoint, device=args.device)
+    model = load(args.model, checkpoint=args.checkpoint, device=args.device, vocab=args.vocab)
     tok = model.tokenizer
     if args.file and args.data:
         raise PocketError("give either --data or --file, not both")
@@ -90,7 +90,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     from ..loading import load
     from ..rundir import LOCK, summary
 
-    model = load(args.model, checkpoint=args.checkpoint)
+    model = load(args.model, checkpoint=args.checkpoint, vocab=args.vocab)
     if model.info.get("source_kind"):  # imported (Hugging Face, nanoGPT): no run folder to read
         return _foreign_info(args, model)
     run = Path(args.model)

@@ -67,6 +67,7 @@ def build_parser() -> Parser:
     p.add_argument("--model", required=True, help="a run folder")
     p.add_argument("--checkpoint", choices=["best", "last"], default="best")
     p.add_argument("--json", action="store_true")
+    add_vocab(p)
 
     p = command("tokenize", help="show how a text is cut into tokens (JSON)")
     p.add_argument("text", metavar="TEXT")
@@ -125,6 +126,13 @@ def _add_train(command: Any) -> None:
     add_prepare_options(p)
 
 
+def add_vocab(p: argparse.ArgumentParser) -> None:
+    """--vocab, for a nanoGPT char checkpoint whose meta.pkl is not beside ckpt.pt."""
+    p.add_argument("--vocab", metavar="FILE",
+                   help="nanoGPT char checkpoints: its meta.pkl, or the text it was prepared from (input.txt), "
+                        "when meta.pkl is not beside ckpt.pt")
+
+
 def _add_eval(command: Any) -> None:
     p = command("eval", help="loss, perplexity and bits per byte")
     p.add_argument("--model", required=True, help="a run folder")
@@ -141,6 +149,7 @@ def _add_eval(command: Any) -> None:
                    help="--memorization: tokens per prompt (default half the context, at most 128)")
     p.add_argument("--continuation-tokens", type=int, default=None,
                    help="--memorization: greedy tokens compared with the text (default 32)")
+    add_vocab(p)
 
 
 def add_sampling(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
@@ -150,6 +159,7 @@ def add_sampling(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
                         "(gpt2, user/repo), or a nanoGPT ckpt.pt or out_dir")
     p.add_argument("--checkpoint", choices=["best", "last"], default="best",
                    help="best: lowest val loss (default); last: the most recent save")
+    add_vocab(p)
     p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help=f"default {max_new_tokens}")
     p.add_argument("--temperature", type=float, default=d.temperature, help=f"0 = greedy; default {d.temperature}")
     p.add_argument("--top-k", type=int, default=d.top_k, help="sample from the k most likely tokens; 0 = off")

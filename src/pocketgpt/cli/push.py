@@ -8,6 +8,7 @@ from typing import Any
 
 from .export import load_exportable, run_stats
 from .output import say
+from .parser import add_vocab
 
 
 def add_push(command: Any) -> None:
@@ -25,6 +26,7 @@ def add_push(command: Any) -> None:
     p.add_argument("--token", help="a Hugging Face token with write access (default: HF_TOKEN, else the "
                                    "login stored by `hf auth login`)")
     p.add_argument("--checkpoint", choices=["best", "last"], default="best")
+    add_vocab(p)
     p.add_argument("--license", default="other", help="the license in the model card's header (default other)")
     p.add_argument("--message", help="the commit message (default: Upload NAME with pocketgpt)")
     p.add_argument("--dry-run", action="store_true",
@@ -35,7 +37,7 @@ def cmd_push(args: argparse.Namespace) -> int:
     from ..share import check_repo_id, human_size, push
 
     check_repo_id(args.repo)  # a typo is said before the model loads
-    loaded = load_exportable(args.model, args.checkpoint)
+    loaded = load_exportable(args.model, args.checkpoint, args.vocab)
     up = push(loaded.model, loaded.tokenizer, args.repo, private=args.private, token=args.token,
               dry_run=args.dry_run, stats=run_stats(Path(args.model)), license=args.license, message=args.message)
     for note in up.notes:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import PocketError
+from .parser import add_vocab
 
 INSTALL_HINT = 'pip install "pocketgpt[serve]"'
 
@@ -23,6 +24,7 @@ def add_serve(command: Any) -> None:
                             "and /health, on FastAPI + uvicorn (pip install \"pocketgpt[serve]\").")
     p.add_argument("--model", required=True, help="a run folder (the --out of train)")
     p.add_argument("--checkpoint", choices=["best", "last"], default="best")
+    add_vocab(p)
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, mps or auto")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="default 8000")
@@ -78,7 +80,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if server is not None:
             server.should_exit = True
 
-    app = create_app(args.model, checkpoint=args.checkpoint, device=args.device, limits=limits,
+    app = create_app(args.model, checkpoint=args.checkpoint, device=args.device, vocab=args.vocab, limits=limits,
                      api_key=args.api_key, cors_origins=args.cors_origin, on_load_error=on_load_error,
                      reload=args.reload, on_reload=lambda line: print(line, file=sys.stderr, flush=True))
     config = uvicorn.Config(app, host=args.host, port=args.port, access_log=True, log_level="info",

@@ -303,7 +303,8 @@ class _Server:
             self.scheduler.cancel(job)
 
 
-def create_app(run_dir: str | Path, *, checkpoint: str = "best", device: str = "cpu", limits: Limits = Limits(),
+def create_app(run_dir: str | Path, *, checkpoint: str = "best", device: str = "cpu", vocab: str | Path | None = None,
+               limits: Limits = Limits(),
                api_key: str | None = None, cors_origins: Sequence[str] = (),
                on_load_error: Callable[[str], None] | None = None, reload: bool = False,
                reload_every_s: float = 2.0, on_reload: Callable[[str], None] | None = None) -> FastAPI:
@@ -313,7 +314,7 @@ def create_app(run_dir: str | Path, *, checkpoint: str = "best", device: str = "
     from ..loading import load
 
     metrics = Metrics()
-    scheduler = Scheduler(lambda: load(run_dir, checkpoint=checkpoint, device=device), limits,
+    scheduler = Scheduler(lambda: load(run_dir, checkpoint=checkpoint, device=device, vocab=vocab), limits,
                           on_load_error, metrics, watch=weights_stamp(run_dir, checkpoint) if reload else None,
                           reload_every_s=reload_every_s, on_reload=on_reload)
     metrics.gauges = lambda: (scheduler.waiting, scheduler.active_samples, scheduler.active_requests, limits.max_active)
