@@ -168,7 +168,7 @@ def _is_attention_buffer(key: str) -> bool:
 
 def state_from_hf(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Hugging Face GPT-2 keys and layout -> pocketgpt's (transformer.* names, Linear weights).
-    Empties `tensors` as it goes, so a big model is held about once, not twice, while converting."""
+    Empties `tensors` as it goes, and owns every tensor it returns (no view of the file's mapping)."""
     out: dict[str, torch.Tensor] = {}
     for key in list(tensors):
         t = tensors.pop(key)
@@ -177,10 +177,11 @@ def state_from_hf(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         name = key.removeprefix("transformer.")
         if name != "lm_head.weight":
             name = "transformer." + name  # GPT2Model saves lack the prefix; GPT2LMHeadModel's have it
-        t = t.float()
         if name.endswith(CONV1D_SUFFIXES):
-            t = t.t()
-        out[name] = t.contiguous()
+            out[name] = t.t().float().contiguous()
+        else:  # a copy even when already float32: safetensors' tensors map the file, and one kept would
+            # keep every page of it read so far resident (gpt2-medium: +1 GB for as long as the model lives)
+            out[name] = t.to(torch.float32, copy=True)
     return out
 
 
