@@ -26,6 +26,7 @@ PRESET_DIR = Path(__file__).parent / "presets"
 CONFIG_FORMAT_VERSION = 1
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+PARALLEL = ("auto", "ddp", "fsdp")
 SCHEDULES = ("cosine", "wsd", "constant")
 POS_EMBS = ("learned", "rope")
 NORMS = ("layernorm", "rmsnorm")
@@ -109,6 +110,8 @@ class RunConfig:
     early_stop_patience: int = 0  # stop after this many evals without a better val loss; 0 = off
     plots: bool = True  # redraw RUN_DIR/plots/*.png at every eval
     loggers: str = ""  # also send metrics to: comma-separated tensorboard, wandb, trackio
+    # several processes (torchrun): auto and ddp = DistributedDataParallel; fsdp is refused (not there yet)
+    parallel: str = "auto"
 
 
 @dataclass
@@ -347,6 +350,7 @@ def validate(cfg: TrainConfig) -> None:
         (r.early_stop_patience >= 0, f"early_stop_patience must be zero (off) or positive, got {r.early_stop_patience}"),
         (r.device in DEVICES or re.fullmatch(r"cuda:\d+", r.device) is not None,
          f"device must be one of {', '.join(DEVICES)} (or cuda:N), got '{r.device}'" + nearest(r.device, DEVICES)),
+        _choice("parallel", r.parallel, PARALLEL),
         (r.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}, got '{r.dtype}'" + nearest(r.dtype, DTYPES)),
     ]
     for ok, message in checks + _lora_checks(cfg):

@@ -99,19 +99,28 @@ class BatchSampler:
 
     The batch for (step, micro) depends only on (seed, step, micro), so the sampler's position in
     the resume state is just the step: resuming at step N draws exactly the batches an
-    uninterrupted run would have drawn.
+    uninterrupted run would have drawn. With share = (rank, world) a rank of a distributed run gets
+    its slice of those same batch_size rows (rows rank * batch_size / world onwards): the global
+    batch, and so the data position, is one cursor whatever the world size.
     """
 
-    def __init__(self, tokens: np.ndarray, block_size: int, batch_size: int, seed: int):
+    def __init__(self, tokens: np.ndarray, block_size: int, batch_size: int, seed: int,
+                 share: tuple[int, int] = (0, 1)):
         self.tokens, self.block_size, self.batch_size, self.seed = tokens, block_size, batch_size, seed
         self.n_starts = len(tokens) - block_size
         if self.n_starts < 1:
             raise PocketError(f"need at least block_size + 1 = {block_size + 1} tokens, have {len(tokens)}")
+        rank, world = share
+        if batch_size % world:  # distributed.check_world refuses this with the sizes that work
+            raise ValueError(f"batch_size {batch_size} does not split over {world} ranks")
+        self.rows = batch_size // world
+        self._first = rank * self.rows
         self._offsets = np.arange(block_size + 1)
 
     def batch(self, step: int, micro: int = 0) -> tuple[np.ndarray, np.ndarray]:
         rng = np.random.default_rng([self.seed, step, micro])
-        starts = rng.integers(0, self.n_starts, size=self.batch_size)
+        # every rank draws all the starts (cheap) and reads only its own rows' tokens
+        starts = rng.integers(0, self.n_starts, size=self.batch_size)[self._first:self._first + self.rows]
         # one fancy-indexing gather; only the touched pages of the memmap are read
         window = self.tokens[starts[:, None] + self._offsets].astype(np.int64)
         return window[:, :-1], window[:, 1:]
@@ -615,8 +624,13 @@ class TrainData:
     eval_samplers: dict[str, BatchSampler]
 
 
-def open_training_data(data_dir: str | Path, block_size: int, batch_size: int, seed: int) -> TrainData:
-    """Open DATA_DIR for a run of this context and batch size; one-line errors when it cannot train."""
+def open_training_data(data_dir: str | Path, block_size: int, batch_size: int, seed: int,
+                       share: tuple[int, int] = (0, 1)) -> TrainData:
+    """Open DATA_DIR for a run of this context and batch size; one-line errors when it cannot train.
+
+    share = (rank, world): the training sampler gives this rank its rows of every micro-batch; the eval
+    samplers give whole batches (the ranks split the eval batches among them instead).
+    """
     data_dir = Path(data_dir)
     meta = read_meta(data_dir)
     vocab_size = int(meta["vocab_size"])
@@ -627,7 +641,7 @@ def open_training_data(data_dir: str | Path, block_size: int, batch_size: int, s
         train_tokens=train, val_tokens=val, vocab_size=vocab_size,
         val_bytes_per_token=val_split["bytes"] / max(val_split["tokens"], 1),
         tokenizer=load_tokenizer(data_dir / "tokenizer.json"),
-        sampler=BatchSampler(train, block_size, batch_size, seed),
+        sampler=BatchSampler(train, block_size, batch_size, seed, share),
         eval_samplers={split: BatchSampler(toks, block_size, batch_size, seed + EVAL_SEED_OFFSET)
                        for split, toks in (("train", train), ("val", val))},
     )

@@ -4,6 +4,10 @@ record() turns the measured losses into an EvalResult and updates the run state;
 in EVAL_STEPS runs with the same EvalContext: save the best weights, log the line, note
 overfitting, stop early, write a sample, save last/, redraw the plots. Each step is a plain
 function of (context, result), so each can be tested alone with a hand-made context.
+
+In a distributed run every rank measures its share of the eval batches and calls record() with the
+same sums (the run state stays equal everywhere); the steps, which write files, run on rank 0 alone
+(Trainer.evaluate), and its early-stop decision goes to the others.
 """
 
 from __future__ import annotations

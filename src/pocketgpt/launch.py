@@ -2,10 +2,15 @@
 
 `pocketgpt train ...` parses its flags into a TrainRequest and calls launch(); a notebook can do the
 same. Torch loads only when training starts, so a bad request fails fast and cheaply.
+
+Under torchrun every rank runs launch() alike: each reads the request and the run folder before the
+process group exists (nobody has written yet), then rank 0 alone takes the lock and prepares the data
+while the others wait (distributed.Group.main_first), and train() does the rest.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -62,6 +67,7 @@ def launch(req: TrainRequest, echo: Callable[[str], None] | None = None) -> Laun
 
     echo receives every line said (None: printed, with a progress bar on terminals).
     """
+    from . import distributed
     from .metrics import check_loggers
     from .runtime import resolve
 
@@ -93,16 +99,28 @@ def launch(req: TrainRequest, echo: Callable[[str], None] | None = None) -> Laun
     rundir.check_for_training(out, resume=False, overwrite=req.overwrite)
     if req.data and req.inputs:
         raise PocketError("give either INPUT files or --data, not both")
-    with rundir.locked(out):  # held from the prepare on, so a second command cannot prepare over this one
+    distributed.check_world(cfg.run.batch_size, cfg.run.parallel)  # before a prepare (auto: again once sized)
+
+    def prepared() -> tuple[Path, TrainConfig]:
         if req.data:
             data_dir = Path(req.data)
         else:  # INPUT files, or the bundled corpus: prepared into the run folder
             from .data import prepare
 
             data_dir = prepare(replace(req.prepare, inputs=list(req.inputs), out=str(out / rundir.DATA)))
-        if auto:
-            cfg = auto_config(req, data_dir, overrides, runtime, echo or print)
+        # auto sizes from a matmul probe: rank 0's choice is every rank's
+        return data_dir, auto_config(req, data_dir, overrides, runtime, echo or print) if auto else cfg
+
+    with distributed.session(runtime.device) as group, contextlib.ExitStack() as held:
+        data_dir, cfg = group.main_first(lambda: _locked_then(held, out, prepared))
         return _launched(_train(cfg, data_dir, out, req, echo), out, data_dir)
+
+
+def _locked_then(held: contextlib.ExitStack, out: Path, fn: Callable[[], Any]) -> Any:
+    """Take the run folder's lock into `held` (from the prepare on, so a second command cannot prepare over
+    this one; the training re-enters it), then fn(): on rank 0 alone under torchrun."""
+    held.enter_context(rundir.locked(out))
+    return fn()
 
 
 def _train(cfg: TrainConfig, data_dir: Path, out: Path, req: TrainRequest,
@@ -267,6 +285,7 @@ def _renumber_chars(data_dir: Path, base_tok: "Tokenizer") -> None:
 def _launch_finetune(req: TrainRequest, overrides: dict[str, Any], out: Path,
                      echo: Callable[[str], None] | None) -> Launched:
     """A new run from a pretrained model: its shape and tokenizer, the finetune preset, init_from recorded."""
+    from . import distributed
     from .metrics import check_loggers
     from .runtime import resolve
 
@@ -282,14 +301,18 @@ def _launch_finetune(req: TrainRequest, overrides: dict[str, Any], out: Path,
     base = load_base(req.init_from or "")
     cfg = finetune_config(req, overrides, base.model.config, say)
     check_loggers(cfg.run.loggers)
-    resolve(cfg.run.device, cfg.run.dtype)
+    runtime = resolve(cfg.run.device, cfg.run.dtype)
     say(f"fine-tuning {base.record['source']} ({base.record['kind']}, {base.model.num_params():,} parameters)")
-    with rundir.locked(out):
+    distributed.check_world(cfg.run.batch_size, cfg.run.parallel)
+
+    def prepared() -> Path:
         if req.data:
-            data_dir = Path(req.data)
-            check_data_tokenizer(data_dir, base)
-        else:
-            data_dir = prepare_for_base(req, out, base)
+            check_data_tokenizer(Path(req.data), base)
+            return Path(req.data)
+        return prepare_for_base(req, out, base)
+
+    with distributed.session(runtime.device) as group, contextlib.ExitStack() as held:
+        data_dir = group.main_first(lambda: _locked_then(held, out, prepared))
         # config.json says what the run was fine-tuned from from its first write on (report, info, resume)
         result = _train(cfg, data_dir, out, req, echo, initial_model=base.model, record={"init_from": base.record})
         return _launched(result, out, data_dir)

@@ -108,6 +108,27 @@ class MetricsLog:
         self.echo(line)
 
 
+class SilentLog(MetricsLog):
+    """The log of a distributed run's other ranks: rank 0 alone writes metrics.jsonl, mirrors and the console,
+    so a run's files and lines are the same whatever the world size."""
+
+    def __init__(self, path: Path):
+        super().__init__(path, echo=lambda line: None)
+        self.use_bar = False
+
+    def truncate_after(self, it: int) -> None:
+        pass
+
+    def reset(self) -> None:
+        pass
+
+    def write(self, record: dict[str, Any]) -> None:
+        pass
+
+    def open_mirrors(self, loggers: str, run_dir: Path, config: dict[str, Any], start_iter: int = 0) -> None:
+        pass
+
+
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     out = []
     if Path(path).exists():

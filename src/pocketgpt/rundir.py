@@ -13,7 +13,8 @@ Torch-free, and the only module that knows what a run folder holds:
   plots/, report.md   pictures and the one-page report
   tensorboard/, wandb/  logger folders (the `loggers` key)
   data/               the prepared data, when train prepared it (kept by --overwrite)
-  .lock               held while a training writes, so two trainings never share a folder
+  .lock               held while a training writes, so two trainings never share a folder (under
+                      torchrun by rank 0, which alone writes any of these: trainer.train)
 
 Whoever writes a new file or folder into a run folder adds its name to RUN_FILES, so --overwrite
 never leaves a stale one behind (tests/test_rundir.py checks a real run writes nothing unlisted).

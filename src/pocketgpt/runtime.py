@@ -42,6 +42,11 @@ def _mps_available() -> bool:
 
 
 def resolve_device(name: str) -> tuple[torch.device, str]:
+    from .distributed import local_rank
+
+    gpu = local_rank()  # under torchrun each process drives the GPU of its local rank
+    if gpu is not None and name in ("auto", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda", gpu), f"{name}: CUDA GPU {gpu} of this machine (local rank {gpu})"
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda"), f"auto: CUDA GPU {torch.cuda.get_device_name(0)}"

@@ -11,6 +11,7 @@ The Trainer itself only steps, evaluates and keeps time.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import math
@@ -24,13 +25,14 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from . import evalsteps, rundir
+from . import distributed, evalsteps, rundir
 from .checkpoint import atomic_write, disk_errors
 from .config import LoraConfig, ModelConfig, TrainConfig, check_lora, validate
 from .data import TrainData, open_training_data, read_meta
 from .errors import PocketError, TrainingDiverged
 from .lora import add_adapters, describe, gpt_around, merged_model, save_adapter
-from .metrics import MetricsLog, check_loggers
+from .distributed import Group
+from .metrics import MetricsLog, SilentLog, check_loggers
 from .model import GPT
 from .optim import lr_at, make_optimizers, progress, set_lr
 from .runtime import Runtime, device_memory_mb, matmul_flops, resolve
@@ -56,13 +58,19 @@ LORA_KEYS = ("lora_rank", "lora_alpha")
 class TrainModel:
     """The raw GPT (saved, evaluated, sampled) and `forward`, what a training step calls.
 
-    forward is the raw model, or a compiled one (a DistributedDataParallel wrapper would go here
-    too); a compiler failure at the first call falls back to the raw model with a warning.
+    forward is the raw model, or under torchrun DistributedDataParallel around it (its backward averages
+    the gradients over the ranks), either of them maybe compiled; a compiler failure at the first call
+    falls back to the uncompiled one with a warning.
     """
 
-    def __init__(self, raw: GPT):
+    def __init__(self, raw: GPT, group: Group | None = None):
         self.raw = raw
-        self.forward: Callable[..., Any] = raw
+        self.ddp: torch.nn.parallel.DistributedDataParallel | None = None
+        if group is not None and group.enabled:
+            self.ddp = torch.nn.parallel.DistributedDataParallel(
+                raw, device_ids=[group.device] if group.device.type == "cuda" else None, **_no_buffer_sync())
+        self.eager: Callable[..., Any] = self.ddp if self.ddp is not None else raw
+        self.forward: Callable[..., Any] = self.eager
 
     @property
     def wrapped(self) -> bool:
@@ -70,24 +78,40 @@ class TrainModel:
 
     def compile(self, say: Callable[[str], None]) -> None:
         try:
-            self.forward = torch.compile(self.raw)
+            self.forward = torch.compile(self.eager)
             say("compiling the model (the first steps are slow) ...")
         except Exception as e:  # noqa: BLE001 - any failure means: run eagerly
             say(f"warning: torch.compile unavailable ({type(e).__name__}); training without it")
+
+    def sync(self, last: bool) -> contextlib.AbstractContextManager:
+        """Around one micro-batch's forward and backward: DDP averages the gradients in the backward of the
+        last micro-batch of a step only; the ones before accumulate on each rank (no_sync), one exchange a step."""
+        if self.ddp is None or last:
+            return contextlib.nullcontext()
+        return self.ddp.no_sync()
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, say: Callable[[str], None]) -> Any:
         try:
             return self.forward(x, y)
         except Exception as e:  # noqa: BLE001 - a compiler failure shows up at the first call
-            if not self.wrapped:
+            if self.forward is self.eager:
                 raise
             say(f"warning: torch.compile failed ({type(e).__name__}: {str(e)[:200]}); training without it")
-            self.forward = self.raw
-            return self.raw(x, y)
+            self.forward = self.eager
+            return self.eager(x, y)
+
+
+def _no_buffer_sync() -> dict[str, bool]:
+    """Buffers (rope tables) are constants, equal on every rank: nothing to send at each forward (the option's
+    name changed in torch 2.13; older versions know only broadcast_buffers)."""
+    import inspect
+
+    params = inspect.signature(torch.nn.parallel.DistributedDataParallel.__init__).parameters
+    return {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
 
 
 def build_model(cfg: ModelConfig, runtime: Runtime, initial: GPT | None = None,
-                lora: LoraConfig | None = None) -> TrainModel:
+                lora: LoraConfig | None = None, group: Group | None = None) -> TrainModel:
     """A fresh GPT of cfg (from torch's current RNG), or `initial` (e.g. pretrained weights), on the device.
 
     An initial model of exactly cfg is used as it is; one that differs only in dropout or a longer
@@ -95,11 +119,13 @@ def build_model(cfg: ModelConfig, runtime: Runtime, initial: GPT | None = None,
     its very tensors. Either way nothing is copied (a second copy of a base model would be a second
     share of the memory a fine-tune has), so training changes the initial model's weights: pass a copy
     to keep one. With LoRA on, the weights are frozen and the targeted matrices wrapped (lora.add_adapters).
+    In a distributed group the raw model is wrapped in DistributedDataParallel, which starts every rank
+    from rank 0's weights.
     """
     raw = _raw_model(cfg, runtime, initial)
     if lora is not None and lora.enabled:
         add_adapters(raw, lora)  # after the move: the adapters are made on the weights' device
-    return TrainModel(raw)
+    return TrainModel(raw, group)
 
 
 def _raw_model(cfg: ModelConfig, runtime: Runtime, initial: GPT | None) -> GPT:
@@ -145,6 +171,7 @@ class Trainer:
                  log: MetricsLog):
         self.cfg, self.data, self.net, self.out, self.runtime, self.log = cfg, data, model, out, runtime, log
         self.model = model.raw
+        self.group = distributed.current()
         self.lora = cfg.lora.enabled  # the model's targeted matrices are LoRALinear layers (build_model)
         self.optimizers = make_optimizers(self.model, cfg.optim, runtime.device)
         self.scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.needs_grad_scaler)
@@ -166,7 +193,8 @@ class Trainer:
     def create(cls, cfg: TrainConfig, data_dir: Path, out: Path, runtime: Runtime, log: MetricsLog,
                initial: GPT | None = None) -> "Trainer":
         """Open the data, seed, build the model and the trainer: what train() does before the loop."""
-        data = open_training_data(data_dir, cfg.model.block_size, cfg.run.batch_size, cfg.run.seed)
+        data = open_training_data(data_dir, cfg.model.block_size, cfg.run.batch_size, cfg.run.seed,
+                                  distributed.current().share)
         return cls.from_data(cfg, data, out, runtime, log, initial)
 
     @classmethod
@@ -175,7 +203,7 @@ class Trainer:
         """Seed, build the model (with the data's vocab_size in a copy of cfg) and the trainer."""
         cfg = replace(cfg, model=replace(cfg.model, vocab_size=data.vocab_size))
         torch.manual_seed(cfg.run.seed)
-        model = build_model(cfg.model, runtime, initial, cfg.lora)
+        model = build_model(cfg.model, runtime, initial, cfg.lora, distributed.current())
         if cfg.run.gradient_checkpointing:
             checkpoint_blocks(model.raw)
         return cls(cfg, data, model, Path(out), runtime, log)
@@ -189,7 +217,11 @@ class Trainer:
         self.state = self.resumable.restore(self.out)
 
     def save_last(self) -> None:
+        """Every rank calls this (the unread-step check is agreed); rank 0 writes last/ while the others wait."""
         self._check_unread(self.state.iter)
+        self.group.main_first(self._save)
+
+    def _save(self) -> None:
         self.resumable.save(self.out, self.state)
 
     # -- one optimizer step -------------------------------------------------
@@ -206,19 +238,25 @@ class Trainer:
         """
         r, o = self.cfg.run, self.cfg.optim
         set_lr(self.optimizers, lr / o.learning_rate)
+        if self.group.rank:
+            # rank 0's RNG is the run's (saved in last/); the others draw their dropout from (seed, rank, step),
+            # so they need no saved state and a resume on any world size stays exact
+            torch.manual_seed(int(np.random.SeedSequence([r.seed, self.group.rank, it]).generate_state(1)[0]))
         total = torch.zeros((), device=self.runtime.device)
         for micro in range(r.grad_accum_steps):
             x, y = (self._to_device(a) for a in self.sampler.batch(it, micro))
-            with self.runtime.autocast():
-                _, loss = self.net(x, y, self.log.say)
-            self.scaler.scale(loss / r.grad_accum_steps).backward()
+            with self.net.sync(last=micro == r.grad_accum_steps - 1):
+                with self.runtime.autocast():
+                    _, loss = self.net(x, y, self.log.say)
+                self.scaler.scale(loss / r.grad_accum_steps).backward()
             total += loss.detach()
         read = self.read_every_step or self._is_read_step(it + 1)
         loss_value = grad_norm = math.nan
         if read:
             self._check_unread(it)
             self.last_read_iter = it + 1
-            loss_value = float(total) / r.grad_accum_steps
+            # each rank's loss is the mean over its rows; their mean is the global batch's
+            loss_value = float(self.group.mean(total)) / r.grad_accum_steps
             if not math.isfinite(loss_value):
                 self._zero_grad()
                 raise TrainingDiverged(self._diverged_message(it, "loss", loss_value))
@@ -246,8 +284,11 @@ class Trainer:
         return n % r.log_interval == 0 or n % r.eval_interval == 0 or n >= r.max_iters
 
     def _check_unread(self, it: int) -> None:
-        """Raise if a step that was not read went non-finite (its update was applied: nothing is saved)."""
-        if self.read_every_step or not bool(self.unread_bad):
+        """Raise if a step that was not read went non-finite (its update was applied: nothing is saved).
+
+        Agreed across ranks (any rank's bad step stops them all), so every rank calls it at the same step.
+        """
+        if self.read_every_step or not self.group.any_true(bool(self.unread_bad)):
             return
         raise TrainingDiverged(
             f"training stopped: the loss or gradient norm became non-finite between iter {self.last_read_iter} "
@@ -273,29 +314,39 @@ class Trainer:
     # -- evaluation ---------------------------------------------------------
     @torch.no_grad()
     def estimate_losses(self) -> dict[str, float]:
-        """Mean loss over eval_iters fixed batches per split (the same batches at every eval)."""
+        """Mean loss over eval_iters fixed batches per split (the same batches at every eval).
+
+        In a distributed run each rank measures every world_size-th batch; the sums are added over the
+        ranks and divided once, so every rank holds the losses a single process would measure.
+        """
         self.model.eval()
-        out = {}
-        for split, sampler in self.data.eval_samplers.items():
+        splits, sums = list(self.data.eval_samplers), []
+        rank, world = self.group.share
+        for split in splits:
             losses = []
-            for k in range(self.cfg.run.eval_iters):
-                x, y = (self._to_device(a) for a in sampler.batch(k))
+            for k in range(rank, self.cfg.run.eval_iters, world):
+                x, y = (self._to_device(a) for a in self.data.eval_samplers[split].batch(k))
                 with self.runtime.autocast():
                     _, loss = self.model(x, y)
                 losses.append(float(loss))
-            out[split] = float(np.mean(losses))
+            sums.append(float(np.sum(losses)))
         self.model.train()
-        return out
+        return {split: total / self.cfg.run.eval_iters for split, total in zip(splits, self.group.sums(sums))}
 
     def evaluate(self) -> None:
-        """Measure, then run every eval step (evalsteps.EVAL_STEPS) in order."""
+        """Measure (every rank), then run every eval step (evalsteps.EVAL_STEPS) in order: on rank 0 alone,
+        which writes the run's files, while the others wait; its early-stop decision is theirs too."""
         self._check_unread(self.state.iter)
         ev = evalsteps.record(self.state, self.estimate_losses(), self.data.val_bytes_per_token)
+        stop = self.group.main_first(lambda: self._eval_steps(ev))
+        self.early_stopped = self.early_stopped or stop
+
+    def _eval_steps(self, ev: evalsteps.EvalResult) -> bool:
         ctx = evalsteps.EvalContext(self.out, self.cfg, self.state, self.log, self._eval_model(ev),
-                                    self.data.tokenizer, self.save_last)
+                                    self.data.tokenizer, self._save)  # _check_unread ran in evaluate()
         for eval_step in evalsteps.EVAL_STEPS:
             eval_step(ctx, ev)
-        self.early_stopped = self.early_stopped or ctx.stop_requested
+        return ctx.stop_requested
 
     def _eval_model(self, ev: evalsteps.EvalResult) -> GPT:
         """The model the eval steps save as best and sample from. With LoRA: a merged plain copy (its
@@ -331,6 +382,7 @@ class Trainer:
         window_start, window_iters, evaluated_at = time.perf_counter(), 0, -1
         while (s.iter < r.max_iters and not (r.max_time and s.elapsed >= r.max_time) and not self.stop_requested
                and not self.early_stopped):
+            distributed.exit_hook_for_tests(s.iter)
             t0 = time.perf_counter()
             lr = lr_at(self.cfg.optim, s.iter,
                        progress(self.cfg.optim, s.iter, r.max_iters, s.elapsed, r.max_time))
@@ -353,6 +405,8 @@ class Trainer:
                 evaluated_at = s.iter
                 s.elapsed += time.perf_counter() - t1
                 window_start = time.perf_counter()
+            # every rank leaves the loop at the same step: a stop on any rank, and one clock for max_time
+            self.stop_requested, s.elapsed = self.group.agree(self.stop_requested, s.elapsed)
         if self.stop_requested:
             self.save_last()
             return s
@@ -455,13 +509,21 @@ def memory_estimate_mb(cfg: TrainConfig, n_params: int, runtime: Runtime) -> tup
     return state_mb, act_mb
 
 
-def check_memory(cfg: TrainConfig, vocab_size: int, runtime: Runtime) -> None:
-    """Refuse a model whose estimated training memory is beyond what this machine (or GPU) has."""
+def check_memory(cfg: TrainConfig, vocab_size: int, runtime: Runtime, group: Group | None = None) -> None:
+    """Refuse a model whose estimated training memory is beyond what this machine (or GPU) has.
+
+    In a distributed run each rank holds the whole model and its share of the rows; CPU ranks on one
+    machine share its memory, GPU ranks have one GPU each.
+    """
     m = cfg.model
     n_params = count_params(m.n_layer, m.n_embd, vocab_size, m.block_size if m.pos_emb == "learned" else 0,
                             m.tie_embeddings)
-    sized = replace(cfg, model=replace(m, vocab_size=vocab_size))
+    group = group or distributed.current()
+    sized = replace(cfg, model=replace(m, vocab_size=vocab_size),
+                    run=replace(cfg.run, batch_size=cfg.run.batch_size // group.world_size))
     state_mb, act_mb = memory_estimate_mb(sized, n_params, runtime)
+    if not runtime.is_cuda:
+        state_mb, act_mb = state_mb * group.local_world_size, act_mb * group.local_world_size
     have = device_memory_mb(runtime)
     if have and state_mb + act_mb > have:
         where = "this GPU has" if runtime.is_cuda else "this machine has"
@@ -490,50 +552,66 @@ def train(
 
     initial_model: start from these weights (a fine-tune); record: extra config.json fields saying how
     the run began (rundir.KEPT_FIELDS, e.g. init_from), kept by later resumes.
+
+    Under torchrun (several processes) every rank calls this alike: rank 0 takes the lock and writes the
+    run folder, every rank trains its share of each batch (distributed.py).
     """
     out, data_dir = Path(out), Path(data_dir)
     cfg = copy.deepcopy(cfg)
     validate(cfg)
     check_lora(cfg, has_base=resume or initial_model is not None)  # a resume's base is in its last/ checkpoint
     check_loggers(cfg.run.loggers)
-    rundir.check_for_training(out, resume, overwrite)
+    distributed.check_world(cfg.run.batch_size, cfg.run.parallel)
     runtime = resolve(cfg.run.device, cfg.run.dtype)
-    with rundir.locked(out):
-        rundir.check_for_training(out, resume, overwrite)  # again: another process may have started first
-        if resume:
-            _check_resume_shape(rundir.read_config(out)[0], cfg)
-        # everything that can refuse the run comes before --overwrite removes the earlier one; the memory
-        # guard first, from meta.json alone, so a model that cannot fit is named as such
-        if memory_check:
-            check_memory(cfg, int(read_meta(data_dir)["vocab_size"]), runtime)
-        data = open_training_data(data_dir, cfg.model.block_size, cfg.run.batch_size, cfg.run.seed)
-        if not resume and overwrite and rundir.is_run_dir(out):
-            rundir.clear(out)
+    with distributed.session(runtime.device) as group, contextlib.ExitStack() as held:
+        opened: list[TrainData] = []
+
+        def claim() -> None:  # rank 0: the lock (held until training ends) and every refusal, before any write
+            rundir.check_for_training(out, resume, overwrite)
+            held.enter_context(rundir.locked(out))
+            opened.append(_claim(cfg, data_dir, out, runtime, resume, overwrite, memory_check, group))
+
+        group.main_first(claim)
+        data = opened[0] if opened else open_training_data(data_dir, cfg.model.block_size, cfg.run.batch_size,
+                                                           cfg.run.seed, group.share)
         return _train_locked(cfg, data, data_dir, out, runtime, resume, echo, initial_model, record)
+
+
+def _claim(cfg: TrainConfig, data_dir: Path, out: Path, runtime: Runtime, resume: bool, overwrite: bool,
+           memory_check: bool, group: Group) -> TrainData:
+    """With the lock held: refuse what cannot train, then (--overwrite) remove the earlier run; the data, opened."""
+    rundir.check_for_training(out, resume, overwrite)  # again: another process may have started first
+    if resume:
+        _check_resume_shape(rundir.read_config(out)[0], cfg)
+    # everything that can refuse the run comes before --overwrite removes the earlier one; the memory
+    # guard first, from meta.json alone, so a model that cannot fit is named as such
+    if memory_check:
+        check_memory(cfg, int(read_meta(data_dir)["vocab_size"]), runtime, group)
+    data = open_training_data(data_dir, cfg.model.block_size, cfg.run.batch_size, cfg.run.seed, group.share)
+    if not resume and overwrite and rundir.is_run_dir(out):
+        rundir.clear(out)
+    return data
 
 
 def _train_locked(cfg: TrainConfig, data: TrainData, data_dir: Path, out: Path, runtime: Runtime, resume: bool,
                   echo: Callable[[str], None] | None, initial_model: GPT | None,
                   record: dict[str, Any] | None) -> TrainResult:
-    log = MetricsLog(out / rundir.METRICS, echo)
+    group = distributed.current()
+    log = MetricsLog(out / rundir.METRICS, echo) if group.is_main else SilentLog(out / rundir.METRICS)
     trainer = Trainer.from_data(cfg, data, out, runtime, log, initial_model)
     cfg = trainer.cfg  # with the data's vocab_size
     if resume:
-        trainer.restore()
+        trainer.restore()  # every rank reads last/: rank 0 wrote it alone, whatever the world size then
         if trainer.state.iter >= cfg.run.max_iters or (cfg.run.max_time and trainer.state.elapsed >= cfg.run.max_time):
             # A kill after the final save (while the report was written, say) leaves a finished run:
             # resuming it is not an error, there is just nothing left to train.
             log.say(f"{out} already finished (iter {trainer.state.iter}); nothing to train. To train longer, "
                     "resume with a larger --max-iters (or --max-time)")
-            _finish(out, log)
+            group.main_first(lambda: _finish(out, log))
             return TrainResult(out, trainer.state.iter, trainer.state.best_val_loss, False, 0.0)
-        log.truncate_after(trainer.state.iter)
-        log.say(f"resuming {out} at iter {trainer.state.iter}")
-    else:
-        log.reset()
-        atomic_write(out / rundir.TOKENIZER, lambda p: shutil.copyfile(data_dir / "tokenizer.json", p))
-    rundir.write_config(out, cfg, data_dir, record)
-    _say_plan(trainer)
+    group.main_first(lambda: _start_files(trainer, data_dir, resume, record))
+    if group.is_main:
+        _say_plan(trainer)
     started = time.perf_counter()
     log.open_mirrors(cfg.run.loggers, out, cfg.to_dict(), trainer.state.iter)
     try:
@@ -544,16 +622,31 @@ def _train_locked(cfg: TrainConfig, data: TrainData, data_dir: Path, out: Path, 
     if trainer.stop_requested:
         log.say(f"interrupted at iter {state.iter}; saved. Resume with: pocketgpt train --out {out} --resume")
     else:
-        _finish(out, log)
+        group.main_first(lambda: _finish(out, log))
     return TrainResult(out, state.iter, state.best_val_loss, trainer.stop_requested, time.perf_counter() - started)
+
+
+def _start_files(trainer: Trainer, data_dir: Path, resume: bool, record: dict[str, Any] | None) -> None:
+    """Rank 0: metrics.jsonl cut back to the resumed iter (or emptied), the tokenizer, config.json."""
+    out, log = trainer.out, trainer.log
+    if resume:
+        log.truncate_after(trainer.state.iter)
+        log.say(f"resuming {out} at iter {trainer.state.iter}")
+    else:
+        log.reset()
+        atomic_write(out / rundir.TOKENIZER, lambda p: shutil.copyfile(data_dir / "tokenizer.json", p))
+    rundir.write_config(out, trainer.cfg, data_dir, record)
 
 
 def _say_plan(trainer: Trainer) -> None:
     cfg, runtime, data, log = trainer.cfg, trainer.runtime, trainer.data, trainer.log
     n_params = trainer.model.num_params() - cfg.lora.trainable_params(cfg.model)  # the GPT's own, without adapters
-    state_mb, act_mb = memory_estimate_mb(cfg, n_params, runtime)
+    rows = replace(cfg, run=replace(cfg.run, batch_size=cfg.run.batch_size // trainer.group.world_size))
+    state_mb, act_mb = memory_estimate_mb(rows, n_params, runtime)  # one rank's (its share of the rows)
     log.say(f"model: {n_params:,} parameters | {runtime.describe()} | "
             f"data: {len(data.train_tokens):,} train / {len(data.val_tokens):,} val tokens")
+    if trainer.group.enabled:
+        log.say(trainer.group.describe(cfg.run.batch_size))
     if cfg.lora.enabled:
         log.say(describe(cfg.lora, cfg.model, n_params))
     log.say(f"memory estimate: ~{state_mb + act_mb:,.0f} MB ({state_mb:,.0f} MB weights, gradients and "
@@ -565,8 +658,8 @@ def _iter_seconds(trainer: Trainer) -> float:
     """Seconds per iteration from the matmul probe and sizing's efficiency (what --preset auto assumes)."""
     r, rt = trainer.cfg.run, trainer.runtime
     flops = training_flops(matmul_flops(rt), rt.device.type, rt.dtype == torch.bfloat16)
-    return seconds_per_iter(r.batch_size * r.grad_accum_steps * trainer.cfg.model.block_size,
-                            trainer.flops_per_token, flops)
+    tokens = r.batch_size * r.grad_accum_steps * trainer.cfg.model.block_size // trainer.group.world_size
+    return seconds_per_iter(tokens, trainer.flops_per_token, flops)  # each rank computes its share of the tokens
 
 
 def _finish(out: Path, log: MetricsLog) -> None:
@@ -576,14 +669,23 @@ def _finish(out: Path, log: MetricsLog) -> None:
 
 
 class _graceful_interrupt:
-    """First Ctrl-C: finish the current step, save last/, stop. Second: stop at once."""
+    """First Ctrl-C: finish the current step, save last/, stop. Second: stop at once.
+
+    Under torchrun a Ctrl-C reaches each rank twice (from the terminal and forwarded by torchrun): a second
+    one within DOUBLE_S of the first is the same press. The ranks agree on the stop (Trainer._loop).
+    """
+
+    DOUBLE_S = 2.0
 
     def __init__(self, trainer: Trainer):
-        self.trainer, self.previous = trainer, None
+        self.trainer, self.previous, self.first = trainer, None, 0.0
 
     def _handler(self, signum: int, frame: Any) -> None:
         if self.trainer.stop_requested:
+            if self.trainer.group.enabled and time.monotonic() - self.first < self.DOUBLE_S:
+                return
             raise KeyboardInterrupt
+        self.first = time.monotonic()
         self.trainer.stop_requested = True
         self.trainer.log.say("\ninterrupt: finishing this step and saving (Ctrl-C again to quit at once)")
 

@@ -4,6 +4,11 @@ Resumable gathers the model's weights, the optimizers, the gradient scaler, the 
 loop's RunState and the data position, and writes them as RUN_DIR/last/ (checkpoint.py's format).
 The data position is the iteration itself: data.BatchSampler draws batch (step, micro) from the
 seed alone, so restoring RunState.iter puts the sampler exactly where an unbroken run would be.
+
+Nothing here depends on the world size of a distributed run: the global batch is one cursor (each rank
+reads its rows of it), the replicas' weights and optimizer states are equal, and rank 0 alone saves,
+its own RNG state included; the other ranks draw from (seed, rank, step) instead (Trainer.step). So a
+run saved by any number of processes resumes on any other number.
 """
 
 from __future__ import annotations

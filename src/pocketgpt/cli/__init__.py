@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(sys.argv[1:] if argv is None else argv)
     except PocketError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        if not getattr(e, "quiet", False):  # quiet: the same error, printed by rank 0 of a torchrun group
+            print(f"error: {e}", file=sys.stderr, flush=True)
         return EXIT_USER_ERROR
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr, flush=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 from pathlib import Path
 
@@ -44,6 +45,8 @@ def cmd_train(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     result, out = done.result, done.out
     if result.interrupted:
         return EXIT_INTERRUPTED
+    if os.environ.get("RANK", "0") != "0":  # under torchrun rank 0 alone reports (and samples) the run
+        return 0
     say(f"done: {result.iters} iters in {result.seconds:.0f}s, best val loss {result.best_val_loss:.4f}; "
         f"weights in {out / 'model.safetensors'}")
     prompt = suggest_prompt(done.data_dir) or "\n"
