@@ -73,13 +73,15 @@ LOW_PRECISION_MIN_PARAMS = 5_000_000
 
 
 def pick_next(
-    logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None
+    logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None,
+    u: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """logits (B, V) -> next ids (B,). temperature 0 is greedy; top-k keeps exactly k tokens."""
+    """logits (B, V) -> next ids (B,). temperature 0 is greedy; top-k keeps exactly k tokens.
+    u: the uniform draws (uniforms()), when the caller drew them from several generators."""
     logits = logits.float()
     if temperature == 0:
         return logits.argmax(dim=-1)
-    return sample(distribution(logits, temperature, top_k, top_p), generator)
+    return sample(distribution(logits, temperature, top_k, top_p), generator, u)
 
 
 def distribution(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
@@ -596,13 +598,9 @@ class DecodeBatch:
             for (temperature, top_k, top_p), streams in groups.items():
                 if len(streams) == 1:
                     continue  # picks on its own when asked
-                logits = torch.cat([m.sampling_logits() for m in streams]).float()
-                if temperature == 0:
-                    ids = logits.argmax(dim=-1)
-                else:
-                    probs = distribution(logits, temperature, top_k, top_p)
-                    u = torch.cat([uniforms(m.rows, m._gen, logits.device) for m in streams])
-                    ids = sample(probs, None, u)
+                logits = torch.cat([m.sampling_logits() for m in streams])
+                u = None if temperature == 0 else torch.cat([uniforms(m.rows, m._gen, logits.device) for m in streams])
+                ids = pick_next(logits, temperature, top_k, top_p, None, u)
                 for m, part in zip(streams, ids.split([m.rows for m in streams])):
                     m._picked = part
 

@@ -193,8 +193,7 @@ class Trainer:
     def create(cls, cfg: TrainConfig, data_dir: Path, out: Path, runtime: Runtime, log: MetricsLog,
                initial: GPT | None = None) -> "Trainer":
         """Open the data, seed, build the model and the trainer: what train() does before the loop."""
-        data = open_training_data(data_dir, cfg.model.block_size, cfg.run.batch_size, cfg.run.seed,
-                                  distributed.current().share)
+        data = _open_data(cfg, data_dir, distributed.current())
         return cls.from_data(cfg, data, out, runtime, log, initial)
 
     @classmethod
@@ -509,6 +508,16 @@ def memory_estimate_mb(cfg: TrainConfig, n_params: int, runtime: Runtime) -> tup
     return state_mb, act_mb
 
 
+def _open_data(cfg: TrainConfig, data_dir: Path, group: Group) -> TrainData:
+    """The splits and samplers for this rank's share of every global batch."""
+    return open_training_data(data_dir, cfg.model.block_size, cfg.run.batch_size, cfg.run.seed, group.share)
+
+
+def _rank_rows(cfg: TrainConfig, group: Group) -> TrainConfig:
+    """cfg with one rank's rows of each micro-batch: what one process holds in memory."""
+    return replace(cfg, run=replace(cfg.run, batch_size=cfg.run.batch_size // group.world_size))
+
+
 def check_memory(cfg: TrainConfig, vocab_size: int, runtime: Runtime, group: Group | None = None) -> None:
     """Refuse a model whose estimated training memory is beyond what this machine (or GPU) has.
 
@@ -519,8 +528,7 @@ def check_memory(cfg: TrainConfig, vocab_size: int, runtime: Runtime, group: Gro
     n_params = count_params(m.n_layer, m.n_embd, vocab_size, m.block_size if m.pos_emb == "learned" else 0,
                             m.tie_embeddings)
     group = group or distributed.current()
-    sized = replace(cfg, model=replace(m, vocab_size=vocab_size),
-                    run=replace(cfg.run, batch_size=cfg.run.batch_size // group.world_size))
+    sized = replace(_rank_rows(cfg, group), model=replace(m, vocab_size=vocab_size))
     state_mb, act_mb = memory_estimate_mb(sized, n_params, runtime)
     if not runtime.is_cuda:
         state_mb, act_mb = state_mb * group.local_world_size, act_mb * group.local_world_size
@@ -572,8 +580,7 @@ def train(
             opened.append(_claim(cfg, data_dir, out, runtime, resume, overwrite, memory_check, group))
 
         group.main_first(claim)
-        data = opened[0] if opened else open_training_data(data_dir, cfg.model.block_size, cfg.run.batch_size,
-                                                           cfg.run.seed, group.share)
+        data = opened[0] if opened else _open_data(cfg, data_dir, group)
         return _train_locked(cfg, data, data_dir, out, runtime, resume, echo, initial_model, record)
 
 
@@ -587,7 +594,7 @@ def _claim(cfg: TrainConfig, data_dir: Path, out: Path, runtime: Runtime, resume
     # guard first, from meta.json alone, so a model that cannot fit is named as such
     if memory_check:
         check_memory(cfg, int(read_meta(data_dir)["vocab_size"]), runtime, group)
-    data = open_training_data(data_dir, cfg.model.block_size, cfg.run.batch_size, cfg.run.seed, group.share)
+    data = _open_data(cfg, data_dir, group)
     if not resume and overwrite and rundir.is_run_dir(out):
         rundir.clear(out)
     return data
@@ -641,8 +648,7 @@ def _start_files(trainer: Trainer, data_dir: Path, resume: bool, record: dict[st
 def _say_plan(trainer: Trainer) -> None:
     cfg, runtime, data, log = trainer.cfg, trainer.runtime, trainer.data, trainer.log
     n_params = trainer.model.num_params() - cfg.lora.trainable_params(cfg.model)  # the GPT's own, without adapters
-    rows = replace(cfg, run=replace(cfg.run, batch_size=cfg.run.batch_size // trainer.group.world_size))
-    state_mb, act_mb = memory_estimate_mb(rows, n_params, runtime)  # one rank's (its share of the rows)
+    state_mb, act_mb = memory_estimate_mb(_rank_rows(cfg, trainer.group), n_params, runtime)  # one rank's (its share of the rows)
     log.say(f"model: {n_params:,} parameters | {runtime.describe()} | "
             f"data: {len(data.train_tokens):,} train / {len(data.val_tokens):,} val tokens")
     if trainer.group.enabled:

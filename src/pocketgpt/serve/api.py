@@ -244,7 +244,7 @@ def _top_chat(top: Sequence[tuple[str, tuple[int, ...], float]]) -> list[dict[st
     return [{"token": t, "logprob": lp, "bytes": list(b)} for t, b, lp in top]
 
 
-def logprobs_object(req: GenRequest, index: int, tokens: Sequence[TokenLogprob], offset: int) -> dict[str, Any] | None:
+def logprobs_object(req: GenRequest, tokens: Sequence[TokenLogprob], offset: int) -> dict[str, Any] | None:
     """A choice's logprobs in OpenAI's shape for these tokens (None when not asked for). Chat:
     {"content": [{token, logprob, bytes, top_logprobs}]}; completions: parallel lists tokens,
     token_logprobs, top_logprobs ({text: logprob} per token) and text_offset (each token's place
@@ -275,7 +275,7 @@ def full_response(req: GenRequest, model_id: str, texts: dict[int, str], finals:
     choices = []
     for c in sorted(finals, key=lambda c: c.index):
         text = texts.get(c.index, "")
-        lp = logprobs_object(req, c.index, (logprobs or {}).get(c.index, []), prompt_chars(req, c.index))
+        lp = logprobs_object(req, (logprobs or {}).get(c.index, []), prompt_chars(req, c.index))
         if req.chat:
             choices.append({"index": c.index, "message": {"role": "assistant", "content": text},
                             "logprobs": lp, "finish_reason": c.finish_reason})
@@ -293,7 +293,7 @@ def chunk_response(req: GenRequest, model_id: str, chunk: Chunk, first: bool, of
         choice: dict[str, Any] = {"index": chunk.index, "delta": delta}
     else:
         choice = {"index": chunk.index, "text": chunk.text}
-    choice.update(logprobs=logprobs_object(req, chunk.index, chunk.logprobs, offset), finish_reason=chunk.finish_reason)
+    choice.update(logprobs=logprobs_object(req, chunk.logprobs, offset), finish_reason=chunk.finish_reason)
     obj = "chat.completion.chunk" if req.chat else "text_completion"
     return {**_head(req, model_id, obj), "choices": [choice], **({"usage": None} if req.include_usage else {})}
 

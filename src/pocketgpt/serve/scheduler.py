@@ -83,7 +83,6 @@ class Scheduler:
         self._next_check = 0.0
         self._reloading: threading.Thread | None = None
         self._reloaded: Any = None  # a model loaded by the side thread, swapped in at the next turn
-        self.reloads = 0
         self.ready = threading.Event()
         self.load_error: str | None = None
         # called after every turn: a web side that collects the turn's events sends them here
@@ -119,6 +118,11 @@ class Scheduler:
             self._cv.notify()
         if self._thread.is_alive():
             self._thread.join(timeout_s)
+
+    @property
+    def reloads(self) -> int:
+        """Times new weights were swapped in (the count /metrics shows)."""
+        return self.metrics.reloads
 
     @property
     def active(self) -> int:
@@ -168,7 +172,6 @@ class Scheduler:
         if self._reloaded is not None:
             model, self._reloaded = self._reloaded, None
             self._use(model)
-            self.reloads += 1
             self.metrics.reloaded()
             self._say(f"reloaded {getattr(model, 'source', 'the model')}: new requests use the new weights")
         now = time.monotonic()
