@@ -16,7 +16,7 @@ from helpers import TINY, metrics, run_cli  # noqa: E402
 from pocketgpt import launch as launching  # noqa: E402
 from pocketgpt import rundir  # noqa: E402
 from pocketgpt.config import PrepareConfig  # noqa: E402
-from pocketgpt.data import open_training_data, prepare  # noqa: E402
+from pocketgpt.data import open_tokens, open_training_data, prepare  # noqa: E402
 from pocketgpt.errors import PocketError  # noqa: E402
 from pocketgpt.loading import load  # noqa: E402
 from pocketgpt.trainer import train  # noqa: E402
@@ -149,6 +149,33 @@ def test_finetune_from_a_char_run_uses_its_vocabulary(data_dir, tmp_path, corpus
     odd.write_text(corpus_text[:3000] + " ☃ snow", encoding="utf-8")
     with pytest.raises(PocketError, match="U\\+2603 SNOWMAN.*base model's .*-character vocabulary lacks"):
         launching.launch(request(odd, base, tmp_path / "odd"), **QUIET)
+
+
+def test_finetune_from_a_trained_bpe_run_encodes_with_its_tokenizer(tmp_path, corpus_text, capsys):
+    """A base run's trained BPE is the fine-tune's: the new text is encoded with it, never retrained."""
+    (tmp_path / "corpus.txt").write_text(corpus_text[:40_000], encoding="utf-8")
+    base_data = prepare(PrepareConfig(inputs=[str(tmp_path / "corpus.txt")], out=str(tmp_path / "bpe-data"),
+                                      tokenizer="bpe", vocab_size=300))
+    base = tmp_path / "base"
+    train(launching.build_train_config(None, None, {**TINY, "max_iters": 10}), base_data, base, **QUIET)
+    book = tmp_path / "book.txt"
+    book.write_text(corpus_text[-12_000:], encoding="utf-8")  # text the BPE was not trained on
+    out = tmp_path / "ft"
+    flags = [f"--{k}={v}" for k, v in {**RUN, "max_iters": 2, "eval_interval": 1, "learning_rate": 1e-9,
+                                       "min_lr": 0, "warmup_iters": 0}.items()]
+    code, _, err = run_cli(capsys, "train", str(book), "--init-from", str(base), "--out", str(out), *flags)
+    assert code == 0, err
+    base_lm, lm = load(base), load(out)
+    assert lm.tokenizer.kind == "bpe" and lm.tokenizer.to_dict() == base_lm.tokenizer.to_dict()
+    data_dir = out / rundir.DATA
+    ids, _ = open_tokens(data_dir / "train.bin")
+    assert [int(t) for t in ids[:300]] == base_lm.tokenizer.encode(base_lm.tokenizer.decode([int(t) for t in ids[:300]]))
+    assert base_lm.tokenizer.decode([int(t) for t in ids]).startswith(book.read_text(encoding="utf-8")[:2000])
+    first = [m["val_loss"] for m in metrics(out) if "val_loss" in m][0]
+    assert first == pytest.approx(eval_loss(base_lm.model, data_dir, TINY["block_size"]), abs=1e-3)
+    code, _, err = run_cli(capsys, "train", str(book), "--init-from", str(base), "--out", str(tmp_path / "x"),
+                           "--vocab-size", "500", *flags)
+    assert code == 2 and "base model's own tokenizer (bpe)" in err and not (tmp_path / "x" / "data").exists()
 
 
 @pytest.mark.slow

@@ -228,6 +228,29 @@ def test_nanogpt_char_vocab_given_or_rebuilt_from_the_text(tmp_path, capsys):
     assert code == 2 and "no file" in err
 
 
+def test_finetune_from_a_nanogpt_char_checkpoint_with_vocab(tmp_path, capsys, corpus_text):
+    """train --init-from CKPT --vocab input.txt: the text is numbered as nanoGPT's prepare.py numbered it."""
+    text = corpus_text[:20_000]
+    chars = sorted(set(text))
+    m = hf_model(vocab_size=len(chars), activation_function="gelu", n_positions=32)
+    d = _nanogpt_dir(tmp_path, m, len(chars))  # no meta.pkl beside ckpt.pt
+    (tmp_path / "input.txt").write_text(text, encoding="utf-8")
+    book = tmp_path / "book.txt"
+    book.write_text(text[5_000:15_000], encoding="utf-8")
+    flags = ["--max-iters=1", "--eval-interval=1", "--eval-iters=1", "--batch-size=4", "--plots=false",
+             "--sample-tokens=0", "--eval-sample-tokens=0", "--dtype=float32"]
+    out = tmp_path / "ft"
+    code, _, err = run_cli(capsys, "train", book, "--init-from", d, "--out", out, *flags)
+    assert code == 2 and "--vocab" in err and not out.exists()
+    code, _, err = run_cli(capsys, "train", book, "--init-from", d, "--vocab", tmp_path / "input.txt", "--out", out,
+                           *flags)
+    assert code == 0, err
+    lm = load(out)
+    assert lm.tokenizer.kind == "char" and lm.tokenizer.encode("hear me") == [chars.index(c) for c in "hear me"]
+    code, _, err = run_cli(capsys, "train", book, "--vocab", tmp_path / "input.txt", "--out", tmp_path / "x", *flags)
+    assert code == 2 and "--init-from" in err and not (tmp_path / "x").exists()
+
+
 def test_nanogpt_without_bias_and_padded_gpt2_vocab(tmp_path):
     m = hf_model(vocab_size=hf.NANOGPT_PADDED_VOCAB, activation_function="gelu")
     d = _nanogpt_dir(tmp_path, m, hf.NANOGPT_PADDED_VOCAB, bias=False, compiled=False)

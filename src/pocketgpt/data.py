@@ -504,9 +504,15 @@ def _texts_only(pieces: Iterable[Piece]) -> Iterator[str]:
     return (p for p in pieces if isinstance(p, str))
 
 
-def prepare(cfg: PrepareConfig) -> Path:
-    """Tokenize the inputs (or the bundled corpus) into cfg.out; returns that folder."""
+def prepare(cfg: PrepareConfig, tokenizer: ByteLevelTokenizer | None = None) -> Path:
+    """Tokenize the inputs (or the bundled corpus) into cfg.out; returns that folder.
+
+    tokenizer: a byte-level BPE to encode with instead of the one cfg.tokenizer names (a fine-tune's base
+    model's own, trained BPE included); cfg.tokenizer must then be its kind.
+    """
     _check_prepare_config(cfg)
+    if tokenizer is not None and tokenizer.kind != cfg.tokenizer:
+        raise ValueError(f"prepare(): a {tokenizer.kind} tokenizer given for cfg.tokenizer {cfg.tokenizer}")
     sources = resolve_sources(cfg.inputs, cfg.strip_gutenberg)
     out = Path(cfg.out or default_data_dir(cfg.inputs))
     _check_out_dir(out)
@@ -520,7 +526,7 @@ def prepare(cfg: PrepareConfig) -> Path:
             f"the corpus has {scan.n_chars} characters, too few to split into train and val; "
             "give more text or change --val-fraction"
         )
-    tok = _build_tokenizer(cfg, sources, scan, n_train)
+    tok = tokenizer or _build_tokenizer(cfg, sources, scan, n_train)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

@@ -46,6 +46,7 @@ class TrainRequest:
     # fine-tune: start from this model (anything pocketgpt.load accepts: a run folder, a Hugging Face GPT-2
     # folder or hub name, a nanoGPT checkpoint); its shape and tokenizer are the run's
     init_from: str | None = None
+    vocab: str | None = None  # --init-from a nanoGPT char checkpoint: its meta.pkl or original text, if not beside it
 
 
 @dataclass
@@ -80,9 +81,9 @@ def launch(req: TrainRequest, echo: Callable[[str], None] | None = None) -> Laun
     if req.resume:
         if req.inputs or req.preset:
             raise PocketError("--resume continues a run as it was set up; drop INPUT and --preset")
-        if req.init_from is not None:
+        if req.init_from is not None or req.vocab is not None:
             raise PocketError("--resume continues from the run's own last/ checkpoint (a fine-tune's base model is "
-                              "not reloaded); drop --init-from")
+                              "not reloaded); drop --init-from and --vocab")
         rundir.check_for_training(out, resume=True, overwrite=False)
         saved, raw = rundir.read_config(out)
         cfg = build_train_config(None, req.config_file, overrides, base=saved)
@@ -90,6 +91,8 @@ def launch(req: TrainRequest, echo: Callable[[str], None] | None = None) -> Laun
         return _launched(_train(cfg, data_dir, out, req, echo), out, data_dir)
     if req.init_from is not None:
         return _launch_finetune(req, overrides, out, echo)
+    if req.vocab is not None:
+        raise PocketError("--vocab names a nanoGPT char checkpoint's vocabulary; it goes with --init-from CKPT")
     auto = req.preset == "auto"
     # auto sizes the model from the data, so it is built after preparing; this checks keys first
     cfg = build_train_config(None if auto else req.preset or "demo", req.config_file, overrides)
@@ -160,11 +163,12 @@ def base_kind(src: str) -> str:
     return kind
 
 
-def load_base(src: str) -> Base:
+def load_base(src: str, vocab: str | None = None) -> Base:
+    """The model --init-from names (a run folder: its best weights); vocab as for loading.load."""
     from .loading import load
 
     kind = base_kind(src)
-    got = load(src)  # a run folder: its best weights
+    got = load(src, vocab=vocab)
     return Base(got.model, got.tokenizer, {"source": str(src), "kind": kind})
 
 
@@ -233,13 +237,13 @@ def prepare_for_base(req: TrainRequest, out: Path, base: Base) -> Path:
     from .data import prepare
 
     kind = base.tokenizer.kind
-    if kind not in ("gpt2", "char"):
-        raise PocketError(f"the base model's tokenizer is {kind}; preparing text with it is not supported yet "
-                          "(fine-tuning works from GPT-2 and char models)")
     if req.prepare.tokenizer not in ("char", kind) or req.prepare.vocab_size:  # char is the option's default
         raise PocketError(f"--tokenizer/--vocab-size: a fine-tune prepares the text with the base model's own "
                           f"tokenizer ({kind}); drop them")
-    data_dir = prepare(replace(req.prepare, inputs=list(req.inputs), out=str(out / rundir.DATA), tokenizer=kind))
+    cfg = replace(req.prepare, inputs=list(req.inputs), out=str(out / rundir.DATA), tokenizer=kind)
+    # byte-level kinds encode with the base's own tokenizer (a trained BPE is the base run's, never retrained);
+    # char prepares the text's characters, then renumbers them into the base's ids
+    data_dir = prepare(cfg, None if kind == "char" else base.tokenizer)
     if kind == "char":
         _renumber_chars(data_dir, base.tokenizer)
     check_data_tokenizer(data_dir, base)
@@ -298,7 +302,7 @@ def _launch_finetune(req: TrainRequest, overrides: dict[str, Any], out: Path,
     check_lora(given_keys(req, overrides)[0], has_base=True)  # bad keys (and LoRA with Muon) fail before the base loads
     rundir.check_for_training(out, resume=False, overwrite=req.overwrite)
     say = echo or print
-    base = load_base(req.init_from or "")
+    base = load_base(req.init_from or "", req.vocab)
     cfg = finetune_config(req, overrides, base.model.config, say)
     check_loggers(cfg.run.loggers)
     runtime = resolve(cfg.run.device, cfg.run.dtype)

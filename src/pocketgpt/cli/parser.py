@@ -118,6 +118,7 @@ def _add_train(command: Any) -> None:
     p.add_argument("--init-from", metavar="SRC",
                    help="fine-tune: start from this model (a run folder, a Hugging Face GPT-2 folder or hub name, "
                         "or a nanoGPT checkpoint); its shape and tokenizer are kept; default --preset finetune")
+    add_vocab(p)
     p.add_argument("--resume", action="store_true", help="continue the run in --out from last/")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     p.add_argument("--max-time", help="wall-clock budget: seconds or 90s / 10m / 2h; the schedule fits it")

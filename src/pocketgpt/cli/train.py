@@ -39,7 +39,7 @@ def cmd_train(args: argparse.Namespace, overrides: dict[str, str]) -> int:
         inputs=list(args.inputs), data=args.data, out=args.out, preset=args.preset, config_file=args.config,
         overrides=overrides, resume=args.resume, overwrite=args.overwrite, max_time=args.max_time,
         max_memory=args.max_memory, prepare=prepare_config(args, ""), memory_check=not args.skip_memory_check,
-        init_from=args.init_from,
+        init_from=args.init_from, vocab=args.vocab,
     )
     done = launch(req)
     result, out = done.result, done.out
