@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # so test files can `from helpers import ...`
+# probe.py's per-machine cache: one fresh folder per test session (and its torchrun children), not ~/.cache
+os.environ.setdefault("POCKETGPT_CACHE_DIR", tempfile.mkdtemp(prefix="pocketgpt-cache-"))
 
 from pocketgpt.config import PrepareConfig  # noqa: E402
 from pocketgpt.data import BUNDLED  # noqa: E402

@@ -78,23 +78,42 @@ def resolve_dtype(name: str, device: torch.device) -> tuple[torch.dtype, str]:
         if torch.cuda.is_bf16_supported():
             return torch.bfloat16, "auto: GPU supports bfloat16"
         return torch.float16, "auto: GPU lacks bfloat16, float16 with a gradient scaler"
-    if device.type == "cpu" and cpu_has_fast_bf16():
-        why = "POCKETGPT_CPU_BF16=1" if os.environ.get("POCKETGPT_CPU_BF16") == "1" else \
-            "this CPU has bfloat16 matmul instructions"
-        return torch.bfloat16, f"auto: {why}"
-    return torch.float32, "auto: float32 on " + device.type
+    if device.type != "cpu":
+        return torch.float32, "auto: float32 on " + device.type
+    forced = os.environ.get("POCKETGPT_CPU_BF16")
+    if forced in ("0", "1"):
+        return (torch.bfloat16, "auto: POCKETGPT_CPU_BF16=1") if forced == "1" else \
+            (torch.float32, "auto: POCKETGPT_CPU_BF16=0")
+    if not _cpuinfo_has_bf16():
+        return torch.float32, "auto: this CPU has no bfloat16 matmul instructions"
+    speedup = _measured_bf16_speedup()
+    if speedup < MIN_BF16_SPEEDUP:
+        return torch.float32, f"auto: bfloat16 matmuls measured only {speedup:.1f}x float32 on this CPU"
+    return torch.bfloat16, f"auto: bfloat16 matmuls measured {speedup:.1f}x float32 on this CPU"
+
+
+# bf16 autocast adds casts and keeps norms, softmax and the optimizer in fp32: below this matmul gain it
+# does not pay for them
+MIN_BF16_SPEEDUP = 1.3
 
 
 def cpu_has_fast_bf16() -> bool:
-    """True on x86 CPUs with AVX512-BF16 or AMX-BF16 (Linux): bf16 matmuls run ~2-3x fp32 there.
+    """True where bf16 matmuls are measured clearly faster than float32 on this CPU (probe.py, cached).
 
-    Elsewhere bf16 autocast is emulated and slower than float32, so auto stays on float32.
-    POCKETGPT_CPU_BF16=0/1 overrides the detection.
+    Only CPUs with AVX512-BF16 or AMX-BF16 (Linux) are measured: elsewhere bf16 is emulated and slower
+    than float32. POCKETGPT_CPU_BF16=0/1 overrides both the detection and the measurement.
     """
     forced = os.environ.get("POCKETGPT_CPU_BF16")
     if forced in ("0", "1"):
         return forced == "1"
-    return _cpuinfo_has_bf16()
+    return _cpuinfo_has_bf16() and _measured_bf16_speedup() >= MIN_BF16_SPEEDUP
+
+
+@functools.lru_cache(maxsize=1)
+def _measured_bf16_speedup() -> float:
+    from .probe import bf16_speedup
+
+    return bf16_speedup(torch.device("cpu"))
 
 
 @functools.lru_cache(maxsize=1)

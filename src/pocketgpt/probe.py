@@ -1,0 +1,128 @@
+"""What this machine measures, cached per machine: matmul FLOP/s at a model's own shapes, per dtype.
+
+CPUs differ too much to assume (a Zen 4 core does bf16 matmuls ~2x its fp32, an AMX Xeon ~6x, a CPU
+without bf16 instructions emulates them slower than fp32), so the choices that depend on it (bf16
+autocast or not, the MFU denominator) come from a short probe. A probe takes a fraction of a second;
+its result is kept in a JSON file keyed by the CPU, the thread count and the torch version, so a
+machine is measured once. A missing or unreadable cache is measured again, never an error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+PROBE_SECONDS = 0.05  # per shape; the best of three rounds within it
+MAX_ROWS = 2048  # a micro-batch's rows beyond this change the rate little and cost probe time
+CACHE_FILE = "probes.json"
+
+
+def cache_dir() -> Path:
+    """POCKETGPT_CACHE_DIR, else $XDG_CACHE_HOME/pocketgpt, else ~/.cache/pocketgpt."""
+    if os.environ.get("POCKETGPT_CACHE_DIR"):
+        return Path(os.environ["POCKETGPT_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "pocketgpt"
+
+
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else the platform's processor string."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def machine_key(device: torch.device) -> str:
+    """What a cached number depends on besides the shapes and dtype."""
+    if device.type == "cuda":
+        where = torch.cuda.get_device_name(device)
+    else:
+        where = f"{cpu_name()} x{os.cpu_count()} threads {torch.get_num_threads()}"
+    return f"{device.type}: {where} | torch {torch.__version__}"
+
+
+def model_shapes(n_embd: int, vocab_size: int, rows: int) -> list[tuple[int, int, int]]:
+    """(M, K, N) of a GPT block's matmuls and the head for `rows` tokens: qkv, proj, MLP up and down, logits."""
+    m, c = min(rows, MAX_ROWS), n_embd
+    return [(m, c, 3 * c), (m, c, c), (m, c, 4 * c), (m, 4 * c, c), (m, c, vocab_size)]
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype, shapes: Iterable[tuple[int, int, int]],
+                seconds: float = PROBE_SECONDS) -> float:
+    """FLOP/s doing one of each (M, K, N) matmul: their FLOPs over their summed best times (cached).
+
+    Summed times, not the best shape's rate: a model spends its time in all of them, the thin ones too.
+    """
+    shapes = [tuple(int(x) for x in s) for s in shapes]
+    key = f"{machine_key(device)} | {str(dtype).replace('torch.', '')} | " + " ".join(
+        "x".join(map(str, s)) for s in shapes)
+    cache = _read_cache()
+    if key in cache:
+        return float(cache[key])
+    flops = sum(2 * m * k * n for m, k, n in shapes)
+    rate = flops / sum(_best_time(device, dtype, s, seconds) for s in shapes)
+    cache[key] = rate
+    _write_cache(cache)
+    return rate
+
+
+def _best_time(device: torch.device, dtype: torch.dtype, shape: tuple[int, ...], seconds: float) -> float:
+    m, k, n = shape
+    # constants, not torch.randn: a probe must never draw from the global RNG (resume stays exact)
+    a = torch.full((m, k), 0.5, device=device, dtype=dtype)
+    b = torch.full((k, n), 0.25, device=device, dtype=dtype)
+    a @ b  # warm-up: first-call allocations and kernel selection
+    _sync(device)
+    best = float("inf")
+    for _ in range(3):  # the best of three: another program's burst only slows a round down
+        count, start = 0, time.perf_counter()
+        while count < 2 or time.perf_counter() - start < seconds / 3:
+            a @ b
+            count += 1
+        _sync(device)
+        best = min(best, (time.perf_counter() - start) / count)
+    return best
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _read_cache() -> dict[str, float]:
+    try:
+        got = json.loads((cache_dir() / CACHE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(got, dict):
+        return {}
+    return {k: v for k, v in got.items() if isinstance(v, (int, float)) and v > 0}
+
+
+def _write_cache(cache: dict[str, float]) -> None:
+    """Atomically (a reader never sees half a file); a read-only cache folder only costs re-measuring."""
+    path = cache_dir() / CACHE_FILE
+    tmp = path.with_name(f".{CACHE_FILE}.{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(cache, indent=1, sort_keys=True), encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+
+
+def bf16_speedup(device: torch.device, n_embd: int = 768, rows: int = 1024) -> float:
+    """How much faster bf16 matmuls run than float32 here, at a GPT-2-small-like shape (cached)."""
+    shapes = model_shapes(n_embd, 4 * n_embd, rows)[:4]  # the blocks' matmuls
+    return matmul_rate(device, torch.bfloat16, shapes) / matmul_rate(device, torch.float32, shapes)

@@ -1,0 +1,68 @@
+"""probe.py: matmul rates measured once per machine and cached; the CPU's bf16 choice follows them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from pocketgpt import probe, runtime
+
+CPU = torch.device("cpu")
+SHAPES = [(64, 32, 96), (64, 32, 65)]
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("POCKETGPT_CACHE_DIR", str(tmp_path))
+    return tmp_path / probe.CACHE_FILE
+
+
+def test_a_rate_is_measured_once_then_read_from_the_cache(cache, monkeypatch):
+    rate = probe.matmul_rate(CPU, torch.float32, SHAPES, seconds=0.01)
+    assert rate > 1e6  # even a slow CPU does a million FLOP/s
+    saved = json.loads(cache.read_text())
+    (key,) = saved
+    assert "float32" in key and "64x32x96 64x32x65" in key and probe.cpu_name() in key
+    monkeypatch.setattr(probe, "_best_time", lambda *a: pytest.fail("measured again"))
+    assert probe.matmul_rate(CPU, torch.float32, SHAPES) == rate
+    with pytest.raises(pytest.fail.Exception):  # another dtype (or shape) is another measurement
+        probe.matmul_rate(CPU, torch.bfloat16, SHAPES)
+
+
+def test_rate_is_total_flops_over_summed_times(cache, monkeypatch):
+    times = {(10, 10, 10): 1e-3, (10, 10, 30): 1e-3}
+    monkeypatch.setattr(probe, "_best_time", lambda device, dtype, shape, seconds: times[shape])
+    assert probe.matmul_rate(CPU, torch.float32, list(times)) == pytest.approx((2000 + 6000) / 2e-3)
+
+
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]", '{"k": "text"}'])
+def test_an_unreadable_cache_is_measured_again(cache, content):
+    cache.write_text(content)
+    assert probe.matmul_rate(CPU, torch.float32, SHAPES, seconds=0.01) > 0
+    assert len(json.loads(cache.read_text())) == 1  # rewritten whole, the bad entries gone
+
+
+def test_model_shapes_cover_the_blocks_and_head_with_rows_capped():
+    shapes = probe.model_shapes(n_embd=64, vocab_size=65, rows=100_000)
+    assert shapes == [(probe.MAX_ROWS, 64, 192), (probe.MAX_ROWS, 64, 64), (probe.MAX_ROWS, 64, 256),
+                      (probe.MAX_ROWS, 256, 64), (probe.MAX_ROWS, 64, 65)]
+
+
+@pytest.mark.parametrize("speedup, expected", [(2.4, torch.bfloat16), (1.1, torch.float32)])
+def test_auto_dtype_on_a_bf16_cpu_follows_the_measured_speedup(monkeypatch, speedup, expected):
+    monkeypatch.delenv("POCKETGPT_CPU_BF16", raising=False)
+    monkeypatch.setattr(runtime, "_cpuinfo_has_bf16", lambda: True)
+    monkeypatch.setattr(runtime, "_measured_bf16_speedup", lambda: speedup)
+    rt = runtime.resolve("cpu", "auto")
+    assert rt.dtype == expected and f"{speedup:.1f}x float32" in rt.reason
+    assert runtime.cpu_has_fast_bf16() == (expected == torch.bfloat16)
+
+
+def test_a_cpu_without_bf16_instructions_is_not_measured(monkeypatch):
+    monkeypatch.delenv("POCKETGPT_CPU_BF16", raising=False)
+    monkeypatch.setattr(runtime, "_cpuinfo_has_bf16", lambda: False)
+    monkeypatch.setattr(runtime, "_measured_bf16_speedup", lambda: pytest.fail("measured"))
+    rt = runtime.resolve("cpu", "auto")
+    assert rt.dtype == torch.float32 and "no bfloat16 matmul instructions" in rt.reason
