@@ -92,3 +92,41 @@ def test_options_train_and_resume_exactly(opts, data_dir, tmp_path):
     assert a[40] < a[1] - 0.5  # it learns
     m = pocketgpt.load(tmp_path / "a")  # and the saved weights load back into the same architecture
     assert m.logits([1, 2, 3]).shape == (3, m.tokenizer.vocab_size)
+
+
+def test_batched_orthogonalize_equals_each_matrix_alone():
+    torch.manual_seed(1)
+    g = torch.randn(4, 96, 32)
+    alone = torch.stack([orthogonalize(m) for m in g])
+    assert torch.allclose(orthogonalize(g), alone, atol=1e-5)
+    half = orthogonalize(g, dtype=torch.bfloat16)  # bf16 runs: the same directions, to bf16's precision
+    assert half.dtype == torch.float32 and (half - alone).abs().max() < 3e-2
+    assert (torch.linalg.svdvals(half) - torch.linalg.svdvals(alone)).abs().max() < 5e-2
+
+
+def test_muon_step_equals_the_per_matrix_rule():
+    """Grouping by shape is only a speed-up: each matrix moves by -lr * scale * orthogonalize(g + m * buf)."""
+    torch.manual_seed(2)
+    params = [torch.nn.Parameter(torch.randn(s)) for s in [(48, 16), (16, 16), (48, 16), (16, 64)]]
+    ref = [p.detach().clone() for p in params]
+    bufs = [torch.zeros_like(p) for p in params]
+    opt = Muon(params, lr=0.02, momentum=0.9)
+    for _ in range(3):
+        grads = [torch.randn_like(p) for p in params]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+        for i, g in enumerate(grads):
+            bufs[i] = 0.9 * bufs[i] + g
+            scale = max(1.0, ref[i].size(0) / ref[i].size(1)) ** 0.5
+            ref[i] = ref[i] - 0.02 * scale * orthogonalize(g + 0.9 * bufs[i])
+    for p, r in zip(params, ref):
+        assert torch.allclose(p.detach(), r, atol=1e-6)
+
+
+def test_a_bf16_run_orthogonalises_in_bf16():
+    from pocketgpt.config import OptimConfig
+
+    cfg, cpu = OptimConfig(optimizer="muon"), torch.device("cpu")
+    assert make_optimizers(build(), cfg, cpu, torch.bfloat16)[1].ns_dtype == torch.bfloat16
+    assert make_optimizers(build(), cfg, cpu)[1].ns_dtype == torch.float32

@@ -66,3 +66,14 @@ def test_a_cpu_without_bf16_instructions_is_not_measured(monkeypatch):
     monkeypatch.setattr(runtime, "_measured_bf16_speedup", lambda: pytest.fail("measured"))
     rt = runtime.resolve("cpu", "auto")
     assert rt.dtype == torch.float32 and "no bfloat16 matmul instructions" in rt.reason
+
+
+def test_a_remeasure_keeps_the_higher_rate(cache, monkeypatch):
+    """Load only slows a probe down: a later, faster measurement replaces a slow one, never the reverse."""
+    times = iter([2e-3, 1e-3, 4e-3])
+    monkeypatch.setattr(probe, "_best_time", lambda *a: next(times))
+    shape = [(10, 10, 10)]
+    slow = probe.matmul_rate(CPU, torch.float32, shape)
+    assert probe.matmul_rate(CPU, torch.float32, shape, remeasure=True) == 2 * slow
+    assert probe.matmul_rate(CPU, torch.float32, shape, remeasure=True) == 2 * slow  # 4e-3 measured, not kept
+    assert probe.matmul_rate(CPU, torch.float32, shape) == 2 * slow

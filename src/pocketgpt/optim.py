@@ -25,12 +25,14 @@ def _adamw(params: list[torch.nn.Parameter], cfg: OptimConfig, device: torch.dev
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), **extra)
 
 
-def make_optimizers(model: torch.nn.Module, cfg: OptimConfig, device: torch.device) -> list[torch.optim.Optimizer]:
+def make_optimizers(model: torch.nn.Module, cfg: OptimConfig, device: torch.device,
+                    dtype: torch.dtype = torch.float32) -> list[torch.optim.Optimizer]:
     """[AdamW] or, with optimizer = muon, [AdamW for embeddings/head/gains, Muon for block matrices].
 
     Only parameters that train are given out (a LoRA run's frozen base gets no optimizer state), and
     LoRA factors always go to AdamW: nothing shows Muon's orthogonalised step suits rank-r factors
-    (config.check_lora refuses muon with LoRA; this holds for callers that skip it).
+    (config.check_lora refuses muon with LoRA; this holds for callers that skip it). dtype is the run's
+    autocast dtype: a bf16 run (and any CUDA run) orthogonalises in bf16, a float32 run in float32.
     """
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if cfg.optimizer != "muon":
@@ -40,50 +42,77 @@ def make_optimizers(model: torch.nn.Module, cfg: OptimConfig, device: torch.devi
     rest = [p for _, p in named if id(p) not in hidden_ids]
     if not hidden:
         return [_adamw(rest, cfg, device)]
-    return [_adamw(rest, cfg, device), Muon(hidden, lr=cfg.muon_lr, momentum=cfg.muon_momentum)]
+    ns_dtype = torch.bfloat16 if device.type == "cuda" or dtype == torch.bfloat16 else torch.float32
+    return [_adamw(rest, cfg, device), Muon(hidden, lr=cfg.muon_lr, momentum=cfg.muon_momentum, ns_dtype=ns_dtype)]
 
 
-def orthogonalize(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+
+
+def orthogonalize(g: torch.Tensor, steps: int = 5, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Approximately replace g = U S V^T by U V^T with a quintic Newton-Schulz iteration.
 
     The coefficients (3.4445, -4.7750, 2.0315) push all singular values towards ~1 quickly without
-    needing an SVD; the result is "close enough" to orthogonal for an optimizer step.
+    needing an SVD; the result is "close enough" to orthogonal for an optimizer step. g may be a stack
+    (..., m, n) of same-shape matrices, each orthogonalised on its own in one batched matmul per term:
+    a small model's many small matrices cost a few large calls instead of many tiny ones. The
+    iteration runs in dtype (default bf16 on CUDA, float32 elsewhere).
     """
-    a, b, c = 3.4445, -4.7750, 2.0315
-    x = g.bfloat16() if g.is_cuda else g.float()
-    tall = x.size(0) > x.size(1)
+    a, b, c = NS_COEFFICIENTS
+    x = g.to(dtype or (torch.bfloat16 if g.is_cuda else torch.float32))
+    tall = x.size(-2) > x.size(-1)
     if tall:  # iterate on the wide orientation: the Gram matrix is the smaller one
-        x = x.T
-    x = x / (x.norm() + 1e-7)  # singular values into [0, 1]
+        x = x.mT
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # singular values into [0, 1]
+    flat = x.dim() == 2
+    if flat:
+        x = x.unsqueeze(0)
     for _ in range(steps):
-        gram = x @ x.T
-        x = a * x + (b * gram + c * gram @ gram) @ x
-    return (x.T if tall else x).to(g.dtype)
+        gram = x @ x.mT
+        # x <- a x + (b gram + c gram^2) x, each product fused with its sum (baddbmm): fewer passes over memory
+        poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
+        x = torch.baddbmm(x, poly, x, beta=a)
+    if flat:
+        x = x.squeeze(0)
+    return (x.mT if tall else x).to(g.dtype)
 
 
 class Muon(torch.optim.Optimizer):
     """Momentum whose update is orthogonalised: every direction of a weight matrix moves equally.
 
     For the 2-D weights inside transformer blocks; embeddings, the head and gains stay on AdamW.
+    Matrices of one shape are updated together: their momenta with multi-tensor (foreach) ops, their
+    Newton-Schulz iterations as one batch (orthogonalize).
     """
 
-    def __init__(self, params: list[torch.nn.Parameter], lr: float = 0.02, momentum: float = 0.95):
+    def __init__(self, params: list[torch.nn.Parameter], lr: float = 0.02, momentum: float = 0.95,
+                 ns_dtype: torch.dtype = torch.float32):
         super().__init__(params, dict(lr=lr, momentum=momentum))
+        self.ns_dtype = ns_dtype
 
     @torch.no_grad()
     def step(self, closure: None = None) -> None:
         for group in self.param_groups:
+            by_shape: dict[tuple[int, ...], list[torch.nn.Parameter]] = {}
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p)
-                buf = state["momentum_buffer"]
-                buf.mul_(group["momentum"]).add_(p.grad)
-                update = p.grad.add(buf, alpha=group["momentum"])  # Nesterov
-                scale = max(1.0, p.size(0) / p.size(1)) ** 0.5  # same RMS step for tall matrices
-                p.add_(orthogonalize(update), alpha=-group["lr"] * scale)
+                if p.grad is not None:
+                    by_shape.setdefault(tuple(p.shape), []).append(p)
+            for ps in by_shape.values():
+                self._update(ps, group["lr"], group["momentum"])
+
+    def _update(self, ps: list[torch.nn.Parameter], lr: float, momentum: float) -> None:
+        for p in ps:
+            if "momentum_buffer" not in self.state[p]:
+                self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+        grads = [p.grad for p in ps]
+        bufs = [self.state[p]["momentum_buffer"] for p in ps]
+        torch._foreach_mul_(bufs, momentum)
+        torch._foreach_add_(bufs, grads)
+        updates = torch._foreach_add(grads, bufs, alpha=momentum)  # Nesterov
+        rows, cols = ps[0].shape
+        scale = max(1.0, rows / cols) ** 0.5  # same RMS step for tall matrices
+        step = orthogonalize(torch.stack(updates), dtype=self.ns_dtype)
+        torch._foreach_add_(ps, list(step.unbind(0)), alpha=-lr * scale)
 
 
 def progress(cfg: OptimConfig, it: int, max_iters: int, elapsed: float = 0.0, max_time: float = 0.0) -> float:
