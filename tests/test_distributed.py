@@ -1,7 +1,7 @@
 """Distributed training for real: torchrun, two gloo ranks of one thread each, against one process.
 
 Each torchrun test starts two fresh Python processes (a few seconds of imports on 2 cores), so the runs
-are the TINY model for 20 steps at most, and one run answers several questions.
+are the TINY model for 20 steps at most (60 once), and one run answers several questions.
 """
 
 from __future__ import annotations
@@ -18,16 +18,23 @@ import numpy as np
 import pytest
 import torch
 
-from pocketgpt import distributed
+from pocketgpt import checkpoint, distributed, fsdp
 from pocketgpt.cli import main
 from pocketgpt.data import BatchSampler, open_tokens
+from pocketgpt.errors import PocketError
+from pocketgpt.model import GPT
+from pocketgpt.rundir import read_config
+from pocketgpt.trainer import train
 
-from helpers import metrics, run_cli, tiny_flags
+from helpers import metrics, run_cli, tiny_config, tiny_flags
 
 # 20 steps of 2 micro-batches (gradient accumulation composed with DDP), evals at 10 and 20; the
 # schedule is fixed at 20 iters so a run stopped at 10 and resumed follows the same one
 RUN = dict(max_iters=20, lr_decay_iters=20, grad_accum_steps=2, eval_interval=10)
 LIMIT_S = 120  # no torchrun here may take longer: a hang is a failure, not a wait
+# Muon is refused with fsdp; a sample reads rank 0's full copy; 3 eval batches on 2 ranks: every forward is a
+# collective under FSDP, so the rank with one batch fewer runs one more (a hang, were it missing)
+FSDP = dict(optimizer="adamw", eval_sample_tokens=8, eval_iters=3)
 
 
 def torchrun_cmd(nproc: int, *args: str) -> list[str]:
@@ -73,12 +80,29 @@ def by_iter(run: Path, key: str) -> dict[int, float]:
     return {m["iter"]: m[key] for m in metrics(run) if key in m}
 
 
-def assert_same_losses(got: Path, want: Path, iters: range) -> None:
+def assert_same_losses(got: Path, want: Path, iters: range, n: int = 20) -> None:
     a, b = by_iter(got, "loss"), by_iter(want, "loss")
-    assert sorted(a) == sorted(b) == list(range(1, 21))
+    assert sorted(a) == sorted(b) == list(range(1, n + 1))
     for it in iters:
         assert a[it] == pytest.approx(b[it], rel=1e-5, abs=0), it
     assert by_iter(got, "val_loss") == pytest.approx(by_iter(want, "val_loss"), rel=1e-5, abs=0)
+
+
+def assert_same_gradients(got: Path, want: Path, iters: range) -> None:
+    """The gradient norm before clipping, step by step: ranks that summed their gradients instead of averaging
+    them would show twice the norm from step 1 (the losses, clipped and under Adam, would hide it longer)."""
+    a, b = by_iter(got, "grad_norm"), by_iter(want, "grad_norm")
+    for it in iters:
+        assert a[it] == pytest.approx(b[it], rel=1e-5, abs=0), it
+
+
+def assert_same_weights(got: Path, want: Path) -> None:
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(got)), load_file(str(want))
+    assert sorted(a) == sorted(b)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-5, msg=name)
 
 
 # ---------------------------------------------------------------- in one process
@@ -101,10 +125,18 @@ def test_a_batch_that_does_not_split_over_the_ranks_is_refused(data_dir, tmp_pat
     assert not (tmp_path / "run").exists()
 
 
-def test_fsdp_is_refused_as_not_there_yet(data_dir, tmp_path, capsys):
+def test_fsdp_refuses_muon_lora_and_float16_in_one_line(data_dir, tmp_path, capsys):
+    # the default recipe trains with Muon, which needs whole matrices: refused before anything is written
     code, _, err = run_cli(capsys, *train_flags(data_dir, tmp_path / "run"), "--parallel", "fsdp")
-    assert code == 2 and "--parallel fsdp (sharded weights, FSDP2) is not there yet" in err
-    assert len(err.strip().splitlines()) == 1
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "--parallel fsdp cannot use optimizer muon" in err and "use --optimizer adamw" in err
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(PocketError, match="does not train LoRA adapters"):
+        train(tiny_config(parallel="fsdp", optimizer="adamw", lora_rank=4), data_dir, tmp_path / "lora")
+    fp16 = type("Runtime", (), {"needs_grad_scaler": True})()
+    with pytest.raises(PocketError, match="does not train in float16 .*use --dtype bfloat16"):
+        fsdp.check_dtype(tiny_config(parallel="fsdp"), fp16)
+    fsdp.check_dtype(tiny_config(parallel="ddp"), fp16)  # DDP keeps its scaler
 
 
 def test_cpu_ranks_share_the_cores(monkeypatch):
@@ -154,6 +186,45 @@ def test_a_non_dividing_batch_is_refused_once_under_torchrun(data_dir, tmp_path)
     assert not (tmp_path / "run").exists()
 
 
+def test_a_one_process_run_resumes_on_two_ranks_and_stays_within_1e_3_over_60_steps(data_dir, tmp_path):
+    """1 -> 2: the first 10 steps on one process, the other 50 under DDP; against one unbroken process."""
+    run60 = dict(max_iters=60, lr_decay_iters=60, eval_interval=30)
+    unbroken, run = tmp_path / "unbroken" / "run", tmp_path / "run"
+    cli_one_thread(*train_flags(data_dir, unbroken, **run60))
+    cli_one_thread(*train_flags(data_dir, run, **{**run60, "max_iters": 10}))
+    code, out, _ = torchrun(2, "train", "--out", str(run), "--resume", "--max-iters=60")
+    assert code == 0, out
+    assert "resuming" in out and "distributed (DDP): 2 processes" in out
+    a, b = by_iter(run, "loss"), by_iter(unbroken, "loss")
+    assert sorted(a) == sorted(b) == list(range(1, 61))
+    for it in range(1, 61):  # 1e-5 over the first 20 steps (10 of them on two ranks), 1e-3 to step 60
+        assert a[it] == pytest.approx(b[it], rel=1e-5 if it <= 20 else 1e-3, abs=0), it
+    evals, want = by_iter(run, "val_loss"), by_iter(unbroken, "val_loss")  # the run also evaluated where it stopped
+    assert sorted(want) == [30, 60] and sorted(evals) == [10, 30, 60]
+    assert [evals[30], evals[60]] == pytest.approx([want[30], want[60]], rel=1e-3, abs=0)
+
+
+def test_drifted_replicas_stop_every_rank_with_one_line(data_dir, tmp_path):
+    """Rank 1's copy of the weights is nudged at iter 3; the check at the next eval (5) stops the run there."""
+    run = tmp_path / "run"
+    env = {distributed.ENV_TEST_EXIT: "1:3:drift"}
+    code, out, _ = torchrun(2, *train_flags(data_dir, run, max_iters=10, eval_interval=5), env=env)
+    assert code != 0
+    assert out.count("error: the weights differ across ranks at iter 5: transformer.wte.weight on rank 1") == 1, out
+    assert str(Path(distributed.__file__).parent) not in out  # no traceback through pocketgpt (torchrun prints its own)
+    assert not (run / "last").exists() and not (run / "model.safetensors").exists()  # nothing drifted was saved
+
+
+def test_a_nan_on_one_rank_stops_every_rank_at_the_same_step(data_dir, tmp_path):
+    """Rank 1 alone goes NaN at iter 3: the global loss is NaN on both ranks, and both stop at that step."""
+    run = tmp_path / "run"
+    code, out, seconds = torchrun(2, *train_flags(data_dir, run), env={distributed.ENV_TEST_EXIT: "1:3:nan"},
+                                  timeout=60)
+    assert code != 0 and seconds < 40
+    assert out.count("training stopped at iter 3: the loss became nan") == 2, out  # each rank says where it stopped
+    assert [m["iter"] for m in metrics(run) if "loss" in m] == [1, 2, 3]
+
+
 @pytest.mark.parametrize("how", ["dies", "hangs"])
 def test_a_lost_rank_ends_the_run_with_a_message_naming_it(data_dir, tmp_path, how):
     """Rank 1 dies (or stops answering) at iter 3: rank 0 says so and exits within the timeout."""
@@ -183,3 +254,48 @@ def test_ctrl_c_stops_every_rank_at_one_step_and_rank_0_saves(data_dir, tmp_path
     saved = json.loads((run / "last" / "state.json").read_text())["iter"]
     assert f"interrupted at iter {saved}; saved" in out, out
     assert [m["iter"] for m in metrics(run)] == list(range(1, saved + 1))
+
+
+# ---------------------------------------------------------------- torchrun, two gloo ranks, FSDP2
+
+@pytest.fixture(scope="module")
+def fsdp_reference(data_dir, tmp_path_factory) -> Path:
+    """One process with AdamW (fsdp's optimizer), 20 steps: what the sharded runs must match."""
+    out = tmp_path_factory.mktemp("single-adamw") / "run"
+    cli_one_thread(*train_flags(data_dir, out, **FSDP))
+    return out
+
+
+def test_fsdp_two_ranks_train_as_one_process_and_resume_on_one(data_dir, tmp_path, fsdp_reference):
+    """2 -> 1: 10 sharded steps, then a single process carries on from the files rank 0 gathered and wrote."""
+    run = tmp_path / "run"
+    code, out, _ = torchrun(2, *train_flags(data_dir, run, max_iters=10, parallel="fsdp", **FSDP))
+    assert code == 0, out
+    assert "distributed (FSDP2, each rank 1/2 of the weights)" in out
+    assert_same_gradients(run, fsdp_reference, range(1, 11))
+    # rank 0 alone wrote, and wrote what a single process writes: full weights, tied head included
+    assert [m["iter"] for m in metrics(run) if "loss" in m] == list(range(1, 11))
+    assert sorted(p.name for p in run.iterdir()) == sorted(p.name for p in fsdp_reference.iterdir())
+    assert (run / "samples.txt").read_text().count("=== iter 10") == 1
+    plain = GPT(read_config(run)[0].model)
+    checkpoint.load_weights(plain, run / "model.safetensors")
+    assert plain.lm_head.weight is plain.transformer.wte.weight
+    assert checkpoint.read_weights_metadata(run / "model.safetensors")["iter"] == "10"
+    cli_one_thread("train", "--out", str(run), "--resume", "--max-iters=20")
+    assert_same_losses(run, fsdp_reference, range(1, 21))
+    assert_same_gradients(run, fsdp_reference, range(1, 21))
+    assert_same_weights(run / "last" / "model.safetensors", fsdp_reference / "last" / "model.safetensors")
+
+
+def test_a_one_process_run_resumes_sharded_on_two_ranks(data_dir, tmp_path, fsdp_reference):
+    """1 -> 2: each rank reads the single process's full files and keeps its slice of weights and moments."""
+    run = tmp_path / "run"
+    cli_one_thread(*train_flags(data_dir, run, max_iters=10, **FSDP))
+    code, out, _ = torchrun(2, "train", "--out", str(run), "--resume", "--max-iters=20", "--parallel=fsdp")
+    assert code == 0, out
+    assert "FSDP2" in out and out.count("eval iter 20:") == 1
+    assert_same_losses(run, fsdp_reference, range(1, 21))
+    assert_same_gradients(run, fsdp_reference, range(1, 21))
+    assert [m["iter"] for m in metrics(run) if "loss" in m] == list(range(1, 21))
+    assert_same_weights(run / "model.safetensors", fsdp_reference / "model.safetensors")
+    assert_same_weights(run / "last" / "model.safetensors", fsdp_reference / "last" / "model.safetensors")

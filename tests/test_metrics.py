@@ -5,6 +5,7 @@ import sys
 import types
 
 import pytest
+import torch
 
 from helpers import metrics, run_cli, tiny_config, tiny_flags
 from pocketgpt.metrics import terminal_bar
@@ -106,12 +107,52 @@ def test_unknown_logger_is_named(tmp_path, capsys, data_dir):
     assert code == 2 and "did you mean 'tensorboard'" in err
 
 
-def test_cpu_training_lines_have_no_gpu_keys_and_an_iter_estimate(tmp_path, capsys, data_dir):
+def test_cpu_training_lines_report_mfu_against_the_measured_ceiling(tmp_path, capsys, data_dir):
+    from pocketgpt import probe, rundir
+    from pocketgpt.loading import load
+    from pocketgpt.runtime import resolve
+    from pocketgpt.sizing import flops_per_token
+    from pocketgpt.trainer import _matmul_params, peak_flops
+
     code, out, err = run_cli(capsys, "train", "--data", data_dir, "--out", tmp_path / "r", *tiny_flags(max_iters=4))
     assert code == 0, err
-    assert "ms/iter estimated" in out and "MFU" not in out
+    assert "ms/iter estimated" in out and "MFU is against" in out and "| MFU " in out
     train_lines = [m for m in metrics(tmp_path / "r") if "loss" in m]
-    assert train_lines and not any("mfu" in m or "peak_mem_mb" in m for m in train_lines)
+    assert train_lines and not any("peak_mem_mb" in m for m in train_lines)  # GPU memory only on GPUs
+    cfg = rundir.read_config(tmp_path / "r")[0]
+    vocab = cfg.model.vocab_size
+    ceiling = peak_flops(cfg, resolve("cpu", "float32"))  # the run's own (cached) measurement
+    assert ceiling == probe.matmul_rate(torch.device("cpu"), torch.float32, probe.model_shapes(32, vocab, 8 * 16))
+    model = load(tmp_path / "r").model
+    fpt = flops_per_token(_matmul_params(model), 2, 32, 16)
+    for m in train_lines:  # the model's FLOPs per token times the logged tokens/s, against that ceiling
+        assert m["mfu"] == pytest.approx(fpt * m["tokens_per_s"] / ceiling, rel=1e-2, abs=1e-4)
+
+
+def test_a_ceiling_below_what_the_run_reaches_is_measured_again(tmp_path, capsys, data_dir, monkeypatch):
+    """A probe that met a busy machine is cached too low; a run faster than it re-measures once."""
+    import json
+
+    from pocketgpt import probe
+    from pocketgpt.data import read_meta
+
+    monkeypatch.setenv("POCKETGPT_CACHE_DIR", str(tmp_path / "cache"))
+    shapes = probe.model_shapes(32, int(read_meta(data_dir)["vocab_size"]), 8 * 16)
+    key = probe._key(torch.device("cpu"), torch.float32, shapes)
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / probe.CACHE_FILE).write_text(json.dumps({key: 1000.0}))  # 1 kFLOP/s: far too low
+    code, _, err = run_cli(capsys, "train", "--data", data_dir, "--out", tmp_path / "r", *tiny_flags(max_iters=4))
+    assert code == 0, err
+    remeasured = json.loads((tmp_path / "cache" / probe.CACHE_FILE).read_text())[key]
+    assert remeasured > 1e6
+    last = [m for m in metrics(tmp_path / "r") if "mfu" in m][-1]
+    from pocketgpt.sizing import flops_per_token
+    from pocketgpt.trainer import _matmul_params
+    from pocketgpt.loading import load
+
+    fpt = flops_per_token(_matmul_params(load(tmp_path / "r").model), 2, 32, 16)
+    assert last["mfu"] == pytest.approx(fpt * last["tokens_per_s"] / remeasured, rel=1e-2, abs=1e-4)
+    assert last["mfu"] < 1e3  # the old ceiling gave millions
 
 
 def test_eval_bar_only_on_a_terminal(tmp_path, capsys, monkeypatch, data_dir):

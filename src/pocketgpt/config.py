@@ -110,7 +110,7 @@ class RunConfig:
     early_stop_patience: int = 0  # stop after this many evals without a better val loss; 0 = off
     plots: bool = True  # redraw RUN_DIR/plots/*.png at every eval
     loggers: str = ""  # also send metrics to: comma-separated tensorboard, wandb, trackio
-    # several processes (torchrun): auto and ddp = DistributedDataParallel; fsdp is refused (not there yet)
+    # several processes (torchrun): auto and ddp = DistributedDataParallel; fsdp = FSDP2 (sharded weights; AdamW only)
     parallel: str = "auto"
 
 

@@ -9,9 +9,11 @@ This module owns, for the rest of the package:
   session()                the process group (nccl on CUDA, gloo on CPU) with an explicit timeout, torn
                            down on every exit; CPU threads per rank; a lost rank turned into one line
   Group                    rank, world, the share of a micro-batch; agree() (stop flag and clock),
-                           sums() (eval losses), any_true(), main_first() (rank 0 writes, others wait)
-The trainer wraps the model in DistributedDataParallel itself (trainer.TrainModel): gradients are
-averaged by torch, never here.
+                           sums() (eval losses), gathered(), any_true(), main_first() (rank 0 writes,
+                           others wait)
+  check_replicas()         DDP's copies of the weights still equal on every rank (checked at every eval)
+The trainer wraps the model in DistributedDataParallel itself, or shards it with FSDP2 (fsdp.py) under
+--parallel fsdp (trainer.TrainModel): gradients are averaged by torch, never here.
 """
 
 from __future__ import annotations
@@ -95,8 +97,8 @@ class Group:
         """(rank, world size): which slice of every global micro-batch this rank computes (data.BatchSampler)."""
         return self.rank, self.world_size
 
-    def describe(self, batch_size: int) -> str:
-        return (f"distributed: {self.world_size} processes ({self.backend}, {self.local_world_size} on this "
+    def describe(self, batch_size: int, how: str = "DDP") -> str:
+        return (f"distributed ({how}): {self.world_size} processes ({self.backend}, {self.local_world_size} on this "
                 f"machine, timeout {self.timeout_s:.0f}s) | each rank computes {batch_size // self.world_size} of "
                 f"the {batch_size} rows of every micro-batch{' | ' + self.threads if self.threads else ''}")
 
@@ -117,6 +119,17 @@ class Group:
         t = value.detach().clone()
         torch.distributed.all_reduce(t)
         return t / self.world_size
+
+    def gathered(self, values: list[float]) -> list[list[float]]:
+        """Every rank's values (the same count on each), on every rank: row r is rank r's. One all_reduce of
+        a world x n table in which each rank fills its own row."""
+        if not self.enabled:
+            return [list(values)]
+        n = len(values)
+        table = [0.0] * (n * self.world_size)
+        table[self.rank * n:(self.rank + 1) * n] = values
+        flat = self._reduce(table)
+        return [flat[r * n:(r + 1) * n] for r in range(self.world_size)]
 
     def any_true(self, flag: bool) -> bool:
         return bool(self._reduce([float(flag)])[0]) if self.enabled else flag
@@ -220,12 +233,10 @@ def local_rank() -> int | None:
 
 
 def check_world(batch_size: int, parallel: str = "auto", world: int | None = None) -> None:
-    """Refuse, before any process group or prepare, what cannot run: FSDP (not there yet), and a batch
-    that does not split into equal shares (each rank takes batch_size / world rows of every micro-batch,
-    so the global batch, and with it the training, is the same whatever the world size)."""
-    if parallel == "fsdp":
-        raise FollowedError("--parallel fsdp (sharded weights, FSDP2) is not there yet; use --parallel ddp "
-                            "(or auto), which keeps a full copy of the model on every rank")
+    """Refuse, before any process group or prepare, a batch that does not split into equal shares (each
+    rank takes batch_size / world rows of every micro-batch, so the global batch, and with it the training,
+    is the same whatever the world size). DDP and FSDP split the batch alike; what FSDP cannot train is
+    refused by fsdp.check, which needs the whole config."""
     world = world_from_env()[1] if world is None else world
     if world <= 1 or batch_size % world == 0:
         return
@@ -397,9 +408,42 @@ def _missing_ranks(group: Group, wait_s: float = 2.0) -> list[int]:
         return []
 
 
-def exit_hook_for_tests(it: int) -> None:
+# ---------------------------------------------------------------- replicas that must stay equal
+
+REPLICA_RTOL = 1e-6  # equal replicas agree exactly; a skipped or doubled step moves a checksum by far more
+
+
+class ReplicasDiffer(FollowedError):
+    """DDP's copies of the weights are no longer the same on every rank (every rank sees it alike)."""
+
+
+def check_replicas(group: Group, named: list[tuple[str, torch.Tensor]], it: int) -> None:
+    """Every rank of a DDP run holds the same weights: compare two checksums a tensor (sum, sum of squares,
+    in float64) across the ranks and stop every rank with one line naming the first that drifted. DDP
+    itself never notices (it only averages gradients), so drifted replicas would train on silently apart."""
+    if not group.enabled:
+        return
+    sums: list[float] = []
+    with torch.no_grad():
+        for _, t in named:
+            d = t.detach().double()
+            sums += [float(d.sum()), float(d.square().sum())]
+    table = group.gathered(sums)
+    for r, row in enumerate(table[1:], start=1):
+        for i, (a, b) in enumerate(zip(table[0], row)):
+            if abs(a - b) > REPLICA_RTOL * max(abs(a), abs(b), 1e-12):
+                raise ReplicasDiffer(
+                    f"the weights differ across ranks at iter {it}: {named[i // 2][0]} on rank {r} is not rank 0's "
+                    f"(checksum {b:.9g} vs {a:.9g}); the copies drifted apart (faulty hardware, or a rank that "
+                    "computed something else), so this run stops before saving them. Resume from the last good "
+                    "checkpoint with --resume (rank 0's weights; any number of processes), and check that rank's "
+                    "machine if it happens again")
+
+
+def exit_hook_for_tests(it: int, model: torch.nn.Module | None = None) -> None:
     """Tests only: POCKETGPT_TEST_RANK_EXIT=RANK:ITER kills that rank at that iteration (:hang: it stops
-    answering instead), so the tests see the others end with a message rather than wait forever."""
+    answering instead), so the tests see the others end with a message rather than wait forever; :drift
+    nudges that rank's first weight (its replica drifts), :nan makes it NaN (that rank alone diverges)."""
     raw = os.environ.get(ENV_TEST_EXIT)
     if not raw:
         return
@@ -408,4 +452,12 @@ def exit_hook_for_tests(it: int) -> None:
         return
     if parts[2:] == ["hang"]:
         time.sleep(10**6)
+    if parts[2:] in (["drift"], ["nan"]) and model is not None:
+        with torch.no_grad():
+            first = next(model.parameters())
+            if parts[2] == "drift":
+                first.add_(1e-3)
+            else:
+                first.fill_(float("nan"))
+        return
     os._exit(17)

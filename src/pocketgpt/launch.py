@@ -68,7 +68,7 @@ def launch(req: TrainRequest, echo: Callable[[str], None] | None = None) -> Laun
 
     echo receives every line said (None: printed, with a progress bar on terminals).
     """
-    from . import distributed
+    from . import distributed, fsdp
     from .metrics import check_loggers
     from .runtime import resolve
 
@@ -103,6 +103,7 @@ def launch(req: TrainRequest, echo: Callable[[str], None] | None = None) -> Laun
     if req.data and req.inputs:
         raise PocketError("give either INPUT files or --data, not both")
     distributed.check_world(cfg.run.batch_size, cfg.run.parallel)  # before a prepare (auto: again once sized)
+    fsdp.check(cfg)
 
     def prepared() -> tuple[Path, TrainConfig]:
         if req.data:
@@ -289,7 +290,7 @@ def _renumber_chars(data_dir: Path, base_tok: "Tokenizer") -> None:
 def _launch_finetune(req: TrainRequest, overrides: dict[str, Any], out: Path,
                      echo: Callable[[str], None] | None) -> Launched:
     """A new run from a pretrained model: its shape and tokenizer, the finetune preset, init_from recorded."""
-    from . import distributed
+    from . import distributed, fsdp
     from .metrics import check_loggers
     from .runtime import resolve
 
@@ -308,6 +309,7 @@ def _launch_finetune(req: TrainRequest, overrides: dict[str, Any], out: Path,
     runtime = resolve(cfg.run.device, cfg.run.dtype)
     say(f"fine-tuning {base.record['source']} ({base.record['kind']}, {base.model.num_params():,} parameters)")
     distributed.check_world(cfg.run.batch_size, cfg.run.parallel)
+    fsdp.check(cfg)
 
     def prepared() -> Path:
         if req.data:

@@ -25,7 +25,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from . import distributed, evalsteps, rundir
+from . import distributed, evalsteps, fsdp, rundir
 from .checkpoint import atomic_write, disk_errors
 from .config import LoraConfig, ModelConfig, TrainConfig, check_lora, validate
 from .data import TrainData, open_training_data, read_meta
@@ -60,13 +60,17 @@ class TrainModel:
 
     forward is the raw model, or under torchrun DistributedDataParallel around it (its backward averages
     the gradients over the ranks), either of them maybe compiled; a compiler failure at the first call
-    falls back to the uncompiled one with a warning.
+    falls back to the uncompiled one with a warning. Under torchrun with parallel "fsdp" the raw model is
+    sharded in place instead (fsdp.Sharded: its parameters become DTensors) and forward is the raw model.
     """
 
-    def __init__(self, raw: GPT, group: Group | None = None):
+    def __init__(self, raw: GPT, group: Group | None = None, parallel: str = "auto"):
         self.raw = raw
         self.ddp: torch.nn.parallel.DistributedDataParallel | None = None
-        if group is not None and group.enabled:
+        self.sharded: fsdp.Sharded | None = None
+        if group is not None and group.enabled and parallel == "fsdp":
+            self.sharded = fsdp.Sharded(raw, group)
+        elif group is not None and group.enabled:
             self.ddp = torch.nn.parallel.DistributedDataParallel(
                 raw, device_ids=[group.device] if group.device.type == "cuda" else None, **_no_buffer_sync())
         self.eager: Callable[..., Any] = self.ddp if self.ddp is not None else raw
@@ -85,7 +89,11 @@ class TrainModel:
 
     def sync(self, last: bool) -> contextlib.AbstractContextManager:
         """Around one micro-batch's forward and backward: DDP averages the gradients in the backward of the
-        last micro-batch of a step only; the ones before accumulate on each rank (no_sync), one exchange a step."""
+        last micro-batch of a step only; the ones before accumulate on each rank (no_sync), one exchange a step.
+        FSDP alike: its inner micro-batches neither reduce-scatter nor reshard (fsdp.Sharded.micro_step)."""
+        if self.sharded is not None:
+            self.sharded.micro_step(last)
+            return contextlib.nullcontext()
         if self.ddp is None or last:
             return contextlib.nullcontext()
         return self.ddp.no_sync()
@@ -111,7 +119,7 @@ def _no_buffer_sync() -> dict[str, bool]:
 
 
 def build_model(cfg: ModelConfig, runtime: Runtime, initial: GPT | None = None,
-                lora: LoraConfig | None = None, group: Group | None = None) -> TrainModel:
+                lora: LoraConfig | None = None, group: Group | None = None, parallel: str = "auto") -> TrainModel:
     """A fresh GPT of cfg (from torch's current RNG), or `initial` (e.g. pretrained weights), on the device.
 
     An initial model of exactly cfg is used as it is; one that differs only in dropout or a longer
@@ -120,12 +128,13 @@ def build_model(cfg: ModelConfig, runtime: Runtime, initial: GPT | None = None,
     share of the memory a fine-tune has), so training changes the initial model's weights: pass a copy
     to keep one. With LoRA on, the weights are frozen and the targeted matrices wrapped (lora.add_adapters).
     In a distributed group the raw model is wrapped in DistributedDataParallel, which starts every rank
-    from rank 0's weights.
+    from rank 0's weights, or with parallel "fsdp" sharded over the ranks (every rank built the same
+    weights from the same seed, and keeps its slice).
     """
     raw = _raw_model(cfg, runtime, initial)
     if lora is not None and lora.enabled:
         add_adapters(raw, lora)  # after the move: the adapters are made on the weights' device
-    return TrainModel(raw, group)
+    return TrainModel(raw, group, parallel)
 
 
 def _raw_model(cfg: ModelConfig, runtime: Runtime, initial: GPT | None) -> GPT:
@@ -173,9 +182,9 @@ class Trainer:
         self.model = model.raw
         self.group = distributed.current()
         self.lora = cfg.lora.enabled  # the model's targeted matrices are LoRALinear layers (build_model)
-        self.optimizers = make_optimizers(self.model, cfg.optim, runtime.device)
+        self.optimizers = make_optimizers(self.model, cfg.optim, runtime.device, runtime.dtype)
         self.scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.needs_grad_scaler)
-        self.resumable = Resumable(self.model, self.optimizers, self.scaler, runtime)
+        self.resumable = Resumable(self.model, self.optimizers, self.scaler, runtime, model.sharded)
         # Reading a loss on a GPU waits for all queued work; read at log and eval steps only, and keep a
         # device-side flag of non-finite values for the steps in between (checked before every save).
         self.read_every_step = not runtime.is_cuda
@@ -186,8 +195,8 @@ class Trainer:
         self.early_stopped = False
         m = cfg.model
         self.flops_per_token = flops_per_token(_matmul_params(self.model), m.n_layer, m.n_embd, m.block_size)
-        self.peak_flops = (gpu_peak_flops(torch.cuda.get_device_name(runtime.device), runtime.dtype != torch.float32)
-                           if runtime.is_cuda else None)
+        self.peak_flops = peak_flops(cfg, runtime, self.group.world_size)
+        self.reprobed = False
 
     @classmethod
     def create(cls, cfg: TrainConfig, data_dir: Path, out: Path, runtime: Runtime, log: MetricsLog,
@@ -202,7 +211,7 @@ class Trainer:
         """Seed, build the model (with the data's vocab_size in a copy of cfg) and the trainer."""
         cfg = replace(cfg, model=replace(cfg.model, vocab_size=data.vocab_size))
         torch.manual_seed(cfg.run.seed)
-        model = build_model(cfg.model, runtime, initial, cfg.lora, distributed.current())
+        model = build_model(cfg.model, runtime, initial, cfg.lora, distributed.current(), cfg.run.parallel)
         if cfg.run.gradient_checkpointing:
             checkpoint_blocks(model.raw)
         return cls(cfg, data, model, Path(out), runtime, log)
@@ -218,10 +227,16 @@ class Trainer:
     def save_last(self) -> None:
         """Every rank calls this (the unread-step check is agreed); rank 0 writes last/ while the others wait."""
         self._check_unread(self.state.iter)
-        self.group.main_first(self._save)
+        gathered = self._gather()
+        self.group.main_first(lambda: self._save(gathered))
 
-    def _save(self) -> None:
-        self.resumable.save(self.out, self.state)
+    def _save(self, gathered: fsdp.Gathered | None = None) -> None:
+        self.resumable.save(self.out, self.state, gathered)
+
+    def _gather(self) -> fsdp.Gathered | None:
+        """Under FSDP, the full weights and optimizer state on rank 0, gathered by every rank before rank 0
+        writes alone (a collective inside main_first would wait for ranks that are not there); else None."""
+        return self.net.sharded.gather(self.optimizers) if self.net.sharded is not None else None
 
     # -- one optimizer step -------------------------------------------------
     def _to_device(self, a: np.ndarray) -> torch.Tensor:
@@ -264,7 +279,8 @@ class Trainer:
         if o.grad_clip > 0:
             for opt in self.optimizers:
                 self.scaler.unscale_(opt)
-            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.grad_clip)
+            # under FSDP the gradients are DTensor shards and the norm is the global one (a DTensor scalar)
+            norm = fsdp.plain(torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.grad_clip))
             if read:
                 grad_norm = float(norm)
                 if not math.isfinite(grad_norm) and not self.scaler.is_enabled():
@@ -316,41 +332,52 @@ class Trainer:
         """Mean loss over eval_iters fixed batches per split (the same batches at every eval).
 
         In a distributed run each rank measures every world_size-th batch; the sums are added over the
-        ranks and divided once, so every rank holds the losses a single process would measure.
+        ranks and divided once, so every rank holds the losses a single process would measure. (Under
+        FSDP every forward is a collective: ranks short of a batch run one more and drop its loss.)
         """
         self.model.eval()
         splits, sums = list(self.data.eval_samplers), []
         rank, world = self.group.share
+        n = self.cfg.run.eval_iters
+        rounds = self.net.sharded.eval_rounds(n) if self.net.sharded is not None else n
         for split in splits:
             losses = []
-            for k in range(rank, self.cfg.run.eval_iters, world):
-                x, y = (self._to_device(a) for a in self.data.eval_samplers[split].batch(k))
+            for k in range(rank, rounds, world):
+                x, y = (self._to_device(a) for a in self.data.eval_samplers[split].batch(k % n))
                 with self.runtime.autocast():
                     _, loss = self.model(x, y)
-                losses.append(float(loss))
+                if k < n:
+                    losses.append(float(loss))
             sums.append(float(np.sum(losses)))
         self.model.train()
         return {split: total / self.cfg.run.eval_iters for split, total in zip(splits, self.group.sums(sums))}
 
     def evaluate(self) -> None:
         """Measure (every rank), then run every eval step (evalsteps.EVAL_STEPS) in order: on rank 0 alone,
-        which writes the run's files, while the others wait; its early-stop decision is theirs too."""
+        which writes the run's files, while the others wait; its early-stop decision is theirs too. DDP's
+        replicas are checked to be still equal first, so drifted weights are never saved."""
         self._check_unread(self.state.iter)
+        if self.net.ddp is not None:
+            distributed.check_replicas(self.group, list(self.model.named_parameters()), self.state.iter)
         ev = evalsteps.record(self.state, self.estimate_losses(), self.data.val_bytes_per_token)
-        stop = self.group.main_first(lambda: self._eval_steps(ev))
+        gathered = self._gather()
+        stop = self.group.main_first(lambda: self._eval_steps(ev, gathered))
         self.early_stopped = self.early_stopped or stop
 
-    def _eval_steps(self, ev: evalsteps.EvalResult) -> bool:
-        ctx = evalsteps.EvalContext(self.out, self.cfg, self.state, self.log, self._eval_model(ev),
-                                    self.data.tokenizer, self._save)  # _check_unread ran in evaluate()
+    def _eval_steps(self, ev: evalsteps.EvalResult, gathered: fsdp.Gathered | None = None) -> bool:
+        ctx = evalsteps.EvalContext(self.out, self.cfg, self.state, self.log, self._eval_model(ev, gathered),
+                                    self.data.tokenizer, lambda: self._save(gathered))  # _check_unread ran above
         for eval_step in evalsteps.EVAL_STEPS:
             eval_step(ctx, ev)
         return ctx.stop_requested
 
-    def _eval_model(self, ev: evalsteps.EvalResult) -> GPT:
+    def _eval_model(self, ev: evalsteps.EvalResult, gathered: fsdp.Gathered | None = None) -> GPT:
         """The model the eval steps save as best and sample from. With LoRA: a merged plain copy (its
         targeted matrices new, the rest shared), so model.safetensors loads as any run's and the engine's
-        decode, which reads plain weights, sees the adapters; a new best adapter is saved first, beside it."""
+        decode, which reads plain weights, sees the adapters; a new best adapter is saved first, beside it.
+        Under FSDP: rank 0's plain copy with the gathered full weights (fsdp.Gathered)."""
+        if gathered is not None and gathered.model is not None:
+            return gathered.model
         if not self.lora:
             return self.model
         if ev.improved:
@@ -381,7 +408,7 @@ class Trainer:
         window_start, window_iters, evaluated_at = time.perf_counter(), 0, -1
         while (s.iter < r.max_iters and not (r.max_time and s.elapsed >= r.max_time) and not self.stop_requested
                and not self.early_stopped):
-            distributed.exit_hook_for_tests(s.iter)
+            distributed.exit_hook_for_tests(s.iter, self.model)
             t0 = time.perf_counter()
             lr = lr_at(self.cfg.optim, s.iter,
                        progress(self.cfg.optim, s.iter, r.max_iters, s.elapsed, r.max_time))
@@ -419,7 +446,7 @@ class Trainer:
         ms = 1000 * seconds / max(iters, 1)
         tps = tpi * iters / max(seconds, 1e-9)
         s = self.state
-        gpu = self._gpu_metrics(tps)
+        gpu = self._hw_metrics(tps)
         self.log.write({"iter": s.iter, "loss": loss, "lr": lr, "tokens_per_s": round(tps, 1),
                         "ms_per_iter": round(ms, 2), "grad_norm": grad_norm, "tokens_seen": s.tokens_seen,
                         "elapsed": round(s.elapsed, 3), **gpu})
@@ -433,14 +460,35 @@ class Trainer:
         self.log.say(f"iter {s.iter:6d} ({where}) | loss {loss:.4f} | lr {lr:.2e} | "
                      f"{ms:6.1f} ms/iter | {tps:,.0f} tok/s{extra} | ETA {_duration(eta)}")
 
-    def _gpu_metrics(self, tokens_per_s: float) -> dict[str, float]:
-        """On CUDA: peak memory (MB) and model FLOPs utilisation; nothing elsewhere."""
-        if not self.runtime.is_cuda:
-            return {}
-        out = {"peak_mem_mb": round(torch.cuda.max_memory_allocated(self.runtime.device) / 2**20, 1)}
+    def _hw_metrics(self, tokens_per_s: float) -> dict[str, float]:
+        """Model FLOPs utilisation (each process's share of tokens/s against its own ceiling); on CUDA also
+        peak memory (MB)."""
+        out = {}
+        if self.runtime.is_cuda:
+            out["peak_mem_mb"] = round(torch.cuda.max_memory_allocated(self.runtime.device) / 2**20, 1)
         if self.peak_flops:  # unknown GPUs get no MFU rather than a guess
-            out["mfu"] = round(self.flops_per_token * tokens_per_s / self.peak_flops, 4)
+            share = tokens_per_s / self.group.world_size
+            if self.flops_per_token * share > self.peak_flops and not self.runtime.is_cuda and not self.reprobed:
+                # faster than the ceiling: the cached probe met a busy machine; measure again, once
+                self.reprobed = True
+                self.peak_flops = peak_flops(self.cfg, self.runtime, self.group.world_size, remeasure=True)
+            out["mfu"] = round(self.flops_per_token * share / self.peak_flops, 4)
         return out
+
+
+def peak_flops(cfg: TrainConfig, runtime: Runtime, world_size: int = 1, remeasure: bool = False) -> float | None:
+    """The MFU denominator of one process: a known GPU's dense peak; on a CPU, its matmul rate at this model's
+    own shapes and dtype (probe.py: measured once per machine, cached), since CPUs differ too much for a table."""
+    if runtime.is_cuda:
+        return gpu_peak_flops(torch.cuda.get_device_name(runtime.device), runtime.dtype != torch.float32)
+    if runtime.device.type != "cpu":
+        return None
+    from .probe import matmul_rate, model_shapes
+
+    m, r = cfg.model, cfg.run
+    rows = r.batch_size // world_size * m.block_size
+    dtype = torch.bfloat16 if runtime.dtype == torch.bfloat16 else torch.float32
+    return matmul_rate(runtime.device, dtype, model_shapes(m.n_embd, m.vocab_size, rows), remeasure=remeasure)
 
 
 def _shown(loss: float) -> str:
@@ -513,6 +561,12 @@ def _open_data(cfg: TrainConfig, data_dir: Path, group: Group) -> TrainData:
     return open_training_data(data_dir, cfg.model.block_size, cfg.run.batch_size, cfg.run.seed, group.share)
 
 
+def _rank_state_mb(cfg: TrainConfig, group: Group, state_mb: float) -> float:
+    """Weights, gradients and optimizer state one rank holds: all of them, or under FSDP its share (the
+    block being gathered at a time is small next to the rest)."""
+    return state_mb / group.world_size if cfg.run.parallel == "fsdp" and group.enabled else state_mb
+
+
 def _rank_rows(cfg: TrainConfig, group: Group) -> TrainConfig:
     """cfg with one rank's rows of each micro-batch: what one process holds in memory."""
     return replace(cfg, run=replace(cfg.run, batch_size=cfg.run.batch_size // group.world_size))
@@ -521,8 +575,8 @@ def _rank_rows(cfg: TrainConfig, group: Group) -> TrainConfig:
 def check_memory(cfg: TrainConfig, vocab_size: int, runtime: Runtime, group: Group | None = None) -> None:
     """Refuse a model whose estimated training memory is beyond what this machine (or GPU) has.
 
-    In a distributed run each rank holds the whole model and its share of the rows; CPU ranks on one
-    machine share its memory, GPU ranks have one GPU each.
+    In a distributed run each rank holds the whole model (under FSDP its share of it) and its share of
+    the rows; CPU ranks on one machine share its memory, GPU ranks have one GPU each.
     """
     m = cfg.model
     n_params = count_params(m.n_layer, m.n_embd, vocab_size, m.block_size if m.pos_emb == "learned" else 0,
@@ -530,6 +584,7 @@ def check_memory(cfg: TrainConfig, vocab_size: int, runtime: Runtime, group: Gro
     group = group or distributed.current()
     sized = replace(_rank_rows(cfg, group), model=replace(m, vocab_size=vocab_size))
     state_mb, act_mb = memory_estimate_mb(sized, n_params, runtime)
+    state_mb = _rank_state_mb(cfg, group, state_mb)
     if not runtime.is_cuda:
         state_mb, act_mb = state_mb * group.local_world_size, act_mb * group.local_world_size
     have = device_memory_mb(runtime)
@@ -567,10 +622,12 @@ def train(
     out, data_dir = Path(out), Path(data_dir)
     cfg = copy.deepcopy(cfg)
     validate(cfg)
+    fsdp.check(cfg)  # before check_lora: LoRA with fsdp is refused as such
     check_lora(cfg, has_base=resume or initial_model is not None)  # a resume's base is in its last/ checkpoint
     check_loggers(cfg.run.loggers)
     distributed.check_world(cfg.run.batch_size, cfg.run.parallel)
     runtime = resolve(cfg.run.device, cfg.run.dtype)
+    fsdp.check_dtype(cfg, runtime)
     with distributed.session(runtime.device) as group, contextlib.ExitStack() as held:
         opened: list[TrainData] = []
 
@@ -649,15 +706,25 @@ def _say_plan(trainer: Trainer) -> None:
     cfg, runtime, data, log = trainer.cfg, trainer.runtime, trainer.data, trainer.log
     n_params = trainer.model.num_params() - cfg.lora.trainable_params(cfg.model)  # the GPT's own, without adapters
     state_mb, act_mb = memory_estimate_mb(_rank_rows(cfg, trainer.group), n_params, runtime)  # one rank's (its share of the rows)
+    state_mb = _rank_state_mb(cfg, trainer.group, state_mb)
     log.say(f"model: {n_params:,} parameters | {runtime.describe()} | "
             f"data: {len(data.train_tokens):,} train / {len(data.val_tokens):,} val tokens")
     if trainer.group.enabled:
-        log.say(trainer.group.describe(cfg.run.batch_size))
+        sharded = trainer.net.sharded is not None
+        how = f"FSDP2, each rank 1/{trainer.group.world_size} of the weights" if sharded else "DDP"
+        log.say(trainer.group.describe(cfg.run.batch_size, how))
     if cfg.lora.enabled:
         log.say(describe(cfg.lora, cfg.model, n_params))
+    if trainer.peak_flops and not runtime.is_cuda:
+        log.say(f"MFU is against {trainer.peak_flops / 1e9:,.0f} GFLOP/s: this CPU's {_dtype_name(runtime)} matmul rate "
+                "at the model's shapes (measured once, cached)")
     log.say(f"memory estimate: ~{state_mb + act_mb:,.0f} MB ({state_mb:,.0f} MB weights, gradients and "
             f"optimizer state + {act_mb:,.0f} MB activations per micro-batch) | "
             f"~{1000 * _iter_seconds(trainer):,.0f} ms/iter estimated")
+
+
+def _dtype_name(runtime: Runtime) -> str:
+    return "bf16" if runtime.dtype == torch.bfloat16 else "fp32"
 
 
 def _iter_seconds(trainer: Trainer) -> float:

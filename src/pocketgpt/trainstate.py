@@ -9,6 +9,10 @@ Nothing here depends on the world size of a distributed run: the global batch is
 reads its rows of it), the replicas' weights and optimizer states are equal, and rank 0 alone saves,
 its own RNG state included; the other ranks draw from (seed, rank, step) instead (Trainer.step). So a
 run saved by any number of processes resumes on any other number.
+
+Under FSDP no rank holds the whole state: the ranks first gather it to rank 0 (fsdp.Sharded.gather, the
+Gathered given to save), which writes the very files a single process writes; restore reads them on every
+rank and each keeps its slice (fsdp.Sharded.load_weights / load_optimizer). Same files, any world size.
 """
 
 from __future__ import annotations
@@ -16,13 +20,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from . import checkpoint as ckpt
 from .errors import PocketError
 from .runtime import Runtime
+
+if TYPE_CHECKING:
+    from .fsdp import Gathered, Sharded
 
 
 @dataclass
@@ -59,25 +66,37 @@ class Resumable:
     """The model (unwrapped), optimizers, scaler and RNG of one run: save() and restore() as a whole."""
 
     def __init__(self, model: torch.nn.Module, optimizers: list[torch.optim.Optimizer],
-                 scaler: torch.amp.GradScaler, runtime: Runtime):
+                 scaler: torch.amp.GradScaler, runtime: Runtime, sharded: "Sharded | None" = None):
         self.model, self.optimizers, self.scaler, self.runtime = model, optimizers, scaler, runtime
+        self.sharded = sharded  # FSDP: the model's parameters are this rank's shards
 
-    def save(self, out: Path, state: RunState) -> None:
+    def save(self, out: Path, state: RunState, gathered: "Gathered | None" = None) -> None:
+        """Write last/ (rank 0); under FSDP from `gathered`, the full state the ranks collected beforehand."""
         extra = {"scaler": self.scaler.state_dict()} if self.scaler.is_enabled() else {}
+        if self.sharded is not None and (gathered is None or gathered.model is None):
+            raise RuntimeError("a sharded model is saved from its gathered state, on rank 0")
+        model = gathered.model if gathered is not None else self.model
+        optimizers = gathered.optimizers if gathered is not None else [o.state_dict() for o in self.optimizers]
         with ckpt.disk_errors(out, "resume checkpoint (last/)"):
-            ckpt.save_resume_state(out, self.model, {"optimizers": [o.state_dict() for o in self.optimizers]},
-                                   self._rng_state(), {**state.to_dict(), **extra})
+            ckpt.save_resume_state(out, model, {"optimizers": optimizers}, self._rng_state(),
+                                   {**state.to_dict(), **extra})
 
     def restore(self, out: Path) -> RunState:
         folder, state, optimizer_state, rng = ckpt.load_resume_state(out)
-        ckpt.load_weights(self.model, folder / ckpt.WEIGHTS)
+        if self.sharded is not None:
+            self.sharded.load_weights(folder / ckpt.WEIGHTS)
+        else:
+            ckpt.load_weights(self.model, folder / ckpt.WEIGHTS)
         try:
             saved = optimizer_state["optimizers"]
             if len(saved) != len(self.optimizers):
                 raise ValueError(f"{len(saved)} optimizers saved, {len(self.optimizers)} now (was optimizer changed?)")
             for opt, sd in zip(self.optimizers, saved):
-                opt.load_state_dict(sd)
-        except (ValueError, KeyError, TypeError) as e:
+                if self.sharded is not None:
+                    self.sharded.load_optimizer(opt, sd)
+                else:
+                    opt.load_state_dict(sd)
+        except (ValueError, KeyError, TypeError, IndexError) as e:
             raise PocketError(f"optimizer state in {folder} does not fit this model ({e})") from None
         if "scaler" in state and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["scaler"])
