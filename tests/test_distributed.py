@@ -237,6 +237,16 @@ def test_a_lost_rank_ends_the_run_with_a_message_naming_it(data_dir, tmp_path, h
     assert [m["iter"] for m in metrics(tmp_path / "run") if "loss" in m] == [1, 2, 3]  # rank 0 waited in step 4
 
 
+def test_an_unexpected_error_on_a_rank_reaches_torchrun_with_its_traceback(data_dir, tmp_path):
+    """A bug (not a PocketError) on rank 1: torchrun's summary holds that rank's traceback (record())."""
+    env = {distributed.ENV_TEST_EXIT: "1:2:raise", distributed.ENV_TIMEOUT: "5"}
+    code, out, _ = torchrun(2, *train_flags(data_dir, tmp_path / "run"), env=env, timeout=60)
+    assert code != 0
+    summary = out[out.index("Root Cause"):]
+    assert "rank      : 1" in summary and "To enable traceback" not in summary, summary
+    assert "RuntimeError: test: an unexpected failure on rank 1" in summary and "exit_hook_for_tests" in summary
+
+
 @pytest.mark.slow
 def test_ctrl_c_stops_every_rank_at_one_step_and_rank_0_saves(data_dir, tmp_path):
     run = tmp_path / "run"

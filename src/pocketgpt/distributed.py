@@ -443,7 +443,8 @@ def check_replicas(group: Group, named: list[tuple[str, torch.Tensor]], it: int)
 def exit_hook_for_tests(it: int, model: torch.nn.Module | None = None) -> None:
     """Tests only: POCKETGPT_TEST_RANK_EXIT=RANK:ITER kills that rank at that iteration (:hang: it stops
     answering instead), so the tests see the others end with a message rather than wait forever; :drift
-    nudges that rank's first weight (its replica drifts), :nan makes it NaN (that rank alone diverges)."""
+    nudges that rank's first weight (its replica drifts), :nan makes it NaN (that rank alone diverges), :raise
+    raises an unexpected error (a bug: its traceback must reach torchrun)."""
     raw = os.environ.get(ENV_TEST_EXIT)
     if not raw:
         return
@@ -452,6 +453,8 @@ def exit_hook_for_tests(it: int, model: torch.nn.Module | None = None) -> None:
         return
     if parts[2:] == ["hang"]:
         time.sleep(10**6)
+    if parts[2:] == ["raise"]:
+        raise RuntimeError(f"test: an unexpected failure on rank {current().rank}")
     if parts[2:] in (["drift"], ["nan"]) and model is not None:
         with torch.no_grad():
             first = next(model.parameters())

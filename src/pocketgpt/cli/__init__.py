@@ -9,6 +9,7 @@ Only torch-free modules are imported here at start, so `pocketgpt --help` answer
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Callable
 
@@ -60,6 +61,16 @@ def _unknown_message(parser: Parser, command: str | None, arg: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command's exit code; under torchrun an unexpected error's traceback also goes to the launcher."""
+    if os.environ.get("TORCHELASTIC_ERROR_FILE"):  # set by torchrun for each rank it starts
+        # torchrun's summary then shows the failing rank's traceback, not "To enable traceback see ..."
+        from torch.distributed.elastic.multiprocessing.errors import record
+
+        return record(_main)(argv)
+    return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     try:
         return run(sys.argv[1:] if argv is None else argv)
     except PocketError as e:
