@@ -12,15 +12,21 @@ The server is a child process (`python -m pocketgpt serve --model RUN --port FRE
 answers 200 and stopped with SIGTERM at the end. Every level N sends N `POST /v1/completions`
 at once, each with stream true, the same prompt, temperature 0.8 and its own seed; one untimed
 request warms the server up first, and each level runs --repeats times (pooled: all tokens over the
-summed wall time; the percentiles over all requests). Per N, measured client-side (httpx, asyncio, one connection per
-request):
+summed wall time; the percentiles over all requests). Per N, measured client-side (one asyncio
+connection per request):
 
     aggregate tok/s   completion tokens received by all requests (the usage of the last event) / wall time
     TTFT p50 / p99    send -> first SSE chunk with text
-    ITL p50 / p99     gaps between a request's consecutive text chunks (one chunk is about one token)
+    ITL p50 / p99     gaps between a request's consecutive text chunks (one chunk is about one token;
+                      when the client reads slower than tokens come, the server joins the waiting ones)
+    server CPU %      the server process's CPU time over the wall time (100 = one core)
+    client CPU %      this process's, the same way
     errors            non-200 answers (e.g. 429), error events, exceptions, requests past --level-timeout
 
-The client shares the machine with the server, so on a small CPU it takes a little of its time.
+The client shares the machine with the server, so it must cost little: it speaks HTTP/1.1 over raw
+asyncio streams (no HTTP library: httpx took about as much CPU per token as the server's engine at
+N=16 on a 2-core machine), takes the chunked framing off and json-parses every event. Its own CPU
+share is in the table, so a client-bound level shows.
 The last lines: the machine (CPU, torch, threads) and aggregate(N=16) / aggregate(N=1).
 """
 
@@ -122,28 +128,72 @@ class Result:
     error: str | None = None
 
 
-async def one_request(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> Result:
+class _Events:
+    """The server-sent events in a chunked HTTP/1.1 body, fed the bytes as they come: the chunk
+    framing is taken off, events split at the blank line (an event or a chunk may be cut anywhere)."""
+
+    def __init__(self) -> None:
+        self.raw = bytearray()  # framed bytes not parsed yet
+        self.body = bytearray()  # unframed bytes not yet a whole event
+        self.ended = False  # the last (empty) chunk came
+
+    def feed(self, data: bytes) -> list[bytes]:
+        self.raw += data
+        while not self.ended:
+            eol = self.raw.find(b"\r\n")
+            if eol < 0:
+                break
+            size = int(bytes(self.raw[:eol]).split(b";")[0], 16)
+            if len(self.raw) < eol + 2 + size + 2:
+                break  # the chunk is not all here yet
+            self.body += self.raw[eol + 2 : eol + 2 + size]
+            del self.raw[: eol + 2 + size + 2]
+            self.ended = size == 0
+        *events, rest = bytes(self.body).split(b"\n\n")
+        self.body = bytearray(rest)
+        return events
+
+
+async def one_request(host: str, port: int, body: dict[str, Any]) -> Result:
+    """One streaming completion over a raw asyncio connection. The client runs on the server's
+    machine, so it must cost little: no HTTP library, but every event is read and json-parsed
+    (an error event, the text of each chunk, the usage of the last one); TTFT and the gaps are
+    taken per event that carries text, when its bytes arrive."""
     r = Result()
     t0 = time.perf_counter()
     last: float | None = None
     chunks = 0
+    payload = json.dumps(body).encode()
+    writer = None
     try:
-        async with client.stream("POST", url, json=body) as resp:
-            if resp.status_code != 200:
-                await resp.aread()
-                r.error = f"HTTP {resp.status_code}"
-                return r
-            async for line in resp.aiter_lines():
-                if not line.startswith("data: "):
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: %s:%d\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\nConnection: close\r\n\r\n" % (host.encode(), port, len(payload)) + payload)
+        head = await reader.readuntil(b"\r\n\r\n")
+        status = int(head.split(b" ", 2)[1])
+        if status != 200:
+            r.error = f"HTTP {status}"
+            return r
+        if b"transfer-encoding: chunked" not in head.lower():
+            r.error = "not chunked"
+            return r
+        events = _Events()
+        done = False
+        while not done and not events.ended:
+            data = await reader.read(65536)
+            if not data:
+                break
+            now = time.perf_counter()
+            for raw in events.feed(data):
+                if not raw.startswith(b"data: "):
                     continue
-                data = line[6:]
-                if data == "[DONE]":
+                if raw[6:] == b"[DONE]":
+                    done = True
                     break
-                now = time.perf_counter()
-                ev = json.loads(data)
+                ev = json.loads(raw[6:])
                 if "error" in ev:
                     r.error = "error event: " + str(ev["error"].get("message"))[:60]
-                    break
+                    return r
                 if ev.get("usage"):
                     r.tokens = ev["usage"]["completion_tokens"]
                 if any(c.get("text") for c in ev.get("choices", [])):
@@ -153,8 +203,13 @@ async def one_request(client: httpx.AsyncClient, url: str, body: dict[str, Any])
                     else:
                         r.gaps.append(now - last)
                     last = now
-    except (httpx.HTTPError, json.JSONDecodeError) as e:
+        if not done:
+            r.error = "ended before [DONE]"
+    except (OSError, asyncio.IncompleteReadError, ValueError) as e:
         r.error = type(e).__name__
+    finally:
+        if writer is not None:
+            writer.close()
     if not r.tokens:
         r.tokens = chunks
     return r
@@ -167,18 +222,25 @@ def body_for(seed: int, max_tokens: int) -> dict[str, Any]:
 
 async def level(base: str, n: int, max_tokens: int, timeout_s: float, seed0: int) -> tuple[list[Result], float]:
     """N requests at once; their results and the wall time until the last ended (bounded by timeout_s)."""
-    url = base + "/v1/completions"
-    limits = httpx.Limits(max_connections=n + 1, max_keepalive_connections=n + 1)
-    async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(timeout_s + 10)) as client:
-        t0 = time.perf_counter()
-        tasks = [asyncio.create_task(one_request(client, url, body_for(seed0 + i, max_tokens))) for i in range(n)]
-        done, pending = await asyncio.wait(tasks, timeout=timeout_s)
-        wall = time.perf_counter() - t0
-        for t in pending:
-            t.cancel()
-        results = [t.result() for t in done]
-        results += [Result(error="timeout") for _ in pending]
+    host, port = base.removeprefix("http://").rsplit(":", 1)
+    t0 = time.perf_counter()
+    tasks = [asyncio.create_task(one_request(host, int(port), body_for(seed0 + i, max_tokens))) for i in range(n)]
+    done, pending = await asyncio.wait(tasks, timeout=timeout_s)
+    wall = time.perf_counter() - t0
+    for t in pending:
+        t.cancel()
+    results = [t.result() for t in done]
+    results += [Result(error="timeout") for _ in pending]
     return results, wall
+
+
+def cpu_s(pid: int | None = None) -> float:
+    """CPU seconds (user + system) this process (pid None) or another one has used so far."""
+    if pid is None:
+        t = os.times()
+        return t.user + t.system
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -200,11 +262,16 @@ def run_model(name: str, run: Path, levels: list[int], max_tokens: int, timeout_
     try:
         asyncio.run(level(server.base, 1, max_tokens, timeout_s, seed0=10_000))  # warm-up, untimed
         common.markdown_header("model", "N", "requests ok", "tokens", "wall s", "aggregate tok/s", "per-stream tok/s",
-                               "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms", "errors")
+                               "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms", "server CPU %", "client CPU %",
+                               "errors")
         for i, n in enumerate(levels):
             results, wall = [], 0.0
+            server_cpu = client_cpu = 0.0
             for r in range(repeats):  # pooled: all requests' tokens over the summed wall time
+                s0, c0 = cpu_s(server.proc.pid), cpu_s()
                 res, w = asyncio.run(level(server.base, n, max_tokens, timeout_s, seed0=100_000 * r + 1000 * (i + 1)))
+                server_cpu += cpu_s(server.proc.pid) - s0
+                client_cpu += cpu_s() - c0
                 results += res
                 wall += w
             ok = [r for r in results if r.error is None]
@@ -219,7 +286,8 @@ def run_model(name: str, run: Path, levels: list[int], max_tokens: int, timeout_
             aggregate[n] = agg
             err = ", ".join(f"{k} x{v}" for k, v in errors.items()) or "0"
             print(f"| {name} | {n} | {len(ok)}/{len(results)} | {tokens} | {wall:.1f} | {agg:.0f} | {agg / n:.1f} | "
-                  f"{pct(ttft, 50):.0f} | {pct(ttft, 99):.0f} | {pct(gaps, 50):.1f} | {pct(gaps, 99):.1f} | {err} |",
+                  f"{pct(ttft, 50):.0f} | {pct(ttft, 99):.0f} | {pct(gaps, 50):.1f} | {pct(gaps, 99):.1f} | "
+                  f"{100 * server_cpu / wall:.0f} | {100 * client_cpu / wall:.0f} | {err} |",
                   flush=True)
     finally:
         server.stop()

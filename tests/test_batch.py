@@ -160,3 +160,51 @@ def test_a_shared_batch_never_steps_in_float16_under_auto(monkeypatch):
     alone_in_batch = run_together(DecodeBatch(engine), {"a": ([1, 2], s)})["a"]
     together = run_together(DecodeBatch(engine), {"a": ([1, 2], s), "b": ([3], s)})["a"]
     assert together == alone_in_batch  # the batch's dtype does not depend on its row count
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_windows_filled_in_a_step_equal_their_own_prefill(arch):
+    # step_rows' fills (a slid window, a deferred prompt) ride in the steps' forward: their logits
+    # and the keys and values they leave in the cache are what a prefill of their own gives
+    model = make(**ARCHS[arch])
+    dec = Decoder(model)
+    idx = torch.randint(0, 23, (6, 16))
+    with torch.inference_mode():
+        full, _ = model(idx)
+        cache = dec.new_cache(6, idx.device)  # rows 0, 2, 3 step; rows 1 and 4..5 are filled
+        lengths = {0: 5, 2: 9, 3: 12}
+        for row, n in lengths.items():
+            dec.prefill(idx[row : row + 1, :n], cache.rows(row, 1))
+        steps = torch.tensor(list(lengths))
+        fills = [(1, idx[1:2, :7]), (4, idx[4:6, :10])]
+        got = dec.step_rows(idx[steps, list(lengths.values())], torch.tensor(list(lengths.values())), cache,
+                            steps, fills)
+        want = torch.cat([full[steps, list(lengths.values())], full[1:2, 6], full[4:6, 9]])
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        for first, ids in fills:
+            alone = dec.new_cache(ids.size(0), idx.device)
+            dec.prefill(ids, alone)
+            L = ids.size(1)
+            torch.testing.assert_close(cache.k[:, first : first + ids.size(0), :, :L], alone.k[:, :, :, :L],
+                                       rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(cache.v[:, first : first + ids.size(0), :, :L], alone.v[:, :, :, :L],
+                                       rtol=1e-5, atol=1e-5)
+
+
+def test_a_batch_prefills_new_prompts_in_its_next_forward():
+    engine = Engine(make(block_size=32))
+    batch = DecodeBatch(engine)
+    assert batch.merge_fills  # float32 steps: the model's own tensors, what prefill() uses
+    s = SamplingSettings(max_new_tokens=5, temperature=1.0, seed=3)
+    first = batch.start([1, 2, 3], s)
+    assert first._cache.pos == 0 and first.due  # checked and given rows, not prefilled yet
+    batch.advance(), batch.pick()
+    ids = [next(first)]
+    second = batch.start([4, 5], s)  # joins while the first runs: its prompt rides in the first's step
+    assert batch.advance() == 2 and second._cache.pos == 2 and first._cache.pos == 4
+    batch.pick()
+    ids.append(next(first))
+    want = engine.generate([1, 2, 3], s)
+    assert [row for step in ids for row in step] == want[0][:2]
+    with pytest.raises(Exception, match="prompt"):  # a bad prompt is still refused at start
+        batch.start([], s)

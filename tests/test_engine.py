@@ -330,3 +330,15 @@ def test_a_stream_in_another_thread_gives_the_same_tokens():
     worker.start()
     worker.join()
     assert out == [eng.generate([5], s)]
+
+
+def test_uniform_draws_come_in_blocks_but_in_the_order_of_one_per_step():
+    # a stream takes its generator's draws 32 steps at a time; they are the numbers one draw per
+    # step gives, so the same seed gives the same ids as before blocks and alone or batched alike
+    from pocketgpt.engine import uniforms
+
+    eng = Engine(make(block_size=64))
+    stream = eng.start([1], SamplingSettings(max_new_tokens=50, temperature=1.0, seed=5, num_samples=3))
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(50):  # past a block boundary
+        torch.testing.assert_close(stream.uniform_draws(), uniforms(3, gen, torch.device("cpu")), rtol=0, atol=0)

@@ -455,3 +455,26 @@ def test_reload_needs_a_run_folder(tmp_path, capsys):
     (tmp_path / "config.json").write_text("{}")
     code, _, err = run_cli(capsys, "serve", "--model", tmp_path, "--reload")
     assert code == 2 and "--reload" in err and "run folder" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("chat", [False, True])
+@pytest.mark.parametrize("include_usage", [False, True])
+def test_sse_template_events_equal_the_general_path(chat, include_usage):
+    # most streamed events are cut from a per-choice template; each must be byte for byte what
+    # building the dict and dumping it gives, whatever the text holds
+    from pocketgpt.sampling import Chunk, SamplingSettings
+    from pocketgpt.serve import api
+    from pocketgpt.serve.api import GenRequest
+    from pocketgpt.serve.app import _ChunkEvents, _sse
+
+    req = GenRequest(["a"], SamplingSettings(num_samples=2), stream=True, include_usage=include_usage, chat=chat)
+    model_id = 'run "x" \u2063'  # quotes and the template's own marker character
+    events = _ChunkEvents(req, model_id)
+    texts = ["", "plain", 'quo"te\\', "new\nline\t", "caf\u00e9 \U0001f600", "\u2063", "\x00\x1f"]
+    for index in (0, 1):
+        for i, text in enumerate(texts):
+            for first in (False, True):
+                ev = Chunk(index, text, finish_reason="length" if i == 3 else None, completion_tokens=3)
+                want = _sse(api.chunk_response(req, model_id, ev, first, 5))
+                assert events.event(ev, first, 5) == want, (text, first)
+    assert set(events.templates) == {0, 1} and all(events.templates.values())

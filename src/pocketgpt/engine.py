@@ -24,8 +24,11 @@ Engine.stream / Engine.generate keep the older keyword-style calls.
 Many generations at once (a server): `DecodeBatch` holds one KV cache whose rows belong to several
 TokenStreams, each at its own position; advance() feeds all their last tokens through the model
 in one forward (Decoder.step_rows, a mask hiding each row's empty slots) and pick() draws their
-next ids per group of equal settings, each stream with its own generator. A stream's ids do not
-depend on its neighbours: they are what Engine.start gives it alone (tests/test_batch.py).
+next ids per group of equal settings, each stream with its own generator. Windows that must be
+prefilled (a new stream's prompt, a slid window) ride in that same forward as extra rows of its
+matmuls: at 16 streams a step is a chain of small matmuls, and a separate prefill per stream cost
+about as much as the step itself. A stream's ids do not depend on its neighbours: they are what
+Engine.start gives it alone (tests/test_batch.py).
 
 Threads: on a 2-core CPU the decode runs on one thread (decode_threads: a second OpenMP thread
 gains nothing for a small model and up to 1.5x for a 10M one on a quiet machine, and loses 2-9x
@@ -39,14 +42,14 @@ default for every thread started later, and handing each token across threads co
 When the context window is full, the window slides: the cache is rebuilt from the newest
 block_size // 2 tokens (one prefill) and decoding continues. Learned absolute positions make a
 rolling cache inexact (every cached key would need a new position), so the rebuild keeps exactness;
-it costs one prefill per block_size // 2 tokens.
+it costs one prefill per block_size // 2 tokens (in a batch: block_size // 2 extra rows in one step).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import replace
-from typing import Any, Callable, Collection, Iterator
+from typing import Any, Callable, Collection, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -220,15 +223,15 @@ def _residual(x: torch.Tensor, y: torch.Tensor, wT: torch.Tensor, b: torch.Tenso
     return x if b is None else x.add_(b)
 
 
-def _cache_rows(k_all: torch.Tensor, v_all: torch.Tensor, rows: slice | torch.Tensor, at: torch.Tensor,
-                pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Write each row's new key and value (B, nh, hs) at its position in one layer's (rows, nh, T, hs)
-    cache; return the rows' first keys_len keys and values. Adjacent rows are views (no copy)."""
-    if isinstance(rows, slice):
-        k_all, v_all, rows = k_all[rows], v_all[rows], slice(None)
-    k_all[at, :, pos] = k
-    v_all[at, :, pos] = v
-    return k_all[rows, :, :keys_len], v_all[rows, :, :keys_len]
+def _runs(rows: list[int]) -> list[tuple[int, int, int]]:
+    """Row indices -> runs of adjacent ones: (index of its first in rows, its first row, its length)."""
+    runs: list[tuple[int, int, int]] = []
+    for i, r in enumerate(rows):
+        if runs and runs[-1][1] + runs[-1][2] == r:
+            runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
+        else:
+            runs.append((i, r, 1))
+    return runs
 
 
 class Decoder:
@@ -309,38 +312,101 @@ class Decoder:
         cache.pos = pos + 1
         return _mm(norm(x, *self.norm_f), self.step_headT, None)
 
-    def step_rows(self, tok: torch.Tensor, pos: torch.Tensor, cache: KVCache, rows: slice | torch.Tensor) -> torch.Tensor:
+    def step_rows(self, tok: torch.Tensor, pos: torch.Tensor, cache: KVCache, rows: slice | torch.Tensor,
+                  fills: Sequence[tuple[int, torch.Tensor]] = ()) -> torch.Tensor:
         """One new token for each of some rows of a shared cache, each row at its own position.
 
         tok, pos (B,): the token of each row and the position it goes to; rows: which rows of cache
         (a slice when they are adjacent, the usual case, else their indices). Same math as step();
         keys past a row's own position (an empty slot, or a longer neighbour's) are masked out.
-        Returns float32 logits (B, V). The caller moves each row's position on.
+        fills: windows prefilled in the same forward, each (first row, ids (r, L)): ids go to
+        positions 0 .. L-1 of rows first .. first + r (a stream whose window slid). Every row, a
+        step's or a fill's, goes through the same matmuls: a step of 16 rows is a chain of small
+        matmuls whose time is mostly per-op cost, so a slid window's 32 tokens riding along cost a
+        fraction of a prefill of their own. Fills use the step matrices, so the caller passes them
+        only when those are the model's float32 tensors (what prefill() uses).
+        Returns float32 logits (B + sum r, V): the steps' rows, then each fill's last position.
+        The caller moves each row's position on.
         """
-        B, keys_len = tok.size(0), int(pos.max()) + 1
+        B, C, nh, hs = tok.size(0), self.cfg.n_embd, self.n_head, self.head_size
+        keys_len = int(pos.max()) + 1 if B else 0
         if keys_len > self.cfg.block_size:
             raise ValueError(f"a row's cache is full ({keys_len - 1} tokens); slide its window first")
-        x = F.embedding(tok, self.wte)
-        if self.wpe is not None:
-            x.add_(F.embedding(pos, self.wpe))
-        rope = None if self.rope is None else (self.rope[0][pos].unsqueeze(1), self.rope[1][pos].unsqueeze(1))
-        mask = (torch.arange(keys_len, device=pos.device) <= pos[:, None]).view(B, 1, 1, keys_len)
-        at = torch.arange(B, device=pos.device) if isinstance(rows, slice) else rows
+        xs = []
+        if B:
+            x = F.embedding(tok, self.wte)
+            if self.wpe is not None:
+                x.add_(F.embedding(pos, self.wpe))
+            xs.append(x)
+            rope = None if self.rope is None else (self.rope[0][pos].unsqueeze(1), self.rope[1][pos].unsqueeze(1))
+            # one additive mask for every layer and head: -inf on the slots past each row's position
+            # (a float mask in baddbmm: SDPA turns a bool one into floats in every call)
+            hidden = torch.arange(keys_len, device=pos.device) > pos[:, None]
+            mask = torch.zeros(B, 1, keys_len, device=pos.device).masked_fill_(hidden[:, None], float("-inf"))
+            mask = mask.repeat_interleave(nh, dim=0)  # (B * nh, 1, keys_len)
+            if isinstance(rows, slice):
+                first = rows.start or 0
+                row_ids, runs = torch.arange(first, first + B, device=pos.device), [(0, first, B)]
+            else:
+                row_ids, runs = rows, _runs(rows.tolist())
+            T = cache.k.size(3)
+            # where each row's new key goes in a layer's cache seen as (rows * nh * T, hs): one
+            # index_copy_ per tensor, half the time of an advanced-index write at 16 rows
+            at = ((row_ids[:, None] * nh + torch.arange(nh, device=pos.device)) * T + pos[:, None]).view(-1)
+            scale = 1.0 / math.sqrt(hs)
+        for first, ids in fills:
+            x = F.embedding(ids, self.wte)  # (r, L, C)
+            if self.wpe is not None:
+                x = x + self.wpe[: ids.size(1)]
+            xs.append(x.view(-1, C))
+        x = xs[0] if len(xs) == 1 else torch.cat(xs)  # (M, C): every token of this forward
         norm, act = self.norm, self.act
         for k_all, v_all, layer in zip(cache.k, cache.v, self.step_layers):
-            qkv = _mm(norm(x, *layer.norm_1), layer.attn_w, layer.attn_b).view(B, 3, self.n_head, self.head_size)
-            q, k, v = self._qk_prep(qkv.transpose(0, 1), rope)
-            keys, values = _cache_rows(k_all, v_all, rows, at, pos, k, v, keys_len)
-            y = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=mask)
-            x = _residual(x, y.reshape(B, -1), layer.attn_proj_w, layer.attn_proj_b)
+            qkv = _mm(norm(x, *layer.norm_1), layer.attn_w, layer.attn_b)  # (M, 3C)
+            ys = []
+            if B:
+                q, k, v = self._qk_prep((qkv[:B] if fills else qkv).view(B, 3, nh, hs).transpose(0, 1), rope)
+                k_all.view(-1, hs).index_copy_(0, at, k.reshape(-1, hs))
+                v_all.view(-1, hs).index_copy_(0, at, v.reshape(-1, hs))
+                q = q.reshape(B * nh, 1, hs)
+                # one query per row and head: two batched matmuls (B * nh small ones); SDPA's kernel
+                # costs more per head here, and more again with a mask. Per run of adjacent rows, so
+                # the keys are views: gathering scattered rows' keys costs more than the attention.
+                for i, first, n in runs:
+                    keys = k_all.narrow(0, first, n).narrow(2, 0, keys_len).flatten(0, 1)  # (n * nh, keys_len, hs)
+                    values = v_all.narrow(0, first, n).narrow(2, 0, keys_len).flatten(0, 1)
+                    q_run, mask_run = (q, mask) if n == B else (q[i * nh : (i + n) * nh], mask[i * nh : (i + n) * nh])
+                    att = torch.baddbmm(mask_run, q_run, keys.transpose(1, 2), alpha=scale)
+                    ys.append(torch.bmm(att.softmax(-1), values).view(n, C))
+            off = B
+            for first, ids in fills:
+                r, L = ids.shape
+                f_rope = None if self.rope is None else (self.rope[0][:L], self.rope[1][:L])
+                qkv_f = qkv[off : off + r * L].view(r, L, 3, nh, hs).permute(2, 0, 3, 1, 4)
+                q, k, v = self._qk_prep(qkv_f, f_rope)  # (r, nh, L, hs) each
+                k_all[first : first + r, :, :L] = k
+                v_all[first : first + r, :, :L] = v
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+                ys.append(y.transpose(1, 2).reshape(r * L, C))
+                off += r * L
+            x = _residual(x, ys[0] if len(ys) == 1 else torch.cat(ys), layer.attn_proj_w, layer.attn_proj_b)
             h = act(_mm(norm(x, *layer.norm_2), layer.fc_w, layer.fc_b))
             x = _residual(x, h, layer.mlp_proj_w, layer.mlp_proj_b)
+        if fills:  # the steps' rows and each fill's last position
+            ends, off = [], B
+            for _, ids in fills:
+                r, L = ids.shape
+                ends += range(off + L - 1, off + r * L, L)
+                off += r * L
+            x = x.index_select(0, torch.tensor([*range(B), *ends], device=x.device))
         return _mm(norm(x, *self.norm_f), self.step_headT, None)
 
     def _qk_prep(
         self, qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """qkv (3, ...) -> q, k, v with QK-norm and rotary positions applied to q and k together."""
+        if self.qk_norm is None and rope is None:
+            return qkv.unbind(0)  # type: ignore[return-value]
         qk, v = qkv[:2], qkv[2]
         if self.qk_norm is not None:
             qk = self.qk_norm(qk)
@@ -362,7 +428,8 @@ def check_prompt(prompt_ids: list[int], block_size: int) -> None:
 class TokenStream:
     """One generation's new token ids, a step per next(): a list with one id per sample, None for
     a sample that has ended (see the module docstring). Made by Engine.start (or DecodeBatch.start),
-    which checks the prompt and runs the prefill; every step runs under the engine's own thread
+    which checks the prompt and runs the prefill (DecodeBatch.start: maybe in the batch's next
+    forward, defer_prefill); every step runs under the engine's own thread
     count, put back before next() returns. Its samples are rows of a DecodeBatch's KV cache: its
     own batch (Engine.start), or one shared with other streams, stepped together; either way it has
     its own rows, position and random generator, so its output does not depend on its neighbours.
@@ -374,7 +441,8 @@ class TokenStream:
     """
 
     def __init__(self, engine: "Engine", prompt_ids: list[int], settings: SamplingSettings,
-                 stop_token_ids: Collection[int] = (), batch: "DecodeBatch | None" = None):
+                 stop_token_ids: Collection[int] = (), batch: "DecodeBatch | None" = None,
+                 defer_prefill: bool = False):
         check_prompt(prompt_ids, engine.cfg.block_size)
         B, s = settings.num_samples, settings
         self.settings, self._scope = s, _Scoped(engine.threads)
@@ -391,13 +459,21 @@ class TokenStream:
             self._dec = self._batch.dec
             self._gen = torch.Generator(device=engine.device)
             self._gen.manual_seed(s.seed) if s.seed is not None else self._gen.seed()
+            # its uniform draws, taken from _gen a block at a time (the same numbers in the same
+            # order as one draw per step: a generator's sequence does not depend on how it is cut)
+            self._draws: torch.Tensor | None = None
+            self._drawn = 0
             prompt = torch.tensor(prompt_ids, dtype=torch.long, device=engine.device).expand(B, -1)
             self._cache = self._batch.join(self)
-            try:
-                self._logits = self._dec.prefill(prompt, self._cache)
-            except BaseException:
-                self._batch.leave(self)
-                raise
+            # defer_prefill: the prompt rides in the batch's next forward (advance) with the others'
+            # steps, instead of a prefill of its own that every running stream waits for
+            self._fill: torch.Tensor | None = prompt if defer_prefill else None
+            if self._fill is None:
+                try:
+                    self._logits = self._dec.prefill(prompt, self._cache)
+                except BaseException:
+                    self._batch.leave(self)
+                    raise
             self._window = list(prompt.unbind(1))  # the context as (B,) columns: no torch.cat per step
             self._seen = None  # the repetition penalty's presence mask (B, V)
             if s.repetition_penalty != 1.0:
@@ -446,14 +522,21 @@ class TokenStream:
                 self._finish(row, "stop")
         self._batch.leave(self)
         self._cache = self._window = self._logits = self._seen = self._last = self._picked = None  # type: ignore[assignment]
+        self._fill = None
 
     def next_ids(self) -> torch.Tensor:
         """The raw step: (B,) new ids on CPU, every row (ended ones too); no bookkeeping of rows."""
         s = self.settings
         if self.done or self._cache is None:
             raise StopIteration
+        nxt = self._picked
+        if nxt is not None and self._seen is None and s.logprobs is None and nxt.device.type == "cpu":
+            # drawn by the batch, nothing else to compute: no torch scope (a server's per-stream cost)
+            self._picked, self._last = None, nxt
+            self._steps += 1
+            return nxt
         with self._scope:
-            if self._last is not None:  # not fed by a shared batch step: feed it alone
+            if self._last is not None or self._fill is not None:  # not fed by a shared batch step: feed it alone
                 self._batch.advance([self])
             nxt = self._picked if self._picked is not None else self._pick()
             self._picked = None
@@ -467,7 +550,19 @@ class TokenStream:
 
     def _pick(self) -> torch.Tensor:
         s = self.settings
-        return pick_next(self.sampling_logits(), s.temperature, s.top_k, s.top_p, self._gen)
+        u = None if s.temperature == 0 else self.uniform_draws()
+        return pick_next(self.sampling_logits(), s.temperature, s.top_k, s.top_p, None, u)
+
+    def uniform_draws(self) -> torch.Tensor:
+        """This step's (rows, 1) float64 uniform draws from the stream's own generator. Drawn 32
+        steps at a time (one torch.rand instead of 32): what one draw per step gives, in order."""
+        if self._draws is None or self._drawn == self._draws.size(0):
+            steps = max(1, min(32, self.settings.max_new_tokens - self._steps))
+            self._draws = torch.rand(steps, self.rows, 1, generator=self._gen, dtype=torch.float64,
+                                     device=self._gen.device)
+            self._drawn = 0
+        self._drawn += 1
+        return self._draws[self._drawn - 1]
 
     def sampling_logits(self) -> torch.Tensor:
         """The logits the next ids are drawn from: the model's, with the repetition penalty applied."""
@@ -477,20 +572,29 @@ class TokenStream:
 
     @property
     def due(self) -> bool:
-        """It has sampled ids that the model has not read yet (the next step feeds them)."""
-        return self._last is not None and not self.done and self._cache is not None
+        """It has sampled ids (or its prompt) that the model has not read yet (the next step feeds them)."""
+        return (self._last is not None or self._fill is not None) and not self.done and self._cache is not None
 
     def _feed(self) -> bool:
-        """Append the last ids to the window; True if they fit the cache (a step), else the window
-        slid: the cache is rebuilt from its newest half in one prefill, and the logits are ready."""
+        """Append the last ids to the window; True if they fit the cache (a step), else False: the
+        window is cut to its newest half, to be prefilled again (by _slide or in a batch's forward)."""
         T = self._dec.cfg.block_size
         self._window.append(self._last)
         if self._cache.pos < T:
             return True
         self._window = self._window[-max(1, T // 2):]
-        self._cache.reset()
-        self._logits = self._dec.prefill(torch.stack(self._window, dim=1), self._cache)
         return False
+
+    def _slide(self) -> None:
+        """Rebuild the cache from the window (cut by _feed; or the deferred prompt) in a prefill of
+        its own; the logits are ready."""
+        self._cache.reset()
+        self._logits = self._dec.prefill(self._refill_ids(), self._cache)
+        self._fill = None
+
+    def _refill_ids(self) -> torch.Tensor:
+        """(rows, L): what the cache is to be rebuilt from: the deferred prompt, or the cut window."""
+        return self._fill if self._fill is not None else torch.stack(self._window, dim=1)
 
 
 def token_logprobs(logits: torch.Tensor, chosen: torch.Tensor, top: int) -> list[tuple[float, list[tuple[int, float]]]]:
@@ -524,11 +628,18 @@ class DecodeBatch:
             self.cache = self.dec.new_cache(max(1, rows), engine.device)
         self.members: list[TokenStream] = []
         self.used = 0
+        # windows (new prompts, slid windows) ride in the batch's forward only when its step
+        # matrices are the model's own float32 tensors, which prefill() uses: a stream's output
+        # must not depend on its neighbours (a bfloat16 step of a prompt would)
+        self.merge_fills = self.dec.step_dtype == self.dec.wte.dtype
 
     def start(self, prompt_ids: list[int], settings: SamplingSettings,
               stop_token_ids: Collection[int] = ()) -> TokenStream:
-        """A new generation in this batch (prefilled now, into its own rows)."""
-        return TokenStream(self.engine, prompt_ids, settings, stop_token_ids, batch=self)
+        """A new generation in this batch, in rows of its own. Its prompt is checked now and
+        prefilled in the next advance(), in the forward of the others' steps, where that forward
+        may take windows (merge_fills); else prefilled now."""
+        return TokenStream(self.engine, prompt_ids, settings, stop_token_ids, batch=self,
+                           defer_prefill=self.merge_fills)
 
     def join(self, stream: TokenStream) -> KVCache:
         """Rows for a new stream (the cache grows if it must); returns the stream's cache view."""
@@ -570,20 +681,31 @@ class DecodeBatch:
 
     def advance(self, streams: list[TokenStream] | None = None) -> int:
         """Feed the sampled ids of every due stream (or of the ones given) in one forward; returns
-        the rows fed by it (streams whose window slid are prefilled apart and not counted)."""
+        the rows fed by it. A stream whose window is full slides (its cache rebuilt from the newest
+        half): in the same forward when several streams are due and the steps are float32 (a
+        window of 32 tokens then costs a little more than a step, not a prefill of its own), else
+        in a prefill apart, not counted."""
         due = [s for s in (self.members if streams is None else streams) if s.due]
         if not due:
             return 0
         with _Scoped(self.engine.threads):
-            stepping = [s for s in due if s._feed()]
-            if len(stepping) == 1:  # one stream: the plain step, its rows a view of their own
-                s = stepping[0]
-                s._logits = self.dec.step(s._last, s._cache)
-            elif stepping:
-                self._step_together(stepping)
+            stepping, sliding = [], []
+            for s in due:  # a deferred prompt is a fill too (its window is the prompt already)
+                (stepping if s._fill is None and s._feed() else sliding).append(s)
+            if len(due) > 1 and self.merge_fills:
+                self._step_together(stepping, sliding)
+            else:
+                for s in sliding:
+                    s._slide()
+                sliding = []
+                if len(stepping) == 1:  # one stream: the plain step, its rows a view of their own
+                    s = stepping[0]
+                    s._logits = self.dec.step(s._last, s._cache)
+                elif stepping:
+                    self._step_together(stepping, [])
             for s in due:
                 s._last = None
-        return sum(s.rows for s in stepping)
+        return sum(s.rows for s in stepping) + sum(s.rows for s in sliding)
 
     def pick(self) -> None:
         """Draw the next ids of every member that will be asked for them, one sampling pass per
@@ -591,7 +713,7 @@ class DecodeBatch:
         draws from its own generator (what it would draw alone, so the ids are the same)."""
         groups: dict[tuple[float, int, float], list[TokenStream]] = {}
         for m in self.members:
-            if m._picked is None and m._last is None and not m.done and m._cache is not None:
+            if m._picked is None and m._last is None and m._fill is None and not m.done and m._cache is not None:
                 s = m.settings
                 groups.setdefault((s.temperature, s.top_k, s.top_p), []).append(m)
         with _Scoped(self.engine.threads):
@@ -599,24 +721,34 @@ class DecodeBatch:
                 if len(streams) == 1:
                     continue  # picks on its own when asked
                 logits = torch.cat([m.sampling_logits() for m in streams])
-                u = None if temperature == 0 else torch.cat([uniforms(m.rows, m._gen, logits.device) for m in streams])
+                u = None if temperature == 0 else torch.cat([m.uniform_draws() for m in streams])
                 ids = pick_next(logits, temperature, top_k, top_p, None, u)
                 for m, part in zip(streams, ids.split([m.rows for m in streams])):
                     m._picked = part
 
-    def _step_together(self, streams: list[TokenStream]) -> None:
-        toks = torch.cat([s._last for s in streams])
-        dev = toks.device
-        pos = torch.cat([torch.full((s.rows,), s._cache.pos, dtype=torch.long, device=dev) for s in streams])
-        first = streams[0]._row0
-        adjacent = all(b._row0 == a._row0 + a.rows for a, b in zip(streams, streams[1:]))
-        rows: slice | torch.Tensor = (slice(first, first + len(toks)) if adjacent else
-                                      torch.cat([torch.arange(s._row0, s._row0 + s.rows, device=dev)
-                                                 for s in streams]))
-        logits = self.dec.step_rows(toks, pos, self.cache, rows)
-        for s, part in zip(streams, logits.split([s.rows for s in streams])):
+    def _step_together(self, streams: list[TokenStream], sliding: list[TokenStream]) -> None:
+        """One forward: a step for each of streams, a window (slid, or a deferred prompt) for each of sliding."""
+        dev = self.cache.k.device
+        if streams:
+            toks = torch.cat([s._last for s in streams])
+            pos = torch.tensor([s._cache.pos for s in streams for _ in range(s.rows)], dtype=torch.long, device=dev)
+            first = streams[0]._row0
+            adjacent = all(b._row0 == a._row0 + a.rows for a, b in zip(streams, streams[1:]))
+            rows: slice | torch.Tensor = (slice(first, first + len(toks)) if adjacent else
+                                          torch.tensor([r for s in streams for r in range(s._row0, s._row0 + s.rows)],
+                                                       dtype=torch.long, device=dev))
+        else:
+            toks = pos = torch.zeros(0, dtype=torch.long, device=dev)
+            rows = slice(0, 0)
+        fills = [(s._row0, s._refill_ids()) for s in sliding]
+        logits = self.dec.step_rows(toks, pos, self.cache, rows, fills)
+        everyone = streams + sliding
+        for s, part in zip(everyone, logits.split([s.rows for s in everyone])):
             s._logits = part
+        for s in streams:
             s._cache.pos += 1
+        for s, (_, ids) in zip(sliding, fills):
+            s._cache.pos, s._fill = ids.size(1), None
 
 
 class Engine:

@@ -109,6 +109,37 @@ def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
 
+# Stands for a chunk's text in a template: json.dumps writes it as ASCII escapes that no other
+# field of a chunk can hold (and _ChunkEvents checks that it appears once).
+_TEXT_MARK = "\u2063pocketgpt-text\u2063"
+
+
+class _ChunkEvents:
+    """The SSE events of one streamed request's chunks. Most chunks differ only in their text (no
+    logprobs asked, not a choice's last chunk, not chat's first one, which names the role): those
+    are cut from a template made once per choice (the same dict through the same json.dumps, the
+    text swapped in), not built and dumped whole for every token; the rest take the general path."""
+
+    def __init__(self, req: GenRequest, model_id: str):
+        self.req, self.model_id = req, model_id
+        self.plain_ok = req.settings.logprobs is None
+        self.templates: dict[int, tuple[str, str] | None] = {}
+
+    def event(self, ev: Chunk, first: bool, offset: int) -> str:
+        if self.plain_ok and ev.finish_reason is None and not ev.logprobs and not (first and self.req.chat):
+            if ev.index not in self.templates:
+                self.templates[ev.index] = self._template(ev.index)
+            t = self.templates[ev.index]
+            if t is not None:
+                return t[0] + json.dumps(ev.text) + t[1]
+        return _sse(api.chunk_response(self.req, self.model_id, ev, first, offset))
+
+    def _template(self, index: int) -> tuple[str, str] | None:
+        whole = _sse(api.chunk_response(self.req, self.model_id, Chunk(index, _TEXT_MARK), False, 0))
+        parts = whole.split(json.dumps(_TEXT_MARK))
+        return (parts[0], parts[1]) if len(parts) == 2 else None
+
+
 class _Outbox:
     """Events from the scheduler thread to the event loop's request queues, handed over once per
     scheduler turn (wake(), called by the scheduler after each step) instead of once per event:
@@ -273,6 +304,7 @@ class _Server:
         seen: set[int] = set()
         offsets: dict[int, int] = {}  # per choice: characters sent so far, with its prompt (text_offset)
         finals: list[Chunk] = []
+        sse = _ChunkEvents(req, self.model_id)
         try:
             done = False
             while not done:
@@ -292,7 +324,7 @@ class _Server:
                     if ev is STARTED:
                         continue
                     offset = offsets.get(ev.index, api.prompt_chars(req, ev.index))
-                    out.append(_sse(api.chunk_response(req, self.model_id, ev, ev.index not in seen, offset)))
+                    out.append(sse.event(ev, ev.index not in seen, offset))
                     offsets[ev.index] = offset + sum(len(t.token) for t in ev.logprobs)
                     seen.add(ev.index)
                     if ev.finish_reason is not None:

@@ -8,8 +8,10 @@ row per sample, each at its own position), wrapped in sampling.TextStream (decod
 strings, finish reasons). A turn is one batched step: DecodeBatch.advance() feeds every stream's
 last token through the model in one forward, then each stream samples its next token on its
 own (own settings and seed, so its output is what it would be alone) and its TextStream gives
-the step's chunks. Events per job: STARTED once every prompt is prefilled (so a bad prompt is
-still a plain 400), a Chunk per piece of text, then DONE, or one ApiError instead.
+the step's chunks. Events per job: STARTED once every prompt is checked and has its rows (so a
+bad prompt is still a plain 400; the prefill itself rides in the next step's forward when the
+batch can take it there, see DecodeBatch.start), a Chunk per piece of text, then DONE, or one
+ApiError instead.
 
 The thread also feeds metrics.Metrics (GET /metrics): tokens generated and inter-token latency
 per stream (from the engine stream's completion_tokens), time to first text per job.
@@ -219,7 +221,8 @@ class Scheduler:
             return [self._pending.popleft() for _ in range(min(room, len(self._pending), 1))]
 
     def _start(self, job: Job) -> None:
-        """Prefill every prompt of the job; a bad prompt ends the job with a 400, others untouched."""
+        """Start (check, give rows to, and prefill now or in the next step) every prompt of the job;
+        a bad prompt ends the job with a 400, others untouched."""
         if job.cancelled or time.monotonic() > job.deadline:
             return self._fail(job, _timeout(self.limits) if not job.cancelled else None)
         units = []
@@ -278,7 +281,7 @@ class Scheduler:
             return self._close_job(unit.job, _internal(e))
         for chunk in chunks or ():
             self._measure(unit, chunk)
-            self._send(unit.job, dataclasses.replace(chunk, index=chunk.index + unit.offset))
+            self._send(unit.job, dataclasses.replace(chunk, index=chunk.index + unit.offset) if unit.offset else chunk)
         if ended:
             self._drop(unit)
             unit.job.open -= 1
