@@ -140,10 +140,10 @@ def test_a_ceiling_below_what_the_run_reaches_is_measured_again(tmp_path, capsys
     shapes = probe.model_shapes(32, int(read_meta(data_dir)["vocab_size"]), 8 * 16)
     key = probe._key(torch.device("cpu"), torch.float32, shapes)
     (tmp_path / "cache").mkdir()
-    (tmp_path / "cache" / probe.CACHE_FILE).write_text(json.dumps({key: 1000.0}))  # 1 kFLOP/s: far too low
+    (tmp_path / "cache" / probe.CACHE_FILE).write_text(json.dumps({key: {"flops_per_s": 1000.0, "load": 0.0}}))  # 1 kFLOP/s, "idle": far too low
     code, _, err = run_cli(capsys, "train", "--data", data_dir, "--out", tmp_path / "r", *tiny_flags(max_iters=4))
     assert code == 0, err
-    remeasured = json.loads((tmp_path / "cache" / probe.CACHE_FILE).read_text())[key]
+    remeasured = json.loads((tmp_path / "cache" / probe.CACHE_FILE).read_text())[key]["flops_per_s"]
     assert remeasured > 1e6
     last = [m for m in metrics(tmp_path / "r") if "mfu" in m][-1]
     from pocketgpt.sizing import flops_per_token

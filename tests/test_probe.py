@@ -16,6 +16,7 @@ SHAPES = [(64, 32, 96), (64, 32, 65)]
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("POCKETGPT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(probe, "_load", lambda: 0.5)  # a steady machine, unless a test says otherwise
     return tmp_path / probe.CACHE_FILE
 
 
@@ -77,3 +78,16 @@ def test_a_remeasure_keeps_the_higher_rate(cache, monkeypatch):
     assert probe.matmul_rate(CPU, torch.float32, shape, remeasure=True) == 2 * slow
     assert probe.matmul_rate(CPU, torch.float32, shape, remeasure=True) == 2 * slow  # 4e-3 measured, not kept
     assert probe.matmul_rate(CPU, torch.float32, shape) == 2 * slow
+
+
+def test_a_rate_measured_on_a_busier_machine_is_measured_again(cache, monkeypatch):
+    times = iter([4e-3, 1e-3])
+    monkeypatch.setattr(probe, "_best_time", lambda *a: next(times))
+    shape = [(10, 10, 10)]
+    monkeypatch.setattr(probe, "_load", lambda: 3.0)  # the first probe met a busy machine
+    busy = probe.matmul_rate(CPU, torch.float32, shape)
+    assert probe.matmul_rate(CPU, torch.float32, shape) == busy  # as busy now: the cached rate
+    monkeypatch.setattr(probe, "_load", lambda: 0.1)
+    assert probe.matmul_rate(CPU, torch.float32, shape) == 4 * busy  # quieter now: measured again
+    assert json.loads(cache.read_text())[probe._key(CPU, torch.float32, shape)]["load"] == 0.1
+    assert probe.matmul_rate(CPU, torch.float32, shape) == 4 * busy  # and kept (no third measurement)

@@ -4,7 +4,8 @@ CPUs differ too much to assume (a Zen 4 core does bf16 matmuls ~2x its fp32, an 
 without bf16 instructions emulates them slower than fp32), so the choices that depend on it (bf16
 autocast or not, the MFU denominator) come from a short probe. A probe takes a fraction of a second;
 its result is kept in a JSON file keyed by the CPU, the thread count and the torch version, so a
-machine is measured once. A missing or unreadable cache is measured again, never an error.
+machine is measured once, or again when it is quieter than it was then (load only slows a probe
+down). A missing or unreadable cache is measured again, never an error.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 PROBE_SECONDS = 0.05  # per shape; the best of three rounds within it
 MAX_ROWS = 2048  # a micro-batch's rows beyond this change the rate little and cost probe time
 CACHE_FILE = "probes.json"
+LOAD_MARGIN = 0.25  # per core: a cached rate measured this much busier than now is measured again
 
 
 def cache_dir() -> Path:
@@ -68,13 +70,27 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, shapes: Iterable[tuple
     """
     shapes = [tuple(int(x) for x in s) for s in shapes]
     key = _key(device, dtype, shapes)
-    cache = _read_cache()
-    if key in cache and not remeasure:
-        return float(cache[key])
+    cached = _read_cache().get(key)
+    load = _load()
+    # a rate measured on a busier machine than now is measured again: a probe only ever errs low
+    if cached is not None and not remeasure and load >= cached["load"] - LOAD_MARGIN:
+        return cached["flops_per_s"]
     flops = sum(2 * m * k * n for m, k, n in shapes)
-    rate = max(flops / sum(_best_time(device, dtype, s, seconds) for s in shapes), cache.get(key, 0.0))
-    _write_cache({**_read_cache(), key: rate})
-    return rate
+    rate = flops / sum(_best_time(device, dtype, s, seconds) for s in shapes)
+    if cached is not None and cached["flops_per_s"] >= rate:
+        entry = {**cached, "load": min(cached["load"], load)}  # measured again no faster: it stands
+    else:
+        entry = {"flops_per_s": rate, "load": load}
+    _write_cache({**_read_cache(), key: entry})
+    return entry["flops_per_s"]
+
+
+def _load() -> float:
+    """The 1-minute load average per core: how busy the machine was when a rate was measured."""
+    try:
+        return os.getloadavg()[0] / (os.cpu_count() or 1)
+    except (OSError, AttributeError):  # not POSIX: every measurement counts as equally busy
+        return 0.0
 
 
 def _key(device: torch.device, dtype: torch.dtype, shapes: list[tuple[int, ...]]) -> str:
@@ -106,17 +122,20 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _read_cache() -> dict[str, float]:
+def _read_cache() -> dict[str, dict[str, float]]:
+    """key -> {"flops_per_s": rate, "load": load per core when measured}; anything else in the file is dropped."""
     try:
         got = json.loads((cache_dir() / CACHE_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
     if not isinstance(got, dict):
         return {}
-    return {k: v for k, v in got.items() if isinstance(v, (int, float)) and v > 0}
+    return {k: {"flops_per_s": float(v["flops_per_s"]), "load": float(v["load"])} for k, v in got.items()
+            if isinstance(v, dict) and isinstance(v.get("flops_per_s"), (int, float)) and v["flops_per_s"] > 0
+            and isinstance(v.get("load"), (int, float))}
 
 
-def _write_cache(cache: dict[str, float]) -> None:
+def _write_cache(cache: dict[str, dict[str, float]]) -> None:
     """Atomically (a reader never sees half a file); a read-only cache folder only costs re-measuring."""
     path = cache_dir() / CACHE_FILE
     tmp = path.with_name(f".{CACHE_FILE}.{os.getpid()}")
