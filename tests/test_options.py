@@ -130,3 +130,20 @@ def test_a_bf16_run_orthogonalises_in_bf16():
     cfg, cpu = OptimConfig(optimizer="muon"), torch.device("cpu")
     assert make_optimizers(build(), cfg, cpu, torch.bfloat16)[1].ns_dtype == torch.bfloat16
     assert make_optimizers(build(), cfg, cpu)[1].ns_dtype == torch.float32
+
+
+def test_attention_dropout_false_keeps_dropout_on_the_residual_branches_only(monkeypatch):
+    import pocketgpt.model as model_module
+
+    seen = []
+    real = model_module.attend
+    monkeypatch.setattr(model_module, "attend", lambda q, k, v, start, p: seen.append(p) or real(q, k, v, start, p))
+    idx = torch.randint(0, 29, (2, 16))
+    for flag in (True, False):
+        m = build(dropout=0.2, attention_dropout=flag).train()
+        seen.clear()
+        a, b = m(idx)[0], m(idx)[0]
+        assert seen == [0.2 if flag else 0.0] * 4  # 2 layers, 2 forwards
+        assert not torch.equal(a, b)  # the residual dropout still draws a new mask each forward
+    cfg = tiny_config(dropout=0.1, attention_dropout=False)
+    assert cfg.model.attention_dropout is False  # a config key like any other (--attention-dropout false)

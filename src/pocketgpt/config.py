@@ -58,6 +58,9 @@ class ModelConfig:
     n_head: int = 6
     n_embd: int = 384
     dropout: float = 0.0
+    # dropout also on the attention probabilities (nanoGPT's way); false keeps it on the residual branches
+    # only: on a CPU, dropout over the T x T probabilities is ~30 % of a cpu-hour step (bench/RESULTS.md)
+    attention_dropout: bool = True
     bias: bool = False
     # architecture options (GPT-2 style by default; see the ablation in bench/RESULTS.md)
     pos_emb: str = "learned"  # learned | rope (rotary position embeddings)

@@ -432,7 +432,7 @@ def hf_config(cfg: ModelConfig, tok: Tokenizer) -> dict[str, Any]:
         "vocab_size": cfg.vocab_size, "n_positions": cfg.block_size, "n_embd": cfg.n_embd,
         "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_inner": None,
         "activation_function": cfg.mlp,  # "gelu" (exact) and "gelu_new" (tanh) are both GPT-2 options
-        "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout,
+        "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout if cfg.attention_dropout else 0.0,
         "layer_norm_epsilon": LAYERNORM_EPS, "initializer_range": 0.02,
         "scale_attn_weights": True, "use_cache": True,
         "bos_token_id": eot, "eos_token_id": eot, "tie_word_embeddings": cfg.tie_embeddings,

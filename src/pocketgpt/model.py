@@ -129,7 +129,8 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
-        self.layer, self.n_head, self.dropout, self.qk_norm = layer, cfg.n_head, cfg.dropout, cfg.qk_norm
+        self.layer, self.n_head, self.qk_norm = layer, cfg.n_head, cfg.qk_norm
+        self.dropout = cfg.dropout if cfg.attention_dropout else 0.0  # on the attention probabilities
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)  # q, k, v in one matmul
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
