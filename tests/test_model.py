@@ -161,3 +161,51 @@ def test_parameter_names_are_gpt2s_for_every_option(opts, positions, ln_bias, bi
     want |= {"transformer.wpe.weight"} if positions else set()
     want |= {"transformer.ln_f.bias"} if ln_bias else set()
     assert set(GPT(cfg).state_dict()) == want
+
+
+def test_keep_mask_keeps_one_minus_p_and_scales_by_its_inverse():
+    from pocketgpt.model import keep_mask
+
+    torch.manual_seed(3)
+    keep, scale = keep_mask(torch.Size([64, 128, 128]), 0.1, torch.device("cpu"))
+    assert keep.dtype == torch.bool and keep.shape == (64, 128, 128)
+    assert abs(keep.float().mean().item() - 0.9) < 2e-3  # 1M draws: the standard error is 3e-4
+    assert scale == pytest.approx(65536 / (65536 - 6554))  # the rounded p's own inverse: E[keep * scale] = 1
+    assert abs(keep[0].float().mean() - keep[-1].float().mean()) < 0.02  # every part of the mask draws alike
+    other, _ = keep_mask(torch.Size([64, 128, 128]), 0.1, torch.device("cpu"))
+    assert not torch.equal(keep, other)  # each call draws anew from torch's generator
+
+
+def test_dropout_under_cpu_bf16_autocast_uses_the_cheap_mask_elsewhere_torchs(monkeypatch):
+    from pocketgpt import model as model_module
+
+    drop = model_module.Dropout(0.25).train()
+    x = torch.ones(4096, requires_grad=True)
+    torch.manual_seed(0)
+    fp32 = drop(x)
+    torch.manual_seed(0)
+    assert torch.equal(fp32, torch.nn.functional.dropout(x, 0.25, True))  # float32: torch's numbers, unchanged
+    calls = []
+    real = model_module.keep_mask
+    monkeypatch.setattr(model_module, "keep_mask", lambda *a: calls.append(a) or real(*a))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = drop(x)
+    assert len(calls) == 1
+    y.sum().backward()
+    kept = y.detach() != 0
+    assert torch.allclose(x.grad[kept], torch.tensor(65536 / (65536 - 16384))) and (x.grad[~kept] == 0).all()
+    assert torch.equal(drop.eval()(x), x)
+
+
+def test_attention_with_dropout_under_cpu_bf16_is_the_written_out_form():
+    from pocketgpt import model as model_module
+
+    torch.manual_seed(4)
+    q, k, v = (torch.randn(2, 2, 16, 8) for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model_module.attend_dropped(q, k, v, 1e-9)  # p rounds to 0: nothing dropped
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert (y.float() - ref).abs().max() < 5e-2  # bf16 products
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        dropped = model_module.attend_dropped(q, k, v, 0.5)
+    assert not torch.allclose(dropped.float(), y.float(), atol=1e-2)

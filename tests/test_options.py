@@ -79,8 +79,9 @@ def test_muon_takes_hidden_matrices_and_adamw_the_rest():
     assert len(make_optimizers(model, OptimConfig(), torch.device("cpu"))) == 1
 
 
-@pytest.mark.parametrize("opts", [OPTIONS[-1], {"optimizer": "muon"}, {**OPTIONS[-1], "optimizer": "muon"}],
-                         ids=["modern-arch", "muon", "modern+muon"])
+@pytest.mark.parametrize("opts", [OPTIONS[-1], {"optimizer": "muon"}, {**OPTIONS[-1], "optimizer": "muon"},
+                                  {"optimizer": "muon", "dtype": "bfloat16"}],
+                         ids=["modern-arch", "muon", "modern+muon", "muon-bf16-cheap-dropout"])
 def test_options_train_and_resume_exactly(opts, data_dir, tmp_path):
     kw = dict(lr_decay_iters=40, eval_interval=20, dropout=0.1, **opts)
     train(tiny_config(max_iters=40, **kw), data_dir, tmp_path / "a", echo=lambda s: None)

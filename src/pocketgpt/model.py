@@ -133,7 +133,7 @@ class CausalSelfAttention(nn.Module):
         self.dropout = cfg.dropout if cfg.attention_dropout else 0.0  # on the attention probabilities
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)  # q, k, v in one matmul
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
-        self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.resid_dropout = Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 cache: KVCache | None = None) -> torch.Tensor:
@@ -149,7 +149,10 @@ class CausalSelfAttention(nn.Module):
             start = cache.pos
             k, v = cache.update(self.layer, k, v)  # (B, nh, start + T, hs)
         dropout = self.dropout if self.training else 0.0
-        if v.dtype == torch.bfloat16 and v.device.type == "cpu":
+        if v.dtype == torch.bfloat16 and v.device.type == "cpu" and dropout > 0 and start == 0:
+            # with dropout, SDPA leaves its fused kernel for a slow fp32 math path (bench/RESULTS.md)
+            y = attend_dropped(q, k, v, dropout).to(v.dtype)
+        elif v.dtype == torch.bfloat16 and v.device.type == "cpu":
             # PyTorch's CPU attention kernels are several times slower in bf16 than in fp32 (its backward
             # most of all; bench/throughput.py), so under CPU autocast attention alone runs in fp32.
             # v decides: RoPE's fp32 tables already turned q and k into fp32, v is the projection's bf16.
@@ -173,12 +176,49 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, dropou
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
+def attend_dropped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float) -> torch.Tensor:
+    """Causal attention with dropout on its probabilities, written out (for CPU bf16 autocast training):
+    the two products in bf16 (autocast), the softmax in fp32, the mask from keep_mask's cheap draws."""
+    T = q.size(2)
+    att = (q @ k.transpose(-2, -1)).float() * (1.0 / math.sqrt(q.size(-1)))
+    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+    att = att.masked_fill(future, float("-inf")).softmax(dim=-1)
+    keep, scale = keep_mask(att.shape, dropout, att.device)
+    return (att * keep * scale) @ v
+
+
+def keep_mask(shape: torch.Size, p: float, device: torch.device) -> tuple[torch.Tensor, float]:
+    """A dropout mask (True = kept, with probability ~1 - p) and the scale 1 / P(kept).
+
+    Four 16-bit draws per 64-bit random number: CPU RNG throughput is what dropout costs there
+    (bernoulli_ draws one number per element, ~5x slower). p is rounded to a multiple of 1/65536;
+    the scale is that of the rounded p, so the expectation stays exact.
+    """
+    n = math.prod(shape)
+    cut = round(p * 65536)  # int16 values below -32768 + cut are dropped
+    words = torch.randint(-2**63, 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=device)
+    keep = words.view(torch.int16)[:n].view(shape) >= -32768 + cut
+    return keep, 65536 / (65536 - cut)
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout, but under CPU bf16 autocast its mask comes from keep_mask (the fast CPU path of the
+    presets that train in bf16); float32 and GPU training keep torch's own dropout and its numbers."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and self.p > 0 and x.device.type == "cpu" and torch.is_autocast_enabled("cpu") \
+                and torch.get_autocast_dtype("cpu") == torch.bfloat16:
+            keep, scale = keep_mask(x.shape, self.p, x.device)
+            return x * keep * scale
+        return super().forward(x)
+
+
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
         self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
         self.act = ACTIVATIONS[cfg.mlp]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -253,7 +293,7 @@ class GPT(nn.Module):
         self.config = cfg
         layers = dict(
             wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
-            drop=nn.Dropout(cfg.dropout),
+            drop=Dropout(cfg.dropout),
             h=nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer)),
             ln_f=Norm(cfg),
         )
