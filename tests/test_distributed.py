@@ -309,3 +309,26 @@ def test_a_one_process_run_resumes_sharded_on_two_ranks(data_dir, tmp_path, fsdp
     assert [m["iter"] for m in metrics(run) if "loss" in m] == list(range(1, 21))
     assert_same_weights(run / "model.safetensors", fsdp_reference / "model.safetensors")
     assert_same_weights(run / "last" / "model.safetensors", fsdp_reference / "last" / "model.safetensors")
+
+
+def test_replica_check_catches_nan_and_ignores_rounding_of_a_near_zero_sum():
+    """In-process, with the ranks' checksum table given: no process group needed for the comparison."""
+    w = torch.tensor([1.0, -1.0, 3.0])
+
+    class TwoRanks:
+        enabled = True
+
+        def __init__(self, other):
+            self.other = other
+
+        def gathered(self, values):
+            return [values, self.other(values)]
+
+    named = [("transformer.wte.weight", w)]
+    distributed.check_replicas(TwoRanks(lambda v: [v[0] + 1e-9, v[1]]), named, 5)  # sum ~3: rounding, fine
+    zero = [("w", torch.tensor([1.0, -1.0]))]  # sum 0: a 1e-12 difference is rounding, not drift
+    distributed.check_replicas(TwoRanks(lambda v: [v[0] + 1e-12, v[1]]), zero, 5)
+    with pytest.raises(distributed.ReplicasDiffer, match="transformer.wte.weight on rank 1"):
+        distributed.check_replicas(TwoRanks(lambda v: [float("nan"), v[1]]), named, 5)
+    with pytest.raises(distributed.ReplicasDiffer):
+        distributed.check_replicas(TwoRanks(lambda v: [v[0], v[1] * (1 + 1e-4)]), named, 5)

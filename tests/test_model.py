@@ -209,3 +209,13 @@ def test_attention_with_dropout_under_cpu_bf16_is_the_written_out_form():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         dropped = model_module.attend_dropped(q, k, v, 0.5)
     assert not torch.allclose(dropped.float(), y.float(), atol=1e-2)
+
+
+def test_cheap_dropout_edge_cases():
+    from pocketgpt.model import keep_mask
+
+    keep, scale = keep_mask(torch.Size([1000]), 0.999999, torch.device("cpu"))  # rounds to 65536: capped
+    assert scale == 65536.0 and keep.shape == (1000,)
+    model = make(block_size=16, dropout=0.2).to(torch.bfloat16).train()  # bf16 weights, no autocast
+    logits, _ = model(torch.randint(0, 23, (2, 16)))
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()

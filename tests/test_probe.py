@@ -91,3 +91,27 @@ def test_a_rate_measured_on_a_busier_machine_is_measured_again(cache, monkeypatc
     assert probe.matmul_rate(CPU, torch.float32, shape) == 4 * busy  # quieter now: measured again
     assert json.loads(cache.read_text())[probe._key(CPU, torch.float32, shape)]["load"] == 0.1
     assert probe.matmul_rate(CPU, torch.float32, shape) == 4 * busy  # and kept (no third measurement)
+
+
+def test_the_bf16_choice_is_measured_once_and_kept(cache, monkeypatch):
+    """Even on a quieter machine later: a run and its resume (and the ranks of one torchrun) must agree."""
+    speed = {torch.float32: 1e-3, torch.bfloat16: 4e-4}
+    monkeypatch.setattr(probe, "_best_time", lambda device, dtype, shape, seconds: speed[dtype])
+    assert probe.bf16_speedup(CPU) == pytest.approx(2.5)
+    monkeypatch.setattr(probe, "_best_time", lambda *a: pytest.fail("measured again"))
+    monkeypatch.setattr(probe, "_load", lambda: 0.0)  # quieter than when measured: still kept
+    assert probe.bf16_speedup(CPU) == pytest.approx(2.5)
+
+
+def test_no_home_folder_falls_back_to_the_temporary_folder(monkeypatch):
+    import tempfile
+    from pathlib import Path
+
+    monkeypatch.delenv("POCKETGPT_CACHE_DIR", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+
+    def no_home():
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(Path, "home", staticmethod(no_home))
+    assert probe.cache_dir() == Path(tempfile.gettempdir()) / "pocketgpt"

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import signal
@@ -429,9 +430,12 @@ def check_replicas(group: Group, named: list[tuple[str, torch.Tensor]], it: int)
             d = t.detach().double()
             sums += [float(d.sum()), float(d.square().sum())]
     table = group.gathered(sums)
+    # a sum's rounding scales with sum(|x|) <= sqrt(n * sum(x^2)), not with the sum itself (which may be ~0)
+    scales = [math.sqrt(t.numel() * max(table[0][2 * i + 1], 0.0)) for i, (_, t) in enumerate(named)]
     for r, row in enumerate(table[1:], start=1):
         for i, (a, b) in enumerate(zip(table[0], row)):
-            if abs(a - b) > REPLICA_RTOL * max(abs(a), abs(b), 1e-12):
+            scale = scales[i // 2] if i % 2 == 0 else max(abs(a), abs(b))
+            if not abs(a - b) <= REPLICA_RTOL * max(scale, 1e-12):  # written so that a NaN on either side fails
                 raise ReplicasDiffer(
                     f"the weights differ across ranks at iter {it}: {named[i // 2][0]} on rank {r} is not rank 0's "
                     f"(checksum {b:.9g} vs {a:.9g}); the copies drifted apart (faulty hardware, or a rank that "

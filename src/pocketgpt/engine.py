@@ -459,8 +459,9 @@ class TokenStream:
             self._dec = self._batch.dec
             self._gen = torch.Generator(device=engine.device)
             self._gen.manual_seed(s.seed) if s.seed is not None else self._gen.seed()
-            # its uniform draws, taken from _gen a block at a time (the same numbers in the same
-            # order as one draw per step: a generator's sequence does not depend on how it is cut)
+            # its uniform draws, taken from _gen a block at a time (on the CPU the same numbers in the
+            # same order as one draw per step; CUDA's Philox cuts its stream by launch, so a seed gives
+            # other numbers there than before blocks, but alone and in a batch still the same ones)
             self._draws: torch.Tensor | None = None
             self._drawn = 0
             prompt = torch.tensor(prompt_ids, dtype=torch.long, device=engine.device).expand(B, -1)

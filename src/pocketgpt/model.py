@@ -149,7 +149,8 @@ class CausalSelfAttention(nn.Module):
             start = cache.pos
             k, v = cache.update(self.layer, k, v)  # (B, nh, start + T, hs)
         dropout = self.dropout if self.training else 0.0
-        if v.dtype == torch.bfloat16 and v.device.type == "cpu" and dropout > 0 and start == 0:
+        if v.dtype == torch.bfloat16 and v.device.type == "cpu" and dropout > 0 and start == 0 \
+                and torch.is_autocast_enabled("cpu"):
             # with dropout, SDPA leaves its fused kernel for a slow fp32 math path (bench/RESULTS.md)
             y = attend_dropped(q, k, v, dropout).to(v.dtype)
         elif v.dtype == torch.bfloat16 and v.device.type == "cpu":
@@ -195,7 +196,7 @@ def keep_mask(shape: torch.Size, p: float, device: torch.device) -> tuple[torch.
     the scale is that of the rounded p, so the expectation stays exact.
     """
     n = math.prod(shape)
-    cut = round(p * 65536)  # int16 values below -32768 + cut are dropped
+    cut = min(round(p * 65536), 65535)  # int16 values below -32768 + cut are dropped; one in 65536 always kept
     words = torch.randint(-2**63, 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=device)
     keep = words.view(torch.int16)[:n].view(shape) >= -32768 + cut
     return keep, 65536 / (65536 - cut)

@@ -10,16 +10,19 @@ down). A missing or unreadable cache is measured again, never an error.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import tempfile
 import time
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import torch
 
 PROBE_SECONDS = 0.05  # per shape; the best of three rounds within it
 MAX_ROWS = 2048  # a micro-batch's rows beyond this change the rate little and cost probe time
+MAX_HEAD = 8192
 CACHE_FILE = "probes.json"
 LOAD_MARGIN = 0.25  # per core: a cached rate measured this much busier than now is measured again
 
@@ -28,7 +31,12 @@ def cache_dir() -> Path:
     """POCKETGPT_CACHE_DIR, else $XDG_CACHE_HOME/pocketgpt, else ~/.cache/pocketgpt."""
     if os.environ.get("POCKETGPT_CACHE_DIR"):
         return Path(os.environ["POCKETGPT_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    base = os.environ.get("XDG_CACHE_HOME")
+    if not base:
+        try:
+            base = str(Path.home() / ".cache")
+        except RuntimeError:  # no HOME and no passwd entry (some containers): a shared temporary folder
+            base = tempfile.gettempdir()
     return Path(base) / "pocketgpt"
 
 
@@ -55,9 +63,12 @@ def machine_key(device: torch.device) -> str:
 
 
 def model_shapes(n_embd: int, vocab_size: int, rows: int) -> list[tuple[int, int, int]]:
-    """(M, K, N) of a GPT block's matmuls and the head for `rows` tokens: qkv, proj, MLP up and down, logits."""
+    """(M, K, N) of a GPT block's matmuls and the head for `rows` tokens: qkv, proj, MLP up and down, logits.
+
+    The head's N is capped at MAX_HEAD: a 50,257-token head would make one probe call ~160 GFLOP, and its
+    rate changes little past a few thousand columns."""
     m, c = min(rows, MAX_ROWS), n_embd
-    return [(m, c, 3 * c), (m, c, c), (m, c, 4 * c), (m, 4 * c, c), (m, c, vocab_size)]
+    return [(m, c, 3 * c), (m, c, c), (m, c, 4 * c), (m, 4 * c, c), (m, c, min(vocab_size, MAX_HEAD))]
 
 
 def matmul_rate(device: torch.device, dtype: torch.dtype, shapes: Iterable[tuple[int, int, int]],
@@ -103,13 +114,13 @@ def _best_time(device: torch.device, dtype: torch.dtype, shape: tuple[int, ...],
     # constants, not torch.randn: a probe must never draw from the global RNG (resume stays exact)
     a = torch.full((m, k), 0.5, device=device, dtype=dtype)
     b = torch.full((k, n), 0.25, device=device, dtype=dtype)
-    for _ in range(3):  # warm-up: oneDNN builds a kernel per shape over the first calls
+    for _ in range(2):  # warm-up: oneDNN builds a kernel per shape over the first calls
         a @ b
     _sync(device)
     best = float("inf")
     for _ in range(3):  # the best of three: another program's burst only slows a round down
         count, start = 0, time.perf_counter()
-        while count < 3 or time.perf_counter() - start < seconds / 3:
+        while count < 1 or time.perf_counter() - start < seconds / 3:  # a slow shape: one call a round
             a @ b
             count += 1
         _sync(device)
@@ -148,15 +159,38 @@ def _write_cache(cache: dict[str, dict[str, float]]) -> None:
 
 
 def bf16_speedup(device: torch.device, n_embd: int = 768, rows: int = 1024) -> float:
-    """How much faster bf16 matmuls run than float32 here, at a GPT-2-small-like shape (cached).
+    """How much faster bf16 matmuls run than float32 here, at a GPT-2-small-like shape, measured once per
+    machine and then kept: the dtype a run chooses must not flip between a run and its resume, or between
+    the processes of one torchrun (they wait for each other's measurement through a lock file).
 
     The two are measured in turns (fp32, bf16, fp32, bf16), so a busy patch of the machine slows both.
     """
-    shapes = model_shapes(n_embd, 4 * n_embd, rows)[:4]  # the blocks' matmuls
-    cached = _read_cache()
+    shapes = [tuple(s) for s in model_shapes(n_embd, 4 * n_embd, rows)[:4]]  # the blocks' matmuls
     keys = [_key(device, dt, shapes) for dt in (torch.bfloat16, torch.float32)]
-    if not all(k in cached for k in keys):
-        for _ in range(2):
-            for dt in (torch.float32, torch.bfloat16):
-                matmul_rate(device, dt, shapes, remeasure=True)
-    return matmul_rate(device, torch.bfloat16, shapes) / matmul_rate(device, torch.float32, shapes)
+    with _locked():
+        cached = _read_cache()
+        if not all(k in cached for k in keys):
+            for _ in range(2):
+                for dt in (torch.float32, torch.bfloat16):
+                    matmul_rate(device, dt, shapes, remeasure=True)
+            cached = _read_cache()
+    if not all(k in cached for k in keys):  # an unwritable cache: this process's own measurement
+        return matmul_rate(device, torch.bfloat16, shapes, remeasure=True) / \
+            matmul_rate(device, torch.float32, shapes, remeasure=True)
+    return cached[keys[0]]["flops_per_s"] / cached[keys[1]]["flops_per_s"]
+
+
+@contextlib.contextmanager
+def _locked() -> Iterator[None]:
+    """An exclusive lock on the cache folder's lock file (POSIX); without one, no lock, never an error."""
+    try:
+        import fcntl
+
+        cache_dir().mkdir(parents=True, exist_ok=True)
+        f = open(cache_dir() / ".lock", "a")
+    except (ImportError, OSError):
+        yield
+        return
+    with f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
