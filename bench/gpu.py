@@ -65,7 +65,7 @@ def recipe(data: Path, root: Path, device: str, seconds: float, smoke: bool) -> 
         "last_val": evals[-1]["val_loss"] if evals else None, "last_iter": evals[-1]["iter"] if evals else None,
         "tokens_per_s": statistics.median(m["tokens_per_s"] for m in train) if train else None,
         "mfu": statistics.median(m["mfu"] for m in train if "mfu" in m) if any("mfu" in m for m in train) else None,
-        "peak_mem_mb": max((m.get("peak_mem_mb", 0) for m in train), default=None),
+        "peak_mem_mb": max((m["peak_mem_mb"] for m in train if "peak_mem_mb" in m), default=None),  # CUDA only
     }
 
 
