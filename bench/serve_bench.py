@@ -295,16 +295,11 @@ def run_model(name: str, run: Path, levels: list[int], max_tokens: int, timeout_
 
 
 def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     import torch  # here: only for the versions line
 
+    from pocketgpt.probe import cpu_name
+
+    cpu = cpu_name()
     return (f"machine: {cpu}, {os.cpu_count()} CPUs, torch {torch.__version__}, torch threads "
             f"{torch.get_num_threads()} (the server's engine picks its own), Python {platform.python_version()}")
 

@@ -149,8 +149,7 @@ class CausalSelfAttention(nn.Module):
             start = cache.pos
             k, v = cache.update(self.layer, k, v)  # (B, nh, start + T, hs)
         dropout = self.dropout if self.training else 0.0
-        if v.dtype == torch.bfloat16 and v.device.type == "cpu" and dropout > 0 and start == 0 \
-                and torch.is_autocast_enabled("cpu"):
+        if dropout > 0 and start == 0 and cpu_bf16_autocast(v):
             # with dropout, SDPA leaves its fused kernel for a slow fp32 math path (bench/RESULTS.md)
             y = attend_dropped(q, k, v, dropout).to(v.dtype)
         elif v.dtype == torch.bfloat16 and v.device.type == "cpu":
@@ -175,6 +174,11 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, dropou
     # a chunk after cached tokens: row i may see keys up to start + i
     mask = torch.ones(T, start + T, dtype=torch.bool, device=q.device).tril(diagonal=start)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def cpu_bf16_autocast(x: torch.Tensor) -> bool:
+    """x is on the CPU inside bf16 autocast: where the cheap dropout path (keep_mask) applies."""
+    return x.device.type == "cpu" and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
 
 
 def attend_dropped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float) -> torch.Tensor:
@@ -207,8 +211,7 @@ class Dropout(nn.Dropout):
     presets that train in bf16); float32 and GPU training keep torch's own dropout and its numbers."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and self.p > 0 and x.device.type == "cpu" and torch.is_autocast_enabled("cpu") \
-                and torch.get_autocast_dtype("cpu") == torch.bfloat16:
+        if self.training and self.p > 0 and cpu_bf16_autocast(x):
             keep, scale = keep_mask(x.shape, self.p, x.device)
             return x * keep * scale
         return super().forward(x)

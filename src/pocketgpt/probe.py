@@ -129,8 +129,11 @@ def _best_time(device: torch.device, dtype: torch.dtype, shape: tuple[int, ...],
 
 
 def _sync(device: torch.device) -> None:
+    """Wait for a GPU's queued work, so that a timer measures it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
 
 
 def _read_cache() -> dict[str, dict[str, float]]:

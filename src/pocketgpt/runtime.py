@@ -80,16 +80,8 @@ def resolve_dtype(name: str, device: torch.device) -> tuple[torch.dtype, str]:
         return torch.float16, "auto: GPU lacks bfloat16, float16 with a gradient scaler"
     if device.type != "cpu":
         return torch.float32, "auto: float32 on " + device.type
-    forced = os.environ.get("POCKETGPT_CPU_BF16")
-    if forced in ("0", "1"):
-        return (torch.bfloat16, "auto: POCKETGPT_CPU_BF16=1") if forced == "1" else \
-            (torch.float32, "auto: POCKETGPT_CPU_BF16=0")
-    if not _cpuinfo_has_bf16():
-        return torch.float32, "auto: this CPU has no bfloat16 matmul instructions"
-    speedup = _measured_bf16_speedup()
-    if speedup < MIN_BF16_SPEEDUP:
-        return torch.float32, f"auto: bfloat16 matmuls measured only {speedup:.1f}x float32 on this CPU"
-    return torch.bfloat16, f"auto: bfloat16 matmuls measured {speedup:.1f}x float32 on this CPU"
+    fast, why = cpu_bf16_choice()
+    return (torch.bfloat16 if fast else torch.float32), f"auto: {why}"
 
 
 # bf16 autocast adds casts and keeps norms, softmax and the optimizer in fp32: below this matmul gain it
@@ -97,16 +89,26 @@ def resolve_dtype(name: str, device: torch.device) -> tuple[torch.dtype, str]:
 MIN_BF16_SPEEDUP = 1.3
 
 
-def cpu_has_fast_bf16() -> bool:
-    """True where bf16 matmuls are measured clearly faster than float32 on this CPU (probe.py, cached).
+def cpu_bf16_choice() -> tuple[bool, str]:
+    """(bf16 is clearly faster than float32 on this CPU, why): measured by probe.py (cached per machine).
 
     Only CPUs with AVX512-BF16 or AMX-BF16 (Linux) are measured: elsewhere bf16 is emulated and slower
     than float32. POCKETGPT_CPU_BF16=0/1 overrides both the detection and the measurement.
     """
     forced = os.environ.get("POCKETGPT_CPU_BF16")
     if forced in ("0", "1"):
-        return forced == "1"
-    return _cpuinfo_has_bf16() and _measured_bf16_speedup() >= MIN_BF16_SPEEDUP
+        return forced == "1", f"POCKETGPT_CPU_BF16={forced}"
+    if not _cpuinfo_has_bf16():
+        return False, "this CPU has no bfloat16 matmul instructions"
+    speedup = _measured_bf16_speedup()
+    if speedup < MIN_BF16_SPEEDUP:
+        return False, f"bfloat16 matmuls measured only {speedup:.1f}x float32 on this CPU"
+    return True, f"bfloat16 matmuls measured {speedup:.1f}x float32 on this CPU"
+
+
+def cpu_has_fast_bf16() -> bool:
+    """cpu_bf16_choice() without its reason."""
+    return cpu_bf16_choice()[0]
 
 
 @functools.lru_cache(maxsize=1)
@@ -131,45 +133,18 @@ def resolve(device: str = "auto", dtype: str = "auto") -> Runtime:
     return Runtime(dev, dt, f"{dev_reason}; {dt_reason}")
 
 
-_PROBE_CACHE: dict[tuple[str, str], float] = {}
-
-
 def matmul_flops(runtime: Runtime, seconds: float = 0.1) -> float:
-    """FLOP/s of square matmuls on this device and dtype, measured for ~`seconds` (cached per process).
+    """FLOP/s of square matmuls on this device and dtype, measured for ~`seconds` (probe.py: cached per machine).
 
     A quick probe rather than a table, because CPUs differ by 10x; sizing.EFFICIENCY turns it into
     the throughput a small GPT's training step reaches.
     """
-    import time
+    from .probe import matmul_rate
 
-    key = (str(runtime.device), str(runtime.dtype))
-    if key not in _PROBE_CACHE:
-        n = 2048 if runtime.is_cuda else 512  # big enough to be compute-bound, small enough to be quick
-        # float32 on CPUs: sizing.EFFICIENCY was measured against it (bf16 gets its own factor there)
-        dtype = torch.float32 if runtime.device.type == "cpu" else runtime.dtype
-        # constants, not torch.randn: the probe must not draw from the global RNG (resume stays exact)
-        a = torch.full((n, n), 0.5, device=runtime.device, dtype=dtype)
-        b = torch.full((n, n), 0.25, device=runtime.device, dtype=dtype)
-        a @ b  # warm-up: first-call allocations and kernel selection
-        _sync(runtime)
-        best = 0.0
-        for _ in range(3):  # the best of three short rounds: other programs' bursts only slow a round down
-            count, start = 0, time.perf_counter()
-            while count < 2 or time.perf_counter() - start < seconds / 3:
-                for _ in range(10 if runtime.is_cuda else 1):  # a GPU queues work: time it in groups
-                    a @ b
-                    count += 1
-                _sync(runtime)
-            best = max(best, 2 * n**3 * count / (time.perf_counter() - start))
-        _PROBE_CACHE[key] = best
-    return _PROBE_CACHE[key]
-
-
-def _sync(runtime: Runtime) -> None:
-    if runtime.is_cuda:
-        torch.cuda.synchronize(runtime.device)
-    elif runtime.device.type == "mps":
-        torch.mps.synchronize()
+    n = 2048 if runtime.is_cuda else 512  # big enough to be compute-bound, small enough to be quick
+    # float32 on CPUs: sizing.EFFICIENCY was measured against it (bf16 gets its own factor there)
+    dtype = torch.float32 if runtime.device.type == "cpu" else runtime.dtype
+    return matmul_rate(runtime.device, dtype, [(n, n, n)], seconds)
 
 
 def device_memory_mb(runtime: Runtime) -> float:
