@@ -3,6 +3,7 @@ scheduler steps them (advance, pick, then each stream's TextStream.next_chunks),
 
     python bench/engine_batch_bench.py --model RUN [--n 1,4,16,64] [--max-tokens 128] [--repeats 5]
     python bench/engine_batch_bench.py --model RUN --profile 16     # cProfile of one N=16 level
+    python bench/engine_batch_bench.py --model RUN --bound 16       # what the matmuls alone allow
 
 Streams arrive as a burst does at the server: all are waiting at the start and one is admitted
 (prefilled) per turn, so their positions differ and their windows slide at different turns. Each
@@ -65,6 +66,61 @@ def level(model, n: int, max_tokens: int, prompt: str = PROMPT) -> dict[str, flo
             "tokens": tokens, "wall": wall}
 
 
+def bound(model, n: int, repeats: int) -> None:
+    """A decode step's matmul chain alone (norms, the block matrices, the activation, the head: the
+    decoder's own tensors and calls, no attention, no cache) at 1 row and at n rows, against the real
+    step (Decoder.step, 1 row) and the batch's step (step_rows, n rows at positions spread over the
+    context), interleaved, wall time: the ratio the matmuls themselves allow at this shape and CPU."""
+    import torch
+
+    from pocketgpt.engine import _mm, _residual
+
+    model.engine.decoder(many_rows=True)  # the decode dtype is chosen (and the threads scoped) as a batch does
+    dec = model.engine.decoder(many_rows=True)
+    torch.set_num_threads(model.engine.threads or torch.get_num_threads())
+    C, V, T = dec.cfg.n_embd, dec.cfg.vocab_size, dec.cfg.block_size
+
+    def chain(x):
+        for layer in dec.step_layers:
+            h = _mm(dec.norm(x, *layer.norm_1), layer.attn_w, layer.attn_b)
+            x = _residual(x, h[:, :C].contiguous(), layer.attn_proj_w, layer.attn_proj_b)
+            x = _residual(x, dec.act(_mm(dec.norm(x, *layer.norm_2), layer.fc_w, layer.fc_b)),
+                          layer.mlp_proj_w, layer.mlp_proj_b)
+        return _mm(dec.norm(x, *dec.norm_f), dec.step_headT, None)
+
+    gen = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        xs = {r: torch.randn(r, C, generator=gen) for r in (1, n)}
+        one, many = dec.new_cache(1, torch.device("cpu")), dec.new_cache(n, torch.device("cpu"))
+        tok = torch.randint(0, V, (n,), generator=gen)
+        pos = torch.randint(T // 4, T - 1, (n,), generator=gen)
+
+        def step1():
+            one.pos = T // 2
+            dec.step(tok[:1], one)
+
+        cases = {"chain 1": lambda: chain(xs[1].clone()), f"chain {n}": lambda: chain(xs[n].clone()),
+                 "step 1": step1, f"step_rows {n}": lambda: dec.step_rows(tok, pos, many, slice(0, n))}
+        times: dict[str, list[float]] = {k: [] for k in cases}
+        for _ in range(repeats):  # interleaved: a load change hits every case alike
+            for name, f in cases.items():
+                for _ in range(20):
+                    f()
+                t0 = time.perf_counter()
+                for _ in range(200):
+                    f()
+                times[name].append((time.perf_counter() - t0) / 200 * 1e3)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"| case | ms (median of {repeats}) | tokens/s |")
+    print("|---|---|---|")
+    for name, ms in med.items():
+        rows = int(name.split()[-1])
+        print(f"| {name} row{'s' if rows > 1 else ''} | {ms:.3f} | {rows / ms * 1e3:,.0f} |")
+    print(f"matmul chain: {n} rows cost {med[f'chain {n}'] / med['chain 1']:.2f}x 1 row "
+          f"(tokens/s ratio {n * med['chain 1'] / med[f'chain {n}']:.2f}x); real steps: "
+          f"{med[f'step_rows {n}'] / med['step 1']:.2f}x (tokens/s ratio {n * med['step 1'] / med[f'step_rows {n}']:.2f}x)")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, required=True)
@@ -72,6 +128,7 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--profile", type=int, default=0, help="cProfile one level of this N instead")
+    p.add_argument("--bound", type=int, default=0, help="time the matmul chain alone at 1 and this many rows instead")
     p.add_argument("--wall", action="store_true", help="wall time instead of this thread's CPU time")
     p.add_argument("--prompt", default=PROMPT, help="the prompt of every stream (default: the serve bench's)")
     args = p.parse_args()
@@ -81,6 +138,8 @@ def main() -> None:
     from pocketgpt.loading import load
 
     model = load(args.model)
+    if args.bound:
+        return bound(model, args.bound, args.repeats)
     level(model, 2, 8)  # warm-up
     if args.profile:
         prof = cProfile.Profile()

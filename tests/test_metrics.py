@@ -129,6 +129,31 @@ def test_cpu_training_lines_report_mfu_against_the_measured_ceiling(tmp_path, ca
         assert m["mfu"] == pytest.approx(fpt * m["tokens_per_s"] / ceiling, rel=1e-2, abs=1e-4)
 
 
+@pytest.mark.parametrize("speedup, expected", [(2.0, torch.bfloat16), (0.3, torch.float32)])
+def test_cpu_bf16_training_runs_attention_in_the_dtype_this_cpu_measured_faster(
+        tmp_path, capsys, data_dir, monkeypatch, speedup, expected):
+    import pocketgpt.model as model_module
+    from pocketgpt import probe
+
+    monkeypatch.delenv("POCKETGPT_CPU_ATTENTION", raising=False)
+    asked = []
+    monkeypatch.setattr(probe, "attention_bf16_speedup", lambda device, *shape: asked.append(shape) or speedup)
+    seen = set()
+    real = model_module.F.scaled_dot_product_attention
+
+    def spy(q, k, v, *a, **kw):
+        seen.add(q.dtype)
+        return real(q, k, v, *a, **kw)
+
+    monkeypatch.setattr(model_module.F, "scaled_dot_product_attention", spy)
+    code, out, err = run_cli(capsys, "train", "--data", data_dir, "--out", tmp_path / "r",
+                             *tiny_flags(max_iters=2), "--dtype", "bfloat16")
+    assert code == 0, err
+    assert asked == [(8, 2, 16, 16)]  # batch, heads, context, head size of tiny_flags' model
+    assert seen == {expected}
+    assert f"bf16 autocast: attention in {'bf16' if expected == torch.bfloat16 else 'fp32'}" in out
+
+
 def test_a_ceiling_below_what_the_run_reaches_is_measured_again(tmp_path, capsys, data_dir, monkeypatch):
     """A probe that met a busy machine is cached too low; a run faster than it re-measures once."""
     import json

@@ -115,3 +115,45 @@ def test_no_home_folder_falls_back_to_the_temporary_folder(monkeypatch):
 
     monkeypatch.setattr(Path, "home", staticmethod(no_home))
     assert probe.cache_dir() == Path(tempfile.gettempdir()) / "pocketgpt"
+
+
+def test_attention_speedup_is_measured_once_per_shape_then_kept(cache, monkeypatch):
+    """Both dtypes are measured at the model's shape (its batch capped), twice in turns, then the ratio
+    is read back: a resume or another rank must make the same choice."""
+    calls = []
+
+    def timed(device, dtype, shape, seconds):
+        calls.append((dtype, shape))
+        return {torch.float32: 2e-3, torch.bfloat16: 4e-3}[dtype]
+
+    monkeypatch.setattr(probe, "_attention_time", timed)
+    assert probe.attention_bf16_speedup(CPU, batch=100, n_head=4, seq=64, head_size=32) == pytest.approx(0.5)
+    capped = (probe.ATTENTION_MAX_HEADS // 4, 4, 64, 32)
+    assert calls == [(torch.float32, capped), (torch.bfloat16, capped)] * 2
+    monkeypatch.setattr(probe, "_attention_time", lambda *a: pytest.fail("measured again"))
+    monkeypatch.setattr(probe, "_load", lambda: 0.0)  # even on a quieter machine: kept
+    assert probe.attention_bf16_speedup(CPU, batch=100, n_head=4, seq=64, head_size=32) == pytest.approx(0.5)
+    with pytest.raises(pytest.fail.Exception):  # another shape is another measurement
+        probe.attention_bf16_speedup(CPU, batch=8, n_head=4, seq=128, head_size=32)
+
+
+def test_attention_probe_really_times_a_forward_and_backward(cache):
+    rate = probe.attention_rate(CPU, torch.float32, (2, 2, 16, 8), seconds=0.01)
+    assert rate > 1e5
+    (key,) = json.loads(cache.read_text())
+    assert "attention 2x2x16x8" in key and "float32" in key
+
+
+@pytest.mark.parametrize("speedup, bf16", [(2.0, True), (1.05, False), (0.3, False)])
+def test_cpu_attention_choice_follows_the_measurement(monkeypatch, speedup, bf16):
+    monkeypatch.delenv("POCKETGPT_CPU_ATTENTION", raising=False)
+    monkeypatch.setattr(probe, "attention_bf16_speedup", lambda *a: speedup)
+    on, why = runtime.cpu_attention_choice(16, 4, 64, 32)
+    assert on is bf16 and why.startswith("attention in " + ("bf16" if bf16 else "fp32")) and "measured" in why
+
+
+@pytest.mark.parametrize("flag", ["bf16", "fp32"])
+def test_cpu_attention_choice_can_be_forced(monkeypatch, flag):
+    monkeypatch.setenv("POCKETGPT_CPU_ATTENTION", flag)
+    monkeypatch.setattr(probe, "attention_bf16_speedup", lambda *a: pytest.fail("measured"))
+    assert runtime.cpu_attention_choice(16, 4, 64, 32)[0] is (flag == "bf16")

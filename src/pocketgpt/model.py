@@ -134,6 +134,7 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)  # q, k, v in one matmul
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.resid_dropout = Dropout(cfg.dropout)
+        self.bf16_attention = False  # under CPU bf16 autocast: attention in bf16 too (use_bf16_attention)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 cache: KVCache | None = None) -> torch.Tensor:
@@ -153,15 +154,26 @@ class CausalSelfAttention(nn.Module):
             # with dropout, SDPA leaves its fused kernel for a slow fp32 math path (bench/RESULTS.md)
             y = attend_dropped(q, k, v, dropout).to(v.dtype)
         elif v.dtype == torch.bfloat16 and v.device.type == "cpu":
-            # PyTorch's CPU attention kernels are several times slower in bf16 than in fp32 (its backward
-            # most of all; bench/throughput.py), so under CPU autocast attention alone runs in fp32.
-            # v decides: RoPE's fp32 tables already turned q and k into fp32, v is the projection's bf16.
-            with torch.autocast("cpu", enabled=False):
-                y = attend(q.float(), k.float(), v.float(), start, dropout).to(v.dtype)
+            # PyTorch's CPU attention kernels are several times slower in bf16 than in fp32 on some CPUs (its
+            # backward most of all; bench/throughput.py), so under CPU autocast attention runs in fp32 unless
+            # this CPU measured bf16 faster (use_bf16_attention). v decides: RoPE's fp32 tables already
+            # turned q and k into fp32, v is the projection's bf16.
+            if self.bf16_attention:
+                y = attend(q.to(v.dtype), k.to(v.dtype), v, start, dropout)
+            else:
+                with torch.autocast("cpu", enabled=False):
+                    y = attend(q.float(), k.float(), v.float(), start, dropout).to(v.dtype)
         else:
             y = attend(q, k, v, start, dropout)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads side by side
         return self.resid_dropout(self.c_proj(y))
+
+
+def use_bf16_attention(model: nn.Module, on: bool) -> None:
+    """Run every attention layer of model in bf16 (on) or fp32 (off) under CPU bf16 autocast."""
+    for m in model.modules():
+        if isinstance(m, CausalSelfAttention):
+            m.bf16_attention = on
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, dropout: float) -> torch.Tensor:

@@ -16,7 +16,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -80,14 +80,30 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, shapes: Iterable[tuple
     machine); the cache keeps the higher rate, since load only ever slows a probe down.
     """
     shapes = [tuple(int(x) for x in s) for s in shapes]
-    key = _key(device, dtype, shapes)
+    flops = sum(2 * m * k * n for m, k, n in shapes)
+    return _cached_rate(_key(device, dtype, shapes), flops,
+                        lambda: sum(_best_time(device, dtype, s, seconds) for s in shapes), remeasure)
+
+
+def attention_rate(device: torch.device, dtype: torch.dtype, shape: tuple[int, int, int, int],
+                   seconds: float = 2 * PROBE_SECONDS, remeasure: bool = False) -> float:
+    """FLOP/s of causal attention's forward and backward (SDPA) on (batch, heads, T, head_size) (cached).
+
+    FLOPs are counted as 12 * batch * heads * T^2 * head_size (the forward's two products and the
+    backward's four, causal masking not subtracted): a rate to compare dtypes by, not an MFU."""
+    b, h, t, d = (int(x) for x in shape)
+    return _cached_rate(_attention_key(device, dtype, (b, h, t, d)), 12 * b * h * t * t * d,
+                        lambda: _attention_time(device, dtype, (b, h, t, d), seconds), remeasure)
+
+
+def _cached_rate(key: str, flops: float, measure: Callable[[], float], remeasure: bool) -> float:
+    """flops / measure() seconds, kept under key in the cache; a cached rate is used unless remeasure
+    or the machine is quieter now than when it was measured (a probe only ever errs low)."""
     cached = _read_cache().get(key)
     load = _load()
-    # a rate measured on a busier machine than now is measured again: a probe only ever errs low
     if cached is not None and not remeasure and load >= cached["load"] - LOAD_MARGIN:
         return cached["flops_per_s"]
-    flops = sum(2 * m * k * n for m, k, n in shapes)
-    rate = flops / sum(_best_time(device, dtype, s, seconds) for s in shapes)
+    rate = flops / measure()
     if cached is not None and cached["flops_per_s"] >= rate:
         entry = {**cached, "load": min(cached["load"], load)}  # measured again no faster: it stands
     else:
@@ -109,19 +125,52 @@ def _key(device: torch.device, dtype: torch.dtype, shapes: list[tuple[int, ...]]
         "x".join(map(str, s)) for s in shapes)
 
 
-def _best_time(device: torch.device, dtype: torch.dtype, shape: tuple[int, ...], seconds: float) -> float:
+def _matmul(device: torch.device, dtype: torch.dtype, shape: tuple[int, ...]) -> Callable[[], object]:
     m, k, n = shape
     # constants, not torch.randn: a probe must never draw from the global RNG (resume stays exact)
     a = torch.full((m, k), 0.5, device=device, dtype=dtype)
     b = torch.full((k, n), 0.25, device=device, dtype=dtype)
+    return lambda: a @ b
+
+
+def _attention(device: torch.device, dtype: torch.dtype, shape: tuple[int, int, int, int]) -> Callable[[], object]:
+    """One causal SDPA forward and its backward, the way a training step runs them."""
+    import torch.nn.functional as F
+
+    q, k, v = (torch.full(shape, x, device=device, dtype=dtype, requires_grad=True) for x in (0.5, 0.25, 0.1))
+    grad = torch.full(shape, 0.01, device=device, dtype=dtype)
+
+    def once() -> object:
+        with torch.enable_grad(), torch.autocast(device.type, enabled=False):
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return torch.autograd.grad(out, (q, k, v), grad)
+
+    return once
+
+
+def _attention_key(device: torch.device, dtype: torch.dtype, shape: tuple[int, int, int, int]) -> str:
+    return f"{machine_key(device)} | {str(dtype).replace('torch.', '')} | attention " + "x".join(map(str, shape))
+
+
+def _best_time(device: torch.device, dtype: torch.dtype, shape: tuple[int, ...], seconds: float) -> float:
+    """Seconds per (M, K, N) matmul in dtype."""
+    return _best_of_three(device, _matmul(device, dtype, shape), seconds)
+
+
+def _attention_time(device: torch.device, dtype: torch.dtype, shape: tuple[int, int, int, int], seconds: float) -> float:
+    """Seconds per causal attention forward and backward on (batch, heads, T, head_size) in dtype."""
+    return _best_of_three(device, _attention(device, dtype, shape), seconds)
+
+
+def _best_of_three(device: torch.device, fn: Callable[[], object], seconds: float) -> float:
     for _ in range(2):  # warm-up: oneDNN builds a kernel per shape over the first calls
-        a @ b
+        fn()
     _sync(device)
     best = float("inf")
     for _ in range(3):  # the best of three: another program's burst only slows a round down
         count, start = 0, time.perf_counter()
         while count < 1 or time.perf_counter() - start < seconds / 3:  # a slow shape: one call a round
-            a @ b
+            fn()
             count += 1
         _sync(device)
         best = min(best, (time.perf_counter() - start) / count)
@@ -164,22 +213,38 @@ def _write_cache(cache: dict[str, dict[str, float]]) -> None:
 def bf16_speedup(device: torch.device, n_embd: int = 768, rows: int = 1024) -> float:
     """How much faster bf16 matmuls run than float32 here, at a GPT-2-small-like shape, measured once per
     machine and then kept: the dtype a run chooses must not flip between a run and its resume, or between
-    the processes of one torchrun (they wait for each other's measurement through a lock file).
-
-    The two are measured in turns (fp32, bf16, fp32, bf16), so a busy patch of the machine slows both.
-    """
+    the processes of one torchrun (they wait for each other's measurement through a lock file)."""
     shapes = [tuple(s) for s in model_shapes(n_embd, 4 * n_embd, rows)[:4]]  # the blocks' matmuls
-    keys = [_key(device, dt, shapes) for dt in (torch.bfloat16, torch.float32)]
+    return _kept_speedup([_key(device, dt, shapes) for dt in (torch.bfloat16, torch.float32)],
+                         lambda dt: matmul_rate(device, dt, shapes, remeasure=True))
+
+
+ATTENTION_MAX_HEADS = 64  # batch x heads of an attention probe: beyond this the rate changes little
+
+
+def attention_bf16_speedup(device: torch.device, batch: int, n_head: int, seq: int, head_size: int) -> float:
+    """How much faster causal attention (SDPA, forward and backward) runs in bf16 than in float32 at a
+    model's own shape (the batch capped to ATTENTION_MAX_HEADS heads in all), measured once per machine
+    and shape and then kept, as bf16_speedup is. PyTorch's CPU kernels differ by CPU: on a Zen 4 core
+    the bf16 backward is several times slower than the fp32 one (bench/RESULTS.md)."""
+    shape = (max(1, min(batch, ATTENTION_MAX_HEADS // max(1, n_head))), n_head, seq, head_size)
+    keys = [_attention_key(device, dt, shape) for dt in (torch.bfloat16, torch.float32)]
+    return _kept_speedup(keys, lambda dt: attention_rate(device, dt, shape, remeasure=True))
+
+
+def _kept_speedup(keys: list[str], rate: Callable[[torch.dtype], float]) -> float:
+    """cache[keys[0]] / cache[keys[1]]: the bf16 and the float32 rate, each measured twice in turns
+    (fp32, bf16, fp32, bf16: a busy patch of the machine slows both) when either is missing, under
+    the lock, and from then on kept as they are."""
     with _locked():
         cached = _read_cache()
         if not all(k in cached for k in keys):
             for _ in range(2):
                 for dt in (torch.float32, torch.bfloat16):
-                    matmul_rate(device, dt, shapes, remeasure=True)
+                    rate(dt)
             cached = _read_cache()
     if not all(k in cached for k in keys):  # an unwritable cache: this process's own measurement
-        return matmul_rate(device, torch.bfloat16, shapes, remeasure=True) / \
-            matmul_rate(device, torch.float32, shapes, remeasure=True)
+        return rate(torch.bfloat16) / rate(torch.float32)
     return cached[keys[0]]["flops_per_s"] / cached[keys[1]]["flops_per_s"]
 
 

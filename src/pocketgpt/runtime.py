@@ -106,6 +106,26 @@ def cpu_bf16_choice() -> tuple[bool, str]:
     return True, f"bfloat16 matmuls measured {speedup:.1f}x float32 on this CPU"
 
 
+# below this the fp32 path stays: its casts are cheap, and a changed numeric path should buy something
+MIN_BF16_ATTENTION_SPEEDUP = 1.1
+
+
+def cpu_attention_choice(batch: int, n_head: int, seq: int, head_size: int) -> tuple[bool, str]:
+    """(attention runs in bf16 too under CPU bf16 autocast, why): PyTorch's CPU attention kernels are
+    several times slower in bf16 than in fp32 on some CPUs (Zen 4) and not on others, so probe.py
+    measures both at the model's shape (once per machine and shape, kept).
+    POCKETGPT_CPU_ATTENTION=bf16/fp32 overrides the measurement."""
+    forced = os.environ.get("POCKETGPT_CPU_ATTENTION")
+    if forced in ("bf16", "fp32"):
+        return forced == "bf16", f"attention in {forced} (POCKETGPT_CPU_ATTENTION)"
+    from .probe import attention_bf16_speedup
+
+    speedup = attention_bf16_speedup(torch.device("cpu"), batch, n_head, seq, head_size)
+    if speedup >= MIN_BF16_ATTENTION_SPEEDUP:
+        return True, f"attention in bf16 (measured {speedup:.1f}x fp32 at this shape)"
+    return False, f"attention in fp32 (bf16 measured {speedup:.2f}x fp32 at this shape)"
+
+
 def cpu_has_fast_bf16() -> bool:
     """cpu_bf16_choice() without its reason."""
     return cpu_bf16_choice()[0]

@@ -33,9 +33,9 @@ from .errors import PocketError, TrainingDiverged
 from .lora import add_adapters, describe, gpt_around, merged_model, save_adapter
 from .distributed import Group
 from .metrics import MetricsLog, SilentLog, check_loggers
-from .model import GPT
+from .model import GPT, use_bf16_attention
 from .optim import lr_at, make_optimizers, progress, set_lr
-from .runtime import Runtime, device_memory_mb, matmul_flops, resolve
+from .runtime import Runtime, cpu_attention_choice, device_memory_mb, matmul_flops, resolve
 from .sizing import (
     count_params,
     estimate_memory_mb,
@@ -197,6 +197,7 @@ class Trainer:
         self.flops_per_token = flops_per_token(_matmul_params(self.model), m.n_layer, m.n_embd, m.block_size)
         self.peak_flops = peak_flops(cfg, runtime, self.group.world_size)
         self.reprobed = False
+        self.attention_note = _choose_cpu_attention(self.model, cfg, runtime)
 
     @classmethod
     def create(cls, cfg: TrainConfig, data_dir: Path, out: Path, runtime: Runtime, log: MetricsLog,
@@ -476,6 +477,17 @@ class Trainer:
         return out
 
 
+def _choose_cpu_attention(model: GPT, cfg: TrainConfig, runtime: Runtime) -> str:
+    """Under CPU bf16 autocast, attention in bf16 or fp32, as this CPU measured them at the model's
+    shape (runtime.cpu_attention_choice); '' elsewhere (GPUs run attention in the autocast dtype)."""
+    if runtime.device.type != "cpu" or runtime.dtype != torch.bfloat16:
+        return ""
+    m = cfg.model
+    on, why = cpu_attention_choice(cfg.run.batch_size, m.n_head, m.block_size, m.n_embd // m.n_head)
+    use_bf16_attention(model, on)
+    return why
+
+
 def peak_flops(cfg: TrainConfig, runtime: Runtime, world_size: int = 1, remeasure: bool = False) -> float | None:
     """The MFU denominator of one process: a known GPU's dense peak; on a CPU, its matmul rate at this model's
     own shapes and dtype (probe.py: measured once per machine, cached), since CPUs differ too much for a table."""
@@ -718,6 +730,8 @@ def _say_plan(trainer: Trainer) -> None:
     if trainer.peak_flops and not runtime.is_cuda:
         log.say(f"MFU is against {trainer.peak_flops / 1e9:,.0f} GFLOP/s: this CPU's {_dtype_name(runtime)} matmul rate "
                 "at the model's shapes (measured once, cached)")
+    if trainer.attention_note:
+        log.say(f"bf16 autocast: {trainer.attention_note}")
     log.say(f"memory estimate: ~{state_mb + act_mb:,.0f} MB ({state_mb:,.0f} MB weights, gradients and "
             f"optimizer state + {act_mb:,.0f} MB activations per micro-batch) | "
             f"~{1000 * _iter_seconds(trainer):,.0f} ms/iter estimated")
