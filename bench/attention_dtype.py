@@ -15,7 +15,7 @@ import statistics
 
 import torch
 
-# (name, batch, heads, context, head size); the batch is capped as the probe caps it
+# (name, batch, heads, context, head size); probe.attention_probe_shape caps the batch as the trainer's probe does
 SHAPES = [
     ("demo (4x4x128, T 64, batch 24)", 24, 4, 64, 32),
     ("auto 15m (4x6x192, T 128, batch 16)", 16, 6, 128, 32),
@@ -36,12 +36,12 @@ def main() -> None:
     print("| shape | probed as | fp32 GFLOP/s | bf16 GFLOP/s | bf16 / fp32 | attention runs in |")
     print("|---|---|---|---|---|---|")
     for name, batch, heads, seq, hs in SHAPES:
-        shape = (max(1, min(batch, probe.ATTENTION_MAX_HEADS // heads)), heads, seq, hs)
+        shape = probe.attention_probe_shape(batch, heads, seq, hs)
         rates: dict[torch.dtype, list[float]] = {torch.float32: [], torch.bfloat16: []}
         for _ in range(args.rounds):
             for dt in (torch.float32, torch.bfloat16):
                 seconds = probe._attention_time(cpu, dt, shape, 2 * probe.PROBE_SECONDS)  # the probe's own timing
-                rates[dt].append(12 * shape[0] * heads * seq * seq * hs / seconds / 1e9)
+                rates[dt].append(probe.attention_flops(shape) / seconds / 1e9)
         ratio = statistics.median(b / f for f, b in zip(rates[torch.float32], rates[torch.bfloat16]))
         where = "bf16" if ratio >= MIN_BF16_ATTENTION_SPEEDUP else "fp32"
         print(f"| {name} | {'x'.join(map(str, shape))} | {statistics.median(rates[torch.float32]):.1f} | "

@@ -64,6 +64,19 @@ def bundled_text() -> str:
     return bundled_bytes().decode("utf-8")
 
 
+def nanogpt_char_data(repo: Path) -> None:
+    """A karpathy/nanoGPT checkout's data/shakespeare_char prepared from the bundled Tiny Shakespeare
+    (its prepare.py would download it; these machines have no network)."""
+    import subprocess
+
+    data = repo / "data" / "shakespeare_char"
+    if (data / "train.bin").exists():
+        return
+    if not (data / "input.txt").exists():
+        (data / "input.txt").write_text(bundled_text(), encoding="utf-8")
+    subprocess.run([sys.executable, "prepare.py"], cwd=data, check=True, capture_output=True)
+
+
 @contextlib.contextmanager
 def scratch() -> Iterator[Path]:
     """A temporary folder for one benchmark, removed afterwards."""

@@ -24,6 +24,10 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pocketgpt.loading import LoadedModel
 
 PROMPT = "ROMEO:\nWhat light through yonder window breaks?\n"
 
@@ -66,7 +70,7 @@ def level(model, n: int, max_tokens: int, prompt: str = PROMPT) -> dict[str, flo
             "tokens": tokens, "wall": wall}
 
 
-def bound(model, n: int, repeats: int) -> None:
+def bound(model: "LoadedModel", n: int, repeats: int) -> None:
     """A decode step's matmul chain alone (norms, the block matrices, the activation, the head: the
     decoder's own tensors and calls, no attention, no cache) at 1 row and at n rows, against the real
     step (Decoder.step, 1 row) and the batch's step (step_rows, n rows at positions spread over the
@@ -75,12 +79,11 @@ def bound(model, n: int, repeats: int) -> None:
 
     from pocketgpt.engine import _mm, _residual
 
-    model.engine.decoder(many_rows=True)  # the decode dtype is chosen (and the threads scoped) as a batch does
-    dec = model.engine.decoder(many_rows=True)
+    dec = model.engine.decoder(many_rows=True)  # the decode dtype a batch of streams gets
     torch.set_num_threads(model.engine.threads or torch.get_num_threads())
     C, V, T = dec.cfg.n_embd, dec.cfg.vocab_size, dec.cfg.block_size
 
-    def chain(x):
+    def chain(x: torch.Tensor) -> torch.Tensor:
         for layer in dec.step_layers:
             h = _mm(dec.norm(x, *layer.norm_1), layer.attn_w, layer.attn_b)
             x = _residual(x, h[:, :C].contiguous(), layer.attn_proj_w, layer.attn_proj_b)

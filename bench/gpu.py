@@ -131,11 +131,7 @@ def generation(device: str, smoke: bool) -> dict[str, float]:
 
 def nanogpt(repo: Path, seconds: float) -> dict[str, Any]:
     """nanoGPT's own Shakespeare-char recipe, cut at `seconds`: its printed iteration times, MFU and val losses."""
-    data = repo / "data" / "shakespeare_char"
-    if not (data / "train.bin").exists():
-        if not (data / "input.txt").exists():
-            (data / "input.txt").write_text(common.bundled_text(), encoding="utf-8")
-        subprocess.run([sys.executable, "prepare.py"], cwd=data, check=True, capture_output=True)
+    common.nanogpt_char_data(repo)
     cmd = [sys.executable, "train.py", "config/train_shakespeare_char.py", "--always_save_checkpoint=False"]
     start = time.perf_counter()
     try:

@@ -129,9 +129,15 @@ def test_cpu_training_lines_report_mfu_against_the_measured_ceiling(tmp_path, ca
         assert m["mfu"] == pytest.approx(fpt * m["tokens_per_s"] / ceiling, rel=1e-2, abs=1e-4)
 
 
-@pytest.mark.parametrize("speedup, expected", [(2.0, torch.bfloat16), (0.3, torch.float32)])
+@pytest.mark.parametrize("flags, speedup, probed, expected", [
+    (["--dtype", "bfloat16"], 2.0, True, torch.bfloat16),
+    (["--dtype", "bfloat16"], 0.3, True, torch.float32),
+    (["--dtype", "float32"], 2.0, False, torch.float32),  # no autocast: nothing to choose, nothing measured
+    # dropout on the attention probabilities: training takes attend_dropped (bf16 products), evals fp32
+    (["--dtype", "bfloat16", "--dropout", "0.1"], 2.0, False, torch.float32),
+])
 def test_cpu_bf16_training_runs_attention_in_the_dtype_this_cpu_measured_faster(
-        tmp_path, capsys, data_dir, monkeypatch, speedup, expected):
+        tmp_path, capsys, data_dir, monkeypatch, flags, speedup, probed, expected):
     import pocketgpt.model as model_module
     from pocketgpt import probe
 
@@ -147,11 +153,14 @@ def test_cpu_bf16_training_runs_attention_in_the_dtype_this_cpu_measured_faster(
 
     monkeypatch.setattr(model_module.F, "scaled_dot_product_attention", spy)
     code, out, err = run_cli(capsys, "train", "--data", data_dir, "--out", tmp_path / "r",
-                             *tiny_flags(max_iters=2), "--dtype", "bfloat16")
+                             *tiny_flags(max_iters=2), *flags)
     assert code == 0, err
-    assert asked == [(8, 2, 16, 16)]  # batch, heads, context, head size of tiny_flags' model
+    assert asked == ([(8, 2, 16, 16)] if probed else [])  # batch, heads, context, head size of tiny_flags' model
     assert seen == {expected}
-    assert f"bf16 autocast: attention in {'bf16' if expected == torch.bfloat16 else 'fp32'}" in out
+    if probed:
+        assert f"bf16 autocast: attention in {'bf16' if expected == torch.bfloat16 else 'fp32'}" in out
+    else:
+        assert "bf16 autocast: attention" not in out
 
 
 def test_a_ceiling_below_what_the_run_reaches_is_measured_again(tmp_path, capsys, data_dir, monkeypatch):

@@ -129,6 +129,7 @@ def test_attention_speedup_is_measured_once_per_shape_then_kept(cache, monkeypat
     monkeypatch.setattr(probe, "_attention_time", timed)
     assert probe.attention_bf16_speedup(CPU, batch=100, n_head=4, seq=64, head_size=32) == pytest.approx(0.5)
     capped = (probe.ATTENTION_MAX_HEADS // 4, 4, 64, 32)
+    assert probe.attention_probe_shape(100, 4, 64, 32) == capped
     assert calls == [(torch.float32, capped), (torch.bfloat16, capped)] * 2
     monkeypatch.setattr(probe, "_attention_time", lambda *a: pytest.fail("measured again"))
     monkeypatch.setattr(probe, "_load", lambda: 0.0)  # even on a quieter machine: kept
@@ -144,7 +145,7 @@ def test_attention_probe_really_times_a_forward_and_backward(cache):
     assert "attention 2x2x16x8" in key and "float32" in key
 
 
-@pytest.mark.parametrize("speedup, bf16", [(2.0, True), (1.05, False), (0.3, False)])
+@pytest.mark.parametrize("speedup, bf16", [(2.0, True), (1.1, True), (1.05, False), (0.3, False)])
 def test_cpu_attention_choice_follows_the_measurement(monkeypatch, speedup, bf16):
     monkeypatch.delenv("POCKETGPT_CPU_ATTENTION", raising=False)
     monkeypatch.setattr(probe, "attention_bf16_speedup", lambda *a: speedup)
@@ -157,3 +158,18 @@ def test_cpu_attention_choice_can_be_forced(monkeypatch, flag):
     monkeypatch.setenv("POCKETGPT_CPU_ATTENTION", flag)
     monkeypatch.setattr(probe, "attention_bf16_speedup", lambda *a: pytest.fail("measured"))
     assert runtime.cpu_attention_choice(16, 4, 64, 32)[0] is (flag == "bf16")
+
+
+def test_a_long_context_probes_fewer_rows():
+    """GPT-2's context: one row (a probe near a second), not 64 / 12 = 5 (~50 GFLOP a call)."""
+    assert probe.attention_probe_shape(8, 12, 1024, 64) == (1, 12, 1024, 64)
+    assert probe.attention_probe_shape(16, 4, 256, 64) == (16, 4, 256, 64)  # cpu-hour: as it runs
+    assert probe.attention_probe_shape(2.0, 4, 64, 32.0) == (2, 4, 64, 32)  # one key whatever the types
+
+
+def test_a_bad_attention_override_is_named(monkeypatch):
+    from pocketgpt.errors import PocketError
+
+    monkeypatch.setenv("POCKETGPT_CPU_ATTENTION", "bfloat16")
+    with pytest.raises(PocketError, match="POCKETGPT_CPU_ATTENTION must be bf16 or fp32, got 'bfloat16'"):
+        runtime.cpu_attention_choice(16, 4, 64, 32)

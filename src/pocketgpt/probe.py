@@ -1,8 +1,11 @@
-"""What this machine measures, cached per machine: matmul FLOP/s at a model's own shapes, per dtype.
+"""What this machine measures, cached per machine: matmul FLOP/s at a model's own shapes, per dtype, and
+causal attention's forward and backward at a model's shape, per dtype.
 
 CPUs differ too much to assume (a Zen 4 core does bf16 matmuls ~2x its fp32, an AMX Xeon ~6x, a CPU
-without bf16 instructions emulates them slower than fp32), so the choices that depend on it (bf16
-autocast or not, the MFU denominator) come from a short probe. A probe takes a fraction of a second;
+without bf16 instructions emulates them slower than fp32; PyTorch's bf16 attention kernels are slower
+than its fp32 ones on a Zen 4), so the choices that depend on it (bf16 autocast or not, attention's
+dtype under it, the MFU denominator) come from short probes. A probe takes a fraction of a second (an
+attention probe up to a few seconds);
 its result is kept in a JSON file keyed by the CPU, the thread count and the torch version, so a
 machine is measured once, or again when it is quieter than it was then (load only slows a probe
 down). A missing or unreadable cache is measured again, never an error.
@@ -89,10 +92,10 @@ def attention_rate(device: torch.device, dtype: torch.dtype, shape: tuple[int, i
                    seconds: float = 2 * PROBE_SECONDS, remeasure: bool = False) -> float:
     """FLOP/s of causal attention's forward and backward (SDPA) on (batch, heads, T, head_size) (cached).
 
-    FLOPs are counted as 12 * batch * heads * T^2 * head_size (the forward's two products and the
-    backward's four, causal masking not subtracted): a rate to compare dtypes by, not an MFU."""
+    FLOPs are counted by attention_flops (the forward's two products and the backward's four, causal
+    masking not subtracted): a rate to compare dtypes by, not an MFU."""
     b, h, t, d = (int(x) for x in shape)
-    return _cached_rate(_attention_key(device, dtype, (b, h, t, d)), 12 * b * h * t * t * d,
+    return _cached_rate(_attention_key(device, dtype, (b, h, t, d)), attention_flops((b, h, t, d)),
                         lambda: _attention_time(device, dtype, (b, h, t, d), seconds), remeasure)
 
 
@@ -220,14 +223,28 @@ def bf16_speedup(device: torch.device, n_embd: int = 768, rows: int = 1024) -> f
 
 
 ATTENTION_MAX_HEADS = 64  # batch x heads of an attention probe: beyond this the rate changes little
+ATTENTION_MAX_WORK = 64 * 256 * 256  # batch x heads x T^2: a long context probes fewer rows (GPT-2's 1024: one)
+
+
+def attention_probe_shape(batch: int, n_head: int, seq: int, head_size: int) -> tuple[int, int, int, int]:
+    """The (batch, heads, T, head_size) an attention probe times for a model: its own heads, context and
+    head size, its batch capped so that a probe stays near a second even at a long context."""
+    b, h, t, d = (int(x) for x in (batch, n_head, seq, head_size))
+    return max(1, min(b, ATTENTION_MAX_HEADS // max(1, h), ATTENTION_MAX_WORK // max(1, h * t * t))), h, t, d
+
+
+def attention_flops(shape: tuple[int, int, int, int]) -> int:
+    """FLOPs an attention probe counts for one forward and backward: 12 * batch * heads * T^2 * head_size."""
+    b, h, t, d = shape
+    return 12 * b * h * t * t * d
 
 
 def attention_bf16_speedup(device: torch.device, batch: int, n_head: int, seq: int, head_size: int) -> float:
     """How much faster causal attention (SDPA, forward and backward) runs in bf16 than in float32 at a
-    model's own shape (the batch capped to ATTENTION_MAX_HEADS heads in all), measured once per machine
-    and shape and then kept, as bf16_speedup is. PyTorch's CPU kernels differ by CPU: on a Zen 4 core
-    the bf16 backward is several times slower than the fp32 one (bench/RESULTS.md)."""
-    shape = (max(1, min(batch, ATTENTION_MAX_HEADS // max(1, n_head))), n_head, seq, head_size)
+    model's own shape (attention_probe_shape), measured once per machine and shape and then kept, as
+    bf16_speedup is. PyTorch's CPU kernels differ by CPU: on a Zen 4 core the bf16 ones are slower than
+    the fp32 ones at every shape measured (bench/RESULTS.md)."""
+    shape = attention_probe_shape(batch, n_head, seq, head_size)
     keys = [_attention_key(device, dt, shape) for dt in (torch.bfloat16, torch.float32)]
     return _kept_speedup(keys, lambda dt: attention_rate(device, dt, shape, remeasure=True))
 

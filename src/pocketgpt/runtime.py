@@ -118,6 +118,8 @@ def cpu_attention_choice(batch: int, n_head: int, seq: int, head_size: int) -> t
     forced = os.environ.get("POCKETGPT_CPU_ATTENTION")
     if forced in ("bf16", "fp32"):
         return forced == "bf16", f"attention in {forced} (POCKETGPT_CPU_ATTENTION)"
+    if forced:
+        raise PocketError(f"POCKETGPT_CPU_ATTENTION must be bf16 or fp32, got '{forced}'; unset it to measure")
     from .probe import attention_bf16_speedup
 
     speedup = attention_bf16_speedup(torch.device("cpu"), batch, n_head, seq, head_size)

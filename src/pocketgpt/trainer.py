@@ -197,7 +197,7 @@ class Trainer:
         self.flops_per_token = flops_per_token(_matmul_params(self.model), m.n_layer, m.n_embd, m.block_size)
         self.peak_flops = peak_flops(cfg, runtime, self.group.world_size)
         self.reprobed = False
-        self.attention_note = _choose_cpu_attention(self.model, cfg, runtime)
+        self.attention_note = _choose_cpu_attention(self.model, cfg, runtime, self.group.world_size)
 
     @classmethod
     def create(cls, cfg: TrainConfig, data_dir: Path, out: Path, runtime: Runtime, log: MetricsLog,
@@ -477,13 +477,18 @@ class Trainer:
         return out
 
 
-def _choose_cpu_attention(model: GPT, cfg: TrainConfig, runtime: Runtime) -> str:
-    """Under CPU bf16 autocast, attention in bf16 or fp32, as this CPU measured them at the model's
-    shape (runtime.cpu_attention_choice); '' elsewhere (GPUs run attention in the autocast dtype)."""
+def _choose_cpu_attention(model: GPT, cfg: TrainConfig, runtime: Runtime, world_size: int = 1) -> str:
+    """Under CPU bf16 autocast, attention in bf16 or fp32, as this CPU measured them at the shape one
+    rank runs (runtime.cpu_attention_choice); '' elsewhere (GPUs run attention in the autocast dtype),
+    and fp32 unmeasured where training attention always has dropout (attend_dropped: its products are
+    bf16 already) and only evals would use the choice."""
     if runtime.device.type != "cpu" or runtime.dtype != torch.bfloat16:
         return ""
     m = cfg.model
-    on, why = cpu_attention_choice(cfg.run.batch_size, m.n_head, m.block_size, m.n_embd // m.n_head)
+    if m.dropout > 0 and m.attention_dropout:
+        return ""
+    rows = max(1, cfg.run.batch_size // max(1, world_size))
+    on, why = cpu_attention_choice(rows, m.n_head, m.block_size, m.n_embd // m.n_head)
     use_bf16_attention(model, on)
     return why
 
