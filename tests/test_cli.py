@@ -1,6 +1,7 @@
 """The command line end to end on a small corpus: prepare -> train -> sample -> eval -> info."""
 
 import json
+import re
 import os
 import signal
 import subprocess
@@ -46,9 +47,11 @@ def test_end_to_end(tmp_path, capsys, corpus_text):
     assert code == 0 and out.startswith("ROMEO:") and len(out.rstrip("\n")) >= len("ROMEO:") + 40
     code, again, _ = run_cli(capsys, "sample", "--model", run, "--prompt", "ROMEO:", "--max-new-tokens", 50, "--seed", 1)
     assert again == out  # seeded: reproducible
-    code, multi, _ = run_cli(capsys, "sample", "--model", run, "--prompt", "A", "--num-samples", 3,
-                             "--max-new-tokens", 10, "--seed", 2)
+    code, multi, err = run_cli(capsys, "sample", "--model", run, "--prompt", "A", "--num-samples", 3,
+                               "--max-new-tokens", 10, "--seed", 2)
     assert code == 0 and multi.count("-" * 40) == 2
+    assert re.search(r"3 samples, 30 new tokens in [\d.]+s: [\d,]+ tokens/s together", err)  # the batch's rate
+    assert "tokens/s" not in multi  # stdout: the samples alone
 
     code, out, _ = run_cli(capsys, "eval", "--model", run, "--json")
     first = json.loads(out)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -51,10 +52,16 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from ..metrics import terminal_progress
 
     # N samples come out together at the end: on a terminal a bar shows the way there
+    start = time.perf_counter()
     with terminal_progress(args.max_new_tokens, f"sampling {args.num_samples} at once") as update:
-        texts = model.generate_many(prompt, settings, num_samples=args.num_samples, on_step=update)
-    for i, text in enumerate(texts):
-        say(("" if i == 0 else "-" * 40 + "\n") + text)
+        done = model.complete(prompt, settings, on_step=update, num_samples=args.num_samples)
+    seconds = time.perf_counter() - start
+    for i, c in enumerate(done):
+        say(("" if i == 0 else "-" * 40 + "\n") + prompt + c.text)
+    # on stderr, so stdout stays the samples alone: what a batch buys over one sample at a time
+    tokens = sum(c.completion_tokens for c in done)
+    print(f"{len(done)} samples, {tokens:,} new tokens in {seconds:.1f}s: "
+          f"{tokens / max(seconds, 1e-9):,.0f} tokens/s together", file=sys.stderr)
     return 0
 
 
