@@ -95,8 +95,9 @@ def attention_rate(device: torch.device, dtype: torch.dtype, shape: tuple[int, i
     FLOPs are counted by attention_flops (the forward's two products and the backward's four, causal
     masking not subtracted): a rate to compare dtypes by, not an MFU."""
     b, h, t, d = (int(x) for x in shape)
-    return _cached_rate(_attention_key(device, dtype, (b, h, t, d)), attention_flops((b, h, t, d)),
-                        lambda: _attention_time(device, dtype, (b, h, t, d), seconds), remeasure)
+    shape = (b, h, t, d)
+    return _cached_rate(_attention_key(device, dtype, shape), attention_flops(shape),
+                        lambda: _attention_time(device, dtype, shape, seconds), remeasure)
 
 
 def _cached_rate(key: str, flops: float, measure: Callable[[], float], remeasure: bool) -> float:

@@ -197,7 +197,7 @@ class Trainer:
         self.flops_per_token = flops_per_token(_matmul_params(self.model), m.n_layer, m.n_embd, m.block_size)
         self.peak_flops = peak_flops(cfg, runtime, self.group.world_size)
         self.reprobed = False
-        self.attention_note = _choose_cpu_attention(self.model, cfg, runtime, self.group.world_size)
+        self.attention_note = _choose_cpu_attention(self.model, cfg, runtime, self.group)
 
     @classmethod
     def create(cls, cfg: TrainConfig, data_dir: Path, out: Path, runtime: Runtime, log: MetricsLog,
@@ -477,7 +477,7 @@ class Trainer:
         return out
 
 
-def _choose_cpu_attention(model: GPT, cfg: TrainConfig, runtime: Runtime, world_size: int = 1) -> str:
+def _choose_cpu_attention(model: GPT, cfg: TrainConfig, runtime: Runtime, group: Group) -> str:
     """Under CPU bf16 autocast, attention in bf16 or fp32, as this CPU measured them at the shape one
     rank runs (runtime.cpu_attention_choice); '' elsewhere (GPUs run attention in the autocast dtype),
     and fp32 unmeasured where training attention always has dropout (attend_dropped: its products are
@@ -487,7 +487,7 @@ def _choose_cpu_attention(model: GPT, cfg: TrainConfig, runtime: Runtime, world_
     m = cfg.model
     if m.dropout > 0 and m.attention_dropout:
         return ""
-    rows = max(1, cfg.run.batch_size // max(1, world_size))
+    rows = _rank_rows(cfg, group).run.batch_size
     on, why = cpu_attention_choice(rows, m.n_head, m.block_size, m.n_embd // m.n_head)
     use_bf16_attention(model, on)
     return why
