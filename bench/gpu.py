@@ -86,7 +86,7 @@ def gpt2_step(root: Path, device: str, steps: int, smoke: bool) -> dict[str, Any
     out = root / "gpt2-run"
     out.mkdir()
     trainer = Trainer.create(cfg, data, out, resolve(device, "auto"), MetricsLog(out / "m.jsonl", echo=lambda s: None))
-    if cfg.run.compile:
+    if cfg.run.compile == "true":
         trainer.net.compile(lambda s: None)
     lr = cfg.optim.learning_rate
     for it in range(5):  # warm-up (compilation)

@@ -39,7 +39,7 @@ def test_unknown_key_names_the_nearest(key, hint):
     ({"n_embd": "100", "n_head": "3"}, "divisible by n_head"),
     ({"block_size": "0"}, "block_size must be at least 1"),
     ({"dtype": "fp16"}, "dtype must be one of"),
-    ({"compile": "maybe"}, "true or false"),
+    ({"compile": "maybe"}, "true, false or auto"),
     ({"dropout": "1.5"}, "dropout"),
 ])
 def test_bad_values_are_rejected(overrides, match):
@@ -69,7 +69,7 @@ def test_cli_override_forms():
     assert parse_cli_overrides(["--n-layer", "4", "--learning_rate=1e-3", "--compile"]) == {
         "n_layer": "4", "learning_rate": "1e-3", "compile": "true"}
     cfg = build_train_config(None, None, parse_cli_overrides(["--n-layer", "4", "--compile"]))
-    assert cfg.model.n_layer == 4 and cfg.run.compile is True
+    assert cfg.model.n_layer == 4 and cfg.run.compile == "true"
 
 
 @pytest.mark.parametrize("text,seconds", [("90", 90), ("90s", 90), ("10m", 600), ("2h", 7200), ("1.5h", 5400)])

@@ -104,7 +104,8 @@ class RunConfig:
     seed: int = 1337
     device: str = "auto"
     dtype: str = "auto"
-    compile: bool = False
+    # torch.compile: "true", "false", or "auto" = measured in the run's first steps (autocompile.py)
+    compile: str = "auto"
     # keep only each block's input for the backward pass and run the block again there: activations of about
     # one layer instead of all, for one more forward pass a step (bench/lora_memory.py measures both)
     gradient_checkpointing: bool = False
@@ -241,10 +242,15 @@ def parse_duration(text: str | float | int) -> float:
     return seconds
 
 
+BOOL_WORDS = ("true", "false", "1", "0", "yes", "no", "on", "off")
+
+
 def _coerce(key: str, value: Any, typ: type) -> Any:
     """Turn a TOML value or a command-line string into the field's type, or say why not."""
     if key == "max_time":
         return parse_duration(value)
+    if key in SWITCH_KEYS:
+        return _switch(key, value)
     want = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[typ]
     if typ is bool:
         if isinstance(value, bool):
@@ -275,6 +281,18 @@ def _coerce(key: str, value: Any, typ: type) -> Any:
         if isinstance(value, str):
             return value
     raise PocketError(f"config key '{key}' must be {want}, got {value!r}")
+
+
+SWITCH_KEYS = ("compile",)  # true, false or auto; stored as that word (a saved true/false still reads)
+
+
+def _switch(key: str, value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str) and value.lower() in BOOL_WORDS + ("auto",):
+        word = value.lower()
+        return word if word == "auto" else ("true" if word in ("true", "1", "yes", "on") else "false")
+    raise PocketError(f"config key '{key}' must be true, false or auto, got {value!r}")
 
 
 FIELD_TYPES: dict[str, type] = {
@@ -457,9 +475,6 @@ def build_train_config(
     return cfg
 
 
-BOOL_WORDS = ("true", "false", "1", "0", "yes", "no", "on", "off")
-
-
 def parse_config_flags(argv: list[str], reserved: set[str] | frozenset[str] = frozenset()) -> tuple[list[str], dict[str, str]]:
     """Take `--<config key> VALUE`, `--key=VALUE` and bare boolean `--key` out of argv.
 
@@ -482,16 +497,21 @@ def parse_config_flags(argv: list[str], reserved: set[str] | frozenset[str] = fr
         if "=" in arg:
             value = arg.split("=", 1)[1]
         elif nxt is not None and not nxt.startswith("--") and (
-                FIELD_TYPES[key] is not bool or nxt.lower() in BOOL_WORDS):
+                not _bare_flag(key) or nxt.lower() in BOOL_WORDS + ("auto",) * (key in SWITCH_KEYS)):
             value = nxt
             i += 1
-        elif FIELD_TYPES[key] is bool:
+        elif _bare_flag(key):
             value = "true"
         else:
             raise PocketError(f"{flag} needs a value, e.g. {flag} VALUE")
         out[key] = value
         i += 1
     return rest, out
+
+
+def _bare_flag(key: str) -> bool:
+    """A key that `--key` alone turns on: booleans, and switches (true, false or auto)."""
+    return FIELD_TYPES[key] is bool or key in SWITCH_KEYS
 
 
 def parse_cli_overrides(args: list[str]) -> dict[str, str]:

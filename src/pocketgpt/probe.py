@@ -169,19 +169,19 @@ def _attention_time(device: torch.device, dtype: torch.dtype, shape: tuple[int, 
 def _best_of_three(device: torch.device, fn: Callable[[], object], seconds: float) -> float:
     for _ in range(2):  # warm-up: oneDNN builds a kernel per shape over the first calls
         fn()
-    _sync(device)
+    sync(device)
     best = float("inf")
     for _ in range(3):  # the best of three: another program's burst only slows a round down
         count, start = 0, time.perf_counter()
         while count < 1 or time.perf_counter() - start < seconds / 3:  # a slow shape: one call a round
             fn()
             count += 1
-        _sync(device)
+        sync(device)
         best = min(best, (time.perf_counter() - start) / count)
     return best
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
     """Wait for a GPU's queued work, so that a timer measures it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -191,24 +191,32 @@ def _sync(device: torch.device) -> None:
 
 def _read_cache() -> dict[str, dict[str, float]]:
     """key -> {"flops_per_s": rate, "load": load per core when measured}; anything else in the file is dropped."""
-    try:
-        got = json.loads((cache_dir() / CACHE_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    if not isinstance(got, dict):
-        return {}
+    got = read_json(CACHE_FILE)
     return {k: {"flops_per_s": float(v["flops_per_s"]), "load": float(v["load"])} for k, v in got.items()
             if isinstance(v, dict) and isinstance(v.get("flops_per_s"), (int, float)) and v["flops_per_s"] > 0
             and isinstance(v.get("load"), (int, float))}
 
 
+def read_json(name: str) -> dict[str, object]:
+    """The JSON object in the cache folder's file `name`; {} when it is missing, unreadable or not an object."""
+    try:
+        got = json.loads((cache_dir() / name).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return got if isinstance(got, dict) else {}
+
+
 def _write_cache(cache: dict[str, dict[str, float]]) -> None:
+    write_json(CACHE_FILE, cache)
+
+
+def write_json(name: str, obj: dict[str, object]) -> None:
     """Atomically (a reader never sees half a file); a read-only cache folder only costs re-measuring."""
-    path = cache_dir() / CACHE_FILE
-    tmp = path.with_name(f".{CACHE_FILE}.{os.getpid()}")
+    path = cache_dir() / name
+    tmp = path.with_name(f".{name}.{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(cache, indent=1, sort_keys=True), encoding="utf-8")
+        tmp.write_text(json.dumps(obj, indent=1, sort_keys=True), encoding="utf-8")
         os.replace(tmp, path)
     except OSError:
         tmp.unlink(missing_ok=True)
@@ -254,7 +262,7 @@ def _kept_speedup(keys: list[str], rate: Callable[[torch.dtype], float]) -> floa
     """cache[keys[0]] / cache[keys[1]]: the bf16 and the float32 rate, each measured twice in turns
     (fp32, bf16, fp32, bf16: a busy patch of the machine slows both) when either is missing, under
     the lock, and from then on kept as they are."""
-    with _locked():
+    with locked():
         cached = _read_cache()
         if not all(k in cached for k in keys):
             for _ in range(2):
@@ -267,7 +275,7 @@ def _kept_speedup(keys: list[str], rate: Callable[[torch.dtype], float]) -> floa
 
 
 @contextlib.contextmanager
-def _locked() -> Iterator[None]:
+def locked() -> Iterator[None]:
     """An exclusive lock on the cache folder's lock file (POSIX); without one, no lock, never an error."""
     try:
         import fcntl

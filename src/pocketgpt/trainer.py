@@ -25,7 +25,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from . import distributed, evalsteps, fsdp, rundir
+from . import autocompile, distributed, evalsteps, fsdp, rundir
 from .checkpoint import atomic_write, disk_errors
 from .config import LoraConfig, ModelConfig, TrainConfig, check_lora, validate
 from .data import TrainData, open_training_data, read_meta
@@ -392,8 +392,7 @@ class Trainer:
         r, s = self.cfg.run, self.state
         tokens_per_iter = r.batch_size * r.grad_accum_steps * self.cfg.model.block_size
         self.last_read_iter = s.iter
-        if r.compile:
-            self.net.compile(self.log.say)
+        self.compiler = self._compile_choice()
         self.model.train()
         if self.runtime.is_cuda:
             torch.cuda.reset_peak_memory_stats(self.runtime.device)
@@ -413,7 +412,9 @@ class Trainer:
             t0 = time.perf_counter()
             lr = lr_at(self.cfg.optim, s.iter,
                        progress(self.cfg.optim, s.iter, r.max_iters, s.elapsed, r.max_time))
-            loss, grad_norm = self.step(s.iter, lr)
+            with self.compiler.step():
+                loss, grad_norm = self.step(s.iter, lr)
+            s.compile = self.compiler.decided
             s.iter += 1
             s.tokens_seen += tokens_per_iter
             if not math.isnan(loss):
@@ -442,6 +443,37 @@ class Trainer:
         elif s.iter == 0:
             raise PocketError("nothing to train: max_iters is already reached")
         return s
+
+    def _compile_choice(self) -> autocompile.AutoCompile:
+        """compile true/false as asked; auto as the run's saved decision, the cache or a measurement says."""
+        r, s = self.cfg.run, self.state
+        choice = autocompile.AutoCompile(self.net, self._compile_key(), self._steps_left, self.log.say, self.group,
+                                         self.runtime.device)
+        if r.compile == "auto":
+            choice.start(s.compile)
+        else:
+            choice.decided = autocompile.ON if r.compile == "true" else autocompile.OFF
+            if r.compile == "true":
+                self.net.compile(self.log.say)
+        return choice
+
+    def _compile_key(self) -> str:
+        """What a compiled step's cost depends on besides the machine: the model, one rank's rows, the recipe."""
+        cfg, rt = self.cfg, self.runtime
+        return autocompile.shape_key(rt.device, {
+            "model": cfg.model.__dict__, "rows": _rank_rows(cfg, self.group).run.batch_size,
+            "accum": cfg.run.grad_accum_steps, "dtype": str(rt.dtype), "optimizer": cfg.optim.optimizer,
+            "checkpointing": cfg.run.gradient_checkpointing, "lora": cfg.lora.__dict__,
+            "world": self.group.world_size, "parallel": cfg.run.parallel,
+            "bf16_attention": self.attention_note.startswith("attention in bf16")})
+
+    def _steps_left(self, step_s: float) -> float:
+        """Steps this run has left at step_s seconds each: to max_iters, or to max_time if that comes first."""
+        r, s = self.cfg.run, self.state
+        left = float(r.max_iters - s.iter)
+        if r.max_time:
+            left = min(left, max(0.0, r.max_time - s.elapsed) / max(step_s, 1e-9))
+        return left
 
     def _log_train(self, loss: float, lr: float, grad_norm: float, seconds: float, iters: int, tpi: int) -> None:
         ms = 1000 * seconds / max(iters, 1)
