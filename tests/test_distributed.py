@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from pocketgpt import checkpoint, distributed, fsdp
+from pocketgpt import autotune, checkpoint, distributed, fsdp
 from pocketgpt.cli import main
 from pocketgpt.data import BatchSampler, open_tokens
 from pocketgpt.errors import PocketError
@@ -248,13 +248,14 @@ def test_an_unexpected_error_on_a_rank_reaches_torchrun_with_its_traceback(data_
 
 
 @pytest.mark.slow
-def test_ctrl_c_stops_every_rank_at_one_step_and_rank_0_saves(data_dir, tmp_path):
-    run = tmp_path / "run"
-    proc = subprocess.Popen(torchrun_cmd(2, *train_flags(data_dir, run, max_iters=10**6, eval_interval=10**6)),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=torchrun_env())
+def _interrupted_after(data_dir: Path, run: Path, lines: int, **overrides) -> tuple[str, int]:
+    """A two-rank run without an end, Ctrl-C once metrics.jsonl has `lines` lines; (its output, the saved iter)."""
+    flags = train_flags(data_dir, run, max_iters=10**6, eval_interval=10**6, **overrides)
+    proc = subprocess.Popen(torchrun_cmd(2, *flags), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=torchrun_env())
     try:
         deadline = time.monotonic() + LIMIT_S
-        while not ((run / "metrics.jsonl").is_file() and len(metrics(run)) >= 5):
+        while not ((run / "metrics.jsonl").is_file() and len(metrics(run)) >= lines):
             assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()[0]
             time.sleep(0.2)
         proc.send_signal(signal.SIGINT)  # what torchrun forwards to every rank on Ctrl-C
@@ -264,6 +265,23 @@ def test_ctrl_c_stops_every_rank_at_one_step_and_rank_0_saves(data_dir, tmp_path
     saved = json.loads((run / "last" / "state.json").read_text())["iter"]
     assert f"interrupted at iter {saved}; saved" in out, out
     assert [m["iter"] for m in metrics(run)] == list(range(1, saved + 1))
+    return out, saved
+
+
+def test_ctrl_c_stops_every_rank_at_one_step_and_rank_0_saves(data_dir, tmp_path):
+    # compile false: an endless run would time torch.compile first (autotune), which is not this test's subject
+    _interrupted_after(data_dir, tmp_path / "run", 5, compile="false")
+
+
+def test_compile_auto_is_measured_and_decided_by_every_rank_together(data_dir, tmp_path):
+    """An endless run has time to measure: both ranks time eager and compiled steps and take one decision
+    (a rank that chose alone would wait in a different collective: a hang, not a pass)."""
+    steps = autotune.WARMUP + 2 + 2 * autotune.ROUNDS
+    out, saved = _interrupted_after(data_dir, tmp_path / "run", steps + 2)
+    decided = [line for line in out.splitlines() if line.startswith("compile auto: ") and "measured here" in line]
+    assert len(decided) == 1 and "failed" not in decided[0], out  # rank 0 speaks for both
+    state = json.loads((tmp_path / "run" / "last" / "state.json").read_text())
+    assert saved >= steps and state["compile"] == ("on" if "compile auto: compiled" in decided[0] else "off")
 
 
 # ---------------------------------------------------------------- torchrun, two gloo ranks, FSDP2

@@ -104,8 +104,9 @@ class RunConfig:
     seed: int = 1337
     device: str = "auto"
     dtype: str = "auto"
-    # torch.compile: "true", "false", or "auto" = measured in the run's first steps (autocompile.py)
+    # torch.compile: "true", "false", or "auto" = measured in the run's first steps (autotune.py)
     compile: str = "auto"
+    threads: int = 0  # CPU threads; 0 = measured in the run's first steps (this process's count or half of it)
     # keep only each block's input for the backward pass and run the block again there: activations of about
     # one layer instead of all, for one more forward pass a step (bench/lora_memory.py measures both)
     gradient_checkpointing: bool = False
@@ -365,6 +366,7 @@ def validate(cfg: TrainConfig) -> None:
         (r.max_time >= 0, f"max_time must be zero (off) or positive, got {r.max_time}"),
         (r.eval_interval >= 1, f"eval_interval must be at least 1, got {r.eval_interval}"),
         (r.eval_iters >= 1, f"eval_iters must be at least 1, got {r.eval_iters}"),
+        (r.threads >= 0, f"threads must be zero (measured) or positive, got {r.threads}"),
         (r.log_interval >= 1, f"log_interval must be at least 1, got {r.log_interval}"),
         (r.sample_tokens >= 0, f"sample_tokens must be zero or positive, got {r.sample_tokens}"),
         (r.eval_sample_tokens >= 0, f"eval_sample_tokens must be zero or positive, got {r.eval_sample_tokens}"),

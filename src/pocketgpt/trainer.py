@@ -15,6 +15,7 @@ import contextlib
 import copy
 import functools
 import math
+import os
 import shutil
 import signal
 import time
@@ -25,7 +26,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from . import autocompile, distributed, evalsteps, fsdp, rundir
+from . import autotune, distributed, evalsteps, fsdp, rundir
 from .checkpoint import atomic_write, disk_errors
 from .config import LoraConfig, ModelConfig, TrainConfig, check_lora, validate
 from .data import TrainData, open_training_data, read_meta
@@ -392,7 +393,8 @@ class Trainer:
         r, s = self.cfg.run, self.state
         tokens_per_iter = r.batch_size * r.grad_accum_steps * self.cfg.model.block_size
         self.last_read_iter = s.iter
-        self.compiler = self._compile_choice()
+        threads = torch.get_num_threads()
+        self.tuner = self._tuning()
         self.model.train()
         if self.runtime.is_cuda:
             torch.cuda.reset_peak_memory_stats(self.runtime.device)
@@ -402,6 +404,7 @@ class Trainer:
             return self._loop(tokens_per_iter)
         finally:
             self.log.close_progress()
+            torch.set_num_threads(threads)  # the process's own setting again (train() may be one call of many)
 
     def _loop(self, tokens_per_iter: int) -> RunState:
         r, s = self.cfg.run, self.state
@@ -412,9 +415,9 @@ class Trainer:
             t0 = time.perf_counter()
             lr = lr_at(self.cfg.optim, s.iter,
                        progress(self.cfg.optim, s.iter, r.max_iters, s.elapsed, r.max_time))
-            with self.compiler.step():
+            with self.tuner.step():
                 loss, grad_norm = self.step(s.iter, lr)
-            s.compile = self.compiler.decided
+            s.compile, s.threads = self.tuner.compile, self.tuner.threads
             s.iter += 1
             s.tokens_seen += tokens_per_iter
             if not math.isnan(loss):
@@ -444,23 +447,27 @@ class Trainer:
             raise PocketError("nothing to train: max_iters is already reached")
         return s
 
-    def _compile_choice(self) -> autocompile.AutoCompile:
-        """compile true/false as asked; auto as the run's saved decision, the cache or a measurement says."""
+    def _tuning(self) -> autotune.AutoTune:
+        """compile and threads as asked, or (compile auto, threads 0) as the run's saved decisions, the
+        cache or a measurement of its first steps say (autotune.py)."""
         r, s = self.cfg.run, self.state
-        choice = autocompile.AutoCompile(self.net, self._compile_key(), self._steps_left, self.log.say, self.group,
-                                         self.runtime.device)
-        if r.compile == "auto":
-            choice.start(s.compile)
-        else:
-            choice.decided = autocompile.ON if r.compile == "true" else autocompile.OFF
-            if r.compile == "true":
-                self.net.compile(self.log.say)
-        return choice
+        tuner = autotune.AutoTune(self.net, self._step_key, self._steps_left, self.log.say, self.group,
+                                  self.runtime.device)
+        if r.threads:
+            torch.set_num_threads(r.threads)
+        measured = (self.runtime.device.type == "cpu" and not r.threads and torch.get_num_threads() > 1
+                    and not os.environ.get(distributed.ENV_THREADS))
+        if r.compile == "true":
+            self.net.compile(self.log.say)
+        tuner.compile = {"true": autotune.ON, "false": autotune.OFF}.get(r.compile, "")
+        tuner.start(autotune.Plan(r.compile == "auto", torch.get_num_threads() if measured else 0,
+                                  s.compile, s.threads))
+        return tuner
 
-    def _compile_key(self) -> str:
+    def _step_key(self) -> str:
         """What a compiled step's cost depends on besides the machine: the model, one rank's rows, the recipe."""
         cfg, rt = self.cfg, self.runtime
-        return autocompile.shape_key(rt.device, {
+        return autotune.shape_key(rt.device, {
             "model": cfg.model.__dict__, "rows": _rank_rows(cfg, self.group).run.batch_size,
             "accum": cfg.run.grad_accum_steps, "dtype": str(rt.dtype), "optimizer": cfg.optim.optimizer,
             "checkpointing": cfg.run.gradient_checkpointing, "lora": cfg.lora.__dict__,

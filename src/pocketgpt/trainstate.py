@@ -44,7 +44,8 @@ class RunState:
     evals_since_best: int = 0
     last_train_loss: float = math.nan
     history: list[dict[str, Any]] = field(default_factory=list)
-    compile: str = ""  # compile = auto's decision ("on" / "off"; autocompile.py): a resume keeps it
+    compile: str = ""  # compile = auto's decision ("on" / "off"; autotune.py): a resume keeps it
+    threads: int = 0  # threads = 0's decision (CPU threads; autotune.py): a resume keeps it
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -55,7 +56,7 @@ class RunState:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RunState":
         s = cls()
-        for key in ("iter", "tokens_seen", "elapsed", "best_iter", "evals_since_best", "history", "compile"):
+        for key in ("iter", "tokens_seen", "elapsed", "best_iter", "evals_since_best", "history", "compile", "threads"):
             if key in d:
                 setattr(s, key, d[key])
         s.best_val_loss = math.inf if d.get("best_val_loss") is None else float(d["best_val_loss"])

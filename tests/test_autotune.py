@@ -1,0 +1,215 @@
+"""compile = auto and threads = 0: the timed steps, the decisions, the per-machine cache, and real training runs."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+
+import pytest
+import torch
+
+from pocketgpt import autotune
+from pocketgpt.autotune import AutoTune, Plan, Timing
+from pocketgpt.checkpoint import read_last_state
+from pocketgpt.distributed import Group
+from pocketgpt.trainer import train
+
+from helpers import metrics, tiny_config
+
+
+class FakeNet:
+    """TrainModel's compile contract: compile() makes `forward` a compiled callable; a failure at a call sets
+    forward back to eager (as TrainModel.__call__ does)."""
+
+    def __init__(self):
+        self.eager = object()
+        self.forward = self.eager
+        self.compiles = 0
+
+    def compile(self, say):
+        self.compiles += 1
+        self.forward = object()
+
+
+def _single() -> Group:
+    return Group()  # one process: rank 0 of 1
+
+
+def _choice(net, key, steps_left=1e6, said=None, plan=None, saved=""):
+    """An AutoTune for compile alone (or `plan`), started."""
+    tuner = AutoTune(net, lambda: f"{key} t{torch.get_num_threads()}", lambda step_s: steps_left,
+                     (said if said is not None else []).append, _single(), torch.device("cpu"))
+    tuner.start(plan or Plan(compile=True, threads=0, saved_compile=saved))
+    return tuner
+
+
+@pytest.fixture(autouse=True)
+def _threads_back():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def _run_steps(choice, net, eager_s, compiled_s, n=20, fail=False):
+    """Steps that take eager_s or compiled_s seconds, as the forward the chooser set says."""
+    used = []
+    for _ in range(n):
+        with choice.step():
+            compiled = net.forward is not net.eager
+            used.append(compiled)
+            if compiled and fail:
+                net.forward = net.eager  # what TrainModel does when the compiled call raised
+            time.sleep(compiled_s if compiled and not fail else eager_s)
+    return used
+
+
+def test_timing_pays_only_when_clearly_faster_and_earned_back():
+    t = Timing(eager_s=0.2, compiled_s=0.17, compile_s=30.0)
+    assert t.faster() and t.pays(2000) and not t.pays(500)  # 0.03 s saved a step: 1,000 steps earn 30 s back
+    assert not Timing(0.2, 0.197, 0.0).faster()  # 1.5 % is within MIN_GAIN's noise
+    assert not Timing(0.2, None, 0.0).pays(1e9)  # compiling failed
+
+
+def test_a_faster_compiled_step_is_measured_kept_and_reused(tmp_path, monkeypatch):
+    monkeypatch.setenv("POCKETGPT_CACHE_DIR", str(tmp_path))
+    net, said = FakeNet(), []
+    choice = _choice(net, "k", said=said)
+    used = _run_steps(choice, net, eager_s=0.012, compiled_s=0.003)
+    plan = autotune.WARMUP + 2 + 2 * autotune.ROUNDS
+    # warm-up eager, the compile and a compiled warm-up, then eager and compiled in turns, then compiled on
+    assert used[:plan] == [False] * autotune.WARMUP + [True, True] + [False, True] * autotune.ROUNDS
+    assert all(used[plan:]) and choice.compile == autotune.ON and net.compiles == 1
+    kept = json.loads((tmp_path / autotune.CACHE_FILE).read_text())[f"k t{torch.get_num_threads()} | compile"]
+    assert kept["compiled_s"] < kept["eager_s"] / 2 and kept["compile_s"] >= 0
+    assert any("compile auto: compiled (measured here" in s for s in said)
+
+    again, said2 = FakeNet(), []
+    second = _choice(again, "k", said=said2)
+    assert second.compile == autotune.ON and again.compiles == 1 and not second.times
+    assert any("measured before on this machine" in s for s in said2)
+
+
+@pytest.mark.parametrize("steps_left,decided", [(2000, autotune.ON), (500, autotune.OFF)])
+def test_a_kept_timing_compiles_only_where_the_steps_left_earn_the_compile_back(tmp_path, monkeypatch,
+                                                                                steps_left, decided):
+    monkeypatch.setenv("POCKETGPT_CACHE_DIR", str(tmp_path))
+    autotune.write_compile(f"k t{torch.get_num_threads()}", Timing(eager_s=0.2, compiled_s=0.17, compile_s=30.0))
+    net, said = FakeNet(), []
+    choice = _choice(net, "k", steps_left=steps_left, said=said)
+    assert choice.compile == decided and net.compiles == (decided == autotune.ON) and not choice.times
+    assert ("do not earn the compile back" in said[-1]) == (decided == autotune.OFF)
+
+
+def test_a_slower_compiled_step_goes_back_to_eager(tmp_path, monkeypatch):
+    monkeypatch.setenv("POCKETGPT_CACHE_DIR", str(tmp_path))
+    net = FakeNet()
+    choice = _choice(net, "slow")
+    used = _run_steps(choice, net, eager_s=0.003, compiled_s=0.012)
+    plan = autotune.WARMUP + 2 + 2 * autotune.ROUNDS
+    assert choice.compile == autotune.OFF and not any(used[plan:])
+    assert net.forward is net.eager
+
+
+def test_a_failing_compile_is_kept_as_failed_and_not_tried_again(tmp_path, monkeypatch):
+    monkeypatch.setenv("POCKETGPT_CACHE_DIR", str(tmp_path))
+    net = FakeNet()
+    choice = _choice(net, "broken")
+    used = _run_steps(choice, net, eager_s=0.002, compiled_s=0.001, fail=True)
+    assert choice.compile == autotune.OFF and used.count(True) == 1  # tried once, then eager throughout
+    assert autotune.read_compile(f"broken t{torch.get_num_threads()}").compiled_s is None
+    again = FakeNet()
+    second = _choice(again, "broken")
+    assert second.compile == autotune.OFF and again.compiles == 0
+
+
+def test_a_short_run_is_not_measured_and_a_resume_keeps_the_decision(tmp_path, monkeypatch):
+    monkeypatch.setenv("POCKETGPT_CACHE_DIR", str(tmp_path))
+    net, said = FakeNet(), []
+    choice = _choice(net, "short", steps_left=100, said=said)
+    _run_steps(choice, net, eager_s=0.001, compiled_s=0.001, n=5)
+    assert choice.compile == autotune.OFF and net.compiles == 0 and len(choice.times) == autotune.WARMUP
+    assert any("too short to measure" in s for s in said)
+    assert not (tmp_path / autotune.CACHE_FILE).exists()  # nothing was measured, so nothing is kept
+    resumed = FakeNet()
+    r = _choice(resumed, "short", steps_left=100, saved=autotune.ON)  # the run being resumed had compiled
+    assert r.compile == autotune.ON and resumed.compiles == 1
+
+
+def test_an_unreadable_cache_entry_is_measured_again(tmp_path, monkeypatch):
+    monkeypatch.setenv("POCKETGPT_CACHE_DIR", str(tmp_path))
+    (tmp_path / autotune.CACHE_FILE).write_text(json.dumps(
+        {"k | compile": {"eager_s": "x"}, "j | compile": [1], "k | threads": {"threads": "2"}}))
+    assert autotune.read_compile("k") is None and autotune.read_compile("j") is None
+    assert autotune.read_threads("k") == 0
+    (tmp_path / autotune.CACHE_FILE).write_text("{not json")
+    assert autotune.read_compile("k") is None
+
+
+def test_a_tiny_cli_run_stays_eager_and_saves_its_decision(data_dir, tmp_path):
+    said: list[str] = []
+    train(tiny_config(max_iters=8, eval_interval=4), data_dir, tmp_path / "run", echo=said.append)
+    assert tiny_config().run.compile == "auto" and tiny_config().run.threads == 0  # the defaults
+    assert any("compile auto: eager" in s and "too short to measure" in s for s in said)
+    state = read_last_state(tmp_path / "run")
+    assert state["compile"] == autotune.OFF
+    assert state["threads"] == (torch.get_num_threads() if torch.get_num_threads() > 1 else 0)
+
+
+def _timed_by_threads(tuner, net, seconds_at, n=12):
+    for _ in range(n):
+        with tuner.step():
+            time.sleep(seconds_at(torch.get_num_threads(), net.forward is not net.eager))
+
+
+@pytest.mark.parametrize("one_s,two_s,best", [(0.002, 0.008, 1), (0.008, 0.002, 2)])
+def test_threads_are_timed_in_turns_and_the_faster_count_kept(tmp_path, monkeypatch, one_s, two_s, best):
+    monkeypatch.setenv("POCKETGPT_CACHE_DIR", str(tmp_path))
+    torch.set_num_threads(2)
+    net, said = FakeNet(), []
+    tuner = _choice(net, "th", said=said, plan=Plan(compile=False, threads=2))
+    _timed_by_threads(tuner, net, lambda n, _: one_s if n == 1 else two_s)
+    assert tuner.threads == best and torch.get_num_threads() == best and net.compiles == 0
+    assert autotune.read_threads("th t2") == best  # kept under the process's own count
+    assert any(s.startswith(f"threads auto: {best} (measured here") for s in said)
+    torch.set_num_threads(2)
+    again = _choice(FakeNet(), "th", plan=Plan(compile=False, threads=2))
+    assert again.threads == best and again.decided and torch.get_num_threads() == best
+    resumed = _choice(FakeNet(), "th", plan=Plan(compile=False, threads=2, saved_threads=1))
+    assert resumed.threads == 1  # a resume keeps its run's count, whatever the cache says
+
+
+def test_threads_then_compile_at_the_chosen_count(tmp_path, monkeypatch):
+    monkeypatch.setenv("POCKETGPT_CACHE_DIR", str(tmp_path))
+    torch.set_num_threads(2)
+    net = FakeNet()
+    tuner = _choice(net, "both", plan=Plan(compile=True, threads=2))
+    _timed_by_threads(tuner, net, lambda n, compiled: (0.002 if n == 1 else 0.008) / (3 if compiled else 1), n=24)
+    assert tuner.threads == 1 and tuner.compile == autotune.ON and tuner.decided
+    kept = json.loads((tmp_path / autotune.CACHE_FILE).read_text())
+    assert set(kept) == {"both t2 | threads", "both t1 | compile"}  # the compile was timed at one thread
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("cc") is None,
+                    reason="torch.compile on a CPU needs a C++ compiler (apt-get install g++)")
+def test_a_real_run_measures_torch_compile_and_trains_on(data_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(autotune, "MEASURE_MIN_S", 0.0)  # measure even this short run
+    monkeypatch.setenv("POCKETGPT_CACHE_DIR", str(tmp_path / "cache"))
+    said: list[str] = []
+    cfg = tiny_config(n_layer=1, max_iters=24, eval_interval=24, log_interval=1)
+    threads = torch.get_num_threads()
+    train(cfg, data_dir, tmp_path / "run", echo=said.append)
+    assert torch.get_num_threads() == threads  # the process's setting is back after the run
+    decided = [s for s in said if s.startswith("compile auto: compiled") or s.startswith("compile auto: eager")]
+    assert len(decided) == 1 and "measured here" in decided[0], said
+    assert "failed" not in decided[0]  # a real compile happened and its steps were timed
+    losses = [m["loss"] for m in metrics(tmp_path / "run") if "loss" in m]
+    assert len(losses) == 24 and all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
+    kept = json.loads((tmp_path / "cache" / autotune.CACHE_FILE).read_text())
+    assert any(k.endswith("| compile") and v["compiled_s"] is not None and v["compile_s"] > 0 for k, v in kept.items())
+    state = read_last_state(tmp_path / "run")
+    assert state["compile"] in (autotune.ON, autotune.OFF)
+    if threads > 1:  # threads were timed too, before the compile
+        assert any(s.startswith("threads auto: ") and "measured here" in s for s in said)
+        assert state["threads"] in (threads, threads // 2)
