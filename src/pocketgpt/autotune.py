@@ -4,17 +4,22 @@ What they buy depends on the machine and the shape. On the 2-core AMD Zen 4 of b
 compiling made the cpu-hour step no faster for ~40 s of compiling, and the demo's and cpu-15min's
 steps 1.16-1.2x faster for 26-52 s; GPUs usually gain more. Half the threads ran those steps 1.45-1.7x
 slower there, while a tiny model on a many-core machine can run faster on fewer. A fixed default is
-wrong somewhere, so a run long enough to afford it (MEASURE_MIN_S of steps left) times its steps:
+wrong somewhere, so a run long enough to afford it (MEASURE_MIN_S of steps left, and steps enough for
+every phase twice over) times its steps:
 
   WARMUP eager steps;
-  threads: ROUNDS steps at this process's thread count and at half of it, in turns (CPU only);
-  compile: the compile and one compiled warm-up step, then ROUNDS eager and compiled steps in turns;
+  threads (CPU only, eager): ROUNDS steps at this process's thread count and ROUNDS at half of it,
+    in turns;
+  compile: the compile and one compiled warm-up step, then ROUNDS eager and ROUNDS compiled steps,
+    in turns;
 
 and trains on with the faster of each. Turns, because a busy patch of a shared machine slows both
-sides alike; every one of these steps is a real training step. The timings are kept per machine and
-shape (in probe.py's cache folder), so a later run of that shape decides at once (it compiles only
-when the saving over its remaining steps outweighs the compile measured). The decisions are saved in
-the run's state, so a resume follows the numeric path of the run it continues.
+sides alike; every one of these steps is a real training step. Threads come first because inductor
+writes the thread count into the code it compiles. The timings are kept per machine and shape (in
+probe.py's cache folder, with the machine's load when measured: a quieter machine measures again),
+so a later run of that shape decides at once; it compiles only when the saving over its remaining
+steps outweighs the compile measured. The decisions are saved in the run's state, so a resume
+follows the numeric path of the run it continues.
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ CACHE_FILE = "autotune.json"
 MIN_GAIN = 0.03
 # a run with less eager time left than this is not measured: one compile (6-50 s on a 2-core CPU) would
 # be too large a share of it
-MEASURE_MIN_S = 300.0
+MEASURE_MIN_S = 240.0
 WARMUP = 2
 ROUNDS = 4
 ON, OFF = "on", "off"  # RunState.compile: a run's decision ("" before it is made)
@@ -76,26 +81,41 @@ def shape_key(device: torch.device, what: dict[str, Any]) -> str:
     return f"{probe.machine_key(device)} | {hashlib.sha1(text.encode()).hexdigest()[:16]}"
 
 
-def read_compile(key: str) -> Timing | None:
-    """The compile timing kept under key, or None (missing or malformed: measured again, never an error)."""
-    got = probe.read_json(CACHE_FILE).get(f"{key} | compile")
-    try:
-        compiled = got["compiled_s"]  # type: ignore[index]
-        t = Timing(float(got["eager_s"]), None if compiled is None else float(compiled), float(got["compile_s"]))  # type: ignore[index]
-    except (KeyError, TypeError, ValueError):
+def _number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _kept(key: str, what: str) -> dict[str, Any] | None:
+    """The cache entry, unless missing, without a load, or measured on a busier machine than this one is now."""
+    got = probe.read_json(CACHE_FILE).get(f"{key} | {what}")
+    if not isinstance(got, dict) or not _number(got.get("load")):
         return None
+    return got if probe.load_now() >= got["load"] - probe.LOAD_MARGIN else None
+
+
+def read_compile(key: str) -> Timing | None:
+    """The compile timing kept under key, or None (missing, malformed or stale: measured again, never an error)."""
+    got = _kept(key, "compile")
+    if got is None or not _number(got.get("eager_s")) or not _number(got.get("compile_s")):
+        return None
+    compiled = got.get("compiled_s")
+    if compiled is not None and not (_number(compiled) and compiled > 0):
+        return None
+    t = Timing(float(got["eager_s"]), None if compiled is None else float(compiled), float(got["compile_s"]))
     return t if t.eager_s > 0 and t.compile_s >= 0 else None
 
 
 def read_threads(key: str) -> int:
     """The thread count kept under key, or 0."""
-    got = probe.read_json(CACHE_FILE).get(f"{key} | threads")
-    return got["threads"] if isinstance(got, dict) and isinstance(got.get("threads"), int) and got["threads"] > 0 else 0
+    got = _kept(key, "threads")
+    n = None if got is None else got.get("threads")
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 0
 
 
 def _write(key: str, what: str, entry: dict[str, Any]) -> None:
     with probe.locked():
-        probe.write_json(CACHE_FILE, {**probe.read_json(CACHE_FILE), f"{key} | {what}": entry})
+        probe.write_json(CACHE_FILE, {**probe.read_json(CACHE_FILE),
+                                      f"{key} | {what}": {**entry, "load": probe.load_now()}})
 
 
 def write_compile(key: str, t: Timing) -> None:
@@ -108,11 +128,14 @@ def write_threads(key: str, threads: int, seconds: dict[int, float]) -> None:
 
 @dataclass
 class Plan:
-    """What to decide: compile (auto) and/or threads (measured between `threads` and half of it); a resumed
-    run's saved decisions ("on"/"off", a thread count; "" / 0 where none was made)."""
+    """What a run leaves to measurement, and what the run being resumed decided.
 
-    compile: bool
-    threads: int  # this process's thread count, measured against half of it; 0: not measured
+    compile: ON or OFF as asked (compile true / false), or "" for auto; threads: this process's thread
+    count, to be measured against half of it (0: not measured); saved_*: a resumed run's decisions
+    ("" / 0 where it made none)."""
+
+    compile: str
+    threads: int
     saved_compile: str = ""
     saved_threads: int = 0
 
@@ -122,7 +145,7 @@ class AutoTune:
 
     key(): the cache key of a step at the current thread count; steps_left(step_s): how many steps the
     run has left at step_s seconds a step. Under torchrun every rank runs the same steps and the ranks
-    decide together from their mean timings."""
+    decide together from their mean timings; the first rank of each machine keeps them in its cache."""
 
     def __init__(self, net: TrainModel, key: Callable[[], str], steps_left: Callable[[float], float],
                  say: Callable[[str], None], group: Group, device: torch.device):
@@ -130,7 +153,7 @@ class AutoTune:
         self.group, self.device = group, device
         self.compile = ""  # ON / OFF once decided
         self.threads = 0  # the thread count once decided (0: not a choice of this run)
-        self.plan = Plan(False, 0)
+        self.plan = Plan("", 0)
         self.phase = ""  # the phase of timed steps under way: warmup, threads or compile
         self.queue: list[tuple[str, int]] = []  # (kind, threads) of the phase's steps still to run
         self.times: list[tuple[str, int, float]] = []  # the phase's (kind, threads, seconds)
@@ -139,19 +162,24 @@ class AutoTune:
         self.failed = False
 
     @property
-    def decided(self) -> bool:
-        return not self.queue
+    def measuring(self) -> bool:
+        """Timed steps are queued: some choice is still open."""
+        return bool(self.queue)
 
     def start(self, plan: Plan) -> None:
-        """Decide what the saved decisions or the cache say; queue timed steps for what is left."""
+        """Decide what was asked for, what the saved decisions or the cache say; queue timed steps for the rest."""
         self.plan = plan
+        if plan.compile:
+            self.compile = plan.compile
+        elif plan.saved_compile in (ON, OFF):
+            self._decide_compile(plan.saved_compile == ON, "as in the run being resumed")
         if plan.threads:
             n = plan.saved_threads or self._same_on_all(read_threads(self.key()))
             if n:
                 self._set_threads(min(n, plan.threads), "as in the run being resumed" if plan.saved_threads
                                   else "measured before on this machine")
-        if plan.compile and plan.saved_compile in (ON, OFF):
-            self._decide_compile(plan.saved_compile == ON, "as in the run being resumed")
+            elif self.compile == ON:  # compiled code keeps the thread count it was compiled with
+                self._set_threads(plan.threads, "", quiet=True)
         self._advance()
 
     @contextlib.contextmanager
@@ -165,8 +193,8 @@ class AutoTune:
             self.net.compile(lambda s: None)
             self.compiled = self.net.forward
         use_compiled = kind != "eager" and not self.failed and self.compiled is not None
-        if self.plan.compile:  # else the forward is what compile true / false made it
-            self.net.forward = self.compiled if use_compiled else self.net.eager
+        if not self.compile:  # once decided (or asked for), the forward stays what the decision made it
+            self.net.forward = self.compiled if use_compiled and self.compiled is not None else self.net.eager
         torch.set_num_threads(threads)
         probe.sync(self.device)
         t0 = time.perf_counter()
@@ -182,10 +210,9 @@ class AutoTune:
         """Decide from the cache what needs no timing, else queue the next phase of timed steps."""
         p = self.plan
         need_threads = bool(p.threads) and not self.threads
-        if p.compile and not self.compile and not need_threads:
+        if not self.compile and not need_threads:
             self._compile_from_cache()  # its key holds the thread count, so only once that is settled
-        need_compile = p.compile and not self.compile
-        if not (need_threads or need_compile):
+        if not need_threads and self.compile:
             return
         n = torch.get_num_threads()
         if not self.warmed:
@@ -193,7 +220,7 @@ class AutoTune:
         elif need_threads:
             half = max(1, p.threads // 2)
             self._queue("threads", [("eager", p.threads), ("eager", half)] * ROUNDS)
-            self.say(f"threads auto: timing {p.threads} against {half} threads over the next {len(self.queue)} steps")
+            self.say(f"threads auto: timing {p.threads} threads against {half} over the next {len(self.queue)} steps")
         else:
             self._queue("compile", [("compile", n), ("compiled", n)] + [("eager", n), ("compiled", n)] * ROUNDS)
             self.say(f"compile auto: timing eager against compiled steps over the next {len(self.queue)} steps "
@@ -206,13 +233,11 @@ class AutoTune:
         if self.phase == "warmup":
             self.warmed = True
             (step_s,) = self._mean([self.times[-1][2]])  # the second eager step: past the first-call costs
-            left = self.steps_left(step_s) * step_s
-            if left < MEASURE_MIN_S:
-                why = f"~{left:.0f} s of steps left is too short to measure (it takes {MEASURE_MIN_S:.0f} s)"
-                if self.plan.threads and not self.threads:
-                    self._set_threads(self.plan.threads, why, quiet=True)
-                if self.plan.compile and not self.compile:
-                    self._decide_compile(False, why + "; --compile true forces it")
+            steps = self.steps_left(step_s)
+            phases = 2 * ROUNDS * bool(self.plan.threads and not self.threads) + (2 + 2 * ROUNDS) * (not self.compile)
+            if steps * step_s < MEASURE_MIN_S or steps < 2 * phases:
+                self._skip(f"~{steps * step_s:.0f} s of steps left: measuring needs {MEASURE_MIN_S:.0f} s "
+                           f"and {2 * phases} steps")
                 return
         elif self.phase == "threads":
             self._finish_threads()
@@ -220,25 +245,35 @@ class AutoTune:
             self._finish_compile()
         self._advance()
 
+    def _skip(self, why: str) -> None:
+        """Too short to measure: the process's thread count, and compile as the cache says, else eager."""
+        if self.plan.threads and not self.threads:
+            self._set_threads(self.plan.threads, why, quiet=True)
+        if not self.compile:
+            self._compile_from_cache()
+        if not self.compile:
+            self._decide_compile(False, why + "; --compile true forces it")
+
     def _finish_threads(self) -> None:
         full, half = self.plan.threads, max(1, self.plan.threads // 2)
         full_s, half_s = self._mean([statistics.median(s for _, t, s in self.times if t == n) for n in (full, half)])
         best = half if half_s < full_s * (1 - MIN_GAIN) else full
         torch.set_num_threads(full)  # the key of a threads choice is the process's own thread count
-        if self.group.is_main:
+        if self.group.local_rank == 0:
             write_threads(self.key(), best, {full: full_s, half: half_s})
         self._set_threads(best, f"measured here: {1000 * full_s:.1f} ms/step at {full} threads, "
                                 f"{1000 * half_s:.1f} at {half}")
 
     def _finish_compile(self) -> None:
-        first = self.times[0][2]  # the compile step: compiling and one step
+        # the compile step and the compiled warm-up after it (which may compile again): compiling and two steps
+        first = self.times[0][2] + self.times[1][2]
         eager = statistics.median(s for kind, _, s in self.times if kind == "eager")
         compiled = [s for kind, _, s in self.times[2:] if kind == "compiled"]
         mine = statistics.median(compiled) if compiled and not self.failed else eager
         eager, compiled_s, first = self._mean([eager, mine, first])
         failed = self.group.any_true(self.failed)
-        t = Timing(eager, None if failed else compiled_s, 0.0 if failed else max(0.0, first - compiled_s))
-        if self.group.is_main:
+        t = Timing(eager, None if failed else compiled_s, 0.0 if failed else max(0.0, first - 2 * compiled_s))
+        if self.group.local_rank == 0:
             write_compile(self.key(), t)
         self._decide_compile(t.faster(), f"measured here: {t.describe()}")  # the compile is paid already
 
@@ -256,10 +291,12 @@ class AutoTune:
         self._decide_compile(on, f"measured before on this machine: {t.describe()}{short}")
 
     def _decide_compile(self, on: bool, why: str) -> None:
-        self.compile = ON if on else OFF
         if on and self.compiled is None:
-            self.net.compile(lambda s: None)
+            self.net.compile(self.say)
             self.compiled = self.net.forward
+            if self.compiled is self.net.eager:  # torch.compile is not there at all (said by TrainModel)
+                on, why = False, "torch.compile unavailable"
+        self.compile = ON if on else OFF
         self.net.forward = self.compiled if on and self.compiled is not None else self.net.eager
         self.say(f"compile auto: {'compiled' if on else 'eager'} ({why})")
 

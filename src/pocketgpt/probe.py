@@ -116,6 +116,11 @@ def _cached_rate(key: str, flops: float, measure: Callable[[], float], remeasure
     return entry["flops_per_s"]
 
 
+def load_now() -> float:
+    """The machine's load per core now: what a kept measurement's own load is compared with."""
+    return _load()
+
+
 def _load() -> float:
     """The 1-minute load average per core: how busy the machine was when a rate was measured."""
     try:

@@ -394,16 +394,18 @@ class Trainer:
         tokens_per_iter = r.batch_size * r.grad_accum_steps * self.cfg.model.block_size
         self.last_read_iter = s.iter
         threads = torch.get_num_threads()
-        self.tuner = self._tuning()
-        self.model.train()
-        if self.runtime.is_cuda:
-            torch.cuda.reset_peak_memory_stats(self.runtime.device)
-        budget = (r.max_time, s.elapsed, "s") if r.max_time else (r.max_iters, s.iter, "it")
-        self.log.start_progress(*budget)
         try:
-            return self._loop(tokens_per_iter)
+            self.tuner = self._tuning()
+            self.model.train()
+            if self.runtime.is_cuda:
+                torch.cuda.reset_peak_memory_stats(self.runtime.device)
+            budget = (r.max_time, s.elapsed, "s") if r.max_time else (r.max_iters, s.iter, "it")
+            self.log.start_progress(*budget)
+            try:
+                return self._loop(tokens_per_iter)
+            finally:
+                self.log.close_progress()
         finally:
-            self.log.close_progress()
             torch.set_num_threads(threads)  # the process's own setting again (train() may be one call of many)
 
     def _loop(self, tokens_per_iter: int) -> RunState:
@@ -455,17 +457,20 @@ class Trainer:
                                   self.runtime.device)
         if r.threads:
             torch.set_num_threads(r.threads)
-        measured = (self.runtime.device.type == "cpu" and not r.threads and torch.get_num_threads() > 1
-                    and not os.environ.get(distributed.ENV_THREADS))
         if r.compile == "true":
             self.net.compile(self.log.say)
-        tuner.compile = {"true": autotune.ON, "false": autotune.OFF}.get(r.compile, "")
-        tuner.start(autotune.Plan(r.compile == "auto", torch.get_num_threads() if measured else 0,
-                                  s.compile, s.threads))
+        mine = (self.runtime.device.type == "cpu" and not r.threads and torch.get_num_threads() > 1
+                and not os.environ.get(distributed.ENV_THREADS))
+        # every rank measures or none does (a rank alone would wait in other collectives); a resumed run
+        # that trained at the process's count (threads not measured then) stays at it
+        measured = self.group.sums([float(mine)])[0] == self.group.world_size and (s.threads or not s.iter)
+        asked = {"true": autotune.ON, "false": autotune.OFF}.get(r.compile, "")
+        tuner.start(autotune.Plan(asked, torch.get_num_threads() if measured else 0, s.compile, s.threads))
         return tuner
 
     def _step_key(self) -> str:
-        """What a compiled step's cost depends on besides the machine: the model, one rank's rows, the recipe."""
+        """What a step's cost (eager, compiled, at a thread count) depends on besides the machine: the model, one
+        rank's rows, the recipe."""
         cfg, rt = self.cfg, self.runtime
         return autotune.shape_key(rt.device, {
             "model": cfg.model.__dict__, "rows": _rank_rows(cfg, self.group).run.batch_size,

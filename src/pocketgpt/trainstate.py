@@ -59,6 +59,8 @@ class RunState:
         for key in ("iter", "tokens_seen", "elapsed", "best_iter", "evals_since_best", "history", "compile", "threads"):
             if key in d:
                 setattr(s, key, d[key])
+        s.compile = s.compile if s.compile in ("on", "off") else ""  # anything else: not decided
+        s.threads = s.threads if isinstance(s.threads, int) and not isinstance(s.threads, bool) and s.threads > 0 else 0
         s.best_val_loss = math.inf if d.get("best_val_loss") is None else float(d["best_val_loss"])
         s.last_train_loss = math.nan if d.get("last_train_loss") is None else float(d["last_train_loss"])
         return s
