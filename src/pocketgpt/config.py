@@ -246,6 +246,16 @@ def parse_duration(text: str | float | int) -> float:
 
 
 BOOL_WORDS = ("true", "false", "1", "0", "yes", "no", "on", "off")
+TRUE_WORDS = ("true", "1", "yes", "on")
+
+
+def _as_bool(value: Any) -> bool | None:
+    """A TOML boolean or one of BOOL_WORDS as a bool; None for anything else."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in BOOL_WORDS:
+        return value.lower() in TRUE_WORDS
+    return None
 
 
 def _coerce(key: str, value: Any, typ: type) -> Any:
@@ -256,10 +266,8 @@ def _coerce(key: str, value: Any, typ: type) -> Any:
         return _switch(key, value)
     want = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[typ]
     if typ is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
-            return value.lower() in ("true", "1", "yes", "on")
+        if _as_bool(value) is not None:
+            return _as_bool(value)
     elif typ is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -290,12 +298,12 @@ SWITCH_KEYS = ("compile",)  # true, false or auto; stored as that word (a saved 
 
 
 def _switch(key: str, value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str) and value.lower() in BOOL_WORDS + ("auto",):
-        word = value.lower()
-        return word if word == "auto" else ("true" if word in ("true", "1", "yes", "on") else "false")
-    raise PocketError(f"config key '{key}' must be true, false or auto, got {value!r}")
+    if isinstance(value, str) and value.lower() == "auto":
+        return "auto"
+    on = _as_bool(value)
+    if on is None:
+        raise PocketError(f"config key '{key}' must be true, false or auto, got {value!r}")
+    return "true" if on else "false"
 
 
 FIELD_TYPES: dict[str, type] = {

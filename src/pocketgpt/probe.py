@@ -112,7 +112,7 @@ def _cached_rate(key: str, flops: float, measure: Callable[[], float], remeasure
         entry = {**cached, "load": min(cached["load"], load)}  # measured again no faster: it stands
     else:
         entry = {"flops_per_s": rate, "load": load}
-    _write_cache({**_read_cache(), key: entry})
+    write_json(CACHE_FILE, {**_read_cache(), key: entry})
     return entry["flops_per_s"]
 
 
@@ -209,10 +209,6 @@ def read_json(name: str) -> dict[str, object]:
     except (OSError, ValueError):
         return {}
     return got if isinstance(got, dict) else {}
-
-
-def _write_cache(cache: dict[str, dict[str, float]]) -> None:
-    write_json(CACHE_FILE, cache)
 
 
 def write_json(name: str, obj: dict[str, object]) -> None:
