@@ -36,7 +36,7 @@ SHAPE = dict(**common.NANOGPT_SHAPE, dropout=0.0, bias=False)
 
 
 def pocketgpt_step(data_dir: Path, out: Path, batch: int, dtype: str, compile_: bool,
-                   foreach: bool = True, bf16_attention: bool = False) -> Callable[[int], None]:
+                   adamw: str = "fused", bf16_attention: bool = False) -> Callable[[int], None]:
     cfg = build_train_config("demo", None, {**SHAPE, "optimizer": "adamw", "batch_size": batch, "dtype": dtype,
                                             "compile": compile_, "learning_rate": 1e-3})
     runtime = resolve("cpu", dtype)
@@ -48,10 +48,10 @@ def pocketgpt_step(data_dir: Path, out: Path, batch: int, dtype: str, compile_: 
         trainer.net.compile(lambda s: None)
         trainer.step(0, 1e-3)  # compiles now; a failure would fall back to eager without a word
         assert trainer.net.wrapped, "torch.compile failed: the compile rows would be eager"
-    if not foreach:
+    if adamw != "fused":  # AdamW reads both switches at every step; "per-tensor" is a loop over the tensors
         for opt in trainer.optimizers:
             for g in opt.param_groups:
-                g["foreach"] = False
+                g["fused"], g["foreach"] = False, adamw == "foreach"
     return lambda it: trainer.step(it, 1e-3)
 
 
@@ -116,8 +116,10 @@ def main() -> None:
         variants: dict[str, tuple[Callable[[int], None], Callable[[], contextlib.AbstractContextManager]]] = {
             "baseline (nanoGPT loop, fp32)": (baseline_step(b), contextlib.nullcontext),
             "pocketgpt fp32": (pocketgpt_step(data, tmp / "a", b, "float32", False), contextlib.nullcontext),
-            "pocketgpt fp32, per-tensor AdamW (foreach off)":
-                (pocketgpt_step(data, tmp / "b", b, "float32", False, foreach=False), contextlib.nullcontext),
+            "pocketgpt fp32, foreach AdamW (not fused)":
+                (pocketgpt_step(data, tmp / "b", b, "float32", False, adamw="foreach"), contextlib.nullcontext),
+            "pocketgpt fp32, per-tensor AdamW":
+                (pocketgpt_step(data, tmp / "b2", b, "float32", False, adamw="per-tensor"), contextlib.nullcontext),
             "pocketgpt fp32, 1 thread": (pocketgpt_step(data, tmp / "c", b, "float32", False), lambda: common.threads(1)),
             "pocketgpt fp32 + compile": (pocketgpt_step(data, tmp / "d", b, "float32", True), contextlib.nullcontext),
             "pocketgpt bf16 autocast, bf16 attention":

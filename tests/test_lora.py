@@ -88,6 +88,7 @@ def test_muon_never_gets_an_adapter_matrix(char_base):
 
 
 def test_the_merged_model_computes_what_the_adapters_do(char_base):
+    torch.manual_seed(0)  # the same adapters and ids whichever tests ran before
     model = fresh(char_base)
     lora.add_adapters(model, LoraConfig(lora_rank=4, lora_targets="attn,mlp"))
     with torch.no_grad():
@@ -100,7 +101,8 @@ def test_the_merged_model_computes_what_the_adapters_do(char_base):
     idx = torch.randint(0, model.config.vocab_size, (2, 12))
     with torch.no_grad():
         want, got, before = model(idx)[0], merged(idx)[0], char_base.eval()(idx)[0]
-    assert float((want - got).abs().max()) < 1e-5
+    # adapters this large (scale 4, entries ~0.3) make the merged and the two-path sums round apart by ~1e-5
+    assert float((want - got).abs().max()) < 1e-4
     assert float((want - before).abs().max()) > 1e-2  # the adapters do change the logits
 
 
