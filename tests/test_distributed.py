@@ -256,7 +256,8 @@ def _interrupted_after(data_dir: Path, run: Path, lines: int, env: dict[str, str
                             env=torchrun_env(**(env or {})))
     try:
         deadline = time.monotonic() + LIMIT_S
-        while not ((run / "metrics.jsonl").is_file() and len(metrics(run)) >= lines):
+        # complete lines counted, not parsed: the ranks may be writing the last one while this reads
+        while not ((run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").read_text().count("\n") >= lines):
             assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()[0]
             time.sleep(0.2)
         proc.send_signal(signal.SIGINT)  # what torchrun forwards to every rank on Ctrl-C
