@@ -63,6 +63,8 @@ def test_config_file_errors(tmp_path):
         build_train_config(None, str(f))
     with pytest.raises(PocketError, match="unknown preset 'dem'.*did you mean 'demo'"):
         load_preset("dem")
+    with pytest.raises(PocketError, match="unknown preset 'nope'; presets: .*cpu-15min.*also auto"):
+        load_preset("nope")  # auto is no file, but the train command takes it: the list names it
 
 
 def test_cli_override_forms():

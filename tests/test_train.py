@@ -62,6 +62,23 @@ def test_resume_refuses_a_changed_shape_and_finishes_a_finished_run(data_dir, tm
     assert (tmp_path / "run" / "report.md").is_file()
 
 
+def test_a_run_whose_time_ran_out_at_an_eval_is_finished_for_a_resume(data_dir, tmp_path):
+    # an eval after every step takes most of the time, so the budget runs out inside an eval; its saved
+    # clock must be the one that stopped the run (once it left the eval out: a resume trained a step more)
+    kw = dict(max_iters=10**6, eval_interval=1, eval_iters=8)
+    cfg = tiny_config(max_time=1.5, **kw)
+    first = train(cfg, data_dir, tmp_path / "run", echo=lambda s: None)
+    state = json.loads((tmp_path / "run" / "last" / "state.json").read_text())
+    assert state["iter"] == first.iters and state["elapsed"] >= 1.5
+    said: list[str] = []
+    again = train(cfg, data_dir, tmp_path / "run", resume=True, echo=said.append)
+    assert again.iters == first.iters
+    assert any("already finished" in s and "time budget (max_time 1.5 s) is spent" in s and "--max-time" in s
+               for s in said), said
+    longer = train(tiny_config(max_time=2.5, **kw), data_dir, tmp_path / "run", resume=True, echo=lambda s: None)
+    assert longer.iters > first.iters
+
+
 def test_existing_run_is_not_overwritten_without_asking(data_dir, tmp_path):
     train(tiny_config(max_iters=10), data_dir, tmp_path / "run", echo=lambda s: None)
     before = (tmp_path / "run" / "model.safetensors").read_bytes()

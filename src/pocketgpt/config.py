@@ -463,7 +463,8 @@ def load_preset(name: str) -> dict[str, Any]:
     path = PRESET_DIR / f"{name}.toml"
     if not path.is_file():
         names = list(list_presets())
-        raise PocketError(f"unknown preset '{name}'{nearest(name, names)}; presets: {', '.join(names)}")
+        raise PocketError(f"unknown preset '{name}'{nearest(name, names + ['auto'])}; presets: {', '.join(names)}, "
+                          "and for pocketgpt train also auto (sized to the corpus and the time)")
     values = read_toml(path)
     values.pop("description", None)
     return values

@@ -192,6 +192,7 @@ class Trainer:
         self.unread_bad = torch.zeros((), dtype=torch.bool, device=runtime.device)
         self.last_read_iter = 0
         self.state = RunState()
+        self.clock = time.perf_counter()  # the time since then is not yet in state.elapsed (_tick)
         self.stop_requested = False
         self.early_stopped = False
         m = cfg.model
@@ -357,18 +358,31 @@ class Trainer:
     def evaluate(self) -> None:
         """Measure (every rank), then run every eval step (evalsteps.EVAL_STEPS) in order: on rank 0 alone,
         which writes the run's files, while the others wait; its early-stop decision is theirs too. DDP's
-        replicas are checked to be still equal first, so drifted weights are never saved."""
+        replicas are checked to be still equal first, so drifted weights are never saved. Its time up to the
+        save is in the saved clock (state.elapsed), what follows goes to the next step: the loop then stops on
+        the clock that was saved, so a run that ends at an eval is one a resume sees finished."""
         self._check_unread(self.state.iter)
         if self.net.ddp is not None:
             distributed.check_replicas(self.group, list(self.model.named_parameters()), self.state.iter)
         ev = evalsteps.record(self.state, self.estimate_losses(), self.data.val_bytes_per_token)
         gathered = self._gather()
+        self._tick()  # every rank: their clocks stay within rank 0's steps before its save
         stop = self.group.main_first(lambda: self._eval_steps(ev, gathered))
         self.early_stopped = self.early_stopped or stop
 
+    def _tick(self) -> None:
+        """Add the time since the last tick to state.elapsed: every second of the loop counts once."""
+        now = time.perf_counter()
+        self.state.elapsed += now - self.clock
+        self.clock = now
+
+    def _save_counted(self, gathered: fsdp.Gathered | None) -> None:
+        self._tick()
+        self._save(gathered)
+
     def _eval_steps(self, ev: evalsteps.EvalResult, gathered: fsdp.Gathered | None = None) -> bool:
         ctx = evalsteps.EvalContext(self.out, self.cfg, self.state, self.log, self._eval_model(ev, gathered),
-                                    self.data.tokenizer, lambda: self._save(gathered))  # _check_unread ran above
+                                    self.data.tokenizer, lambda: self._save_counted(gathered))  # _check_unread ran above
         for eval_step in evalsteps.EVAL_STEPS:
             eval_step(ctx, ev)
         return ctx.stop_requested
@@ -411,10 +425,10 @@ class Trainer:
     def _loop(self, tokens_per_iter: int) -> RunState:
         r, s = self.cfg.run, self.state
         window_start, window_iters, evaluated_at = time.perf_counter(), 0, -1
+        self.clock = time.perf_counter()
         while (s.iter < r.max_iters and not (r.max_time and s.elapsed >= r.max_time) and not self.stop_requested
                and not self.early_stopped):
             distributed.exit_hook_for_tests(s.iter, self.model)
-            t0 = time.perf_counter()
             lr = lr_at(self.cfg.optim, s.iter,
                        progress(self.cfg.optim, s.iter, r.max_iters, s.elapsed, r.max_time))
             with self.tuner.step():
@@ -429,14 +443,12 @@ class Trainer:
                 seconds = time.perf_counter() - window_start
                 self._log_train(loss, lr, grad_norm, seconds, window_iters, tokens_per_iter)
                 window_start, window_iters = time.perf_counter(), 0
-            s.elapsed += time.perf_counter() - t0
+            self._tick()
             self.log.progress(s.elapsed if r.max_time else s.iter, loss=_shown(s.last_train_loss),
                               val=_shown(s.best_val_loss))
             if s.iter % r.eval_interval == 0:
-                t1 = time.perf_counter()
-                self.evaluate()
+                self.evaluate()  # its time up to the save is in s.elapsed now, the rest in the next step's
                 evaluated_at = s.iter
-                s.elapsed += time.perf_counter() - t1
                 window_start = time.perf_counter()
             # every rank leaves the loop at the same step: a stop on any rank, and one clock for max_time
             self.stop_requested, s.elapsed = self.group.agree(self.stop_requested, s.elapsed)
@@ -730,8 +742,7 @@ def _train_locked(cfg: TrainConfig, data: TrainData, data_dir: Path, out: Path, 
         if trainer.state.iter >= cfg.run.max_iters or (cfg.run.max_time and trainer.state.elapsed >= cfg.run.max_time):
             # A kill after the final save (while the report was written, say) leaves a finished run:
             # resuming it is not an error, there is just nothing left to train.
-            log.say(f"{out} already finished (iter {trainer.state.iter}); nothing to train. To train longer, "
-                    "resume with a larger --max-iters (or --max-time)")
+            log.say(f"{out} already finished (iter {trainer.state.iter}); nothing to train. {_longer(cfg, trainer.state)}")
             group.main_first(lambda: _finish(out, log))
             return TrainResult(out, trainer.state.iter, trainer.state.best_val_loss, False, 0.0)
     group.main_first(lambda: _start_files(trainer, data_dir, resume, record))
@@ -749,6 +760,16 @@ def _train_locked(cfg: TrainConfig, data: TrainData, data_dir: Path, out: Path, 
     else:
         group.main_first(lambda: _finish(out, log))
     return TrainResult(out, state.iter, state.best_val_loss, trainer.stop_requested, time.perf_counter() - started)
+
+
+def _longer(cfg: TrainConfig, state: RunState) -> str:
+    """How to train a finished run further: name the limit it reached (a larger --max-iters does nothing
+    for a run whose time budget is spent)."""
+    r = cfg.run
+    if r.max_time and state.elapsed >= r.max_time:
+        return (f"Its time budget (max_time {r.max_time:g} s) is spent: to train longer, resume with a larger "
+                "--max-time (or --max-time 0 and a larger --max-iters)")
+    return f"It reached max_iters {r.max_iters}: to train longer, resume with a larger --max-iters"
 
 
 def _start_files(trainer: Trainer, data_dir: Path, resume: bool, record: dict[str, Any] | None) -> None:

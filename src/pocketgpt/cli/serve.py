@@ -22,7 +22,8 @@ def add_serve(command: Any) -> None:
     p = command("serve", help="serve a model over HTTP: an OpenAI-compatible API",
                 description="An OpenAI-compatible API (/v1/completions, /v1/chat/completions, /v1/models) "
                             "and /health, on FastAPI + uvicorn (pip install \"pocketgpt[serve]\").")
-    p.add_argument("--model", required=True, help="a run folder (the --out of train)")
+    p.add_argument("--model", required=True, help="a run folder (the --out of train), a Hugging Face GPT-2 folder or "
+                                                 "hub name, or a nanoGPT checkpoint")
     p.add_argument("--checkpoint", choices=["best", "last"], default="best")
     add_vocab(p)
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, mps or auto")
@@ -55,6 +56,39 @@ def limits_from(args: argparse.Namespace) -> object:
     return Limits(**values)
 
 
+def _check_source(src: str) -> None:
+    """A source that is not a run folder: a path that is no model, or a hub name neither cached nor
+    downloadable, is refused now (a hub model is downloaded now; its weights load once the server runs)."""
+    from ..hf import resolve_hub, source_kind
+    from ..rundir import check_is_run
+
+    kind = source_kind(src)
+    if kind is None:
+        check_is_run(src)  # "model not found: ...", or what the path is instead
+    elif kind == "hub":
+        resolve_hub(src)
+
+
+def _check_address(host: str, port: int) -> None:
+    """Refuse a port out of range, or an address this machine cannot listen on (in use, not its own)."""
+    import socket
+
+    if not 1 <= port <= 65535:
+        raise PocketError(f"--port must be 1-65535, got {port}")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise PocketError(f"--host {host}: not an address of this machine ({e.strerror})") from None
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a TIME_WAIT port is free
+        try:
+            probe.bind(address)
+        except OSError as e:
+            raise PocketError(f"cannot listen on {host}:{port}: {e.strerror}; choose another --port "
+                              "(or stop what holds it)") from None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
     if missing:
@@ -62,12 +96,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ..loading import weights_path
     from ..rundir import is_run_dir
 
-    if is_run_dir(args.model):  # a run without weights fails here, in one line, before the server starts
+    # what can fail in one line fails here, before the server prints anything or starts loading
+    if is_run_dir(args.model):  # a run without weights
         weights_path(Path(args.model), args.checkpoint)
     elif args.reload:
         raise PocketError(f"--reload watches a run folder's weights as training writes them; {args.model} "
                           "is not a run folder (leave out --reload)")
+    else:
+        _check_source(args.model)
     limits = limits_from(args)
+    _check_address(args.host, args.port)
     import uvicorn
 
     from ..serve.app import create_app
