@@ -79,6 +79,16 @@ def test_a_run_whose_time_ran_out_at_an_eval_is_finished_for_a_resume(data_dir, 
     assert longer.iters > first.iters
 
 
+def test_a_budget_too_short_for_the_model_is_said_before_it_starts(data_dir, tmp_path):
+    said: list[str] = []
+    train(tiny_config(max_time=0.002), data_dir, tmp_path / "short", echo=said.append)
+    notes = [s for s in said if s.startswith("note: at ~") and "fewer than 10 iterations" in s]
+    assert len(notes) == 1 and "(2 batches a split)" in notes[0] and "--preset cpu-15min" in notes[0], said
+    said.clear()
+    train(tiny_config(max_time=60, max_iters=5), data_dir, tmp_path / "fits", echo=said.append)
+    assert not [s for s in said if "fewer than 10 iterations" in s]
+
+
 def test_existing_run_is_not_overwritten_without_asking(data_dir, tmp_path):
     train(tiny_config(max_iters=10), data_dir, tmp_path / "run", echo=lambda s: None)
     before = (tmp_path / "run" / "model.safetensors").read_bytes()

@@ -805,6 +805,28 @@ def _say_plan(trainer: Trainer) -> None:
     log.say(f"memory estimate: ~{state_mb + act_mb:,.0f} MB ({state_mb:,.0f} MB weights, gradients and "
             f"optimizer state + {act_mb:,.0f} MB activations per micro-batch) | "
             f"~{1000 * _iter_seconds(trainer):,.0f} ms/iter estimated")
+    note = _budget_note(trainer)
+    if note:
+        log.say(note)
+
+
+def _budget_note(trainer: Trainer) -> str:
+    """A time budget too short for this model here (e.g. a GPU preset on a CPU) is said before it starts:
+    the budget is checked between steps, so the run still takes its first step, and any compile."""
+    r, s = trainer.cfg.run, trainer.state
+    step_s = _iter_seconds(trainer)
+    if not r.max_time or (r.max_time - s.elapsed) / step_s >= FEW_STEPS:
+        return ""
+    compiling = " (and, with torch.compile, its compiling)" if r.compile == "true" else ""
+    smaller = "; on a CPU a preset made for it trains a smaller model (--preset cpu-15min, or auto)" \
+        if not trainer.runtime.is_cuda else ""
+    return (f"note: at ~{step_s:.3g} s/iter estimated, the time left ({r.max_time - s.elapsed:,.3g} s of "
+            f"max_time) holds fewer than {FEW_STEPS} iterations; the budget is checked after each step, so "
+            f"the first one{compiling} and the eval after it ({r.eval_iters} batches a split) run whatever "
+            f"they cost{smaller}")
+
+
+FEW_STEPS = 10  # below this many estimated steps in the budget, _budget_note speaks
 
 
 def _dtype_name(runtime: Runtime) -> str:
