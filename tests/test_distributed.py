@@ -271,6 +271,21 @@ def _interrupted_after(data_dir: Path, run: Path, lines: int, env: dict[str, str
 
 
 @pytest.mark.slow
+def test_two_ranks_stop_on_the_clock_rank_0_saved(data_dir, tmp_path):
+    # an eval after every step: the budget runs out inside one; every rank takes the clock rank 0 saved
+    # last/ with and stops on it, so a resume of the finished run (on two ranks too) trains nothing
+    run = tmp_path / "run"
+    flags = train_flags(data_dir, run, max_iters=10**6, max_time=3, eval_interval=1, eval_iters=4, compile="false")
+    code, out, _ = torchrun(2, *flags)
+    assert code == 0, out
+    state = json.loads((run / "last" / "state.json").read_text())
+    assert state["elapsed"] >= 3 and [m["iter"] for m in metrics(run) if "val_loss" in m][-1] == state["iter"], out
+    code, out, _ = torchrun(2, "train", "--out", str(run), "--resume")
+    assert code == 0 and "already finished" in out and "time budget" in out, out
+    assert json.loads((run / "last" / "state.json").read_text())["iter"] == state["iter"]
+
+
+@pytest.mark.slow
 def test_ctrl_c_stops_every_rank_at_one_step_and_rank_0_saves(data_dir, tmp_path):
     # compile false: an endless run would time torch.compile first (autotune), which is not this test's subject
     _interrupted_after(data_dir, tmp_path / "run", 5, compile="false")

@@ -457,14 +457,18 @@ def test_what_serve_cannot_do_is_said_in_one_line_before_it_starts(capsys, run_d
     monkeypatch.chdir(tmp_path)  # "runs/nope" is no folder here, and a name the hub could hold
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    with socket.socket() as spare:
+        spare.bind(("127.0.0.1", 0))
+        free = str(spare.getsockname()[1])  # closed again below: free for the address check
     with socket.socket() as held:
         held.bind(("127.0.0.1", 0))
         held.listen()
         busy = held.getsockname()[1]
         cases = [(["--model", run_dir, "--port", "99999"], "--port must be 1-65535"),
                  (["--model", run_dir, "--port", str(busy)], f"cannot listen on 127.0.0.1:{busy}"),
-                 (["--model", tmp_path / "nowhere"], "model not found"),
-                 (["--model", "runs/nope"], "model not found: runs/nope")]
+                 (["--model", run_dir, "--host", "no-such-host.invalid", "--port", free], "--host no-such-host"),
+                 (["--model", tmp_path / "nowhere", "--port", free], "model not found"),
+                 (["--model", "runs/nope", "--port", free], "model not found: runs/nope")]
         for argv, message in cases:
             code, out, err = run_cli(capsys, "serve", *argv)
             assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, (argv, err)

@@ -1,6 +1,7 @@
 import json
 import math
 import pickle
+import time
 
 import pytest
 import torch
@@ -62,9 +63,19 @@ def test_resume_refuses_a_changed_shape_and_finishes_a_finished_run(data_dir, tm
     assert (tmp_path / "run" / "report.md").is_file()
 
 
-def test_a_run_whose_time_ran_out_at_an_eval_is_finished_for_a_resume(data_dir, tmp_path):
-    # an eval after every step takes most of the time, so the budget runs out inside an eval; its saved
-    # clock must be the one that stopped the run (once it left the eval out: a resume trained a step more)
+def test_a_run_whose_time_ran_out_at_an_eval_is_finished_for_a_resume(data_dir, tmp_path, monkeypatch):
+    # an eval after every step, made slow before its save, takes most of the time, so the budget runs out
+    # inside an eval; the saved clock must be the one that stopped the run (once it left the eval out: a
+    # resume trained a step more)
+    from pocketgpt import evalsteps
+
+    def slow_sample(ctx, ev):
+        time.sleep(0.1)
+        evalsteps.write_sample(ctx, ev)
+
+    steps = tuple(slow_sample if f is evalsteps.write_sample else f for f in evalsteps.EVAL_STEPS)
+    assert steps.index(slow_sample) < steps.index(evalsteps.save_last)
+    monkeypatch.setattr(evalsteps, "EVAL_STEPS", steps)
     kw = dict(max_iters=10**6, eval_interval=1, eval_iters=8)
     cfg = tiny_config(max_time=1.5, **kw)
     first = train(cfg, data_dir, tmp_path / "run", echo=lambda s: None)
@@ -79,14 +90,18 @@ def test_a_run_whose_time_ran_out_at_an_eval_is_finished_for_a_resume(data_dir, 
     assert longer.iters > first.iters
 
 
-def test_a_budget_too_short_for_the_model_is_said_before_it_starts(data_dir, tmp_path):
+def test_a_budget_too_short_for_the_model_is_said_before_it_starts(data_dir, tmp_path, monkeypatch):
+    import pocketgpt.trainer
+
+    monkeypatch.setattr(pocketgpt.trainer, "_iter_seconds", lambda trainer: 0.5)  # the estimate, on any machine
     said: list[str] = []
-    train(tiny_config(max_time=0.002), data_dir, tmp_path / "short", echo=said.append)
+    train(tiny_config(max_time=2), data_dir, tmp_path / "short", echo=said.append)
     notes = [s for s in said if s.startswith("note: at ~") and "fewer than 10 iterations" in s]
     assert len(notes) == 1 and "(2 batches a split)" in notes[0] and "--preset cpu-15min" in notes[0], said
     said.clear()
     train(tiny_config(max_time=60, max_iters=5), data_dir, tmp_path / "fits", echo=said.append)
-    assert not [s for s in said if "fewer than 10 iterations" in s]
+    train(tiny_config(max_time=2, max_iters=3), data_dir, tmp_path / "few", echo=said.append)  # 3 of 4 fit
+    assert not [s for s in said if "fewer than" in s]
 
 
 def test_existing_run_is_not_overwritten_without_asking(data_dir, tmp_path):

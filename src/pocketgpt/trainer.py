@@ -193,6 +193,7 @@ class Trainer:
         self.last_read_iter = 0
         self.state = RunState()
         self.clock = time.perf_counter()  # the time since then is not yet in state.elapsed (_tick)
+        self.saved_clock: tuple[float, float] | None = None  # (state.elapsed, clock) at the eval's save
         self.stop_requested = False
         self.early_stopped = False
         m = cfg.model
@@ -229,6 +230,7 @@ class Trainer:
 
     def save_last(self) -> None:
         """Every rank calls this (the unread-step check is agreed); rank 0 writes last/ while the others wait."""
+        self._tick()  # the time since the last step's tick is the run's too (a Ctrl-C after an eval, say)
         self._check_unread(self.state.iter)
         gathered = self._gather()
         self.group.main_first(lambda: self._save(gathered))
@@ -366,8 +368,11 @@ class Trainer:
             distributed.check_replicas(self.group, list(self.model.named_parameters()), self.state.iter)
         ev = evalsteps.record(self.state, self.estimate_losses(), self.data.val_bytes_per_token)
         gathered = self._gather()
-        self._tick()  # every rank: their clocks stay within rank 0's steps before its save
-        stop = self.group.main_first(lambda: self._eval_steps(ev, gathered))
+        self._tick()
+        stop, saved, since = self.group.main_first(lambda: self._eval_steps(ev, gathered))
+        # every rank takes the clock rank 0 saved (the loop decides on it: the mean of equal clocks) and counts
+        # the time since that save in the next step
+        self.state.elapsed, self.clock = saved, time.perf_counter() - since
         self.early_stopped = self.early_stopped or stop
 
     def _tick(self) -> None:
@@ -378,14 +383,22 @@ class Trainer:
 
     def _save_counted(self, gathered: fsdp.Gathered | None) -> None:
         self._tick()
+        self.saved_clock = (self.state.elapsed, self.clock)
         self._save(gathered)
 
-    def _eval_steps(self, ev: evalsteps.EvalResult, gathered: fsdp.Gathered | None = None) -> bool:
+    def _eval_steps(self, ev: evalsteps.EvalResult,
+                    gathered: fsdp.Gathered | None = None) -> tuple[bool, float, float]:
+        """Rank 0: (stop early?, the clock last/ was saved with, seconds since that save)."""
+        self.saved_clock = None
         ctx = evalsteps.EvalContext(self.out, self.cfg, self.state, self.log, self._eval_model(ev, gathered),
                                     self.data.tokenizer, lambda: self._save_counted(gathered))  # _check_unread ran above
         for eval_step in evalsteps.EVAL_STEPS:
             eval_step(ctx, ev)
-        return ctx.stop_requested
+        if self.saved_clock is None:  # no save among the steps: the clock as it is now
+            self._tick()
+            self.saved_clock = (self.state.elapsed, self.clock)
+        elapsed, at = self.saved_clock
+        return ctx.stop_requested, elapsed, time.perf_counter() - at
 
     def _eval_model(self, ev: evalsteps.EvalResult, gathered: fsdp.Gathered | None = None) -> GPT:
         """The model the eval steps save as best and sample from. With LoRA: a merged plain copy (its
@@ -815,13 +828,14 @@ def _budget_note(trainer: Trainer) -> str:
     the budget is checked between steps, so the run still takes its first step, and any compile."""
     r, s = trainer.cfg.run, trainer.state
     step_s = _iter_seconds(trainer)
-    if not r.max_time or (r.max_time - s.elapsed) / step_s >= FEW_STEPS:
+    need = min(FEW_STEPS, r.max_iters - s.iter)
+    if not r.max_time or (r.max_time - s.elapsed) / step_s >= need:
         return ""
     compiling = " (and, with torch.compile, its compiling)" if r.compile == "true" else ""
     smaller = "; on a CPU a preset made for it trains a smaller model (--preset cpu-15min, or auto)" \
         if not trainer.runtime.is_cuda else ""
     return (f"note: at ~{step_s:.3g} s/iter estimated, the time left ({r.max_time - s.elapsed:,.3g} s of "
-            f"max_time) holds fewer than {FEW_STEPS} iterations; the budget is checked after each step, so "
+            f"max_time) holds fewer than {need} iterations; the budget is checked after each step, so "
             f"the first one{compiling} and the eval after it ({r.eval_iters} batches a split) run whatever "
             f"they cost{smaller}")
 

@@ -75,18 +75,18 @@ def _check_address(host: str, port: int) -> None:
 
     if not 1 <= port <= 65535:
         raise PocketError(f"--port must be 1-65535, got {port}")
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    try:  # "" as uvicorn reads it: every interface
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as e:
         raise PocketError(f"--host {host}: not an address of this machine ({e.strerror})") from None
     family, _, _, _, address = infos[0]
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a TIME_WAIT port is free
-        try:
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a TIME_WAIT port is free
             probe.bind(address)
-        except OSError as e:
-            raise PocketError(f"cannot listen on {host}:{port}: {e.strerror}; choose another --port "
-                              "(or stop what holds it)") from None
+    except OSError as e:
+        raise PocketError(f"cannot listen on {host}:{port}: {e.strerror}; choose another --port "
+                          "(or stop what holds it)") from None
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -102,10 +102,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     elif args.reload:
         raise PocketError(f"--reload watches a run folder's weights as training writes them; {args.model} "
                           "is not a run folder (leave out --reload)")
-    else:
-        _check_source(args.model)
     limits = limits_from(args)
-    _check_address(args.host, args.port)
+    _check_address(args.host, args.port)  # before a hub download, which may take a while
+    if not is_run_dir(args.model):
+        _check_source(args.model)
     import uvicorn
 
     from ..serve.app import create_app
