@@ -28,7 +28,7 @@ import torch
 
 from . import autotune, distributed, evalsteps, fsdp, rundir
 from .checkpoint import atomic_write, disk_errors
-from .config import LoraConfig, ModelConfig, TrainConfig, check_lora, validate
+from .config import LoraConfig, ModelConfig, RunConfig, TrainConfig, check_lora, validate
 from .data import TrainData, open_training_data, read_meta
 from .errors import PocketError, TrainingDiverged
 from .lora import add_adapters, describe, gpt_around, merged_model, save_adapter
@@ -381,9 +381,12 @@ class Trainer:
         self.state.elapsed += now - self.clock
         self.clock = now
 
-    def _save_counted(self, gathered: fsdp.Gathered | None) -> None:
+    def _mark_saved_clock(self) -> None:
         self._tick()
         self.saved_clock = (self.state.elapsed, self.clock)
+
+    def _save_counted(self, gathered: fsdp.Gathered | None) -> None:
+        self._mark_saved_clock()
         self._save(gathered)
 
     def _eval_steps(self, ev: evalsteps.EvalResult,
@@ -395,8 +398,7 @@ class Trainer:
         for eval_step in evalsteps.EVAL_STEPS:
             eval_step(ctx, ev)
         if self.saved_clock is None:  # no save among the steps: the clock as it is now
-            self._tick()
-            self.saved_clock = (self.state.elapsed, self.clock)
+            self._mark_saved_clock()
         elapsed, at = self.saved_clock
         return ctx.stop_requested, elapsed, time.perf_counter() - at
 
@@ -439,7 +441,7 @@ class Trainer:
         r, s = self.cfg.run, self.state
         window_start, window_iters, evaluated_at = time.perf_counter(), 0, -1
         self.clock = time.perf_counter()
-        while (s.iter < r.max_iters and not (r.max_time and s.elapsed >= r.max_time) and not self.stop_requested
+        while (s.iter < r.max_iters and not _time_spent(r, s) and not self.stop_requested
                and not self.early_stopped):
             distributed.exit_hook_for_tests(s.iter, self.model)
             lr = lr_at(self.cfg.optim, s.iter,
@@ -752,7 +754,7 @@ def _train_locked(cfg: TrainConfig, data: TrainData, data_dir: Path, out: Path, 
     cfg = trainer.cfg  # with the data's vocab_size
     if resume:
         trainer.restore()  # every rank reads last/: rank 0 wrote it alone, whatever the world size then
-        if trainer.state.iter >= cfg.run.max_iters or (cfg.run.max_time and trainer.state.elapsed >= cfg.run.max_time):
+        if trainer.state.iter >= cfg.run.max_iters or _time_spent(cfg.run, trainer.state):
             # A kill after the final save (while the report was written, say) leaves a finished run:
             # resuming it is not an error, there is just nothing left to train.
             log.say(f"{out} already finished (iter {trainer.state.iter}); nothing to train. {_longer(cfg, trainer.state)}")
@@ -775,11 +777,16 @@ def _train_locked(cfg: TrainConfig, data: TrainData, data_dir: Path, out: Path, 
     return TrainResult(out, state.iter, state.best_val_loss, trainer.stop_requested, time.perf_counter() - started)
 
 
+def _time_spent(r: RunConfig, s: RunState) -> bool:
+    """Whether a run with a time budget (max_time > 0) has used it up: the loop's stop and a resume's "finished"."""
+    return bool(r.max_time) and s.elapsed >= r.max_time
+
+
 def _longer(cfg: TrainConfig, state: RunState) -> str:
     """How to train a finished run further: name the limit it reached (a larger --max-iters does nothing
     for a run whose time budget is spent)."""
     r = cfg.run
-    if r.max_time and state.elapsed >= r.max_time:
+    if _time_spent(r, state):
         return (f"Its time budget (max_time {r.max_time:g} s) is spent: to train longer, resume with a larger "
                 "--max-time (or --max-time 0 and a larger --max-iters)")
     return f"It reached max_iters {r.max_iters}: to train longer, resume with a larger --max-iters"
@@ -815,19 +822,19 @@ def _say_plan(trainer: Trainer) -> None:
                 "at the model's shapes (measured once, cached)")
     if trainer.attention_note:
         log.say(f"bf16 autocast: {trainer.attention_note}")
+    step_s = _iter_seconds(trainer)
     log.say(f"memory estimate: ~{state_mb + act_mb:,.0f} MB ({state_mb:,.0f} MB weights, gradients and "
             f"optimizer state + {act_mb:,.0f} MB activations per micro-batch) | "
-            f"~{1000 * _iter_seconds(trainer):,.0f} ms/iter estimated")
-    note = _budget_note(trainer)
+            f"~{1000 * step_s:,.0f} ms/iter estimated")
+    note = _budget_note(trainer, step_s)
     if note:
         log.say(note)
 
 
-def _budget_note(trainer: Trainer) -> str:
+def _budget_note(trainer: Trainer, step_s: float) -> str:
     """A time budget too short for this model here (e.g. a GPU preset on a CPU) is said before it starts:
     the budget is checked between steps, so the run still takes its first step, and any compile."""
     r, s = trainer.cfg.run, trainer.state
-    step_s = _iter_seconds(trainer)
     need = min(FEW_STEPS, r.max_iters - s.iter)
     if not r.max_time or (r.max_time - s.elapsed) / step_s >= need:
         return ""

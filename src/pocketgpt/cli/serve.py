@@ -97,14 +97,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ..rundir import is_run_dir
 
     # what can fail in one line fails here, before the server prints anything or starts loading
-    if is_run_dir(args.model):  # a run without weights
+    run = is_run_dir(args.model)
+    if run:  # a run without weights
         weights_path(Path(args.model), args.checkpoint)
     elif args.reload:
         raise PocketError(f"--reload watches a run folder's weights as training writes them; {args.model} "
                           "is not a run folder (leave out --reload)")
     limits = limits_from(args)
     _check_address(args.host, args.port)  # before a hub download, which may take a while
-    if not is_run_dir(args.model):
+    if not run:
         _check_source(args.model)
     import uvicorn
 
