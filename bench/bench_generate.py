@@ -4,10 +4,14 @@
                                                    #   engine vs a nanoGPT-style no-cache loop
     python bench/bench_generate.py --gpt2-small    # 12 x 12 x 768, vocab 50257, T=1024, 200 new tokens:
                                                    #   engine float32 / auto vs transformers' generate (cache on)
+    python bench/bench_generate.py --gpt2-small --num-samples 64
+                                                   #   the same as one batch of 64 samples (what
+                                                   #   `pocketgpt sample --num-samples 64` does): aggregate tokens/s
 
 Every repeat runs each contender once, interleaved (A, B, A, B ...), so a slow patch on a shared
 machine hits all of them; the table shows medians, and the ratio is the median of the per-repeat
-ratios. Sampling everywhere: batch 1, temperature 0.8, no top-k / top-p.
+ratios. Sampling everywhere: batch 1 (--num-samples: one batch of that many), temperature 0.8, no
+top-k / top-p.
 The no-cache loop runs on one thread and on torch's default, and the ratio is against the faster;
 transformers runs on as many threads as the engine picks (one for small models or on a 2-core
 machine), so a ratio measures the engine, not a thread setting; --baseline-threads overrides.
@@ -25,7 +29,7 @@ from typing import Callable
 import torch
 
 from pocketgpt.config import ModelConfig
-from pocketgpt.engine import Decoder, Engine, probe_logit_diff
+from pocketgpt.engine import MANY_ROWS, Decoder, Engine, probe_logit_diff
 from pocketgpt.model import GPT
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py, wherever this is started from
@@ -112,6 +116,7 @@ def gpt2_small(args: argparse.Namespace) -> None:
     model = GPT(cfg).eval()
     hf = hf_copy(model)
     prompt = list(range(1000, 1008))  # a short prompt: 8 tokens
+    B = args.num_samples
     fp32, auto = Engine(model, decode_dtype="float32"), Engine(model, decode_dtype="auto")
     with torch.inference_mode():
         ids = torch.tensor([list(range(100, 164))])
@@ -127,24 +132,30 @@ def gpt2_small(args: argparse.Namespace) -> None:
     def hf_generate(seed: int) -> object:
         torch.manual_seed(seed)
         with common.threads(threads), torch.inference_mode():
-            return hf.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=True,
+            return hf.generate(torch.tensor([prompt] * B), max_new_tokens=n, min_new_tokens=n, do_sample=True,
                                temperature=0.8, top_k=0, top_p=1.0, use_cache=True, pad_token_id=0)
 
-    s = race({
-        "fp32": lambda seed: fp32.generate(prompt, n, temperature=0.8, seed=seed),
-        "auto": lambda seed: auto.generate(prompt, n, temperature=0.8, seed=seed),
+    contenders = {
+        "fp32": lambda seed: fp32.generate(prompt, n, temperature=0.8, seed=seed, num_samples=B),
+        "auto": lambda seed: auto.generate(prompt, n, temperature=0.8, seed=seed, num_samples=B),
         "hf": hf_generate,
-    }, n, args.repeats)
+    }
+    labels = [("hf", "transformers generate (KV cache)"), ("fp32", "pocketgpt engine float32")]
+    if B > 1:  # float16 is auto's one-row choice: at many rows its matmuls are slow on CPUs
+        fp16 = Engine(model, decode_dtype="float16")
+        contenders["fp16"] = lambda seed: fp16.generate(prompt, n, temperature=0.8, seed=seed, num_samples=B)
+        labels.append(("fp16", "pocketgpt engine float16"))
+        chosen = str(auto.decoder(many_rows=B >= MANY_ROWS).step_dtype).removeprefix("torch.")
+    s = race(contenders, n * B, args.repeats)  # tokens/s over all B samples (aggregate)
     import transformers
 
-    print(f"model 12x12x768, vocab 50257, T=1024, bias, {model.num_params() / 1e6:.1f}M params, batch 1, "
+    print(f"model 12x12x768, vocab 50257, T=1024, bias, {model.num_params() / 1e6:.1f}M params, batch {B}, "
           f"{len(prompt)}-token prompt, {n} new tokens, torch {torch.__version__}, transformers "
           f"{transformers.__version__} ({attention} attention), engine threads "
           f"{auto.threads or torch.get_num_threads()}, transformers threads {threads}, "
           f"median of {args.repeats}")
     print(f"{'contender':36s} {'tok/s':>7s} {'ms/token':>9s} {'vs transformers':>16s}")
-    for key, label in (("hf", "transformers generate (KV cache)"), ("fp32", "pocketgpt engine float32"),
-                       ("auto", f"pocketgpt engine auto ({chosen})")):
+    for key, label in labels + [("auto", f"pocketgpt engine auto ({chosen})")]:
         tps = statistics.median(s[key])
         print(f"{label:36s} {tps:7.1f} {1000 / tps:9.1f} {ratio(s, key, 'hf'):15.2f}x")
     print(f"max |logit diff| transformers vs pocketgpt float32, 64 tokens: {same:.2e}")
@@ -159,6 +170,7 @@ def main() -> None:
     ap.add_argument("--gpt2-small", action="store_true")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=None)
+    ap.add_argument("--num-samples", type=int, default=1, help="--gpt2-small: samples generated as one batch")
     ap.add_argument("--probe-steps", type=int, default=128, help="decode steps compared with float32 logits")
     ap.add_argument("--baseline-threads", type=int, default=None, help="threads for the no-cache loop")
     args = ap.parse_args()

@@ -5,6 +5,9 @@ its neighbours do (join late, leave early, slide their window, use other setting
 step equals the plain one-row step for every architecture option; rows are given back.
 """
 
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -162,6 +165,20 @@ def test_a_shared_batch_never_steps_in_float16_under_auto(monkeypatch):
     assert together == alone_in_batch  # the batch's dtype does not depend on its row count
 
 
+def test_several_samples_of_one_generation_step_as_many_rows_under_auto(monkeypatch):
+    # `sample --num-samples 64` is one generation of 64 rows: float16's many-row matmuls are slow
+    from pocketgpt import engine as engine_mod
+
+    monkeypatch.setattr(engine_mod, "LOW_PRECISION_MIN_PARAMS", 0)
+    monkeypatch.setattr(engine_mod, "low_precision_candidates", lambda: [torch.float16, torch.bfloat16])
+    monkeypatch.setattr(engine_mod, "LOGIT_TOLERANCE", 1.0)
+    engine = Engine(make(scale=0.1))
+    few = engine.start([1, 2], SamplingSettings(max_new_tokens=4, num_samples=engine_mod.MANY_ROWS - 1))
+    many = engine.start([1, 2], SamplingSettings(max_new_tokens=4, num_samples=engine_mod.MANY_ROWS))
+    assert few._batch.dec.step_dtype == torch.float16 and many._batch.dec.step_dtype == torch.bfloat16
+    assert all(len(row) == 4 for row in engine.generate([1, 2], 4, num_samples=engine_mod.MANY_ROWS))
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_windows_filled_in_a_step_equal_their_own_prefill(arch):
     # step_rows' fills (a slid window, a deferred prompt) ride in the steps' forward: their logits
@@ -208,3 +225,49 @@ def test_a_batch_prefills_new_prompts_in_its_next_forward():
     assert [row for step in ids for row in step] == want[0][:2]
     with pytest.raises(Exception, match="prompt"):  # a bad prompt is still refused at start
         batch.start([], s)
+
+
+@pytest.mark.parametrize("ending", ["length", "stop"])
+def test_a_finished_generation_is_freed_without_the_cycle_collector(ending):
+    # a generation's own batch and its stream refer to each other; the finished stream leaves the
+    # batch, so dropping the stream frees its cache at once (64 GPT-2 samples: gigabytes)
+    engine = Engine(make())
+    gc.disable()
+    try:
+        tokens = engine.start([1, 2], SamplingSettings(max_new_tokens=3, num_samples=2, seed=0))
+        if ending == "length":
+            for _ in tokens:
+                pass
+        else:
+            next(tokens)
+            tokens.stop(0)
+            tokens.stop(1)
+        cache = weakref.ref(tokens._batch.cache)
+        del tokens
+        assert cache() is None
+    finally:
+        gc.enable()
+
+
+def test_a_generation_stopped_early_by_its_caller_is_freed_too():
+    engine = Engine(make())
+    caches = []
+    start = engine.start
+
+    def watched(*args, **kwargs):
+        tokens = start(*args, **kwargs)
+        caches.append(weakref.ref(tokens._batch.cache))
+        return tokens
+
+    engine.start = watched
+    gc.disable()
+    try:
+        it = engine.stream([1, 2], 50, num_samples=2)
+        next(it)
+        del it  # a `break` out of the loop: the generator is closed
+        assert caches[0]() is None
+        with pytest.raises(ZeroDivisionError):  # an exception inside generate (Ctrl-C, say)
+            engine.generate([1, 2], 5, on_step=lambda: 1 / 0, num_samples=2)
+        assert caches[1]() is None
+    finally:
+        gc.enable()

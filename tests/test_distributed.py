@@ -6,6 +6,7 @@ are the TINY model for 20 steps at most (60 once), and one run answers several q
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -253,7 +254,7 @@ def _interrupted_after(data_dir: Path, run: Path, lines: int, env: dict[str, str
     """A two-rank run without an end, Ctrl-C once metrics.jsonl has `lines` lines; (its output, the saved iter)."""
     flags = train_flags(data_dir, run, max_iters=10**6, eval_interval=10**6, **overrides)
     proc = subprocess.Popen(torchrun_cmd(2, *flags), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=torchrun_env(**(env or {})))
+                            env=torchrun_env(**(env or {})), start_new_session=True)  # killpg reaches the ranks
     try:
         deadline = time.monotonic() + LIMIT_S
         # complete lines counted, not parsed: the ranks may be writing the last one while this reads
@@ -261,10 +262,17 @@ def _interrupted_after(data_dir: Path, run: Path, lines: int, env: dict[str, str
             assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()[0]
             time.sleep(0.2)
         proc.send_signal(signal.SIGINT)  # what torchrun forwards to every rank on Ctrl-C
-        out = proc.communicate(timeout=60)[0]
+        try:
+            out = proc.communicate(timeout=60)[0]
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # the ranks too: they hold the output pipe
+            raise AssertionError("no exit 60 s after Ctrl-C:\n" + proc.communicate(timeout=30)[0]) from None
     finally:
-        proc.kill()
-    saved = json.loads((run / "last" / "state.json").read_text())["iter"]
+        with contextlib.suppress(ProcessLookupError):  # a rank left behind, if any
+            os.killpg(proc.pid, signal.SIGKILL)
+    state = run / "last" / "state.json"
+    assert state.is_file(), f"exit {proc.returncode}, nothing saved:\n{out}"
+    saved = json.loads(state.read_text())["iter"]
     assert f"interrupted at iter {saved}; saved" in out, out
     assert [m["iter"] for m in metrics(run)] == list(range(1, saved + 1))
     return out, saved

@@ -168,6 +168,11 @@ def test_decoder_is_rebuilt_when_the_weights_change():
     assert new == [int(logits[0, -1].argmax())]
 
 
+def test_a_decode_dtype_asked_for_builds_one_decoder_for_one_and_many_rows():
+    eng = Engine(make(), decode_dtype="float16")  # one float16 copy of the weights, not two
+    assert eng.decoder(many_rows=True) is eng.decoder() and eng.decoder().step_dtype == torch.float16
+
+
 def test_bad_decode_dtype_is_refused():
     with pytest.raises(PocketError, match="decode_dtype"):
         Engine(make(), decode_dtype="float8")

@@ -73,6 +73,12 @@ SINGLE_THREAD_PARAMS = 5_000_000
 # vs float16, 1 thread, this 2-core AVX-512 machine (busy): 0.8M 0.30 vs 0.48 ms, 1.8M 0.49 vs 0.59,
 # 3.2M 1.0 vs 0.8, 10.7M 5.1 vs 2.2, 29.5M 13.2 vs 5.5, GPT-2-small 48 vs 21 (bench_generate.py).
 LOW_PRECISION_MIN_PARAMS = 5_000_000
+# From this many rows float16 step matmuls are no faster than float32 on CPUs, so a generation of
+# this many samples takes the many-rows decoder (Engine.decoder: bfloat16 or float32). GPT-2-small's
+# decode matmuls against float32, bench/decode_quant.py, 1 thread, AMD Zen 4: float16 1.86x at 1
+# row, 2.14x at 2, 1.19x at 4, 1.03x at 6, 0.73x at 8, 0.31x at 64; bfloat16 0.85x, 1.67x, 2.08x,
+# 2.18x, 2.01x, 2.53x (where it passes the logit probe).
+MANY_ROWS = 6
 
 
 def pick_next(
@@ -453,6 +459,7 @@ class TokenStream:
         self._stop_ids = frozenset(stop_token_ids)
         self._running, self._steps, self._last = B if s.max_new_tokens else 0, 0, None
         self._picked: torch.Tensor | None = None  # next ids drawn ahead by the batch (DecodeBatch.pick)
+        self._own_batch = batch is None
         self._batch = batch if batch is not None else DecodeBatch(engine, B, shared=False)
         self.rows, self._row0 = B, 0  # its rows in the batch's cache: _row0 .. _row0 + rows
         with self._scope:
@@ -480,6 +487,7 @@ class TokenStream:
             if s.repetition_penalty != 1.0:
                 self._seen = torch.zeros(B, engine.cfg.vocab_size, dtype=torch.bool, device=engine.device)
                 self._seen[:, prompt[0]] = True
+        self._let_go()  # max_new_tokens 0: done already
 
     def __iter__(self) -> "TokenStream":
         return self
@@ -510,6 +518,15 @@ class TokenStream:
         if self.finish_reasons[row] is None:
             self._running -= 1
         self.finish_reasons[row] = reason
+        self._let_go()
+
+    def _let_go(self) -> None:
+        """A finished generation leaves a batch of its own, which then holds nothing of it: the
+        stream and its cache go when the caller drops the stream. (Stream and batch refer to each
+        other; left so, a 64-sample cache, gigabytes for GPT-2, stayed until Python's cycle
+        collector ran, and a few generations in a row ran out of memory.)"""
+        if self._own_batch and self.done:
+            self._batch.leave(self)
 
     @property
     def done(self) -> bool:
@@ -535,6 +552,7 @@ class TokenStream:
             # drawn by the batch, nothing else to compute: no torch scope (a server's per-stream cost)
             self._picked, self._last = None, nxt
             self._steps += 1
+            self._let_go()
             return nxt
         with self._scope:
             if self._last is not None or self._fill is not None:  # not fed by a shared batch step: feed it alone
@@ -547,6 +565,7 @@ class TokenStream:
                 self._seen.scatter_(1, nxt[:, None], True)
             self._last = nxt
             self._steps += 1
+            self._let_go()
             return nxt.cpu()
 
     def _pick(self) -> torch.Tensor:
@@ -625,7 +644,8 @@ class DecodeBatch:
     def __init__(self, engine: "Engine", rows: int = 1, shared: bool = True):
         self.engine = engine
         with _Scoped(engine.threads):
-            self.dec = engine.decoder(many_rows=shared)
+            # one generation of several samples steps many rows too (--num-samples 64)
+            self.dec = engine.decoder(many_rows=shared or rows >= MANY_ROWS)
             self.cache = self.dec.new_cache(max(1, rows), engine.device)
         self.members: list[TokenStream] = []
         self.used = 0
@@ -784,15 +804,16 @@ class Engine:
         return self.decoder().step_dtype
 
     def decoder(self, many_rows: bool = False) -> Decoder:
-        """The decoder for one generation (many_rows False) or for a batch shared by many
-        (DecodeBatch): "auto" never gives the latter float16 steps, whose matrix-vector products
-        are fast on AVX-512 but whose many-row matmuls are not (GPT-2-small, 16 rows, 1 thread,
-        this AMD machine, busy: 275 ms a step in float16, 115 in float32, 93 in bfloat16; 1 row:
-        27, 54, 62). A batch keeps its choice for every step, whatever its row count, so a
+        """The decoder for one generation of fewer than MANY_ROWS samples (many_rows False) or for
+        many rows (a batch shared by many generations, or MANY_ROWS samples or more): "auto" never
+        gives the latter float16 steps, whose matrix-vector products are fast on AVX-512 but whose
+        many-row matmuls are not (GPT-2-small, 16 rows, 1 thread, this AMD machine, busy: 275 ms
+        a step in float16, 115 in float32, 93 in bfloat16; 1 row: 27, 54, 62). A batch keeps its choice for every step, whatever its row count, so a
         request's output does not depend on how many others share its steps."""
         versions = [p._version for p in self.model.parameters()]  # bumped by every in-place update
         if versions != self._versions:
             self._decoders, self._versions = {}, versions
+        many_rows = many_rows and self.decode_dtype == "auto"  # a dtype asked for: one decoder, one weight copy
         if many_rows not in self._decoders:
             with _Scoped(self.threads):
                 self._decoders[many_rows] = self._build_decoder(many_rows)
@@ -831,11 +852,14 @@ class Engine:
         The older form: stream(ids, max_new_tokens, num_samples, temperature=..., seed=...); a
         SamplingSettings works as the second argument too. Checks run at the first next()."""
         tokens = self.start(prompt_ids, as_settings(settings, num_samples=num_samples, **changes))
-        while True:
-            try:
-                yield tokens.next_ids()
-            except StopIteration:
-                return
+        try:
+            while True:
+                try:
+                    yield tokens.next_ids()
+                except StopIteration:
+                    return
+        finally:  # a caller that stops early (break, an exception) frees the cache now, not at a gc cycle
+            tokens.close()
 
     def generate(self, prompt_ids: list[int], settings: SamplingSettings | int | None = None,
                  on_step: Callable[[], None] | None = None, stop_token_ids: Collection[int] = (),
@@ -844,7 +868,14 @@ class Engine:
         id ends before it, without it); on_step() after each step (progress). settings: a
         SamplingSettings, or max_new_tokens with the other settings as keywords (the older form)."""
         tokens = self.start(prompt_ids, as_settings(settings, **changes), stop_token_ids)
-        if not stop_token_ids:  # the fast path: every row runs to max_new_tokens
+        try:
+            return self._generate(tokens, on_step, bool(stop_token_ids))
+        finally:  # an exception (Ctrl-C, in on_step) frees the cache now, not at a gc cycle
+            tokens.close()
+
+    @staticmethod
+    def _generate(tokens: TokenStream, on_step: Callable[[], None] | None, stops: bool) -> list[list[int]]:
+        if not stops:  # the fast path: every row runs to max_new_tokens
             steps = []
             for _ in range(tokens.settings.max_new_tokens):
                 steps.append(tokens.next_ids())
