@@ -124,7 +124,6 @@ def gpt2_small(args: argparse.Namespace) -> None:
         cpu = torch.device("cpu")
         low = {name: probe_logit_diff(Decoder(model, getattr(torch, name)), cpu, steps=args.probe_steps)
                for name in ("float16", "bfloat16")}
-    chosen = str(auto.step_dtype).removeprefix("torch.")
     attention = hf.config._attn_implementation
 
     threads = args.baseline_threads or auto.threads or torch.get_num_threads()
@@ -145,7 +144,7 @@ def gpt2_small(args: argparse.Namespace) -> None:
         fp16 = Engine(model, decode_dtype="float16")
         contenders["fp16"] = lambda seed: fp16.generate(prompt, n, temperature=0.8, seed=seed, num_samples=B)
         labels.append(("fp16", "pocketgpt engine float16"))
-        chosen = str(auto.decoder(many_rows=B >= MANY_ROWS).step_dtype).removeprefix("torch.")
+    chosen = str(auto.decoder(many_rows=B >= MANY_ROWS).step_dtype).removeprefix("torch.")  # what B samples get
     s = race(contenders, n * B, args.repeats)  # tokens/s over all B samples (aggregate)
     import transformers
 

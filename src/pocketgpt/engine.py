@@ -459,7 +459,6 @@ class TokenStream:
         self._stop_ids = frozenset(stop_token_ids)
         self._running, self._steps, self._last = B if s.max_new_tokens else 0, 0, None
         self._picked: torch.Tensor | None = None  # next ids drawn ahead by the batch (DecodeBatch.pick)
-        self._own_batch = batch is None
         self._batch = batch if batch is not None else DecodeBatch(engine, B, shared=False)
         self.rows, self._row0 = B, 0  # its rows in the batch's cache: _row0 .. _row0 + rows
         with self._scope:
@@ -487,7 +486,6 @@ class TokenStream:
             if s.repetition_penalty != 1.0:
                 self._seen = torch.zeros(B, engine.cfg.vocab_size, dtype=torch.bool, device=engine.device)
                 self._seen[:, prompt[0]] = True
-        self._let_go()  # max_new_tokens 0: done already
 
     def __iter__(self) -> "TokenStream":
         return self
@@ -518,15 +516,6 @@ class TokenStream:
         if self.finish_reasons[row] is None:
             self._running -= 1
         self.finish_reasons[row] = reason
-        self._let_go()
-
-    def _let_go(self) -> None:
-        """A finished generation leaves a batch of its own, which then holds nothing of it: the
-        stream and its cache go when the caller drops the stream. (Stream and batch refer to each
-        other; left so, a 64-sample cache, gigabytes for GPT-2, stayed until Python's cycle
-        collector ran, and a few generations in a row ran out of memory.)"""
-        if self._own_batch and self.done:
-            self._batch.leave(self)
 
     @property
     def done(self) -> bool:
@@ -552,7 +541,6 @@ class TokenStream:
             # drawn by the batch, nothing else to compute: no torch scope (a server's per-stream cost)
             self._picked, self._last = None, nxt
             self._steps += 1
-            self._let_go()
             return nxt
         with self._scope:
             if self._last is not None or self._fill is not None:  # not fed by a shared batch step: feed it alone
@@ -565,7 +553,6 @@ class TokenStream:
                 self._seen.scatter_(1, nxt[:, None], True)
             self._last = nxt
             self._steps += 1
-            self._let_go()
             return nxt.cpu()
 
     def _pick(self) -> torch.Tensor:
@@ -647,6 +634,10 @@ class DecodeBatch:
             # one generation of several samples steps many rows too (--num-samples 64)
             self.dec = engine.decoder(many_rows=shared or rows >= MANY_ROWS)
             self.cache = self.dec.new_cache(max(1, rows), engine.device)
+        # a shared batch's streams, in row order; a generation's own batch keeps none: it would be a
+        # reference cycle (stream <-> batch), and its cache, gigabytes for 64 GPT-2 samples, would stay
+        # until Python's cycle collector ran, after the caller dropped the stream
+        self.shared = shared
         self.members: list[TokenStream] = []
         self.used = 0
         # windows (new prompts, slid windows) ride in the batch's forward only when its step
@@ -668,7 +659,8 @@ class DecodeBatch:
             self._grow(max(self.used + stream.rows, 2 * self.cache.k.size(1)))
         view = self.cache.rows(self.used, stream.rows)
         stream._row0 = self.used
-        self.members.append(stream)
+        if self.shared:
+            self.members.append(stream)
         self.used += stream.rows
         return view
 
@@ -808,8 +800,9 @@ class Engine:
         many rows (a batch shared by many generations, or MANY_ROWS samples or more): "auto" never
         gives the latter float16 steps, whose matrix-vector products are fast on AVX-512 but whose
         many-row matmuls are not (GPT-2-small, 16 rows, 1 thread, this AMD machine, busy: 275 ms
-        a step in float16, 115 in float32, 93 in bfloat16; 1 row: 27, 54, 62). A batch keeps its choice for every step, whatever its row count, so a
-        request's output does not depend on how many others share its steps."""
+        a step in float16, 115 in float32, 93 in bfloat16; 1 row: 27, 54, 62). A batch keeps its
+        choice for every step, whatever its row count, so a request's output does not depend on
+        how many others share its steps."""
         versions = [p._version for p in self.model.parameters()]  # bumped by every in-place update
         if versions != self._versions:
             self._decoders, self._versions = {}, versions
@@ -852,14 +845,11 @@ class Engine:
         The older form: stream(ids, max_new_tokens, num_samples, temperature=..., seed=...); a
         SamplingSettings works as the second argument too. Checks run at the first next()."""
         tokens = self.start(prompt_ids, as_settings(settings, num_samples=num_samples, **changes))
-        try:
-            while True:
-                try:
-                    yield tokens.next_ids()
-                except StopIteration:
-                    return
-        finally:  # a caller that stops early (break, an exception) frees the cache now, not at a gc cycle
-            tokens.close()
+        while True:
+            try:
+                yield tokens.next_ids()
+            except StopIteration:
+                return
 
     def generate(self, prompt_ids: list[int], settings: SamplingSettings | int | None = None,
                  on_step: Callable[[], None] | None = None, stop_token_ids: Collection[int] = (),
@@ -868,14 +858,7 @@ class Engine:
         id ends before it, without it); on_step() after each step (progress). settings: a
         SamplingSettings, or max_new_tokens with the other settings as keywords (the older form)."""
         tokens = self.start(prompt_ids, as_settings(settings, **changes), stop_token_ids)
-        try:
-            return self._generate(tokens, on_step, bool(stop_token_ids))
-        finally:  # an exception (Ctrl-C, in on_step) frees the cache now, not at a gc cycle
-            tokens.close()
-
-    @staticmethod
-    def _generate(tokens: TokenStream, on_step: Callable[[], None] | None, stops: bool) -> list[list[int]]:
-        if not stops:  # the fast path: every row runs to max_new_tokens
+        if not stop_token_ids:  # the fast path: every row runs to max_new_tokens
             steps = []
             for _ in range(tokens.settings.max_new_tokens):
                 steps.append(tokens.next_ids())
