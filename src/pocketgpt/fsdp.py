@@ -86,7 +86,7 @@ class Sharded:
         self.model, self.group = model, group
         self.mesh = init_device_mesh(group.device.type, (group.world_size,), mesh_dim_names=("shard",))
         # every rank built the same weights from the same seed: each keeps its slice, nothing is sent
-        for block in model.transformer.h:
+        for block in model.blocks:
             fully_shard(block, mesh=self.mesh)
         fully_shard(model, mesh=self.mesh)
         self._copy: GPT | None = None  # rank 0's plain model for saving and sampling, made at the first gather

@@ -341,6 +341,16 @@ class GPT(nn.Module):
                 else:
                     nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
 
+    @property
+    def blocks(self) -> nn.ModuleList:
+        """The transformer blocks in order: what per-block code outside this file (FSDP's wrapping,
+        gradient checkpointing, Muon's matrices, LoRA's targets) walks, instead of a module path."""
+        return self.transformer.h
+
+    @property
+    def token_embedding(self) -> nn.Embedding:
+        return self.transformer.wte
+
     def num_params(self, non_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())  # a tied head is counted once
         if non_embedding and "wpe" in self.transformer:

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 
 from .config import OptimConfig
 from .lora import is_adapter
+
+if TYPE_CHECKING:
+    from .model import GPT
 
 
 def _adamw(params: list[torch.nn.Parameter], cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
@@ -26,7 +30,7 @@ def _adamw(params: list[torch.nn.Parameter], cfg: OptimConfig, device: torch.dev
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), **extra)
 
 
-def make_optimizers(model: torch.nn.Module, cfg: OptimConfig, device: torch.device,
+def make_optimizers(model: "GPT", cfg: OptimConfig, device: torch.device,
                     dtype: torch.dtype = torch.float32) -> list[torch.optim.Optimizer]:
     """[AdamW] or, with optimizer = muon, [AdamW for embeddings/head/gains, Muon for block matrices].
 
@@ -38,7 +42,8 @@ def make_optimizers(model: torch.nn.Module, cfg: OptimConfig, device: torch.devi
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if cfg.optimizer != "muon":
         return [_adamw([p for _, p in named], cfg, device)]
-    hidden = [p for n, p in named if n.startswith("transformer.h.") and p.dim() == 2 and not is_adapter(n)]
+    in_blocks = {id(p) for p in model.blocks.parameters()}
+    hidden = [p for n, p in named if id(p) in in_blocks and p.dim() == 2 and not is_adapter(n)]
     hidden_ids = {id(p) for p in hidden}
     rest = [p for _, p in named if id(p) not in hidden_ids]
     if not hidden:

@@ -168,7 +168,7 @@ def checkpoint_blocks(model: GPT) -> None:
     """
     from torch.utils.checkpoint import checkpoint
 
-    for block in model.transformer.h:
+    for block in model.blocks:
         block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
 
 
@@ -588,7 +588,7 @@ def _matmul_params(model: GPT) -> int:
     """Parameters that take part in a matmul: not the position table, nor an untied input embedding."""
     n = model.num_params(non_embedding=True)
     if not model.config.tie_embeddings:
-        n -= model.transformer.wte.weight.numel()
+        n -= model.token_embedding.weight.numel()
     return n
 
 
