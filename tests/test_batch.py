@@ -262,9 +262,9 @@ def test_a_generation_stopped_early_by_its_caller_is_freed_too():
     engine.start = watched
     gc.disable()
     try:
-        it = engine.stream([1, 2], 50, num_samples=2)
+        it = engine.start([1, 2], SamplingSettings(max_new_tokens=50, num_samples=2))
         next(it)
-        del it  # a `break` out of the loop: the generator is closed
+        del it  # a `break` out of the loop: the caller drops the stream
         assert caches[0]() is None
         with pytest.raises(ZeroDivisionError):  # an exception inside generate (Ctrl-C, say)
             engine.generate([1, 2], 5, on_step=lambda: 1 / 0, num_samples=2)

@@ -26,6 +26,13 @@ ARCHS = {
     "gpt2-bias-untied": {"bias": True, "tie_embeddings": False},
     "gpt2-gelu-tanh": {"mlp": "gelu_new", "bias": True},
     "modern": {"pos_emb": "rope", "norm": "rmsnorm", "qk_norm": True, "mlp": "relu2"},
+    # what the open families add: grouped-query attention (2 query heads per key/value head), a gated
+    # MLP of its own width, the rotary base, the norm's epsilon, q/k/v biases, a head size apart from the width
+    "gqa-learned": {"n_kv_head": 1, "bias": True},
+    "llama": {"pos_emb": "rope", "norm": "rmsnorm", "mlp": "swiglu", "n_kv_head": 1, "mlp_width": 24,
+              "rope_theta": 500000.0, "norm_eps": 1e-5, "tie_embeddings": False},
+    "qwen": {"pos_emb": "rope", "norm": "rmsnorm", "mlp": "swiglu", "qkv_bias": True, "head_size": 12,
+             "qk_norm": True, "n_kv_head": 1, "rope_theta": 1e6, "norm_eps": 1e-6},
 }
 
 
@@ -93,8 +100,8 @@ def test_batched_samples_are_one_batch_and_seeded():
     a = eng.generate([3], 40, num_samples=4, temperature=1.0, seed=11)
     assert a == eng.generate([3], 40, num_samples=4, temperature=1.0, seed=11)
     assert len({tuple(s) for s in a}) == 4  # every row draws its own random numbers
-    steps = list(eng.stream([3], 5, num_samples=4, seed=11))
-    assert all(s.shape == (4,) for s in steps)
+    steps = list(eng.start([3], SamplingSettings(max_new_tokens=5, num_samples=4, seed=11)))
+    assert len(steps) == 5 and all(len(s) == 4 for s in steps)
     ticks = []  # the progress hook of `pocketgpt sample --num-samples N`: once per generated token
     assert eng.generate([3], 40, num_samples=4, temperature=1.0, seed=11, on_step=lambda: ticks.append(1)) == a
     assert len(ticks) == 40
@@ -209,6 +216,16 @@ def test_the_engine_names_no_module_attribute_of_the_model():
     code = "\n".join(line.split("#")[0] for line in source.splitlines())  # comments may mention them
     names = "transformer|c_attn|c_proj|c_fc|ln_1|ln_2|ln_f|lm_head|rope_cos|rope_sin|attn|mlp|eps"
     assert re.findall(rf"\.({names})\b", code) == []
+
+
+def test_the_engine_names_no_architecture():
+    # what an architecture option is (an activation, a norm, positions, the q/k/v layout) comes from
+    # decode_view(); the engine's code reads none of the config's architecture fields
+    source = Path(engine_mod.__file__).read_text(encoding="utf-8")
+    code = "\n".join(line.split("#")[0] for line in source.splitlines())
+    fields = "pos_emb|norm|qk_norm|mlp|gated|tie_embeddings|qkv_bias|rope_theta|norm_eps|bias"
+    assert re.findall(rf"\bcfg\.({fields})\b", code) == []
+    assert re.findall(r"gelu|relu|swiglu|silu|rms_norm|layer_norm|rotate|gpt2|llama|qwen", code, re.I) == []
 
 
 def test_decode_view_shares_the_parameters_storage():

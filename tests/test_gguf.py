@@ -169,10 +169,12 @@ def test_f16_keeps_vectors_and_positions_f32(capsys, tmp_path, bpe_run):
 
 
 def test_tensor_names_come_from_gguf_constants():
-    assert gguf_export.gguf_name("transformer.h.11.mlp.c_proj.weight") == "blk.11.ffn_down.weight"
-    assert gguf_export.gguf_name("lm_head.weight") == "output.weight"
+    from pocketgpt.arch import gpt2
+
+    assert gguf_export.gguf_name(gpt2.FAMILY, "transformer.h.11.mlp.c_proj.weight", 12) == "blk.11.ffn_down.weight"
+    assert gguf_export.gguf_name(gpt2.FAMILY, "lm_head.weight", 12) == "output.weight"
     with pytest.raises(PocketError, match="no such tensor"):
-        gguf_export.gguf_name("transformer.h.0.attn.q_norm.weight")
+        gguf_export.gguf_name(gpt2.FAMILY, "transformer.h.0.attn.q_norm.weight", 12)
 
 
 # ---------------------------------------------------------------- refusals: one line, nothing written

@@ -15,6 +15,11 @@ transformers = pytest.importorskip("transformers")
 from helpers import run_cli, untrained_run  # noqa: E402
 
 from pocketgpt import hf  # noqa: E402
+from pocketgpt.arch import gpt2  # noqa: E402
+from pocketgpt.nanogpt import NANOGPT_PADDED_VOCAB  # noqa: E402
+
+# the matrices Hugging Face's GPT-2 stores as Conv1D (in, out), transposed from nanoGPT's nn.Linear
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 from pocketgpt.errors import PocketError  # noqa: E402
 from pocketgpt.loading import load  # noqa: E402
 from pocketgpt.tokenizer import CharTokenizer, GPT2Tokenizer, train_bpe  # noqa: E402
@@ -63,7 +68,7 @@ def test_hf_folder_logits_equal(tmp_path, activation):
     d = tmp_path / "m"
     hf_model(activation_function=activation).save_pretrained(str(d))
     lm = load(d)
-    assert lm.info["source_kind"] == "huggingface" and lm.model.config.mlp == hf.HF_ACTIVATIONS[activation]
+    assert lm.info["source_kind"] == "huggingface" and lm.model.config.mlp == gpt2.ACTIVATIONS[activation]
     ids = lm.tokenizer.encode(TEXT)
     assert max_diff(lm.logits(ids), hf_logits(d, ids)) < TOL
 
@@ -105,7 +110,7 @@ def test_unsupported_hf_models_are_refused(tmp_path, hf_folder):
     d.mkdir()
     raw = json.loads((hf_folder / "config.json").read_text())
     (d / "config.json").write_text(json.dumps({**raw, "model_type": "llama"}))
-    with pytest.raises(PocketError, match="only GPT-2"):
+    with pytest.raises(PocketError, match="'llama' model.*pocketgpt reads gpt2"):
         load(d)
     (d / "config.json").write_text(json.dumps({**raw, "scale_attn_by_inverse_layer_idx": True}))
     with pytest.raises(PocketError, match="scale_attn_by_inverse_layer_idx"):
@@ -166,7 +171,7 @@ def _nanogpt_dir(tmp_path: Path, m: "transformers.GPT2LMHeadModel", vocab: int, 
     """ckpt.pt as nanoGPT's train.py writes it, from a GPT-2's weights turned into nn.Linear layout."""
     state = {}
     for k, v in m.state_dict().items():
-        if k.endswith(hf.CONV1D_SUFFIXES):
+        if k.endswith(CONV1D):
             v = v.t().contiguous()
         if not bias and k.endswith(".bias"):
             continue
@@ -252,8 +257,8 @@ def test_finetune_from_a_nanogpt_char_checkpoint_with_vocab(tmp_path, capsys, co
 
 
 def test_nanogpt_without_bias_and_padded_gpt2_vocab(tmp_path):
-    m = hf_model(vocab_size=hf.NANOGPT_PADDED_VOCAB, activation_function="gelu")
-    d = _nanogpt_dir(tmp_path, m, hf.NANOGPT_PADDED_VOCAB, bias=False, compiled=False)
+    m = hf_model(vocab_size=NANOGPT_PADDED_VOCAB, activation_function="gelu")
+    d = _nanogpt_dir(tmp_path, m, NANOGPT_PADDED_VOCAB, bias=False, compiled=False)
     lm = load(d)  # no meta.pkl and GPT-2's (padded) vocabulary: GPT-2's tokenizer, as nanoGPT's sample.py
     assert lm.tokenizer.kind == "gpt2" and lm.model.config.vocab_size == 50257 and not lm.model.config.bias
     assert lm.generate("Hi", max_new_tokens=4, seed=0).startswith("Hi")

@@ -111,7 +111,6 @@ def test_cpu_training_lines_report_mfu_against_the_measured_ceiling(tmp_path, ca
     from pocketgpt import probe, rundir
     from pocketgpt.loading import load
     from pocketgpt.runtime import resolve
-    from pocketgpt.sizing import flops_per_token
     from pocketgpt.trainer import _matmul_params, peak_flops
 
     code, out, err = run_cli(capsys, "train", "--data", data_dir, "--out", tmp_path / "r", *tiny_flags(max_iters=4))
@@ -122,9 +121,10 @@ def test_cpu_training_lines_report_mfu_against_the_measured_ceiling(tmp_path, ca
     cfg = rundir.read_config(tmp_path / "r")[0]
     vocab = cfg.model.vocab_size
     ceiling = peak_flops(cfg, resolve("cpu", "float32"))  # the run's own (cached) measurement
-    assert ceiling == probe.matmul_rate(torch.device("cpu"), torch.float32, probe.model_shapes(32, vocab, 8 * 16))
+    assert ceiling == probe.matmul_rate(torch.device("cpu"), torch.float32, probe.model_shapes(cfg.model, 8 * 16))
+    assert cfg.model.n_embd == 32 and vocab > 0
     model = load(tmp_path / "r").model
-    fpt = flops_per_token(_matmul_params(model), 2, 32, 16)
+    fpt = cfg.model.flops_per_token(_matmul_params(model))
     for m in train_lines:  # the model's FLOPs per token times the logged tokens/s, against that ceiling
         assert m["mfu"] == pytest.approx(fpt * m["tokens_per_s"] / ceiling, rel=1e-2, abs=1e-4)
 
@@ -171,7 +171,10 @@ def test_a_ceiling_below_what_the_run_reaches_is_measured_again(tmp_path, capsys
     from pocketgpt.data import read_meta
 
     monkeypatch.setenv("POCKETGPT_CACHE_DIR", str(tmp_path / "cache"))
-    shapes = probe.model_shapes(32, int(read_meta(data_dir)["vocab_size"]), 8 * 16)
+    from pocketgpt.config import ModelConfig
+
+    tiny = ModelConfig(n_embd=32, n_head=2, n_layer=2, block_size=16, vocab_size=int(read_meta(data_dir)["vocab_size"]))
+    shapes = probe.model_shapes(tiny, 8 * 16)
     key = probe._key(torch.device("cpu"), torch.float32, shapes)
     (tmp_path / "cache").mkdir()
     (tmp_path / "cache" / probe.CACHE_FILE).write_text(json.dumps({key: {"flops_per_s": 1000.0, "load": 0.0}}))  # 1 kFLOP/s, "idle": far too low
@@ -180,11 +183,10 @@ def test_a_ceiling_below_what_the_run_reaches_is_measured_again(tmp_path, capsys
     remeasured = json.loads((tmp_path / "cache" / probe.CACHE_FILE).read_text())[key]["flops_per_s"]
     assert remeasured > 1e6
     last = [m for m in metrics(tmp_path / "r") if "mfu" in m][-1]
-    from pocketgpt.sizing import flops_per_token
     from pocketgpt.trainer import _matmul_params
     from pocketgpt.loading import load
 
-    fpt = flops_per_token(_matmul_params(load(tmp_path / "r").model), 2, 32, 16)
+    fpt = tiny.flops_per_token(_matmul_params(load(tmp_path / "r").model))
     assert last["mfu"] == pytest.approx(fpt * last["tokens_per_s"] / remeasured, rel=1e-2, abs=1e-4)
     assert last["mfu"] < 1e3  # the old ceiling gave millions
 

@@ -5,7 +5,8 @@ import torch
 
 import pocketgpt
 from pocketgpt.config import ModelConfig
-from pocketgpt.model import GPT, KVCache
+from pocketgpt.engine import Decoder
+from pocketgpt.model import GPT
 from pocketgpt.optim import Muon, make_optimizers, orthogonalize
 from pocketgpt.trainer import train
 
@@ -19,6 +20,15 @@ OPTIONS = [
     {"mlp": "relu2"},
     {"tie_embeddings": False},
     {"zero_init_proj": True},
+    {"n_kv_head": 1},
+    {"mlp": "swiglu"},
+    {"mlp_width": 24},
+    {"head_size": 12},
+    {"qkv_bias": True},
+    {"norm_eps": 1e-3},
+    {"pos_emb": "rope", "rope_theta": 500000.0},
+    {"pos_emb": "rope", "norm": "rmsnorm", "mlp": "swiglu", "n_kv_head": 1, "mlp_width": 24, "head_size": 12,
+     "qkv_bias": True, "qk_norm": True, "norm_eps": 1e-6, "rope_theta": 1e6, "tie_embeddings": False},
     {"pos_emb": "rope", "norm": "rmsnorm", "qk_norm": True, "mlp": "relu2", "tie_embeddings": False,
      "zero_init_proj": True},
 ]
@@ -43,8 +53,11 @@ def test_option_is_causal_and_cache_exact(opts):
     changed = idx.clone()
     changed[:, 10] = (changed[:, 10] + 1) % 29
     assert torch.equal(model(changed)[0][:, :10], full[:, :10])
-    cache = KVCache(model.config, 2, torch.device("cpu"), torch.float32)
-    parts = [model(idx[:, :6], cache=cache)[0]] + [model(idx[:, t : t + 1], cache=cache)[0] for t in range(6, 16)]
+    dec = Decoder(model)
+    cache = dec.new_cache(2, idx.device)
+    with torch.inference_mode():
+        parts = [dec.prefill(idx[:, :6], cache, all_logits=True)] + [dec.step(idx[:, t], cache)[:, None]
+                                                                     for t in range(6, 16)]
     torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-5, atol=1e-5)
 
 
@@ -138,7 +151,7 @@ def test_attention_dropout_false_keeps_dropout_on_the_residual_branches_only(mon
 
     seen = []
     real = model_module.attend
-    monkeypatch.setattr(model_module, "attend", lambda q, k, v, start, p: seen.append(p) or real(q, k, v, start, p))
+    monkeypatch.setattr(model_module, "attend", lambda q, k, v, p: seen.append(p) or real(q, k, v, p))
     idx = torch.randint(0, 29, (2, 16))
     for flag in (True, False):
         m = build(dropout=0.2, attention_dropout=flag).train()

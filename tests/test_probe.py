@@ -46,9 +46,15 @@ def test_an_unreadable_cache_is_measured_again(cache, content):
 
 
 def test_model_shapes_cover_the_blocks_and_head_with_rows_capped():
-    shapes = probe.model_shapes(n_embd=64, vocab_size=65, rows=100_000)
-    assert shapes == [(probe.MAX_ROWS, 64, 192), (probe.MAX_ROWS, 64, 64), (probe.MAX_ROWS, 64, 256),
-                      (probe.MAX_ROWS, 256, 64), (probe.MAX_ROWS, 64, 65)]
+    from pocketgpt.config import ModelConfig
+
+    M = probe.MAX_ROWS
+    shapes = probe.model_shapes(ModelConfig(n_embd=64, n_head=4, vocab_size=65), rows=100_000)
+    assert shapes == [(M, 64, 192), (M, 64, 64), (M, 64, 256), (M, 256, 64), (M, 64, 65)]
+    # the config's own widths: grouped-query attention, a head size apart from the width, a gated MLP
+    llama = ModelConfig(n_embd=64, n_head=4, n_kv_head=2, head_size=8, mlp="swiglu", mlp_width=96, vocab_size=65)
+    assert probe.model_shapes(llama, rows=10) == [(10, 64, 32 + 16 + 16), (10, 32, 64), (10, 64, 192), (10, 96, 64),
+                                                  (10, 64, 65)]
 
 
 @pytest.mark.parametrize("speedup, expected", [(2.4, torch.bfloat16), (1.1, torch.float32)])

@@ -7,9 +7,7 @@ import pytest
 from helpers import run_cli
 from pocketgpt.config import ModelConfig
 from pocketgpt.errors import PocketError
-from pocketgpt.sizing import (
-    count_params, estimate_memory_mb, flops_per_token, gpu_peak_flops, parse_memory, plan_auto,
-)
+from pocketgpt.sizing import estimate_memory_mb, gpu_peak_flops, parse_memory, plan_auto
 
 SHAKESPEARE = dict(train_tokens=1_003_854, val_tokens=111_540, vocab_size=65)
 CPU = 60e9  # training FLOP/s
@@ -19,17 +17,33 @@ def test_flops_per_token_matches_a_hand_count():
     # 1 layer, C=4, T=8, 100 matmul parameters: 6*100 = 600 for the weights (2 forward + 4 backward);
     # attention: QK^T and AV are T*C multiply-adds each per token = 2*8*4*2 = 128 FLOPs forward,
     # 3x with backward = 384 = 12*1*4*8
-    assert flops_per_token(100, n_layer=1, n_embd=4, block_size=8) == 600 + 384
-    assert flops_per_token(0, 2, 4, 8) == 2 * flops_per_token(0, 1, 4, 8)
+    one = ModelConfig(n_layer=1, n_embd=4, n_head=1, block_size=8)
+    assert one.flops_per_token(100) == 600 + 384
+    two = ModelConfig(n_layer=2, n_embd=4, n_head=1, block_size=8)
+    assert two.flops_per_token(0) == 2 * one.flops_per_token(0)
+    # attention's width is the heads' (Qwen3-0.6B: 16 heads of 128 in a 1024-wide model)
+    assert ModelConfig(n_layer=1, n_embd=4, n_head=2, head_size=4, block_size=8).flops_per_token(0) == 12 * 8 * 8
 
 
-@pytest.mark.parametrize("tie,pos", [(False, "rope"), (True, "learned"), (False, "learned")])
-def test_count_params_matches_the_model(tie, pos):
+SHAPES = [
+    dict(pos_emb="rope", norm="rmsnorm", tie_embeddings=False),
+    dict(pos_emb="learned", tie_embeddings=True),
+    dict(pos_emb="learned", tie_embeddings=False, bias=True),
+    dict(n_kv_head=1, mlp="swiglu", mlp_width=40, head_size=12, qkv_bias=True, pos_emb="rope", norm="rmsnorm"),
+    dict(n_kv_head=3, mlp="swiglu", bias=True, tie_embeddings=False),
+]
+
+
+@pytest.mark.parametrize("opts", SHAPES)
+def test_param_count_matches_the_model(opts):
     from pocketgpt.model import GPT
 
-    cfg = ModelConfig(vocab_size=70, n_layer=3, n_head=3, n_embd=48, block_size=32, pos_emb=pos, norm="rmsnorm",
-                      tie_embeddings=tie)
-    assert count_params(3, 48, 70, 32 if pos == "learned" else 0, tie) == GPT(cfg).num_params()
+    cfg = ModelConfig(vocab_size=70, n_layer=3, n_head=3, n_embd=48, block_size=32, **opts)
+    model = GPT(cfg)
+    assert cfg.param_count() == model.num_params()
+    # the matmul count: everything but the (untied) input embedding and a learned position table
+    indexed = (0 if cfg.tie_embeddings else 70 * 48) + (32 * 48 if cfg.pos_emb == "learned" else 0)
+    assert cfg.matmul_params() == model.num_params() - indexed
 
 
 def test_gpu_peak_table():

@@ -30,22 +30,25 @@ PARALLEL = ("auto", "ddp", "fsdp")
 SCHEDULES = ("cosine", "wsd", "constant")
 POS_EMBS = ("learned", "rope")
 NORMS = ("layernorm", "rmsnorm")
-MLPS = ("gelu", "gelu_new", "relu2")  # gelu_new: GPT-2's own tanh approximation of GELU
+# gelu_new: GPT-2's own tanh approximation of GELU; swiglu: a gated MLP, silu(x W_gate) * (x W_up) (Llama, Qwen)
+MLPS = ("gelu", "gelu_new", "relu2", "swiglu")
+GATED_MLPS = ("swiglu",)
 OPTIMIZERS = ("adamw", "muon")
 TOKENIZERS = ("char", "gpt2", "bpe")
 LOGGERS = ("tensorboard", "wandb", "trackio")
-# What lora_targets may name: the four matrices of a block (GPT-2's names, as peft's target_modules give
-# them for Hugging Face's GPT-2), their bare names (c_proj: both projections, as peft matches it), and
-# three short groups. Each maps to the block-relative module names, listed in model order.
+# What lora_targets may name: the four matrices of a block (our module names, which are GPT-2's), their
+# bare names (c_proj: both projections, as peft matches it), and three short groups. Each maps to the
+# block-relative module names, listed in model order. (A family's own names for them, peft's
+# target_modules on export, come from its table: arch/.)
 LORA_MODULES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 LORA_TARGETS: dict[str, tuple[str, ...]] = {
     "attn": ("attn.c_attn",), "proj": ("attn.c_proj",), "mlp": ("mlp.c_fc", "mlp.c_proj"), "all": LORA_MODULES,
     "c_attn": ("attn.c_attn",), "c_proj": ("attn.c_proj", "mlp.c_proj"), "c_fc": ("mlp.c_fc",),
     **{name: (name,) for name in LORA_MODULES},
 }
-# Each matrix's (in, out) in units of n_embd (model.py: q, k, v side by side; an MLP 4 times as wide).
-LORA_WIDTHS: dict[str, tuple[int, int]] = {"attn.c_attn": (1, 3), "attn.c_proj": (1, 1), "mlp.c_fc": (1, 4),
-                                           "mlp.c_proj": (4, 1)}
+# Each target's role in ModelConfig.matmul_shapes(), which says how wide it is.
+LORA_ROLES: dict[str, str] = {"attn.c_attn": "attn", "attn.c_proj": "attn_proj", "mlp.c_fc": "fc",
+                              "mlp.c_proj": "mlp_proj"}
 
 
 @dataclass
@@ -69,6 +72,83 @@ class ModelConfig:
     mlp: str = "gelu"  # gelu | relu2 (squared ReLU)
     tie_embeddings: bool = True  # share the input embedding and the output head
     zero_init_proj: bool = False  # start every residual output projection at zero
+    # what the open model families differ in; each default (0: GPT-2's value) keeps every saved run as it was
+    n_kv_head: int = 0  # key/value heads, fewer than n_head for grouped-query attention (0: n_head)
+    head_size: int = 0  # each head's width, which need not be n_embd / n_head (0: n_embd // n_head)
+    mlp_width: int = 0  # the MLP's hidden width (0: 4 * n_embd)
+    rope_theta: float = 10000.0  # the rotary positions' base
+    norm_eps: float = 0.0  # the norms' epsilon (0: the norm's own, 1e-5 for LayerNorm, 1e-6 for RMSNorm)
+    qkv_bias: bool = False  # biases on the q/k/v projection alone (Qwen2); bias = true puts them everywhere
+
+    # The derived widths: the model, the engine, sizing and the family tables read these, never a formula.
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def head_dim(self) -> int:
+        return self.head_size or self.n_embd // self.n_head
+
+    @property
+    def attn_width(self) -> int:
+        """The attention's output width: every query head side by side (n_embd unless head_size says otherwise)."""
+        return self.n_head * self.head_dim
+
+    @property
+    def qkv_sizes(self) -> tuple[int, int, int]:
+        """Rows of q, k and v in the fused q/k/v projection, in that order."""
+        kv = self.kv_heads * self.head_dim
+        return self.attn_width, kv, kv
+
+    @property
+    def mlp_hidden(self) -> int:
+        return self.mlp_width or 4 * self.n_embd
+
+    @property
+    def gated(self) -> bool:
+        """The MLP multiplies two projections (gate and up, fused in one matrix of 2 * mlp_hidden rows)."""
+        return self.mlp in GATED_MLPS
+
+    @property
+    def fc_rows(self) -> int:
+        return self.mlp_hidden * (2 if self.gated else 1)
+
+    def matmul_shapes(self) -> list[tuple[str, int, int]]:
+        """(role, in, out) of one block's matrices, in model order: the one list every count reads."""
+        C = self.n_embd
+        return [("attn", C, sum(self.qkv_sizes)), ("attn_proj", self.attn_width, C),
+                ("fc", C, self.fc_rows), ("mlp_proj", self.mlp_hidden, C)]
+
+    def param_count(self) -> int:
+        """Parameters of model.GPT for this config (a tied head counted once), without building it."""
+        C, per_block = self.n_embd, 0
+        for role, n_in, n_out in self.matmul_shapes():
+            with_bias = self.bias or (self.qkv_bias and role == "attn")
+            per_block += n_in * n_out + (n_out if with_bias else 0)
+        norm = C * (2 if self.bias and self.norm == "layernorm" else 1)  # a gain, and a bias where LayerNorm has one
+        embeddings = self.vocab_size * C * (1 if self.tie_embeddings else 2)
+        positions = self.block_size * C if self.pos_emb == "learned" else 0
+        return self.n_layer * (per_block + 2 * norm) + norm + embeddings + positions
+
+    def matmul_params(self) -> int:
+        """Parameters that take part in a matmul: all but the position table and an untied input
+        embedding, which are only indexed (the norms' few gains are counted, as nanoGPT's estimate does)."""
+        positions = self.block_size * self.n_embd if self.pos_emb == "learned" else 0
+        untied_input = 0 if self.tie_embeddings else self.vocab_size * self.n_embd
+        return self.param_count() - positions - untied_input
+
+    def flops_per_token(self, matmul_params: int | None = None) -> float:
+        """Training FLOPs per token: 6 per matmul parameter (forward 2, backward 4; matmul_params, or
+        this config's own count) plus attention's scores and weighted sum, 2 * T * width multiply-adds
+        per layer forward, so 12 * L * width * T with the backward (PaLM's appendix B; nanoGPT's MFU)."""
+        n = self.matmul_params() if matmul_params is None else matmul_params
+        return 6.0 * n + 12.0 * self.n_layer * self.attn_width * self.block_size
+
+
+# The fields that shape a model's tensors or math (a fine-tune's base and its config must agree on
+# these; dropout, attention_dropout and zero_init_proj may differ).
+MODEL_SHAPE_KEYS = tuple(f.name for f in fields(ModelConfig)
+                         if f.name not in ("dropout", "attention_dropout", "zero_init_proj"))
 
 
 @dataclass
@@ -150,7 +230,8 @@ class LoraConfig:
         """Adapter parameters for this model: rank * (in + out) per targeted matrix per block (0 when off)."""
         if not self.enabled:
             return 0
-        per_block = sum(sum(LORA_WIDTHS[m]) for m in self.modules) * model.n_embd
+        widths = {role: n_in + n_out for role, n_in, n_out in model.matmul_shapes()}
+        per_block = sum(widths[LORA_ROLES[m]] for m in self.modules)
         return model.n_layer * self.lora_rank * per_block
 
 
@@ -353,6 +434,11 @@ def validate(cfg: TrainConfig) -> None:
         (m.n_embd >= 1, f"n_embd must be at least 1, got {m.n_embd}"),
         (m.block_size >= 1, f"block_size must be at least 1, got {m.block_size}"),
         (0.0 <= m.dropout < 1.0, f"dropout must be in [0, 1), got {m.dropout}"),
+        (m.n_kv_head >= 0, f"n_kv_head must be zero (n_head) or positive, got {m.n_kv_head}"),
+        (m.head_size >= 0, f"head_size must be zero (n_embd / n_head) or positive, got {m.head_size}"),
+        (m.mlp_width >= 0, f"mlp_width must be zero (4 * n_embd) or positive, got {m.mlp_width}"),
+        (m.rope_theta > 0, f"rope_theta must be positive, got {m.rope_theta}"),
+        (m.norm_eps >= 0, f"norm_eps must be zero (the norm's own) or positive, got {m.norm_eps}"),
         _choice("pos_emb", m.pos_emb, POS_EMBS),
         _choice("norm", m.norm, NORMS),
         _choice("mlp", m.mlp, MLPS),
@@ -393,14 +479,17 @@ def validate(cfg: TrainConfig) -> None:
     for name in logger_names(r.loggers):
         if name not in LOGGERS:
             raise PocketError(f"loggers: unknown logger '{name}'{nearest(name, LOGGERS)}; choose from {', '.join(LOGGERS)}")
-    if m.n_embd % m.n_head:
+    if m.n_head % m.kv_heads:
+        raise PocketError(f"n_kv_head ({m.n_kv_head}) must divide n_head ({m.n_head}): each key/value head serves "
+                          "an equal group of query heads")
+    if m.n_embd % m.n_head and not m.head_size:
         lower = max(h for h in range(1, m.n_head + 1) if m.n_embd % h == 0)
         raise PocketError(
             f"n_embd ({m.n_embd}) must be divisible by n_head ({m.n_head}); "
             f"try n_head {lower} or n_embd {(m.n_embd // m.n_head + 1) * m.n_head}"
         )
-    if m.pos_emb == "rope" and (m.n_embd // m.n_head) % 2:
-        raise PocketError(f"pos_emb rope needs an even head size, but n_embd/n_head = {m.n_embd // m.n_head}")
+    if m.pos_emb == "rope" and m.head_dim % 2:
+        raise PocketError(f"pos_emb rope needs an even head size, but the head size is {m.head_dim}")
 
 
 def _lora_checks(cfg: TrainConfig) -> list[tuple[bool, str]]:

@@ -11,15 +11,16 @@ architecture option.
 
 The model's math is not written twice: the Decoder takes everything from GPT.decode_view(), its
 one door into the model: the tensors by role (per layer a model.LayerTensors) and the model's own
-norm, activation, qk_norm and rotate functions. This file names no module attribute or parameter
-of the model.
+norm, activation and q/k/v split (heads, QK-norm, rotary positions). This file names no module
+attribute or parameter of the model, and no architecture: the widths come from the config's derived
+values, and grouped-query attention is a layout (each key/value head read by a group of query heads).
 
 Sampling settings come as one sampling.SamplingSettings. `Engine.start` returns a TokenStream:
 next() gives one new id per sample, None once that sample has ended (at a stop token id, which is
 not given out, or at max_new_tokens; the text layer above ends samples at stop strings with
 stop(row)); finish_reasons and completion_tokens say why and after how many tokens. Finished rows
 keep riding in the batch (their ids are dropped); the loop ends when every row has finished.
-Engine.stream / Engine.generate keep the older keyword-style calls.
+Engine.generate also takes max_new_tokens with the other settings as keywords.
 
 Many generations at once (a server): `DecodeBatch` holds one KV cache whose rows belong to several
 TokenStreams, each at its own position; advance() feeds all their last tokens through the model
@@ -49,13 +50,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from typing import Any, Callable, Collection, Iterator, Sequence
+from typing import Any, Callable, Collection, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from .errors import PocketError
-from .model import GPT, DecodeView, KVCache, LayerTensors
+from .model import GPT, DecodeView, KVCache, LayerTensors, repeat_kv
 from .runtime import cpu_has_fast_bf16
 from .sampling import SamplingSettings, as_settings
 
@@ -258,9 +259,10 @@ class Decoder:
     def __init__(self, model: GPT, step_dtype: torch.dtype | None = None):
         view: DecodeView = model.decode_view()
         self.cfg = view.config
-        self.n_head, self.head_size = self.cfg.n_head, self.cfg.n_embd // self.cfg.n_head
+        self.n_head, self.n_kv, self.head_size = self.cfg.n_head, self.cfg.kv_heads, self.cfg.head_dim
+        self.groups, self.width = self.n_head // self.n_kv, self.cfg.attn_width
         self.wte, self.wpe, self.rope, self.head = view.wte, view.wpe, view.rope, view.head
-        self.norm, self.act, self.qk_norm, self.rotate = view.norm, view.activation, view.qk_norm, view.rotate
+        self.norm, self.act, self.split_qkv = view.norm, view.activation, view.split_qkv
         self.norm_f = view.norm_f
         self.layers = view.layers
         self.step_dtype = step_dtype or self.wte.dtype
@@ -281,11 +283,10 @@ class Decoder:
         rope = None if self.rope is None else (self.rope[0][:T], self.rope[1][:T])
         for i, layer in enumerate(self.layers):
             h = self.norm(x, *layer.norm_1)
-            qkv = F.linear(h, layer.attn_w, layer.attn_b).view(B, T, 3, self.n_head, self.head_size)
-            q, k, v = self._qk_prep(qkv.permute(2, 0, 3, 1, 4), rope)  # (B, nh, T, hs) each
+            q, k, v = self.split_qkv(F.linear(h, layer.attn_w, layer.attn_b), rope)  # (B, nh or nkv, T, hs)
             cache.k[i, :, :, :T] = k
             cache.v[i, :, :, :T] = v
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, -1)
+            y = self._causal(q, k, v).transpose(1, 2).reshape(B, T, -1)
             x = x + F.linear(y, layer.attn_proj_w, layer.attn_proj_b)
             h = self.act(F.linear(self.norm(x, *layer.norm_2), layer.fc_w, layer.fc_b))
             x = x + F.linear(h, layer.mlp_proj_w, layer.mlp_proj_b)
@@ -303,16 +304,16 @@ class Decoder:
         if self.wpe is not None:
             x.add_(self.wpe[pos])
         rope = None if self.rope is None else (self.rope[0][pos], self.rope[1][pos])
-        norm, act = self.norm, self.act
+        norm, act, split_qkv, n_kv, hs = self.norm, self.act, self.split_qkv, self.n_kv, self.head_size
         for k_cache, v_cache, layer in zip(cache.k, cache.v, self.step_layers):
-            qkv = _mm(norm(x, *layer.norm_1), layer.attn_w, layer.attn_b).view(B, 3, self.n_head, self.head_size)
-            q, k, v = self._qk_prep(qkv.transpose(0, 1), rope)  # (B, nh, hs) each
-            k_cache.select(2, pos).copy_(k)  # into the preallocated (B, nh, block_size, hs) cache
+            q, k, v = split_qkv(_mm(norm(x, *layer.norm_1), layer.attn_w, layer.attn_b), rope)  # (B, nh or nkv, hs)
+            k_cache.select(2, pos).copy_(k)  # into the preallocated (B, nkv, block_size, hs) cache
             v_cache.select(2, pos).copy_(v)
-            # one query sees every cached key: no mask
+            # one query sees every cached key: no mask. Each key/value head's group of query heads
+            # rides as that head's rows of queries (one row without grouped-query attention).
             keys, values = k_cache.narrow(2, 0, pos + 1), v_cache.narrow(2, 0, pos + 1)
-            y = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values)
-            x = _residual(x, y.reshape(B, -1), layer.attn_proj_w, layer.attn_proj_b)  # (B, nh, 1, hs) -> (B, C)
+            y = F.scaled_dot_product_attention(q.view(B, n_kv, -1, hs), keys, values)
+            x = _residual(x, y.reshape(B, -1), layer.attn_proj_w, layer.attn_proj_b)  # (B, nkv, g, hs) -> (B, nh * hs)
             h = act(_mm(norm(x, *layer.norm_2), layer.fc_w, layer.fc_b))
             x = _residual(x, h, layer.mlp_proj_w, layer.mlp_proj_b)
         cache.pos = pos + 1
@@ -334,7 +335,7 @@ class Decoder:
         Returns float32 logits (B + sum r, V): the steps' rows, then each fill's last position.
         The caller moves each row's position on.
         """
-        B, C, nh, hs = tok.size(0), self.cfg.n_embd, self.n_head, self.head_size
+        B, C, W, hs, n_kv = tok.size(0), self.cfg.n_embd, self.width, self.head_size, self.n_kv
         keys_len = int(pos.max()) + 1 if B else 0
         if keys_len > self.cfg.block_size:
             raise ValueError(f"a row's cache is full ({keys_len - 1} tokens); slide its window first")
@@ -349,16 +350,16 @@ class Decoder:
             # (a float mask in baddbmm: SDPA turns a bool one into floats in every call)
             hidden = torch.arange(keys_len, device=pos.device) > pos[:, None]
             mask = torch.zeros(B, 1, keys_len, device=pos.device).masked_fill_(hidden[:, None], float("-inf"))
-            mask = mask.repeat_interleave(nh, dim=0)  # (B * nh, 1, keys_len)
+            mask = mask.repeat_interleave(n_kv, dim=0)  # (B * nkv, 1, keys_len)
             if isinstance(rows, slice):
                 first = rows.start or 0
                 row_ids, runs = torch.arange(first, first + B, device=pos.device), [(0, first, B)]
             else:
                 row_ids, runs = rows, _runs(rows.tolist())
             T = cache.k.size(3)
-            # where each row's new key goes in a layer's cache seen as (rows * nh * T, hs): one
+            # where each row's new key goes in a layer's cache seen as (rows * nkv * T, hs): one
             # index_copy_ per tensor, half the time of an advanced-index write at 16 rows
-            at = ((row_ids[:, None] * nh + torch.arange(nh, device=pos.device)) * T + pos[:, None]).view(-1)
+            at = ((row_ids[:, None] * n_kv + torch.arange(n_kv, device=pos.device)) * T + pos[:, None]).view(-1)
             scale = 1.0 / math.sqrt(hs)
         for first, ids in fills:
             x = F.embedding(ids, self.wte)  # (r, L, C)
@@ -366,34 +367,33 @@ class Decoder:
                 x = x + self.wpe[: ids.size(1)]
             xs.append(x.view(-1, C))
         x = xs[0] if len(xs) == 1 else torch.cat(xs)  # (M, C): every token of this forward
-        norm, act = self.norm, self.act
+        norm, act, split_qkv = self.norm, self.act, self.split_qkv
         for k_all, v_all, layer in zip(cache.k, cache.v, self.step_layers):
-            qkv = _mm(norm(x, *layer.norm_1), layer.attn_w, layer.attn_b)  # (M, 3C)
+            qkv = _mm(norm(x, *layer.norm_1), layer.attn_w, layer.attn_b)  # (M, sum of q/k/v widths)
             ys = []
             if B:
-                q, k, v = self._qk_prep((qkv[:B] if fills else qkv).view(B, 3, nh, hs).transpose(0, 1), rope)
+                q, k, v = split_qkv(qkv[:B] if fills else qkv, rope)  # (B, nh or nkv, hs)
                 k_all.view(-1, hs).index_copy_(0, at, k.reshape(-1, hs))
                 v_all.view(-1, hs).index_copy_(0, at, v.reshape(-1, hs))
-                q = q.reshape(B * nh, 1, hs)
-                # one query per row and head: two batched matmuls (B * nh small ones); SDPA's kernel
+                q = q.reshape(B * n_kv, -1, hs)  # each key/value head's group of query heads as its rows
+                # one query per row and head: two batched matmuls (B * nkv small ones); SDPA's kernel
                 # costs more per head here, and more again with a mask. Per run of adjacent rows, so
                 # the keys are views: gathering scattered rows' keys costs more than the attention.
                 for i, first, n in runs:
-                    keys = k_all.narrow(0, first, n).narrow(2, 0, keys_len).flatten(0, 1)  # (n * nh, keys_len, hs)
+                    keys = k_all.narrow(0, first, n).narrow(2, 0, keys_len).flatten(0, 1)  # (n * nkv, keys_len, hs)
                     values = v_all.narrow(0, first, n).narrow(2, 0, keys_len).flatten(0, 1)
-                    q_run, mask_run = (q, mask) if n == B else (q[i * nh : (i + n) * nh], mask[i * nh : (i + n) * nh])
+                    lo, hi = i * n_kv, (i + n) * n_kv
+                    q_run, mask_run = (q, mask) if n == B else (q[lo:hi], mask[lo:hi])
                     att = torch.baddbmm(mask_run, q_run, keys.transpose(1, 2), alpha=scale)
-                    ys.append(torch.bmm(att.softmax(-1), values).view(n, C))
+                    ys.append(torch.bmm(att.softmax(-1), values).view(n, W))
             off = B
             for first, ids in fills:
                 r, L = ids.shape
                 f_rope = None if self.rope is None else (self.rope[0][:L], self.rope[1][:L])
-                qkv_f = qkv[off : off + r * L].view(r, L, 3, nh, hs).permute(2, 0, 3, 1, 4)
-                q, k, v = self._qk_prep(qkv_f, f_rope)  # (r, nh, L, hs) each
+                q, k, v = split_qkv(qkv[off : off + r * L].view(r, L, -1), f_rope)  # (r, nh or nkv, L, hs)
                 k_all[first : first + r, :, :L] = k
                 v_all[first : first + r, :, :L] = v
-                y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-                ys.append(y.transpose(1, 2).reshape(r * L, C))
+                ys.append(self._causal(q, k, v).transpose(1, 2).reshape(r * L, W))
                 off += r * L
             x = _residual(x, ys[0] if len(ys) == 1 else torch.cat(ys), layer.attn_proj_w, layer.attn_proj_b)
             h = act(_mm(norm(x, *layer.norm_2), layer.fc_w, layer.fc_b))
@@ -407,18 +407,10 @@ class Decoder:
             x = x.index_select(0, torch.tensor([*range(B), *ends], device=x.device))
         return _mm(norm(x, *self.norm_f), self.step_headT, None)
 
-    def _qk_prep(
-        self, qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """qkv (3, ...) -> q, k, v with QK-norm and rotary positions applied to q and k together."""
-        if self.qk_norm is None and rope is None:
-            return qkv.unbind(0)  # type: ignore[return-value]
-        qk, v = qkv[:2], qkv[2]
-        if self.qk_norm is not None:
-            qk = self.qk_norm(qk)
-        if rope is not None:
-            qk = self.rotate(qk, *rope)
-        return qk[0], qk[1], v
+    def _causal(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Causal attention of (r, nh, L, hs) queries over (r, nkv, L, hs) keys and values."""
+        k, v = repeat_kv(k, self.groups), repeat_kv(v, self.groups)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
 def check_prompt(prompt_ids: list[int], block_size: int) -> None:
@@ -837,19 +829,6 @@ class Engine:
         settings.stop_at_eos are text-level (sampling.TextStream); the engine ends a sample at any
         of stop_token_ids (e.g. a tokenizer's end-of-text id) and does not give that id out."""
         return TokenStream(self, prompt_ids, settings, stop_token_ids)
-
-    def stream(self, prompt_ids: list[int], settings: SamplingSettings | int | None = None, num_samples: int | None = None,
-               **changes: Any) -> Iterator[torch.Tensor]:
-        """Yield the next token of every sample, (num_samples,) on CPU, max_new_tokens times.
-
-        The older form: stream(ids, max_new_tokens, num_samples, temperature=..., seed=...); a
-        SamplingSettings works as the second argument too. Checks run at the first next()."""
-        tokens = self.start(prompt_ids, as_settings(settings, num_samples=num_samples, **changes))
-        while True:
-            try:
-                yield tokens.next_ids()
-            except StopIteration:
-                return
 
     def generate(self, prompt_ids: list[int], settings: SamplingSettings | int | None = None,
                  on_step: Callable[[], None] | None = None, stop_token_ids: Collection[int] = (),

@@ -1,10 +1,10 @@
 """A trained model as one GGUF file that llama.cpp (and what is built on it) runs: `export --format gguf`.
 
-llama.cpp's "gpt2" architecture is GPT-2 exactly, so a model check_exportable() accepts maps onto it
-tensor for tensor. The names are gguf's own (gguf.TENSOR_NAMES), and the layout is pocketgpt's:
-llama.cpp wants the matrices as nn.Linear stores them, (out, in) in numpy order, which GGUF writes as
-ggml's {in, out}. Hugging Face's Conv1D layout is the one that differs, so the transposes state_to_hf()
-makes are undone here.
+The model's architecture family (arch.fitting) gives llama.cpp's architecture, its metadata keys
+and its tensors under Hugging Face's names; gguf-py's TensorNameMap names them as GGUF does. The
+layout is nn.Linear's, (out, in) in numpy order, which GGUF writes as ggml's {in, out} (Hugging
+Face's Conv1D transposes are not applied: arch.convert.to_theirs(hf=False)); a family's gguf_fix
+makes any change llama.cpp needs (llama's q/k row order).
 
 The tokenizer travels inside the file as llama.cpp's byte-level BPE ("gpt2" model, "gpt-2"
 pre-tokenizer): every token as the printable stand-ins of its bytes, in pocketgpt's id order, and the
@@ -21,28 +21,21 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from . import arch
+from .arch.convert import to_theirs
 from .errors import PocketError
-from .hf import CONV1D_SUFFIXES, check_exportable, state_to_hf
-from .model import LAYERNORM_EPS
 from .tokenizer import ByteLevelTokenizer, Tokenizer, byte_stand_ins
 
 if TYPE_CHECKING:
     from .config import ModelConfig
     from .model import GPT
 
-ARCH = "gpt2"
 # f32 is the default (llama.cpp's own converter picks 16 bits): pocketgpt saves float32, so f32 loses nothing,
 # and pocketgpt's models are small enough that fidelity matters more than size (bench/gguf_llamacpp.py: 6e-4
 # max logit difference on GPT-2 small in f32, 1.2e-3 in f16). f16 halves the file; as llama.cpp's converter
 # does, vectors (norms, biases) and the position table stay f32, since llama.cpp's ops on them take f32.
 GGUF_DTYPES = ("f32", "f16")
 DEFAULT_GGUF_DTYPE = "f32"
-
-# pocketgpt's (= GPT-2's) module names -> gguf's tensor kinds; ".weight" / ".bias" carry over as they are.
-_BLOCK_TENSORS = {"ln_1": "ATTN_NORM", "attn.c_attn": "ATTN_QKV", "attn.c_proj": "ATTN_OUT",
-                  "ln_2": "FFN_NORM", "mlp.c_fc": "FFN_UP", "mlp.c_proj": "FFN_DOWN"}
-_TOP_TENSORS = {"transformer.wte": "TOKEN_EMBD", "transformer.wpe": "POS_EMBD",
-                "transformer.ln_f": "OUTPUT_NORM", "lm_head": "OUTPUT"}
 
 
 def _gguf() -> Any:
@@ -53,12 +46,14 @@ def _gguf() -> Any:
     return gguf
 
 
+def gguf_family(cfg: "ModelConfig") -> arch.Family:
+    """The family a model goes to llama.cpp as (one with a GGUF architecture); else one line saying why not."""
+    return arch.fitting(cfg, gguf=True)
+
+
 def check_gguf_exportable(cfg: "ModelConfig", tok: Tokenizer) -> None:
-    """Refuse, before anything is written, what llama.cpp's gpt2 cannot run as pocketgpt does."""
-    try:
-        check_exportable(cfg)
-    except PocketError as e:  # the same reasons as for Hugging Face, said for the format asked for
-        raise PocketError(str(e).replace("to Hugging Face GPT-2", "to GGUF (llama.cpp's gpt2)")) from None
+    """Refuse, before anything is written, what llama.cpp cannot run as pocketgpt does."""
+    gguf_family(cfg)
     if not isinstance(tok, ByteLevelTokenizer):
         raise PocketError(f"cannot export a {tok.kind}-tokenizer model to GGUF: llama.cpp's GPT-2 vocabulary needs an "
                           "end-of-text token, which a char vocabulary lacks (llama.cpp would stop at character id 11); "
@@ -112,32 +107,31 @@ def _add_tokenizer(w: Any, gguf: Any, tok: ByteLevelTokenizer, vocab_size: int) 
 
 # ---------------------------------------------------------------- the weights
 
-def gguf_name(key: str) -> str:
-    """'transformer.h.3.attn.c_attn.weight' -> 'blk.3.attn_qkv.weight' (gguf's names for the gpt2 architecture)."""
+def gguf_name(fam: arch.Family, key: str, n_layer: int) -> str:
+    """A family's Hugging Face tensor name as GGUF's, through gguf-py's TensorNameMap for its architecture
+    ('transformer.h.3.attn.c_attn.weight' -> 'blk.3.attn_qkv.weight' for gpt2)."""
     gguf = _gguf()
-    module, _, kind = key.rpartition(".")
-    if module.startswith("transformer.h."):
-        block, _, rest = module.removeprefix("transformer.h.").partition(".")
-        tensor, bid = _BLOCK_TENSORS.get(rest), int(block)
-    else:
-        tensor, bid = _TOP_TENSORS.get(module), None
-    if tensor is None:
-        raise PocketError(f"cannot export {key} to GGUF: llama.cpp's gpt2 has no such tensor")
-    return gguf.TENSOR_NAMES[gguf.MODEL_TENSOR[tensor]].format(bid=bid) + "." + kind
+    kind = next(k for k, name in gguf.MODEL_ARCH_NAMES.items() if name == fam.gguf_arch)
+    name = gguf.get_tensor_name_map(kind, n_layer).get_name(key, try_suffixes=(".weight", ".bias"))
+    if name is None:
+        raise PocketError(f"cannot export {key} to GGUF: llama.cpp's {fam.gguf_arch} has no such tensor")
+    return name
 
 
 def gguf_tensors(model: "GPT", dtype: str = DEFAULT_GGUF_DTYPE) -> dict[str, np.ndarray]:
     """Every tensor under its GGUF name, as numpy arrays in the layout and dtype llama.cpp loads."""
+    cfg = model.config
+    fam = gguf_family(cfg)
     out: dict[str, np.ndarray] = {}
-    # state_to_hf gives GPT-2's full set: the zero biases of a bias = false model, no head when it is tied
-    # (llama.cpp then reuses token_embd as the head, as GPT-2 does).
-    for key, t in state_to_hf(model).items():
-        if key.endswith(CONV1D_SUFFIXES):
-            t = t.t()  # back to (out, in)
-        a = t.contiguous().numpy()
-        if dtype == "f16" and a.ndim == 2 and not key.startswith("transformer.wpe"):
+    # the family's full set: zeros for what the model lacks, no head when it is tied (llama.cpp then
+    # reuses token_embd as the head)
+    for key, t in to_theirs(model.state_dict(), fam, cfg, hf=False).items():
+        name = gguf_name(fam, key, cfg.n_layer)
+        a = np.ascontiguousarray(fam.gguf_fix(key, t.numpy(), cfg))
+        # as llama.cpp's converter does, vectors and the position table stay f32 (its ops on them take f32)
+        if dtype == "f16" and a.ndim == 2 and not name.startswith("position_embd"):
             a = a.astype(np.float16)
-        out[gguf_name(key)] = a
+        out[name] = a
     return out
 
 
@@ -146,16 +140,13 @@ def gguf_tensors(model: "GPT", dtype: str = DEFAULT_GGUF_DTYPE) -> dict[str, np.
 def _write(path: Path, model: "GPT", tok: ByteLevelTokenizer, dtype: str, name: str, license: str) -> None:
     gguf = _gguf()
     cfg = model.config
-    w = gguf.GGUFWriter(str(path), ARCH)
+    fam = gguf_family(cfg)
+    w = gguf.GGUFWriter(str(path), fam.gguf_arch)
     w.add_name(name)
     if license:
         w.add_license(license)
-    w.add_context_length(cfg.block_size)
-    w.add_embedding_length(cfg.n_embd)
-    w.add_block_count(cfg.n_layer)
-    w.add_feed_forward_length(4 * cfg.n_embd)
-    w.add_head_count(cfg.n_head)
-    w.add_layer_norm_eps(LAYERNORM_EPS)
+    for key, value in fam.gguf_keys(cfg).items():  # the architecture's hyperparameters, in the family's order
+        getattr(w, f"add_{key}")(value)
     w.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if dtype == "f16" else gguf.LlamaFileType.ALL_F32)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _add_tokenizer(w, gguf, tok, cfg.vocab_size)
@@ -188,9 +179,4 @@ def export_gguf(model: "GPT", tok: Tokenizer, out: str | Path, dtype: str = DEFA
     _gguf()  # a missing package is said before a folder is made
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(out, lambda p: _write(p, model, tok, dtype, name or out.stem, license))
-    notes = []
-    if model.config.mlp == "gelu":
-        notes.append("this model uses exact GELU and llama.cpp's gpt2 its tanh approximation; the logits there "
-                     "differ from pocketgpt's by about as much as llama.cpp's own f16 rounding (~5e-3, "
-                     "bench/gguf_llamacpp.py)")
-    return notes
+    return gguf_family(model.config).gguf_notes(model.config)

@@ -191,12 +191,11 @@ def finetune_config(req: TrainRequest, overrides: dict[str, Any], base: "ModelCo
     """The base model's shape (its context cropped by a smaller block_size) under the finetune preset (finetune-lora
     with a lora_rank; or --preset), --config and the command line; a shape key that contradicts the base is
     refused by name."""
-    from .config import validate
-    from .trainer import SHAPE_KEYS
+    from .config import MODEL_SHAPE_KEYS, validate
 
     given, keys = given_keys(req, overrides)
     block = base.block_size
-    for key in SHAPE_KEYS:
+    for key in MODEL_SHAPE_KEYS:
         if key not in keys or key == "vocab_size":
             continue
         want, have = getattr(given.model, key), getattr(base, key)
@@ -214,7 +213,7 @@ def finetune_config(req: TrainRequest, overrides: dict[str, Any], base: "ModelCo
     start = TrainConfig(model=replace(base, block_size=block))
     preset = req.preset or (FINETUNE_LORA_PRESET if given.lora.enabled else FINETUNE_PRESET)
     cfg = build_train_config(preset, req.config_file, overrides, base=start)
-    for key in SHAPE_KEYS:  # a preset's shape keys (say --preset demo) give way to the base model's
+    for key in MODEL_SHAPE_KEYS:  # a preset's shape keys (say --preset demo) give way to the base model's
         setattr(cfg.model, key, getattr(start.model, key))
     validate(cfg)
     check_lora(cfg, has_base=True)

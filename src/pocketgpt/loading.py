@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 
@@ -16,6 +16,9 @@ from .rundir import BEST_WEIGHTS
 from .runtime import resolve
 from .sampling import Chunk, Completion, SamplingSettings, TextStream, as_settings
 from .tokenizer import Tokenizer, load_tokenizer
+
+if TYPE_CHECKING:
+    from .hf import Imported
 
 CHECKPOINTS = ("best", "last")
 
@@ -111,8 +114,24 @@ class LoadedModel:
         return out[0].float().cpu()
 
 
+def load_foreign(src: str | Path, kind: str, vocab: str | Path | None = None) -> "Imported":
+    """Load a source of a kind hf.source_kind() named; vocab (a nanoGPT char vocabulary) for nanoGPT only."""
+    from . import hf, nanogpt
+
+    if vocab is not None and kind != "nanogpt":
+        raise PocketError("--vocab is for nanoGPT checkpoints (a meta.pkl or the text it was prepared from); "
+                          f"{src} carries its own tokenizer")
+    if kind == "huggingface":
+        return hf.load_hf_folder(src)
+    if kind == "nanogpt":
+        return nanogpt.load_nanogpt(src, vocab)
+    if kind == "hub":
+        return hf.load_hub(str(src))
+    raise ValueError(kind)
+
+
 def load(src: str | Path, checkpoint: str = "best", device: str = "cpu", vocab: str | Path | None = None) -> LoadedModel:
-    """Load a run folder (the --out of `pocketgpt train`), a Hugging Face GPT-2 folder or hub name, or a
+    """Load a run folder (the --out of `pocketgpt train`), a Hugging Face folder or hub name, or a
     nanoGPT checkpoint (ckpt.pt or its out_dir). Foreign models have one set of weights: checkpoint is ignored.
     vocab: a nanoGPT char checkpoint's meta.pkl, or the text it was prepared from, when not beside ckpt.pt."""
     from . import rundir
@@ -122,9 +141,6 @@ def load(src: str | Path, checkpoint: str = "best", device: str = "cpu", vocab: 
 
         kind = source_kind(src)
         if kind is not None:
-            from .config import TrainConfig
-            from .hf import load_foreign
-
             got = load_foreign(src, kind, vocab)
             got.model.to(resolve(device, "float32").device).eval()
             return LoadedModel(got.model, got.tokenizer, TrainConfig(model=got.model.config), got.source, got.info)

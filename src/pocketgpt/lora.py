@@ -13,8 +13,9 @@ it lacks transformers). The layer is laid out so that its tensors *are* peft's: 
 transformer.h.0.attn.c_attn holds lora_A.weight (R, in) and lora_B.weight (out, R), which is exactly
 what peft saves for Hugging Face's GPT-2 under base_model.model.transformer.h.0.attn.c_attn (its
 Conv1D stores W as (in, out), hence fan_in_fan_out = true, but the factors keep nn.Linear's layout).
-So export_peft() renames and writes; nothing is transposed, and tests/test_lora.py checks the result
-with peft itself.
+export_peft() renames through the model's family table (arch/): nothing is transposed, and a matrix
+a family stores as several (q, k and v) gets one adapter per part; tests/test_lora.py checks the
+result with peft itself.
 
 In the run folder (rundir.py):
 - last/model.safetensors holds the training model whole (frozen base + adapters): resume is exact
@@ -28,7 +29,7 @@ In the run folder (rundir.py):
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 import torch.nn as nn
@@ -37,6 +38,9 @@ import torch.nn.functional as F
 from .config import LoraConfig, ModelConfig
 from .errors import PocketError
 from .model import GPT
+
+if TYPE_CHECKING:
+    from . import arch
 
 ADAPTER_PARTS = (".lora_A.", ".lora_B.")
 PEFT_PREFIX = "base_model.model."  # what PeftModelForCausalLM puts before the base model's own names
@@ -91,8 +95,9 @@ def add_adapters(model: GPT, cfg: LoraConfig) -> int:
     """Freeze every weight of model and wrap its targeted block matrices, in place; returns the trainable count."""
     model.requires_grad_(False)
     suffixes = tuple("." + m for m in cfg.modules)
+    in_blocks = {id(m) for m in model.blocks.modules()}
     targets = [(n, m) for n, m in model.named_modules()
-               if n.startswith("transformer.h.") and n.endswith(suffixes) and isinstance(m, nn.Linear)]
+               if id(m) in in_blocks and n.endswith(suffixes) and isinstance(m, nn.Linear)]
     for name, linear in targets:
         owner, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(owner), leaf, LoRALinear(linear, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout))
@@ -127,7 +132,7 @@ def gpt_around(cfg: ModelConfig, state: dict[str, torch.Tensor], buffers: dict[s
         gpt = GPT(cfg)
     gpt.load_state_dict(state, assign=True)
     if cfg.tie_embeddings:  # assign made two Parameters of the shared matrix; one again, as GPT ties it
-        gpt.lm_head.weight = gpt.transformer.wte.weight
+        gpt.lm_head.weight = gpt.token_embedding.weight
     for name, empty in list(gpt.named_buffers()):
         owner, _, leaf = name.rpartition(".")
         setattr(gpt.get_submodule(owner), leaf, buffers[name][tuple(slice(0, n) for n in empty.shape)])
@@ -182,12 +187,39 @@ def read_adapter(run_dir: Path, checkpoint: str = "best") -> tuple[dict[str, tor
 
 # ---------------------------------------------------------------- export for peft
 
-def peft_config(lora: LoraConfig, base: str) -> dict[str, object]:
-    """adapter_config.json as peft reads it for Hugging Face's GPT-2 (Conv1D: fan_in_fan_out)."""
+def peft_adapter(tensors: dict[str, torch.Tensor], fam: "arch.Family", cfg: ModelConfig
+                 ) -> tuple[dict[str, torch.Tensor], list[str], bool]:
+    """Our adapter tensors as peft's on the family's model: (tensors under their module names,
+    target_modules, fan_in_fan_out). A matrix they store as several (our fused q/k/v, gate/up) gets
+    an adapter per part: the same A, B's rows split, which adds exactly what ours adds."""
+    from .arch.family import TRANSPOSE
+    from .arch.convert import split_rows
+
+    renames = {r.ours: r for r in fam.renames(cfg) if r.ours}
+    out: dict[str, torch.Tensor] = {}
+    targets: list[str] = []
+    transposed = False
+    block0 = fam.lora_block.format(i=0)
+    for a_name in [k for k in tensors if k.endswith(".lora_A.weight")]:
+        module = a_name.removesuffix(".lora_A.weight")
+        r = renames[module + ".weight"]
+        a, b = tensors[a_name], tensors[module + ".lora_B.weight"]
+        for theirs, b_part in zip(r.theirs, split_rows(b, r.how, cfg)):
+            their_module = theirs.removesuffix(".weight")
+            out[PEFT_PREFIX + their_module + ".lora_A.weight"] = a
+            out[PEFT_PREFIX + their_module + ".lora_B.weight"] = b_part.contiguous()
+            if their_module.startswith(block0) and their_module.removeprefix(block0) not in targets:
+                targets.append(their_module.removeprefix(block0))
+        transposed = transposed or r.how == TRANSPOSE
+    return out, targets, transposed
+
+
+def peft_config(lora: LoraConfig, base: str, targets: list[str], fan_in_fan_out: bool) -> dict[str, object]:
+    """adapter_config.json as peft reads it (fan_in_fan_out: the family stores W as (in, out), GPT-2's Conv1D)."""
     return {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base,
         "r": lora.lora_rank, "lora_alpha": lora.lora_alpha, "lora_dropout": lora.lora_dropout,
-        "target_modules": list(lora.modules), "fan_in_fan_out": True, "bias": "none",
+        "target_modules": targets, "fan_in_fan_out": fan_in_fan_out, "bias": "none",
         "modules_to_save": None, "init_lora_weights": True, "inference_mode": True,
         "use_rslora": False, "use_dora": False, "layers_to_transform": None, "layers_pattern": None,
         "rank_pattern": {}, "alpha_pattern": {}, "revision": None,
@@ -209,7 +241,7 @@ def _base_notes(record: dict[str, str] | None) -> tuple[str, list[str]]:
                     f"BASE_DIR, and set base_model_name_or_path in {PEFT_CONFIG} to it"]
 
 
-def _card(run_dir: Path, base: str, lora: LoraConfig, params: int) -> str:
+def _card(run_dir: Path, base: str, lora: LoraConfig, params: int, family_title: str) -> str:
     shown = base or "BASE_DIR"
     return "\n".join([
         "---", "library_name: peft", *([f"base_model: {base}"] if base else []), "tags:", "- pocketgpt", "- lora",
@@ -219,22 +251,22 @@ def _card(run_dir: Path, base: str, lora: LoraConfig, params: int) -> str:
         f"{params:,} parameters, trained with [pocketgpt](https://pypi.org/project/pocketgpt/).", "",
         "```python", "from peft import PeftModel", "from transformers import AutoModelForCausalLM", "",
         f'model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{shown}"), "PATH")',
-        "model = model.merge_and_unload()  # optional: one plain GPT-2, full speed", "```", ""])
+        f"model = model.merge_and_unload()  # optional: one plain {family_title}, full speed", "```", ""])
 
 
 def export_peft(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False, checkpoint: str = "best") -> list[str]:
     """Write a LoRA run's adapter as a folder Hugging Face peft loads onto the base model's HF folder:
-    PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(BASE), out_dir). Returns notes for the user."""
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), out_dir). Returns notes for the user."""
     from . import rundir
     from .checkpoint import atomic_write_text, export_dir, read_weights_metadata, save_tensors, write_json
-    from .hf import check_exportable
+    from .hf import exporting_family
 
     run = rundir.check_is_run(run_dir)
     cfg, raw = rundir.read_config(run)
     if not cfg.lora.enabled:
         raise PocketError(f"{run} was not trained with LoRA (lora_rank 0), so it has no adapter to export; "
                           "export the whole model with --format hf")
-    check_exportable(cfg.model)  # peft loads onto a Hugging Face GPT-2: the base must be one
+    fam = exporting_family(cfg.model)  # peft loads onto a Hugging Face model: the base must be one
     tensors, meta = read_adapter(run, checkpoint)
     base, notes = _base_notes(raw.get("init_from"))
     if checkpoint == "best" and (run / rundir.BEST_WEIGHTS).is_file():
@@ -243,9 +275,11 @@ def export_peft(run_dir: str | Path, out_dir: str | Path, overwrite: bool = Fals
             notes.append(f"{rundir.ADAPTER} is from iter {meta.get('iter')} but {rundir.BEST_WEIGHTS} from iter "
                          f"{best_iter}; the adapter is exported")
     out = export_dir(Path(out_dir), overwrite, PEFT_FILES)
-    save_tensors({PEFT_PREFIX + k: v for k, v in tensors.items()}, out / PEFT_WEIGHTS, {"format": "pt"})
-    write_json(out / PEFT_CONFIG, peft_config(cfg.lora, base))
-    atomic_write_text(out / "README.md", _card(run, base, cfg.lora, sum(t.numel() for t in tensors.values())))
+    theirs, targets, fan_in_fan_out = peft_adapter(tensors, fam, cfg.model)
+    save_tensors(theirs, out / PEFT_WEIGHTS, {"format": "pt"})
+    write_json(out / PEFT_CONFIG, peft_config(cfg.lora, base, targets, fan_in_fan_out))
+    params = sum(t.numel() for t in tensors.values())
+    atomic_write_text(out / "README.md", _card(run, base, cfg.lora, params, fam.title))
     return notes
 
 

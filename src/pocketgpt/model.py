@@ -1,17 +1,26 @@
 """The GPT: a decoder-only transformer, readable top to bottom.
 
-Shapes: B batch, T time (tokens), C n_embd, nh heads, hs head size (C // nh), V vocab.
+Shapes: B batch, T time (tokens), C n_embd, nh query heads, nkv key/value heads (nh unless
+grouped-query attention), hs head size (C // nh unless config.head_size), V vocab.
 Knows nothing of training, files or sampling; the engine drives generation through KVCache.
 The defaults are GPT-2's architecture; a few options (rotary positions, RMSNorm, QK-norm,
-squared ReLU, an untied head, zero-initialised projections) learn faster on small budgets.
+squared ReLU, an untied head, zero-initialised projections) learn faster on small budgets, and
+the rest are what the open families differ in (grouped-query attention, a gated SwiGLU MLP of
+its own width, a head size apart from the width, the rotary base, the norms' epsilon, q/k/v
+biases): config.ModelConfig's derived widths say how wide each matrix is.
 
 The math is written once, as the plain functions below (norms, activations, QK-norm, rotary
 positions, attention); the modules call them, and so does the engine's fast decode path, which
 runs the same network without module calls. The engine's one door into the model is
 GPT.decode_view(): a DecodeView holding every tensor by role (per layer a LayerTensors) and the
-model's own norm, activation, qk_norm and rotate functions. Parameter names (state_dict keys,
-GPT-2's: transformer.h.0.attn.c_attn.weight ...) stay inside this file; the engine never reads a
-module attribute.
+model's own norm, activation and split_qkv functions. Parameter names (state_dict keys,
+GPT-2's: transformer.h.0.attn.c_attn.weight ...) stay inside this file and the architecture
+families' rename tables (arch/); the engine never reads a module attribute.
+
+The wiring of a block is written twice, on purpose: once here as modules (training: autograd,
+dropout, autocast) and once in the engine's decoder as flat code over DecodeView (generation).
+The ops themselves (norms, activations, the q/k/v split with QK-norm and rotation) are written
+once, here, and both call them.
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ LAYERNORM_EPS = 1e-5  # nn.LayerNorm's and GPT-2's
 RMSNORM_EPS = 1e-6
 
 NormFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+RopeTables = tuple[torch.Tensor, torch.Tensor]
 
 
 # The norms call torch.layer_norm / torch.rms_norm, the ops F.layer_norm / F.rms_norm wrap: the same
@@ -47,6 +57,16 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = 
 NORM_FUNCTIONS: dict[str, NormFn] = {"layernorm": layer_norm, "rmsnorm": rms_norm}
 
 
+def norm_function(cfg: ModelConfig) -> NormFn:
+    """The config's norm: the plain function at the norm's own epsilon, else one bound to norm_eps."""
+    if not cfg.norm_eps:
+        return NORM_FUNCTIONS[cfg.norm]
+    eps = cfg.norm_eps
+    if cfg.norm == "layernorm":
+        return lambda x, weight, bias: torch.layer_norm(x, weight.shape, weight, bias, eps)
+    return lambda x, weight, bias=None: torch.rms_norm(x, weight.shape, weight, eps)
+
+
 def gelu(h: torch.Tensor) -> torch.Tensor:
     return F.gelu(h)  # exact, with erf
 
@@ -61,7 +81,16 @@ def relu2(h: torch.Tensor) -> torch.Tensor:
     return F.relu(h).square()
 
 
-ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"gelu": gelu, "gelu_new": gelu_tanh, "relu2": relu2}
+def swiglu(h: torch.Tensor) -> torch.Tensor:
+    """The gated MLP's middle: h holds the gate's and the up projection's outputs side by side
+    (one fused matmul); silu(gate) * up, half as wide as h."""
+    gate, up = h.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+# Each maps the first MLP matrix's output to the second one's input (a gated kind halves the width).
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "gelu": gelu, "gelu_new": gelu_tanh, "relu2": relu2, "swiglu": swiglu}
 
 
 def qk_rms_norm(qk: torch.Tensor) -> torch.Tensor:
@@ -70,22 +99,16 @@ def qk_rms_norm(qk: torch.Tensor) -> torch.Tensor:
 
 
 class KVCache:
-    """Preallocated keys and values of every layer, filled left to right during generation."""
+    """Preallocated keys and values of every layer, filled left to right during generation (the
+    engine's decoder writes them). It holds the key/value heads only: grouped-query attention's
+    smaller cache."""
 
     def __init__(self, cfg: ModelConfig, batch_size: int, device: torch.device, dtype: torch.dtype):
-        hs = cfg.n_embd // cfg.n_head
-        shape = (cfg.n_layer, batch_size, cfg.n_head, cfg.block_size, hs)
+        shape = (cfg.n_layer, batch_size, cfg.kv_heads, cfg.block_size, cfg.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.pos = 0  # tokens already cached
         self.capacity = cfg.block_size
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store this step's (B, nh, T, hs) keys/values; return all keys/values so far."""
-        end = self.pos + k.size(2)
-        self.k[layer, :, :, self.pos : end] = k
-        self.v[layer, :, :, self.pos : end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
     def reset(self) -> None:
         self.pos = 0
@@ -100,11 +123,11 @@ class KVCache:
 
 
 class Norm(nn.Module):
-    """LayerNorm (gain and, with bias, a bias) or RMSNorm (gain only): NORM_FUNCTIONS[cfg.norm]."""
+    """LayerNorm (gain and, with bias, a bias) or RMSNorm (gain only): norm_function(cfg)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.fn = NORM_FUNCTIONS[cfg.norm]
+        self.fn = norm_function(cfg)
         self.weight = nn.Parameter(torch.ones(cfg.n_embd))
         with_bias = cfg.bias and cfg.norm == "layernorm"
         self.bias = nn.Parameter(torch.zeros(cfg.n_embd)) if with_bias else None
@@ -121,36 +144,85 @@ def _detached(p: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding: turn each pair (x1[i], x2[i]) of a head by a position-dependent angle."""
+    """Rotary embedding: turn each pair (x1[i], x2[i]) of a head by a position-dependent angle.
+    (The pairs are a head's two halves: Hugging Face's rotate_half convention.)"""
     x1, x2 = x.chunk(2, dim=-1)  # (B, nh, T, hs/2) each
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
 
+class QKVSplit:
+    """The fused q/k/v projection's output -> queries, keys and values by head, with QK-norm and
+    rotary positions applied to q and k: the model's own layout, which the engine calls as it is.
+
+    qkv (B, T, W) gives q (B, nh, T, hs), k and v (B, nkv, T, hs); qkv (B, W) (one token per row)
+    gives q (B, nh, hs), k and v (B, nkv, hs). rope: (cos, sin) broadcastable to q's shape without
+    its head axis ((T, hs/2), (hs/2,) or (B, 1, hs/2)), or None. Without grouped-query attention q
+    and k are one tensor until the end, so QK-norm and the rotation run once for both (the decode
+    step's per-op cost); with it they run apart.
+    """
+
+    __slots__ = ("n_head", "n_kv", "hs", "sizes", "qk_norm")
+
+    def __init__(self, cfg: ModelConfig):
+        self.n_head, self.n_kv, self.hs = cfg.n_head, cfg.kv_heads, cfg.head_dim
+        self.sizes = list(cfg.qkv_sizes)
+        self.qk_norm = qk_rms_norm if cfg.qk_norm else None
+
+    def __call__(self, qkv: torch.Tensor, rope: RopeTables | None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        lead = qkv.shape[:-1]
+        if self.n_kv == self.n_head:
+            x = qkv.view(*lead, 3, self.n_head, self.hs)
+            x = x.permute(2, 0, 3, 1, 4) if len(lead) == 2 else x.transpose(0, 1)  # (3, B, nh, [T,] hs)
+            if self.qk_norm is None and rope is None:
+                return x.unbind(0)  # type: ignore[return-value]
+            qk, v = x[:2], x[2]
+            if self.qk_norm is not None:
+                qk = self.qk_norm(qk)
+            if rope is not None:
+                qk = rotate(qk, *rope)
+            return qk[0], qk[1], v
+        q, k, v = qkv.split(self.sizes, dim=-1)
+        q, k, v = (t.view(*lead, n, self.hs) for t, n in ((q, self.n_head), (k, self.n_kv), (v, self.n_kv)))
+        if len(lead) == 2:
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if self.qk_norm is not None:
+            q, k = self.qk_norm(q), self.qk_norm(k)
+        if rope is not None:
+            q, k = rotate(q, *rope), rotate(k, *rope)
+        return q, k, v
+
+
+def repeat_kv(t: torch.Tensor, groups: int) -> torch.Tensor:
+    """(B, nkv, T, hs) keys or values -> (B, nkv * groups, T, hs): each key/value head repeated for
+    the query heads it serves (query head i reads key/value head i // groups)."""
+    return t if groups == 1 else t.repeat_interleave(groups, dim=1)
+
+
 class CausalSelfAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.layer, self.n_head, self.qk_norm = layer, cfg.n_head, cfg.qk_norm
+        self.n_head, self.qk_norm, self.groups = cfg.n_head, cfg.qk_norm, cfg.n_head // cfg.kv_heads
+        self.qkv_sizes, self.hs, self.width = list(cfg.qkv_sizes), cfg.head_dim, cfg.attn_width
         self.dropout = cfg.dropout if cfg.attention_dropout else 0.0  # on the attention probabilities
-        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)  # q, k, v in one matmul
-        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        # q, k, v in one matmul
+        self.c_attn = nn.Linear(cfg.n_embd, sum(self.qkv_sizes), bias=cfg.bias or cfg.qkv_bias)
+        self.c_proj = nn.Linear(cfg.attn_width, cfg.n_embd, bias=cfg.bias)
         self.resid_dropout = Dropout(cfg.dropout)
         self.bf16_attention = False  # under CPU bf16 autocast: attention in bf16 too (use_bf16_attention)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                cache: KVCache | None = None) -> torch.Tensor:
-        B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+    def forward(self, x: torch.Tensor, rope: RopeTables | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.c_attn(x).split(self.qkv_sizes, dim=2)
+        q = q.view(B, T, self.n_head, self.hs).transpose(1, 2)  # (B, nh, T, hs)
+        k, v = (t.view(B, T, -1, self.hs).transpose(1, 2) for t in (k, v))  # (B, nkv, T, hs)
         if self.qk_norm:  # bounded attention logits: steadier at high learning rates
             q, k = qk_rms_norm(q), qk_rms_norm(k)
         if rope is not None:
             q, k = rotate(q, *rope), rotate(k, *rope)
-        start = 0
-        if cache is not None:
-            start = cache.pos
-            k, v = cache.update(self.layer, k, v)  # (B, nh, start + T, hs)
+        k, v = repeat_kv(k, self.groups), repeat_kv(v, self.groups)
         dropout = self.dropout if self.training else 0.0
-        if dropout > 0 and start == 0 and cpu_bf16_autocast(v):
+        if dropout > 0 and cpu_bf16_autocast(v):
             # with dropout, SDPA leaves its fused kernel for a slow fp32 math path (bench/RESULTS.md)
             y = attend_dropped(q, k, v, dropout).to(v.dtype)
         elif v.dtype == torch.bfloat16 and v.device.type == "cpu":
@@ -159,13 +231,13 @@ class CausalSelfAttention(nn.Module):
             # this CPU measured bf16 faster (use_bf16_attention). v decides: RoPE's fp32 tables already
             # turned q and k into fp32, v is the projection's bf16.
             if self.bf16_attention:
-                y = attend(q.to(v.dtype), k.to(v.dtype), v, start, dropout)
+                y = attend(q.to(v.dtype), k.to(v.dtype), v, dropout)
             else:
                 with torch.autocast("cpu", enabled=False):
-                    y = attend(q.float(), k.float(), v.float(), start, dropout).to(v.dtype)
+                    y = attend(q.float(), k.float(), v.float(), dropout).to(v.dtype)
         else:
-            y = attend(q, k, v, start, dropout)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads side by side
+            y = attend(q, k, v, dropout)
+        y = y.transpose(1, 2).contiguous().view(B, T, self.width)  # re-assemble heads side by side
         return self.resid_dropout(self.c_proj(y))
 
 
@@ -176,16 +248,9 @@ def use_bf16_attention(model: nn.Module, on: bool) -> None:
             m.bf16_attention = on
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, dropout: float) -> torch.Tensor:
-    """Causal attention of T new queries over start + T keys (start = tokens already cached)."""
-    T = q.size(2)
-    if start == 0:
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
-    if T == 1:  # one new token sees everything before it: no mask needed
-        return F.scaled_dot_product_attention(q, k, v)
-    # a chunk after cached tokens: row i may see keys up to start + i
-    mask = torch.ones(T, start + T, dtype=torch.bool, device=q.device).tril(diagonal=start)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float) -> torch.Tensor:
+    """Causal attention of T queries over the same T positions' keys, (B, nh, T, hs) each."""
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
 
 
 def cpu_bf16_autocast(x: torch.Tensor) -> bool:
@@ -230,10 +295,12 @@ class Dropout(nn.Dropout):
 
 
 class MLP(nn.Module):
+    """c_proj(act(c_fc(x))); a gated kind's c_fc holds the gate's rows, then the up projection's."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
-        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.c_fc = nn.Linear(cfg.n_embd, cfg.fc_rows, bias=cfg.bias)
+        self.c_proj = nn.Linear(cfg.mlp_hidden, cfg.n_embd, bias=cfg.bias)
         self.dropout = Dropout(cfg.dropout)
         self.act = ACTIVATIONS[cfg.mlp]
 
@@ -244,16 +311,15 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, cfg: ModelConfig, layer: int):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.ln_1 = Norm(cfg)
-        self.attn = CausalSelfAttention(cfg, layer)
+        self.attn = CausalSelfAttention(cfg)
         self.ln_2 = Norm(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), rope, cache)
+    def forward(self, x: torch.Tensor, rope: RopeTables | None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), rope)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -266,14 +332,14 @@ class LayerTensors:
     """
 
     norm_1: tuple[torch.Tensor, torch.Tensor | None]
-    attn_w: torch.Tensor  # (3C, C): q, k, v stacked, heads side by side in each
+    attn_w: torch.Tensor  # (sum(qkv_sizes), C): q, k, v stacked, heads side by side in each
     attn_b: torch.Tensor | None
-    attn_proj_w: torch.Tensor  # (C, C)
+    attn_proj_w: torch.Tensor  # (C, attn_width)
     attn_proj_b: torch.Tensor | None
     norm_2: tuple[torch.Tensor, torch.Tensor | None]
-    fc_w: torch.Tensor  # (4C, C)
+    fc_w: torch.Tensor  # (fc_rows, C): a gated MLP's gate rows, then its up rows
     fc_b: torch.Tensor | None
-    mlp_proj_w: torch.Tensor  # (C, 4C)
+    mlp_proj_w: torch.Tensor  # (C, mlp_hidden)
     mlp_proj_b: torch.Tensor | None
 
 
@@ -281,9 +347,9 @@ class LayerTensors:
 class DecodeView:
     """Everything needed to run this GPT without calling its modules (GPT.decode_view()).
 
-    Per block: h = norm(x, *norm_1); q, k, v = split(h @ attn_w.T + attn_b) into heads;
-    q, k = qk_norm(q), qk_norm(k) if qk_norm is set; q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-    with rotary positions; x += causal_attention(q, k, v) @ attn_proj_w.T + attn_proj_b;
+    Per block: h = norm(x, *norm_1); q, k, v = split_qkv(h @ attn_w.T + attn_b, rope) (heads,
+    QK-norm and rotary positions: QKVSplit); x += causal_attention(q, k, v) @ attn_proj_w.T +
+    attn_proj_b, where each key/value head serves n_head / kv_heads query heads in a row;
     x += activation(norm(x, *norm_2) @ fc_w.T + fc_b) @ mlp_proj_w.T + mlp_proj_b.
     Then logits = norm(x, *norm_f) @ head.T. Inputs: wte[ids], plus wpe[positions] (learned
     positions) or rotary tables rope = (cos, sin), each (block_size, hs / 2).
@@ -297,9 +363,8 @@ class DecodeView:
     norm_f: tuple[torch.Tensor, torch.Tensor | None]
     head: torch.Tensor  # (V, C); the same tensor as wte when tied
     norm: NormFn
-    activation: Callable[[torch.Tensor], torch.Tensor]
-    qk_norm: Callable[[torch.Tensor], torch.Tensor] | None  # applied to queries and keys per head
-    rotate: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+    activation: Callable[[torch.Tensor], torch.Tensor]  # the MLP's middle, gated or not
+    split_qkv: QKVSplit
 
 
 class GPT(nn.Module):
@@ -310,7 +375,7 @@ class GPT(nn.Module):
         layers = dict(
             wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
             drop=Dropout(cfg.dropout),
-            h=nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer)),
+            h=nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer)),
             ln_f=Norm(cfg),
         )
         if cfg.pos_emb == "learned":
@@ -320,7 +385,7 @@ class GPT(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight  # input and output share one matrix
         if cfg.pos_emb == "rope":  # angles are derived, not learned: kept out of the checkpoint
-            cos, sin = rope_tables(cfg.block_size, cfg.n_embd // cfg.n_head)
+            cos, sin = rope_tables(cfg.block_size, cfg.head_dim, cfg.rope_theta)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self._init_weights()
@@ -351,6 +416,30 @@ class GPT(nn.Module):
     def token_embedding(self) -> nn.Embedding:
         return self.transformer.wte
 
+    @classmethod
+    def from_state(cls, cfg: ModelConfig, state: dict[str, torch.Tensor]) -> "GPT":
+        """A GPT of cfg holding the given tensors themselves (assigned, not copied): no random init to
+        throw away, and a big model is never held twice. Raises ValueError naming a missing,
+        unexpected or misshapen tensor."""
+        with torch.device("meta"):  # the module tree alone; the tensors come next
+            model = cls(cfg)
+        own = model.state_dict()
+        if cfg.tie_embeddings:  # the head is the embedding itself
+            state = {k: v for k, v in state.items() if k != "lm_head.weight"}
+            own.pop("lm_head.weight", None)
+        missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        if missing or extra:
+            raise ValueError(f"missing {missing[:3]}, unexpected {extra[:3]}")
+        for k, v in state.items():
+            if own[k].shape != v.shape:
+                raise ValueError(f"{k} is {tuple(v.shape)}, expected {tuple(own[k].shape)}")
+        model.load_state_dict(state, strict=False, assign=True)
+        if cfg.tie_embeddings:  # assign made two Parameters of the shared matrix; one again
+            model.lm_head.weight = model.transformer.wte.weight
+        if cfg.pos_emb == "rope":  # derived, in no state dict: computed, not left on the meta device
+            model.rope_cos, model.rope_sin = rope_tables(cfg.block_size, cfg.head_dim, cfg.rope_theta)
+        return model
+
     def num_params(self, non_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())  # a tied head is counted once
         if non_embedding and "wpe" in self.transformer:
@@ -372,36 +461,28 @@ class GPT(nn.Module):
         return DecodeView(
             config=cfg, wte=tr.wte.weight.detach(), wpe=tr.wpe.weight.detach() if "wpe" in tr else None,
             rope=(self.rope_cos, self.rope_sin) if cfg.pos_emb == "rope" else None, layers=layers,
-            norm_f=tr.ln_f.tensors(), head=self.lm_head.weight.detach(), norm=NORM_FUNCTIONS[cfg.norm],
-            activation=ACTIVATIONS[cfg.mlp], qk_norm=qk_rms_norm if cfg.qk_norm else None, rotate=rotate,
+            norm_f=tr.ln_f.tensors(), head=self.lm_head.weight.detach(), norm=norm_function(cfg),
+            activation=ACTIVATIONS[cfg.mlp], split_qkv=QKVSplit(cfg),
         )
 
     def forward(
-        self,
-        idx: torch.Tensor,
-        targets: torch.Tensor | None = None,
-        cache: KVCache | None = None,
-        last_only: bool = False,
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """idx (B, T) token ids -> logits (B, T, V), or (B, 1, V) with last_only; loss if targets."""
+        """idx (B, T) token ids -> logits (B, T, V); the loss too if targets. (Generation runs the
+        engine's decoder over decode_view(), with its KV cache, not this.)"""
         B, T = idx.shape
-        start = cache.pos if cache is not None else 0
-        if start + T > self.config.block_size:
-            raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
+        if T > self.config.block_size:
+            raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
         x = self.transformer.wte(idx)  # (B, T, C)
         rope = None
         if "wpe" in self.transformer:
-            x = x + self.transformer.wpe(torch.arange(start, start + T, device=idx.device))
+            x = x + self.transformer.wpe(torch.arange(T, device=idx.device))
         else:
-            rope = (self.rope_cos[start : start + T], self.rope_sin[start : start + T])  # (T, hs/2)
+            rope = (self.rope_cos[:T], self.rope_sin[:T])  # (T, hs/2)
         x = self.transformer.drop(x)
         for block in self.transformer.h:
-            x = block(x, rope, cache)
-        if cache is not None:
-            cache.pos += T
+            x = block(x, rope)
         x = self.transformer.ln_f(x)
-        if last_only:
-            x = x[:, -1:, :]
         logits = self.lm_head(x)  # (B, T, V)
         loss = None
         if targets is not None:

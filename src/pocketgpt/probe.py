@@ -23,6 +23,8 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
+from .config import ModelConfig
+
 PROBE_SECONDS = 0.05  # per shape; the best of three rounds within it
 MAX_ROWS = 2048  # a micro-batch's rows beyond this change the rate little and cost probe time
 MAX_HEAD = 8192
@@ -65,13 +67,15 @@ def machine_key(device: torch.device) -> str:
     return f"{device.type}: {where} | torch {torch.__version__}"
 
 
-def model_shapes(n_embd: int, vocab_size: int, rows: int) -> list[tuple[int, int, int]]:
-    """(M, K, N) of a GPT block's matmuls and the head for `rows` tokens: qkv, proj, MLP up and down, logits.
+def model_shapes(cfg: ModelConfig, rows: int) -> list[tuple[int, int, int]]:
+    """(M, K, N) of a GPT block's matmuls and the head for `rows` tokens: qkv, proj, MLP up and down, logits
+    (the config's own widths).
 
     The head's N is capped at MAX_HEAD: a 50,257-token head would make one probe call ~160 GFLOP, and its
     rate changes little past a few thousand columns."""
-    m, c = min(rows, MAX_ROWS), n_embd
-    return [(m, c, 3 * c), (m, c, c), (m, c, 4 * c), (m, 4 * c, c), (m, c, min(vocab_size, MAX_HEAD))]
+    m = min(rows, MAX_ROWS)
+    blocks = [(m, n_in, n_out) for _, n_in, n_out in cfg.matmul_shapes()]
+    return blocks + [(m, cfg.n_embd, min(cfg.vocab_size, MAX_HEAD))]
 
 
 def matmul_rate(device: torch.device, dtype: torch.dtype, shapes: Iterable[tuple[int, int, int]],
@@ -227,7 +231,8 @@ def bf16_speedup(device: torch.device, n_embd: int = 768, rows: int = 1024) -> f
     """How much faster bf16 matmuls run than float32 here, at a GPT-2-small-like shape, measured once per
     machine and then kept: the dtype a run chooses must not flip between a run and its resume, or between
     the processes of one torchrun (they wait for each other's measurement through a lock file)."""
-    shapes = [tuple(s) for s in model_shapes(n_embd, 4 * n_embd, rows)[:4]]  # the blocks' matmuls
+    gpt2_like = ModelConfig(n_embd=n_embd, n_head=1)
+    shapes = [tuple(s) for s in model_shapes(gpt2_like, rows)[:4]]  # the blocks' matmuls
     return _kept_speedup([_key(device, dt, shapes) for dt in (torch.bfloat16, torch.float32)],
                          lambda dt: matmul_rate(device, dt, shapes, remeasure=True))
 

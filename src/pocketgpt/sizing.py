@@ -1,4 +1,5 @@
-"""Sizing without torch: parameter counts, FLOPs per token, memory estimates and `--preset auto`.
+"""Sizing without torch: memory estimates, GPU peaks and `--preset auto` (parameter and FLOP counts
+are the config's own: ModelConfig.param_count / flops_per_token).
 
 `plan_auto` picks a model and a schedule for a corpus, a time budget and a memory cap. The rule:
 
@@ -27,6 +28,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from .config import ModelConfig
 from .errors import PocketError
 
 TOKENS_PER_PARAM = 5
@@ -62,27 +64,6 @@ GPU_PEAK_FLOPS: tuple[tuple[str, float, float], ...] = (
     ("A10G", 70e12, 31.2e12), ("A10", 125e12, 31.2e12), ("RTX 4090", 165e12, 82.6e12),
     ("RTX 3090", 71e12, 35.6e12), ("V100", 125e12, 15.7e12), ("T4", 65e12, 8.1e12),
 )
-
-
-def count_params(n_layer: int, n_embd: int, vocab_size: int, block_size: int = 0,
-                 tie_embeddings: bool = False) -> int:
-    """Parameters of model.py's GPT without biases: 12·C² per block plus two norm gains, embeddings, head.
-
-    block_size > 0 adds learned position embeddings (pos_emb learned); 0 means rope (none stored).
-    """
-    C = n_embd
-    embeddings = vocab_size * C * (1 if tie_embeddings else 2) + block_size * C
-    return n_layer * (12 * C * C + 2 * C) + C + embeddings
-
-
-def flops_per_token(n_params: int, n_layer: int, n_embd: int, block_size: int) -> float:
-    """Training FLOPs per token: 6 per parameter in a matmul (forward 2, backward 4) plus attention.
-
-    Attention's scores and weighted sum add 2·T·C multiply-adds per layer forward, so 12·L·C·T with
-    the backward pass (PaLM's appendix B; nanoGPT's MFU estimate). n_params should count only
-    parameters used in matmuls (not the position table, nor an untied input embedding).
-    """
-    return 6.0 * n_params + 12.0 * n_layer * n_embd * block_size
 
 
 def gpu_peak_flops(device_name: str, half_precision: bool) -> float | None:
@@ -159,9 +140,9 @@ def plan_auto(train_tokens: int, val_tokens: int, vocab_size: int, seconds: floa
     best = None
     for n_layer, n_embd, block in LADDER:
         block = min(block, max_block)
-        n = count_params(n_layer, n_embd, vocab_size)
-        # matmul parameters: the untied input embedding is a lookup, not a multiply
-        tokens = seconds * flops_per_s / flops_per_token(n - vocab_size * n_embd, n_layer, n_embd, block)
+        m = auto_model(n_layer, n_embd, block, vocab_size)
+        n = m.param_count()
+        tokens = seconds * flops_per_s / m.flops_per_token()
         batch = _batch(block, tokens)
         state, acts = estimate_memory_mb(_shape(n_layer, n_embd, block, vocab_size, batch), n)
         while state + acts > memory_mb and batch > 1:  # a smaller batch before a smaller model
@@ -179,16 +160,24 @@ def plan_auto(train_tokens: int, val_tokens: int, vocab_size: int, seconds: floa
     return _recipe(*best, train_tokens=train_tokens, seconds=seconds, memory_cap=memory_mb)
 
 
+def auto_model(n_layer: int, n_embd: int, block: int, vocab_size: int) -> ModelConfig:
+    """The model --preset auto trains at one rung of the ladder (what bench/ablation.py measured best)."""
+    return ModelConfig(vocab_size=vocab_size, block_size=block, n_layer=n_layer, n_head=_heads(n_embd),
+                       n_embd=n_embd, bias=False, pos_emb="rope", norm="rmsnorm", qk_norm=True, mlp="relu2",
+                       tie_embeddings=False, zero_init_proj=True)
+
+
 def _recipe(n_layer: int, n_embd: int, block: int, batch: int, n: int, tokens: float, mem: float, *,
             train_tokens: int, seconds: float, memory_cap: float) -> AutoPlan:
     iters = tokens / (batch * block)
     epochs = tokens / max(train_tokens, 1)
+    m = auto_model(n_layer, n_embd, block, 0)
     keys: dict[str, Any] = {
-        "n_layer": n_layer, "n_embd": n_embd, "n_head": _heads(n_embd), "block_size": block,
+        "n_layer": n_layer, "n_embd": n_embd, "n_head": m.n_head, "block_size": block,
         # many passes over a small corpus: a little dropout keeps val loss from turning up
-        "dropout": 0.1 if epochs > 20 else 0.0, "bias": False,
-        "pos_emb": "rope", "norm": "rmsnorm", "qk_norm": True, "mlp": "relu2", "tie_embeddings": False,
-        "zero_init_proj": True, "optimizer": "muon", "muon_lr": 0.02,
+        "dropout": 0.1 if epochs > 20 else 0.0, "bias": m.bias,
+        "pos_emb": m.pos_emb, "norm": m.norm, "qk_norm": m.qk_norm, "mlp": m.mlp, "tie_embeddings": m.tie_embeddings,
+        "zero_init_proj": m.zero_init_proj, "optimizer": "muon", "muon_lr": 0.02,
         # AdamW (embeddings, head) at the lr measured best at width 128, lower for wider models
         "learning_rate": 6e-3 * min(1.0, 128 / n_embd), "min_lr": 0.0, "schedule": "wsd",
         "decay_fraction": 0.4, "warmup_iters": int(min(100, max(10, iters * 0.05))),

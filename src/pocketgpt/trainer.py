@@ -28,7 +28,7 @@ import torch
 
 from . import autotune, distributed, evalsteps, fsdp, rundir
 from .checkpoint import atomic_write, disk_errors
-from .config import LoraConfig, ModelConfig, RunConfig, TrainConfig, check_lora, validate
+from .config import MODEL_SHAPE_KEYS, LoraConfig, ModelConfig, RunConfig, TrainConfig, check_lora, validate
 from .data import TrainData, open_training_data, read_meta
 from .errors import PocketError, TrainingDiverged
 from .lora import add_adapters, describe, gpt_around, merged_model, save_adapter
@@ -38,17 +38,13 @@ from .model import GPT, use_bf16_attention
 from .optim import lr_at, make_optimizers, progress, set_lr
 from .runtime import Runtime, cpu_attention_choice, device_memory_mb, matmul_flops, resolve
 from .sizing import (
-    count_params,
     estimate_memory_mb,
-    flops_per_token,
     gpu_peak_flops,
     seconds_per_iter,
     training_flops,
 )
 from .trainstate import Resumable, RunState
 
-SHAPE_KEYS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias", "pos_emb", "norm", "qk_norm", "mlp",
-              "tie_embeddings")
 # LoRA settings a resume keeps (with the targeted modules): the rank shapes the adapters, alpha scales what they
 # add; lora_dropout may change, as dropout may
 LORA_KEYS = ("lora_rank", "lora_alpha")
@@ -146,7 +142,7 @@ def _raw_model(cfg: ModelConfig, runtime: Runtime, initial: GPT | None) -> GPT:
         raise PocketError(f"the initial model (vocab {have.vocab_size}, context "
                           f"{have.block_size}) does not fit the data (vocab {cfg.vocab_size}) "
                           f"or block_size {cfg.block_size}")
-    for key in SHAPE_KEYS:
+    for key in MODEL_SHAPE_KEYS:
         if key not in ("vocab_size", "block_size") and getattr(have, key) != getattr(cfg, key):
             raise PocketError(f"the initial model does not fit the config: its {key} is {getattr(have, key)}, "
                               f"the config's {getattr(cfg, key)}")
@@ -197,7 +193,7 @@ class Trainer:
         self.stop_requested = False
         self.early_stopped = False
         m = cfg.model
-        self.flops_per_token = flops_per_token(_matmul_params(self.model), m.n_layer, m.n_embd, m.block_size)
+        self.flops_per_token = m.flops_per_token(_matmul_params(self.model))
         self.peak_flops = peak_flops(cfg, runtime, self.group.world_size)
         self.reprobed = False
         self.attention_note = _choose_cpu_attention(self.model, cfg, runtime, self.group)
@@ -576,7 +572,7 @@ def peak_flops(cfg: TrainConfig, runtime: Runtime, world_size: int = 1, remeasur
     m, r = cfg.model, cfg.run
     rows = r.batch_size // world_size * m.block_size
     dtype = torch.bfloat16 if runtime.dtype == torch.bfloat16 else torch.float32
-    return matmul_rate(runtime.device, dtype, model_shapes(m.n_embd, m.vocab_size, rows), remeasure=remeasure)
+    return matmul_rate(runtime.device, dtype, model_shapes(m, rows), remeasure=remeasure)
 
 
 def _shown(loss: float) -> str:
@@ -610,7 +606,7 @@ class TrainResult:
 
 
 def _check_resume_shape(saved: TrainConfig, cfg: TrainConfig) -> None:
-    for key in SHAPE_KEYS:
+    for key in MODEL_SHAPE_KEYS:
         a, b = getattr(saved.model, key), getattr(cfg.model, key)
         if key != "vocab_size" and a != b:
             raise PocketError(
@@ -667,8 +663,7 @@ def check_memory(cfg: TrainConfig, vocab_size: int, runtime: Runtime, group: Gro
     the rows; CPU ranks on one machine share its memory, GPU ranks have one GPU each.
     """
     m = cfg.model
-    n_params = count_params(m.n_layer, m.n_embd, vocab_size, m.block_size if m.pos_emb == "learned" else 0,
-                            m.tie_embeddings)
+    n_params = replace(m, vocab_size=vocab_size).param_count()
     group = group or distributed.current()
     sized = replace(_rank_rows(cfg, group), model=replace(m, vocab_size=vocab_size))
     state_mb, act_mb = memory_estimate_mb(sized, n_params, runtime)
