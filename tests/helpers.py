@@ -143,3 +143,18 @@ def untrained_run(root: Path, tok, **model) -> Path:
     save_tokenizer(tok, run / "tokenizer.json")
     save_weights(gpt, run / "model.safetensors")
     return run
+
+
+def hf_logits(folder: Path, ids: list[int]) -> "torch.Tensor":
+    """transformers' own float32 logits (eager attention) for ids, from a Hugging Face folder."""
+    import torch
+    import transformers
+
+    m = transformers.AutoModelForCausalLM.from_pretrained(str(folder), attn_implementation="eager",
+                                                          dtype=torch.float32).eval()
+    with torch.no_grad():
+        return m(torch.tensor([ids])).logits[0]
+
+
+def max_diff(a: "torch.Tensor", b: "torch.Tensor") -> float:
+    return float((a.float() - b.float()).abs().max())

@@ -106,17 +106,21 @@ def test_fitting_picks_the_first_family_that_can_express_a_run_or_says_why_each_
     modern = tiny(pos_emb="rope", norm="rmsnorm", qk_norm=True, mlp="relu2")
     with pytest.raises(PocketError) as e:
         arch.fitting(modern)
-    message = str(e.value)
-    assert message.startswith("cannot export to Hugging Face GPT-2: this model uses")
-    assert all(word in message for word in ("rope", "rmsnorm", "qk_norm", "relu2")) and "\n" not in message
-    with pytest.raises(PocketError, match=r"GGUF \(llama.cpp's gpt2\)"):
-        arch.fitting(modern, gguf=True)
+    message = str(e.value)  # every family, each with every reason, on one line
+    assert message.startswith("cannot export to Hugging Face: no architecture family can hold this model (")
+    assert all(word in message for word in ("GPT-2", "Llama", "rope", "rmsnorm", "qk_norm", "relu2"))
+    assert "\n" not in message
     split = _split_family()
     monkeypatch.setattr(arch, "families", lambda: {"gpt2": gpt2.FAMILY, "split": split})
     assert arch.fitting(tiny(mlp="swiglu")) is split  # GPT-2 cannot hold a gated MLP, the next family can
     with pytest.raises(PocketError, match=r"no architecture family can hold this model \(Hugging Face GPT-2: .*relu2"
                                           r".*\| Hugging Face Split: mlp = \"relu2\""):
         arch.fitting(modern)
+    monkeypatch.setattr(arch, "families", lambda: {"gpt2": gpt2.FAMILY})  # one family: its reasons alone
+    with pytest.raises(PocketError, match=r"^cannot export to Hugging Face GPT-2: this model uses pos_emb"):
+        arch.fitting(modern)
+    with pytest.raises(PocketError, match=r"GGUF \(llama.cpp's gpt2\)"):
+        arch.fitting(modern, gguf=True)
 
 
 @pytest.mark.parametrize("opts, word", [({"n_kv_head": 1}, "n_kv_head"), ({"head_size": 8}, "head_size"),

@@ -12,7 +12,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from helpers import run_cli, untrained_run  # noqa: E402
+from helpers import hf_logits, max_diff, run_cli, untrained_run  # noqa: E402
 
 from pocketgpt import hf  # noqa: E402
 from pocketgpt.arch import gpt2  # noqa: E402
@@ -41,17 +41,6 @@ def hf_model(seed: int = 0, **overrides) -> "transformers.GPT2LMHeadModel":
             if "ln_" in name or name.endswith("bias"):
                 p.normal_(0.0, 0.5)
     return m.eval()
-
-
-def hf_logits(folder: Path, ids: list[int]) -> torch.Tensor:
-    m = transformers.AutoModelForCausalLM.from_pretrained(str(folder), attn_implementation="eager",
-                                                          dtype=torch.float32).eval()
-    with torch.no_grad():
-        return m(torch.tensor([ids])).logits[0]
-
-
-def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).abs().max())
 
 
 @pytest.fixture(scope="module")
@@ -109,8 +98,11 @@ def test_unsupported_hf_models_are_refused(tmp_path, hf_folder):
     d = tmp_path / "other"
     d.mkdir()
     raw = json.loads((hf_folder / "config.json").read_text())
-    (d / "config.json").write_text(json.dumps({**raw, "model_type": "llama"}))
-    with pytest.raises(PocketError, match="'llama' model.*pocketgpt reads gpt2"):
+    (d / "config.json").write_text(json.dumps({**raw, "model_type": "mamba"}))
+    with pytest.raises(PocketError, match="'mamba' model.*pocketgpt reads gpt2, llama, qwen2"):
+        load(d)
+    (d / "config.json").write_text(json.dumps({**raw, "model_type": "llama"}))  # a Llama without its keys
+    with pytest.raises(PocketError, match="config.json lacks hidden_size"):
         load(d)
     (d / "config.json").write_text(json.dumps({**raw, "scale_attn_by_inverse_layer_idx": True}))
     with pytest.raises(PocketError, match="scale_attn_by_inverse_layer_idx"):

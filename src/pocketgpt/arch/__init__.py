@@ -30,9 +30,9 @@ __all__ = ["GATE_UP", "HOWS", "QKV", "SAME", "TRANSPOSE", "Family", "Rename", "f
 
 def families() -> dict[str, Family]:
     """Every family pocketgpt knows, by name, in the order an export tries them."""
-    from . import gpt2
+    from . import gpt2, llama
 
-    return {f.name: f for f in (gpt2.FAMILY,)}
+    return {f.name: f for f in (gpt2.FAMILY, llama.LLAMA, llama.QWEN2)}
 
 
 def for_hf(raw: dict[str, Any], where: str) -> Family:
