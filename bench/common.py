@@ -53,8 +53,8 @@ def flags(**options: object) -> list[str]:
 
 
 def bundled_bytes() -> bytes:
-    """Tiny Shakespeare as shipped inside the package (pocketgpt.data.BUNDLED, gzipped), as bytes."""
-    from pocketgpt.data import BUNDLED  # here, not above: only the scripts that read the corpus import pocketgpt
+    """Tiny Shakespeare as shipped inside the package (pocketgpt.corpus.BUNDLED, gzipped), as bytes."""
+    from pocketgpt.corpus import BUNDLED  # here, not above: only the scripts that read the corpus import pocketgpt
 
     with gzip.open(BUNDLED, "rb") as f:
         return f.read()

@@ -21,22 +21,19 @@ import common  # noqa: E402
 
 
 def fake_data(folder: Path, vocab: int, n_tokens: int) -> Path:
-    from pocketgpt.checkpoint import write_json
-    from pocketgpt.data import token_dtype, write_header
+    from pocketgpt.data import META, SPLITS, TOKENIZER, split_path, write_tokens
+    from pocketgpt.files import write_json
     from pocketgpt.tokenizer import CharTokenizer, save_tokenizer
 
     folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        ids = rng.integers(0, vocab, n_tokens).astype(token_dtype(vocab))
-        with open(folder / f"{split}.bin", "wb") as f:
-            write_header(f, vocab, n_tokens)
-            f.write(ids.tobytes())
+    for split in SPLITS:
+        write_tokens(split_path(folder, split), rng.integers(0, vocab, n_tokens), vocab)
     # a stand-in tokenizer with the right vocabulary size (only its size matters here; plane-1
     # characters, so no surrogate code points whatever the size)
-    save_tokenizer(CharTokenizer(chr(0x10000 + i) for i in range(vocab)), folder / "tokenizer.json")
-    write_json(folder / "meta.json", {"vocab_size": vocab, "tokenizer": "char",
-                                      "splits": {s: {"tokens": n_tokens, "bytes": n_tokens} for s in ("train", "val")}})
+    save_tokenizer(CharTokenizer(chr(0x10000 + i) for i in range(vocab)), folder / TOKENIZER)
+    write_json(folder / META, {"vocab_size": vocab, "tokenizer": "char",
+                               "splits": {s: {"tokens": n_tokens, "bytes": n_tokens} for s in SPLITS}})
     return folder
 
 

@@ -39,7 +39,8 @@ def make_corpus(path: Path, mb: float) -> int:
 def run_one(kind: str, corpus: Path, out: Path, vocab_size: int) -> dict:
     """Prepare once in this process; the numbers as a dict."""
     from pocketgpt.config import PrepareConfig
-    from pocketgpt.data import prepare, read_meta
+    from pocketgpt.data import read_meta
+    from pocketgpt.corpus import prepare
 
     started = time.perf_counter()
     prepare(PrepareConfig(inputs=[str(corpus)], out=str(out), tokenizer=kind,

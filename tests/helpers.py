@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,34 @@ def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
 
 def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+# ---------------------------------------------------------------- a CLI whose saves pause half-way
+
+# The real `pocketgpt` command, in its own process, with every last/ save wrapped from outside: after
+# optimizer.pt and before rng.safetensors it says so and sleeps, so a test can kill it mid-write or make
+# two trainings overlap. The product has no hook for this; the test wraps checkpoint.atomic_write.
+_PAUSED_IN_SAVE = """
+import sys, time
+from pocketgpt import checkpoint
+from pocketgpt.cli import main
+
+seconds, write = float(sys.argv.pop(1)), checkpoint.atomic_write
+
+def paused(path, *args, **kwargs):
+    if path.name == checkpoint.RNG:
+        print("[test] pausing in checkpoint write", flush=True)
+        time.sleep(seconds)
+    return write(path, *args, **kwargs)
+
+checkpoint.atomic_write = paused
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def paused_cli(seconds: float) -> list[str]:
+    """The command line that starts `pocketgpt` with its last/ saves pausing `seconds` half-way."""
+    return [sys.executable, "-c", _PAUSED_IN_SAVE, str(seconds)]
 
 
 # ---------------------------------------------------------------- a fake run folder (plots, report)
@@ -158,3 +187,17 @@ def hf_logits(folder: Path, ids: list[int]) -> "torch.Tensor":
 
 def max_diff(a: "torch.Tensor", b: "torch.Tensor") -> float:
     return float((a.float() - b.float()).abs().max())
+
+
+# ---------------------------------------------------------------- a disk that fills up
+
+
+def fill_disk(folder: Path, leave: int) -> Path:
+    """Fill folder's file system but `leave` bytes with one file (delete it to "free space"); returns it."""
+    import os
+    import shutil
+
+    filler = Path(folder) / "filler"
+    with open(filler, "wb") as f:
+        os.posix_fallocate(f.fileno(), 0, max(shutil.disk_usage(folder).free - leave, 1))
+    return filler

@@ -38,3 +38,12 @@ def test_importing_pocketgpt_does_not_import_torch():
     code = "import sys, pocketgpt; print('torch' in sys.modules, pocketgpt.__version__)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out[0] == "False"
+
+
+def test_no_module_is_named_like_a_function_of_the_package_face():
+    """A module pocketgpt/prepare.py would replace the function pocketgpt.prepare by itself once anything
+    imported it (the import system sets the package's attribute), so the face's names are no module's."""
+    from pathlib import Path
+
+    modules = {p.stem for p in Path(pocketgpt.__file__).parent.iterdir() if p.suffix == ".py" or p.is_dir()}
+    assert not modules & set(pocketgpt.__all__)

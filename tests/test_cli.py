@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from helpers import metrics, run_cli, tiny_flags
+from helpers import fill_disk, metrics, paused_cli, run_cli, tiny_flags
 
 from pocketgpt import rundir
 from pocketgpt.cli import build_parser, prepare_config
@@ -134,15 +134,13 @@ def test_kill_9_mid_checkpoint_write_then_resume_matches(tmp_path, data_dir):
     assert cli("train", "--data", data_dir, "--out", straight, *flags).returncode == 0
 
     run, log = tmp_path / "run", tmp_path / "log.txt"
-    env = {**os.environ, "POCKETGPT_PAUSE_IN_SAVE": "30"}
 
-    def start(*extra):
+    def start(pause, *extra):
         with open(log, "w") as f:
-            return subprocess.Popen([sys.executable, "-m", "pocketgpt", "train", "--data", str(data_dir),
-                                     "--out", str(run), *extra, *flags], stdout=f, stderr=subprocess.STDOUT,
-                                    env=env, text=True)
+            return subprocess.Popen([*paused_cli(pause), "train", "--data", str(data_dir),
+                                     "--out", str(run), *extra, *flags], stdout=f, stderr=subprocess.STDOUT, text=True)
 
-    proc = start()
+    proc = start(30)
     _wait_for(proc, log, "pausing in checkpoint write")  # the first save (iter 10) is half written
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -150,8 +148,7 @@ def test_kill_9_mid_checkpoint_write_then_resume_matches(tmp_path, data_dir):
     res = cli("train", "--out", run, "--resume")
     assert res.returncode == 2 and "no resume state" in res.stderr  # nothing to resume yet, said clearly
 
-    env["POCKETGPT_PAUSE_IN_SAVE"] = "1"
-    proc = start("--overwrite")
+    proc = start(1, "--overwrite")
     _wait_for(proc, log, "eval iter 20")  # now the iter-20 save is pausing half-way: kill it there
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -233,6 +230,75 @@ def test_kill_9_at_random_moments_until_done_matches(tmp_path, data_dir):
     b = {m["iter"]: m["loss"] for m in metrics(run) if "loss" in m}
     assert list(b) == list(range(1, 81))
     assert a == pytest.approx(b, abs=1e-5)
+
+
+def _resume(capsys, run):
+    return run_cli(capsys, "train", "--out", run, "--resume", *tiny_flags(max_iters=20))
+
+
+def _assert_full_disk_said_in_one_line(err, run, what):
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith(f"error: could not write the {what} in {run}: no space left on device (about "), err
+    assert err.endswith(f" free); last/ from iteration 10 is intact: free some space and run pocketgpt train "
+                        f"--out {run} --resume\n"), err
+
+
+def _last_and_no_temps(run):
+    assert not [p.name for p in run.iterdir() if p.name.startswith(".") and p.name != rundir.LOCK]  # temps removed
+    return {p.name: p.read_bytes() for p in (run / "last").iterdir()}
+
+
+@pytest.mark.slow
+def test_a_disk_that_fills_during_a_save_is_one_line_and_a_resume_continues(tiny_fs, data_dir, capsys):
+    """A real (tmpfs) disk fills at the iter-20 save: first in last/'s optimizer.pt (torch.save's own error),
+    then in the best weights (safetensors'). Each time: exit 2, one line, last/ of iter 10 whole; then space
+    is freed and the same --resume trains on to the end."""
+    run = tiny_fs / "run"
+    code, _, err = run_cli(capsys, "train", "--data", data_dir, "--out", run, *tiny_flags(max_iters=10))
+    assert code == 0, err
+    last = _last_and_no_temps(run)
+    weights, optimizer = ((run / "last" / name).stat().st_size for name in ("model.safetensors", "optimizer.pt"))
+    for leave, what in ((weights + optimizer // 2, "resume checkpoint (last/)"),
+                        (weights // 2, "best weights (model.safetensors)")):
+        filler = fill_disk(tiny_fs, leave)
+        code, _, err = _resume(capsys, run)
+        assert code == 2
+        _assert_full_disk_said_in_one_line(err, run, what)
+        assert _last_and_no_temps(run) == last
+        filler.unlink()  # "free space"
+    code, out, err = _resume(capsys, run)
+    assert code == 0 and "eval iter 20" in out, err
+    assert json.loads((run / "last" / "state.json").read_text())["iter"] == 20
+
+
+def test_a_full_disk_seen_only_through_the_writers_errors(data_dir, tmp_path, capsys, monkeypatch):
+    """The same without a disk to fill: the writers fail as they do on a full disk (torch.save with its
+    "unexpected pos", a disk with 4 KB left) and the CLI says so in one line; the resume continues."""
+    import shutil
+    import types
+
+    import torch
+
+    run = tmp_path / "run"
+    assert run_cli(capsys, "train", "--data", data_dir, "--out", run, *tiny_flags(max_iters=10))[0] == 0
+    last = _last_and_no_temps(run)
+    real_save, real_usage = torch.save, shutil.disk_usage
+
+    def full_save(obj, f, *args, **kwargs):
+        open(f, "wb").write(b"PK\x03\x04 half a zip")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 77312 vs 77200")
+
+    with monkeypatch.context() as m:
+        m.setattr(torch, "save", full_save)
+        m.setattr(shutil, "disk_usage", lambda p: types.SimpleNamespace(total=1 << 30, used=(1 << 30) - 4096,
+                                                                       free=4096))
+        code, _, err = _resume(capsys, run)
+    assert code == 2
+    _assert_full_disk_said_in_one_line(err, run, "resume checkpoint (last/)")
+    assert "4.1 KB free" in err and _last_and_no_temps(run) == last
+    assert torch.save is real_save and shutil.disk_usage is real_usage
+    code, out, err = _resume(capsys, run)
+    assert code == 0 and json.loads((run / "last" / "state.json").read_text())["iter"] == 20, err
 
 
 def test_a_dtype_the_machine_lacks_fails_before_preparing(capsys, tmp_path):

@@ -16,7 +16,8 @@ from helpers import TINY, metrics, run_cli  # noqa: E402
 from pocketgpt import launch as launching  # noqa: E402
 from pocketgpt import rundir  # noqa: E402
 from pocketgpt.config import PrepareConfig  # noqa: E402
-from pocketgpt.data import open_tokens, open_training_data, prepare  # noqa: E402
+from pocketgpt.corpus import prepare  # noqa: E402
+from pocketgpt.data import open_tokens, open_training_data  # noqa: E402
 from pocketgpt.errors import PocketError  # noqa: E402
 from pocketgpt.loading import load  # noqa: E402
 from pocketgpt.trainer import train  # noqa: E402

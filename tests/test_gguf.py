@@ -12,7 +12,7 @@ from helpers import run_cli, train_tiny, untrained_run  # noqa: E402
 
 from pocketgpt import gguf_export  # noqa: E402
 from pocketgpt.config import ModelConfig, PrepareConfig  # noqa: E402
-from pocketgpt.data import prepare  # noqa: E402
+from pocketgpt.corpus import prepare  # noqa: E402
 from pocketgpt.errors import PocketError  # noqa: E402
 from pocketgpt.loading import load  # noqa: E402
 from pocketgpt.model import GPT  # noqa: E402
@@ -212,7 +212,7 @@ def test_overwrite_folder_and_a_failed_write_lose_nothing(capsys, tmp_path, monk
     with monkeypatch.context() as m:
         m.setattr(gguf.GGUFWriter, "write_tensors_to_file", broken)
         code, _, err = export(capsys, run, out, "--overwrite")
-    assert code == 1 and "No space left" in err
+    assert code == 2 and err.count("\n") == 1 and "no space left on device" in err and "m.gguf" in err
     assert out.read_bytes() == b"an earlier export" and [p.name for p in tmp_path.iterdir()] == ["m.gguf"]
 
     code, _, err = export(capsys, run, out, "--overwrite")

@@ -329,6 +329,24 @@ def test_export_no_bias_exact_gelu_untied(capsys, tmp_path, tokenizer, corpus_te
             hf_tok("\u2603")["input_ids"]
 
 
+def test_export_on_a_full_disk_is_one_line(capsys, tmp_path, monkeypatch):
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    run = untrained_run(tmp_path, CharTokenizer("abc"))
+    out = tmp_path / "export"
+
+    def full(tensors, filename, metadata=None):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    code, _, err = _export(capsys, run, out)
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"error: could not write {out / 'model.safetensors'}: no space left on device (")
+    assert err.endswith(" free); model.safetensors was not written: free some space and try again\n")
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temp file left
+
+
 @pytest.mark.parametrize("option, name", [({"pos_emb": "rope"}, "rope"), ({"norm": "rmsnorm"}, "rmsnorm"),
                                           ({"qk_norm": True}, "qk_norm"), ({"mlp": "relu2"}, "relu2")])
 def test_export_refuses_what_gpt2_cannot_express(capsys, tmp_path, option, name):

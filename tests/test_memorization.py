@@ -8,7 +8,8 @@ import pytest
 
 from helpers import run_cli, tiny_config
 from pocketgpt.config import PrepareConfig
-from pocketgpt.data import open_tokens, prepare
+from pocketgpt.corpus import prepare
+from pocketgpt.data import open_tokens
 from pocketgpt.errors import PocketError
 from pocketgpt.loading import load
 from pocketgpt.memorize import memorization, prompt_starts, score

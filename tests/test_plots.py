@@ -130,6 +130,27 @@ def test_plot_cli_one_run(tmp_path, capsys):
     assert printed == [str(run / "plots" / n) for n in PLOT_NAMES] + [str(run / "report.md")]
 
 
+def test_plot_cli_on_a_full_disk_is_one_line_and_keeps_the_earlier_pictures(tmp_path, capsys, monkeypatch):
+    import errno
+
+    from matplotlib.figure import Figure
+
+    run = make_run(tmp_path)
+    assert run_cli(capsys, "plot", run)[0] == 0
+    before = {p.name: p.read_bytes() for p in (run / "plots").iterdir()}
+
+    def full(self, fname, **kwargs):
+        Path(fname).write_bytes(b"half a png")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", full)
+    code, _, err = run_cli(capsys, "plot", run)
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"error: could not write {run / 'plots' / 'loss.png'}: no space left on device (")
+    assert err.endswith("; the earlier loss.png is kept: free some space and try again\n")
+    assert {p.name: p.read_bytes() for p in (run / "plots").iterdir()} == before  # no temp, nothing half-drawn
+
+
 def test_plot_cli_several_runs(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     make_run(tmp_path, "a"), make_run(tmp_path, "b")

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
 
 import pytest
-from helpers import run_cli, tiny_config, tiny_flags
+from helpers import paused_cli, run_cli, tiny_config, tiny_flags
 
 import pocketgpt
 from pocketgpt import rundir
@@ -103,11 +102,11 @@ def test_the_lock_is_reentrant_in_one_process_and_released_after(tmp_path):
 def test_two_trainings_started_together_never_interleave_metrics(data_dir, tmp_path):
     run = tmp_path / "run"
     train(tiny_config(max_iters=10), data_dir, run, echo=lambda s: None)
-    cmd = [sys.executable, "-m", "pocketgpt", "train", "--out", str(run), "--resume", "--max-iters", "60"]
-    env = {**os.environ, "POCKETGPT_PAUSE_IN_SAVE": "1"}  # each save pauses: the runs would overlap
-    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)]
+    # each save pauses: the runs would overlap
+    cmd = [*paused_cli(1), "train", "--out", str(run), "--resume", "--max-iters", "60"]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)]
     time.sleep(0.5)
-    procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
+    procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     results = [p.communicate(timeout=300) for p in procs]
     codes = sorted(p.returncode for p in procs)
     assert codes == [0, 2], results
@@ -128,3 +127,32 @@ def test_an_overwrite_that_is_refused_leaves_the_earlier_run_as_it_was(data_dir,
               echo=lambda s: None)
     after = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
     assert after == before
+
+
+def test_each_file_is_checked_against_its_own_format_version(data_dir, tmp_path, monkeypatch, capsys):
+    """config.json is written with config.CONFIG_FORMAT_VERSION and last/state.json with
+    checkpoint.CHECKPOINT_FORMAT_VERSION: bumping one leaves the other file readable, and a refusal names its file."""
+    from pocketgpt import checkpoint, config
+
+    run = tmp_path / "run"
+    train(tiny_config(max_iters=10), data_dir, run, echo=lambda s: None)
+    with monkeypatch.context() as m:
+        m.setattr(checkpoint, "CHECKPOINT_FORMAT_VERSION", 2)
+        assert rundir.read_config(run)[0].run.max_iters == 10  # config.json still loads
+        with pytest.raises(PocketError, match=r"last/state.json has checkpoint format version 1, this pocketgpt reads "
+                                              "version 2; use the pocketgpt version that wrote it"):
+            checkpoint.load_resume_state(run)
+    with monkeypatch.context() as m:
+        m.setattr(config, "CONFIG_FORMAT_VERSION", 2)
+        assert checkpoint.load_resume_state(run)[1]["iter"] == 10  # last/state.json still loads
+        with pytest.raises(PocketError, match=r"config.json has run config format version 1 \(written by pocketgpt "
+                                              r".*\), this pocketgpt reads version 2"):
+            rundir.read_config(run)
+    # a config.json from a newer pocketgpt, as a user meets it
+    raw = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**raw, "format_version": 2, "pocketgpt_version": "9.0.0"}))
+    for argv in (["info", "--model", run], ["train", "--out", run, "--resume"]):
+        code, _, err = run_cli(capsys, *argv)
+        assert code == 2 and err.count("\n") == 1, err
+        assert err == (f"error: {run / 'config.json'} has run config format version 2 (written by pocketgpt 9.0.0), "
+                       "this pocketgpt reads version 1; upgrade pocketgpt to read it\n")

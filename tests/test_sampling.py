@@ -15,7 +15,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pocketgpt import SampleConfig, sampling
+from pocketgpt import sampling
 from pocketgpt.config import ModelConfig, TrainConfig
 from pocketgpt.errors import PocketError
 from pocketgpt.loading import LoadedModel
@@ -59,11 +59,7 @@ def test_settings_are_frozen_and_checked_again_when_changed():
 
 
 def test_the_defaults_have_one_home(monkeypatch):
-    cfg = SampleConfig(prompt="x")
-    assert cfg.temperature == DEFAULTS.temperature == SamplingSettings().temperature
-    assert isinstance(cfg, SamplingSettings) and cfg.settings == DEFAULTS.replace(max_new_tokens=cfg.max_new_tokens)
-    with pytest.raises(InvalidSetting, match="temperature"):
-        SampleConfig(temperature=-1)
+    assert DEFAULTS == SamplingSettings() and DEFAULTS.temperature == SamplingSettings().temperature
     m = loaded(CHARS)
     greedy = m.generate("ab", max_new_tokens=20, temperature=0)
     assert m.generate("ab", max_new_tokens=20, seed=1) != greedy  # the default samples

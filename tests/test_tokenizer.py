@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pocketgpt.config import PrepareConfig
-from pocketgpt.data import prepare
+from pocketgpt.corpus import prepare
 from pocketgpt.errors import PocketError
 from pocketgpt.tokenizer import (
     BPETokenizer,

@@ -125,7 +125,8 @@ def test_interrupted_checkpoint_write_keeps_the_old_one(data_dir, tmp_path, monk
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr("safetensors.torch.save_file", broken_save_file)
-    with pytest.raises(PocketError, match="No space left on device; the previous checkpoint is kept"):
+    with pytest.raises(PocketError, match=r"no space left on device \(about .* needed, .* free\); last/ from iteration 10 "
+                                          r"is intact: free some space and run pocketgpt train --out .* --resume$"):
         train(tiny_config(max_iters=20), data_dir, run, resume=True, echo=lambda s: None)
     monkeypatch.undo()
     assert json.loads((run / "last" / "state.json").read_text()) == old_state
@@ -250,7 +251,7 @@ def test_checkpoint_from_another_format_version_is_refused(data_dir, tmp_path):
 
 def test_corpus_shorter_than_the_context_says_what_is_needed(tmp_path):
     from pocketgpt.config import PrepareConfig
-    from pocketgpt.data import prepare
+    from pocketgpt.corpus import prepare
 
     (tmp_path / "short.txt").write_text("a tiny text of a few words, " * 4)
     data = prepare(PrepareConfig(inputs=[str(tmp_path / "short.txt")], out=str(tmp_path / "d")))

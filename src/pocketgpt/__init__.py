@@ -7,16 +7,16 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["load", "train", "prepare", "TrainConfig", "PrepareConfig", "SampleConfig", "SamplingSettings",
+__all__ = ["load", "train", "prepare", "TrainConfig", "PrepareConfig", "SamplingSettings",
            "build_train_config", "PocketError", "__version__"]
 
-from .config import PrepareConfig, SampleConfig, TrainConfig, build_train_config
+from .config import PrepareConfig, TrainConfig, build_train_config
 from .errors import PocketError
 from .sampling import SamplingSettings
 from .version import __version__
 
 if TYPE_CHECKING:
-    from .data import prepare
+    from .corpus import prepare
     from .loading import load
     from .trainer import train
 
@@ -31,7 +31,7 @@ def __getattr__(name: str) -> Any:
 
         return train
     if name == "prepare":
-        from .data import prepare
+        from .corpus import prepare
 
         return prepare
     raise AttributeError(f"module 'pocketgpt' has no attribute {name!r}")

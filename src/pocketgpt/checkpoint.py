@@ -1,135 +1,107 @@
-"""Checkpoint files: safetensors weights, JSON everything else, atomic writes; the inside of last/.
+"""Checkpoint files: safetensors weights and the inside of last/, the resume folder.
 
-rundir.py owns the run folder's layout; this module owns how its files are written and the
-resume folder last/ (model.safetensors, optimizer.pt, rng.safetensors, state.json).
+rundir.py owns the run folder's layout; this module owns its weights and last/ (model.safetensors,
+optimizer.pt, rng.safetensors, state.json), written through files.py's atomic writes.
 
-Every write goes to a temp file that is fsynced and renamed over the target, so a kill at any
-moment leaves either the old or the new file. `last/` is a folder written whole under a temp
-name and swapped in with two renames; if a kill falls between them, `last.old/` is used.
-Nothing is unpickled: optimizer tensors load with torch.load(weights_only=True).
+`last/` is a folder written whole under a temp name and swapped in with two renames; if a kill falls
+between them, `last.old/` is used. A save the disk refuses (full, read-only) says in one line that
+last/ from the iteration it holds is intact and how to resume. Nothing is unpickled: optimizer tensors
+load with torch.load(weights_only=True).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import shutil
-import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from .errors import PocketError
-from .rundir import LAST, LAST_OLD, remove_stale_temps
+from .files import (
+    WriteFailed,
+    as_refused,
+    atomic_write,
+    check_version,
+    read_json,
+    refused,
+    remove_stale_temps,
+    swap_dir,
+    temp_path,
+    write_json,
+)
 
 if TYPE_CHECKING:
     import torch
 
 CHECKPOINT_FORMAT_VERSION = 1
+LAST = "last"  # the resume folder in a run folder
+LAST_OLD = "last.old"  # the previous last/ while a new one is swapped in
 WEIGHTS = "model.safetensors"  # inside last/
+OPTIMIZER = "optimizer.pt"  # inside last/
+RNG = "rng.safetensors"  # inside last/
 STATE = "state.json"  # inside last/, written last: its presence marks a complete folder
-_UMASK = os.umask(0o22)
-os.umask(_UMASK)
 
 
-def _fsync_dir(path: Path) -> None:
+def resume_advice(run_dir: Path) -> tuple[str, str]:
+    """(what a failed save left behind, how to go on): for the one line a refused write of a run says."""
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call write(tmp_path), fsync, then rename over path. On error the old file is kept."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # some writers create 0600 files; match normal files
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
-
-
-def write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
-
-
-def read_json(path: Path, what: str) -> dict[str, Any]:
-    try:
-        d = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise PocketError(f"{what} is missing: {path}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise PocketError(f"{what} at {path} is not valid JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise PocketError(f"{what} at {path} is not a JSON object")
-    return d
+        it = read_last_state(run_dir).get("iter")
+    except PocketError:
+        it = None
+    if it is None:
+        return "no last/ was saved yet", "run the same command again with --overwrite"
+    return f"last/ from iteration {it} is intact", f"run pocketgpt train --out {run_dir} --resume"
 
 
 @contextlib.contextmanager
 def disk_errors(run_dir: Path, what: str) -> Iterator[None]:
-    """Turn a failed write (disk full, no permission) into one clear message; old files stay."""
+    """Inside a training: a write the disk refuses (full, read-only, no permission) becomes one line naming
+    the file, the space it needed, that last/ is intact and the --resume that continues; old files stay."""
     try:
         yield
-    except OSError as e:
-        reason = e.strerror or str(e)
-        raise PocketError(
-            f"could not write the {what} in {run_dir}: {reason}; the previous checkpoint is kept. "
-            "Free disk space or fix permissions, then continue with --resume"
-        ) from None
+    except (WriteFailed, OSError) as e:
+        failed = as_refused(e, what, Path(run_dir))
+        if failed is None:
+            raise
+        kept, retry = resume_advice(run_dir)
+        raise failed.reworded(what=f"the {what} in {run_dir}", kept=kept, retry=retry) from None
 
 
-def _pause_hook(stage: str) -> None:
-    """Test hook: POCKETGPT_PAUSE_IN_SAVE=<seconds> makes a save observable mid-write."""
-    delay = os.environ.get("POCKETGPT_PAUSE_IN_SAVE")
-    if delay:
-        print(f"[pocketgpt] pausing in checkpoint write ({stage})", flush=True)
-        time.sleep(float(delay))
+def tensor_bytes(obj: Any) -> int:
+    """Bytes of the tensors in obj (dicts, lists, tuples inside), each storage once (tied weights):
+    about what a file of them needs on disk."""
+    import torch
+
+    seen: set[tuple[int, int]] = set()
+
+    def walk(x: Any) -> int:
+        if isinstance(x, torch.Tensor):
+            key = (x.data_ptr(), x.nbytes)
+            if key in seen:
+                return 0
+            seen.add(key)
+            return x.nbytes
+        if isinstance(x, dict):
+            return sum(walk(v) for v in x.values())
+        if isinstance(x, (list, tuple)):
+            return sum(walk(v) for v in x)
+        return 0
+
+    return walk(obj)
 
 
 def save_weights(model: "torch.nn.Module", path: Path, metadata: dict[str, str] | None = None) -> None:
     """Weights of the unwrapped model (no `_orig_mod.` prefixes), tied tensors stored once."""
     from safetensors.torch import save_model
 
-    atomic_write(path, lambda p: save_model(model, str(p), metadata=metadata))
+    atomic_write(path, lambda p: save_model(model, str(p), metadata=metadata), size=tensor_bytes(model.state_dict()))
 
 
 def save_tensors(tensors: dict[str, "torch.Tensor"], path: Path, metadata: dict[str, str] | None = None) -> None:
     """Named tensors (contiguous, none sharing memory) as one safetensors file, e.g. a LoRA adapter alone."""
     from safetensors.torch import save_file
 
-    atomic_write(path, lambda p: save_file(tensors, str(p), metadata=metadata))
-
-
-def export_dir(out: Path, overwrite: bool, files: tuple[str, ...]) -> Path:
-    """An export's folder, made ready: new or empty, or with --overwrite cleared of `files` (only what the
-    export writes, so nothing stale outlives it and nothing else is touched); a one-line refusal otherwise."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise PocketError(f"{out} is a file, not a folder; choose another --out")
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise PocketError(f"{out} exists and is not empty; add --overwrite to replace the export there, "
-                              "or choose another --out")
-        for name in files:
-            (out / name).unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+    atomic_write(path, lambda p: save_file(tensors, str(p), metadata=metadata), size=tensor_bytes(tensors))
 
 
 def load_weights(model: "torch.nn.Module", path: Path) -> None:
@@ -169,35 +141,29 @@ def save_resume_state(
     rng: dict[str, "torch.Tensor"],
     state: dict[str, Any],
 ) -> None:
-    """Write last/ as a whole: a fresh temp folder, then swapped in with renames."""
+    """Write last/ as a whole: a fresh temp folder, then swapped in with renames. A refused write removes
+    the temp folder and says so in one line; last/ is then as it was."""
     import torch
     from safetensors.torch import save_file
 
     run_dir = Path(run_dir)
     remove_stale_temps(run_dir)
-    tmp = run_dir / f".{LAST}.tmp-{os.getpid()}"
-    tmp.mkdir(parents=True)
+    tmp = temp_path(run_dir / LAST)
     try:
+        tmp.mkdir(parents=True)
         save_weights(model, tmp / WEIGHTS)
-        atomic_write(tmp / "optimizer.pt", lambda p: torch.save(optimizer_state, p))
-        _pause_hook("resume state")
-        atomic_write(tmp / "rng.safetensors", lambda p: save_file(rng, str(p)))
+        atomic_write(tmp / OPTIMIZER, lambda p: torch.save(optimizer_state, p))
+        atomic_write(tmp / RNG, lambda p: save_file(rng, str(p)))
         # state.json last: its presence marks a complete folder
         write_json(tmp / STATE, {"format_version": CHECKPOINT_FORMAT_VERSION, **state})
-        _swap_in(run_dir, tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _swap_in(run_dir: Path, tmp: Path) -> None:
-    last, old = run_dir / LAST, run_dir / LAST_OLD
-    if last.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(last, old)
-    os.replace(tmp, last)
-    _fsync_dir(run_dir)
-    shutil.rmtree(old, ignore_errors=True)
+        swap_dir(tmp, run_dir / LAST, run_dir / LAST_OLD)
+    except BaseException as e:
+        needed = tensor_bytes(model.state_dict()) + tensor_bytes(optimizer_state) + tensor_bytes(rng)
+        failed = refused(e, run_dir / LAST, cleanup=lambda: shutil.rmtree(tmp, ignore_errors=True), needed=needed)
+        if failed is None:
+            raise
+        kept, retry = resume_advice(run_dir)
+        raise failed.reworded(what=f"the resume checkpoint ({LAST}/) in {run_dir}", kept=kept, retry=retry) from None
 
 
 def resume_dir(run_dir: Path) -> Path | None:
@@ -226,25 +192,16 @@ def load_resume_state(run_dir: Path) -> tuple[Path, dict[str, Any], dict[str, An
     if d is None:
         raise PocketError(f"{run_dir} has no resume state (last/state.json); start it again without --resume")
     state = read_json(d / STATE, "resume state")
-    check_format_version(state, d / STATE)
+    check_version(state, d / STATE, CHECKPOINT_FORMAT_VERSION, "checkpoint")
     try:
-        optimizer_state = torch.load(d / "optimizer.pt", map_location="cpu", weights_only=True)
+        optimizer_state = torch.load(d / OPTIMIZER, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
         raise PocketError(
-            f"refusing to load {d / 'optimizer.pt'}: it is not a plain tensor file "
+            f"refusing to load {d / OPTIMIZER}: it is not a plain tensor file "
             f"({str(e).splitlines()[0][:120]})"
         ) from None
     try:
-        rng = load_file(str(d / "rng.safetensors"))
+        rng = load_file(str(d / RNG))
     except Exception as e:  # safetensors raises several types for a damaged file
-        raise PocketError(f"cannot read {d / 'rng.safetensors'}: {e}") from None
+        raise PocketError(f"cannot read {d / RNG}: {e}") from None
     return d, state, optimizer_state, rng
-
-
-def check_format_version(d: dict[str, Any], path: Path) -> None:
-    v = d.get("format_version")
-    if v != CHECKPOINT_FORMAT_VERSION:
-        raise PocketError(
-            f"{path} has checkpoint format version {v}, this pocketgpt reads version "
-            f"{CHECKPOINT_FORMAT_VERSION}; use the pocketgpt version that wrote it"
-        )

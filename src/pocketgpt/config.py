@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .errors import PocketError
-from .sampling import SamplingSettings
 
 try:  # Python 3.11+
     import tomllib
@@ -263,21 +262,6 @@ class PrepareConfig:
     val_fraction: float = 0.1
     encoding: str = "utf-8"
     strip_gutenberg: bool = False  # drop Project Gutenberg's licence header and footer
-
-
-@dataclass(frozen=True)
-class SampleConfig(SamplingSettings):
-    """How to draw text from a model: the sampling settings (sampling.SamplingSettings, the one
-    home of their defaults and checks) plus what to start from and which checkpoint to load."""
-
-    max_new_tokens: int = 500  # `pocketgpt sample`'s length
-    prompt: str = "\n"
-    checkpoint: str = "best"
-
-    @property
-    def settings(self) -> SamplingSettings:
-        """The sampling part alone."""
-        return SamplingSettings(**{f.name: getattr(self, f.name) for f in fields(SamplingSettings)})
 
 
 SECTIONS: dict[str, type] = {"model": ModelConfig, "optim": OptimConfig, "run": RunConfig, "lora": LoraConfig}

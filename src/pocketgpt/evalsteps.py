@@ -116,7 +116,7 @@ def write_sample(ctx: EvalContext, ev: EvalResult) -> None:
     finally:
         ctx.model.train()
     text = ctx.tokenizer.decode(new)
-    with open(ctx.out / SAMPLES, "a", encoding="utf-8") as f:
+    with ckpt.disk_errors(ctx.out, f"samples ({SAMPLES})"), open(ctx.out / SAMPLES, "a", encoding="utf-8") as f:
         f.write(f"=== iter {ev.iter} (val loss {ev.val_loss:.4f}) ===\n{text}\n\n")
     shown = text.strip().splitlines()[:4]
     ctx.log.say("sample: " + " / ".join(line.strip() for line in shown if line.strip())[:160])

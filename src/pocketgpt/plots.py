@@ -10,12 +10,12 @@ it leaves the backend of a notebook that calls `train()` untouched.
 from __future__ import annotations
 
 import math
-import os
 import statistics
 from pathlib import Path
 from typing import Any
 
 from .errors import PocketError
+from .files import atomic_write
 from .metrics import read_metrics
 from .rundir import METRICS, PLOTS, read_raw_config
 
@@ -103,12 +103,7 @@ def _save(fig: Any, path: Path) -> Path:
 
     No fsync: a plot is redrawn at the next eval, so losing one to a power cut costs nothing.
     """
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # the checkpoint module's temp pattern
-    try:
-        fig.savefig(tmp, format="png", dpi=DPI)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=DPI), fsync=False)
     return path
 
 

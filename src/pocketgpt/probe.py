@@ -24,6 +24,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 
 from .config import ModelConfig
+from .files import WriteFailed, atomic_write_text, read_json_or_empty
 
 PROBE_SECONDS = 0.05  # per shape; the best of three rounds within it
 MAX_ROWS = 2048  # a micro-batch's rows beyond this change the rate little and cost probe time
@@ -208,23 +209,17 @@ def _read_cache() -> dict[str, dict[str, float]]:
 
 def read_json(name: str) -> dict[str, object]:
     """The JSON object in the cache folder's file `name`; {} when it is missing, unreadable or not an object."""
-    try:
-        got = json.loads((cache_dir() / name).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return got if isinstance(got, dict) else {}
+    return read_json_or_empty(cache_dir() / name)
 
 
 def write_json(name: str, obj: dict[str, object]) -> None:
-    """Atomically (a reader never sees half a file); a read-only cache folder only costs re-measuring."""
+    """Atomically (a reader never sees half a file); a full or read-only cache folder only costs re-measuring."""
     path = cache_dir() / name
-    tmp = path.with_name(f".{name}.{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(obj, indent=1, sort_keys=True), encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError:
-        tmp.unlink(missing_ok=True)
+        atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=True))
+    except (OSError, WriteFailed):
+        pass
 
 
 def bf16_speedup(device: torch.device, n_embd: int = 768, rows: int = 1024) -> float:

@@ -14,8 +14,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import atomic_write_text, read_last_state
+from .checkpoint import read_last_state
+from .data import META
 from .errors import PocketError
+from .files import atomic_write_text, read_json_or_empty
 from .plots import num, read_run_metrics, series
 from .rundir import ADAPTER, BEST_WEIGHTS, PLOTS, REPORT, SAMPLES, data_dir_of, lora_summary, read_raw_config
 
@@ -52,14 +54,6 @@ def _last_state(run_dir: Path) -> dict[str, Any]:
         return read_last_state(run_dir)
     except PocketError:  # a damaged state.json: the report says less, it does not fail
         return {}
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        d = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return d if isinstance(d, dict) else {}
 
 
 def count_parameters(weights: Path, tied: bool = True) -> int | None:
@@ -250,9 +244,9 @@ def _config_section(cfg: dict[str, Any]) -> str:
 
 def _data_section(run_dir: Path, cfg: dict[str, Any]) -> str:
     data_dir = data_dir_of(run_dir, cfg)
-    meta = _read_json(data_dir / "meta.json")
+    meta = read_json_or_empty(data_dir / META)
     if not meta:
-        return f"## Data\n\nNo readable `meta.json` in the data folder `{data_dir}` (moved or deleted?)."
+        return f"## Data\n\nNo readable `{META}` in the data folder `{data_dir}` (moved or deleted?)."
     lines = ["## Data", "", f"- **Folder:** `{data_dir}`",
              f"- **Tokenizer:** {meta.get('tokenizer', '?')}, vocabulary {_int(meta.get('vocab_size'))}"]
     for split, counts in meta.get("splits", {}).items():

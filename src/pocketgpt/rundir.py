@@ -7,7 +7,7 @@ Torch-free, and the only module that knows what a run folder holds:
   tokenizer.json      the tokenizer, as JSON (a copy of the data folder's)
   model.safetensors   weights with the best val loss so far (a LoRA run's merged: a plain GPT)
   adapter.safetensors a LoRA run's best adapter alone (lora.py; config.json's [lora] says its settings)
-  last/               resume state (checkpoint.py writes it: model, optimizer, rng, state.json)
+  last/               resume state (checkpoint.py owns it and its name: model, optimizer, rng, state.json)
   metrics.jsonl       one JSON object per log / eval line
   samples.txt         a sample at every eval
   plots/, report.md   pictures and the one-page report
@@ -23,13 +23,14 @@ never leaves a stale one behind (tests/test_rundir.py checks a real run writes n
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
+from .checkpoint import LAST, LAST_OLD, read_last_state
 from .errors import PocketError
+from .files import check_version, is_temp, read_json, read_json_or_empty, raise_refused, remove_stale_temps, write_json
 from .version import __version__
 
 if TYPE_CHECKING:
@@ -39,8 +40,6 @@ CONFIG = "config.json"
 TOKENIZER = "tokenizer.json"
 BEST_WEIGHTS = "model.safetensors"
 ADAPTER = "adapter.safetensors"
-LAST = "last"
-LAST_OLD = "last.old"
 METRICS = "metrics.jsonl"
 SAMPLES = "samples.txt"
 PLOTS = "plots"
@@ -55,24 +54,10 @@ RUN_FILES: tuple[str, ...] = (CONFIG, TOKENIZER, BEST_WEIGHTS, ADAPTER, LAST, LA
 _NOT_FOREIGN = (DATA, LOCK)
 
 
-def is_temp(path: Path) -> bool:
-    """A half-written file or folder left by a killed atomic write (ours to delete)."""
-    return path.name.startswith(".") and ".tmp-" in path.name
-
-
-def remove_stale_temps(run_dir: Path) -> None:
-    for p in Path(run_dir).iterdir():
-        if is_temp(p):
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-
-
 def is_run_dir(path: str | Path) -> bool:
     """True for a folder whose config.json pocketgpt wrote; False for others (a Hugging Face model has one too)."""
-    try:
-        raw = json.loads((Path(path) / CONFIG).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(raw, dict) and "format_version" in raw and isinstance(raw.get("model"), dict)
+    raw = read_json_or_empty(Path(path) / CONFIG)
+    return "format_version" in raw and isinstance(raw.get("model"), dict)
 
 
 def check_is_run(path: str | Path) -> Path:
@@ -92,13 +77,13 @@ def check_is_run(path: str | Path) -> Path:
 # ---------------------------------------------------------------- config
 
 def read_config(run_dir: str | Path) -> tuple["TrainConfig", dict[str, Any]]:
-    """(TrainConfig, raw dict) from RUN_DIR/config.json, with version and key checks."""
-    from .checkpoint import check_format_version, read_json
-    from .config import TrainConfig
+    """(TrainConfig, raw dict) from RUN_DIR/config.json, checked against the version config.json is
+    written with (config.CONFIG_FORMAT_VERSION) and for its keys."""
+    from .config import CONFIG_FORMAT_VERSION, TrainConfig
 
     path = Path(run_dir) / CONFIG
     raw = read_json(path, "run config")
-    check_format_version(raw, path)
+    check_version(raw, path, CONFIG_FORMAT_VERSION, "run config")
     return TrainConfig.from_dict(raw), raw
 
 
@@ -110,7 +95,6 @@ KEPT_FIELDS = ("init_from",)
 def write_config(run_dir: Path, cfg: "TrainConfig", data_dir: Path, extra: dict[str, Any] | None = None) -> None:
     """config.json: the resolved config, where the data is (relative when it lives inside the run), and
     extra fields (KEPT_FIELDS only); those already in the file are kept unless extra replaces them."""
-    from .checkpoint import write_json
     from .config import CONFIG_FORMAT_VERSION
 
     run_dir = Path(run_dir)
@@ -129,11 +113,7 @@ def write_config(run_dir: Path, cfg: "TrainConfig", data_dir: Path, extra: dict[
 
 def read_raw_config(run_dir: str | Path) -> dict[str, Any]:
     """config.json as a dict, {} when missing or damaged: for reports and plots, which never fail."""
-    try:
-        d = json.loads((Path(run_dir) / CONFIG).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return d if isinstance(d, dict) else {}
+    return read_json_or_empty(Path(run_dir) / CONFIG)
 
 
 def data_dir_of(run_dir: str | Path, raw: dict[str, Any] | None = None) -> Path:
@@ -146,8 +126,6 @@ def data_dir_of(run_dir: str | Path, raw: dict[str, Any] | None = None) -> Path:
 def summary(run_dir: str | Path) -> dict[str, Any]:
     """What a run's training reached, for info, export and serve: iters, tokens seen, best val loss with its
     bits per byte and iteration, and the base model of a fine-tune (None where the run does not say)."""
-    from .checkpoint import read_last_state
-
     state = read_last_state(run_dir)
     raw = read_raw_config(run_dir)
     base = raw.get("init_from")
@@ -229,7 +207,7 @@ def locked(out: str | Path) -> Iterator[None]:
     killed run never blocks the next one. The holder's pid is written into the file for the message.
     """
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    _make_run_dir(out)
     key = str(out.resolve())
     if key in _held:
         _held[key] += 1
@@ -243,7 +221,7 @@ def locked(out: str | Path) -> Iterator[None]:
     except ImportError:  # not POSIX (Windows): no lock rather than no training
         yield
         return
-    fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = _open_lock(out)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -262,3 +240,19 @@ def locked(out: str | Path) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
+
+
+def _make_run_dir(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a read-only or full disk: said in one line, before anything is written
+        raise_refused(e, out, what=f"the run folder {out}")
+        raise
+
+
+def _open_lock(out: Path) -> int:
+    try:
+        return os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise_refused(e, out / LOCK, what=f"the run folder {out}")
+        raise

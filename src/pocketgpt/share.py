@@ -103,7 +103,7 @@ def _usable_token(token: str | None) -> str:
 
 def _card_names_repo(folder: Path, repo: str) -> None:
     """The card's example code loads this very repo, not a placeholder."""
-    from .checkpoint import atomic_write_text
+    from .files import atomic_write_text
 
     card = folder / "README.md"
     if card.is_file():

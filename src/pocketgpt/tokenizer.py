@@ -22,6 +22,7 @@ from typing import Any, Iterable, Iterator, Protocol
 import numpy as np
 
 from .errors import PocketError
+from .files import atomic_write_text, read_json
 
 TOKENIZER_FORMAT_VERSION = 1
 
@@ -338,22 +339,11 @@ def tokenizer_from_dict(d: dict[str, Any]) -> Tokenizer:
 
 
 def save_tokenizer(tok: Tokenizer, path: str | Path) -> None:
-    from .checkpoint import atomic_write_text  # local: checkpoint is torch-free at import too
-
     atomic_write_text(Path(path), json.dumps(tok.to_dict(), ensure_ascii=False))
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    p = Path(path)
-    if not p.is_file():
-        raise PocketError(f"no tokenizer.json at {p}")
-    try:
-        d = json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise PocketError(f"{p} is not valid JSON ({e}); prepare the data again") from None
-    if not isinstance(d, dict):
-        raise PocketError(f"{p} does not hold a tokenizer")
-    return tokenizer_from_dict(d)
+    return tokenizer_from_dict(read_json(Path(path), "the tokenizer", fix="prepare the data again"))
 
 
 class StreamDecoder:

@@ -27,10 +27,11 @@ import numpy as np
 import torch
 
 from . import autotune, distributed, evalsteps, fsdp, rundir
-from .checkpoint import atomic_write, disk_errors
+from .checkpoint import disk_errors
 from .config import MODEL_SHAPE_KEYS, LoraConfig, ModelConfig, RunConfig, TrainConfig, check_lora, validate
-from .data import TrainData, open_training_data, read_meta
+from .data import TOKENIZER as DATA_TOKENIZER, TrainData, open_training_data, read_meta
 from .errors import PocketError, TrainingDiverged
+from .files import atomic_write
 from .lora import add_adapters, describe, gpt_around, merged_model, save_adapter
 from .distributed import Group
 from .metrics import MetricsLog, SilentLog, check_loggers
@@ -795,7 +796,7 @@ def _start_files(trainer: Trainer, data_dir: Path, resume: bool, record: dict[st
         log.say(f"resuming {out} at iter {trainer.state.iter}")
     else:
         log.reset()
-        atomic_write(out / rundir.TOKENIZER, lambda p: shutil.copyfile(data_dir / "tokenizer.json", p))
+        atomic_write(out / rundir.TOKENIZER, lambda p: shutil.copyfile(data_dir / DATA_TOKENIZER, p))
     rundir.write_config(out, trainer.cfg, data_dir, record)
 
 

@@ -69,7 +69,7 @@ def _memorization(args: argparse.Namespace, model: Any, tokens: Any, what: str) 
 
 
 def _split_tokens(args: argparse.Namespace, model: Any, split: str) -> Any:
-    from ..data import open_tokens
+    from ..data import TOKENIZER, open_tokens, split_path
     from ..rundir import check_is_run, data_dir_of
     from ..tokenizer import load_tokenizer
 
@@ -78,11 +78,11 @@ def _split_tokens(args: argparse.Namespace, model: Any, split: str) -> Any:
                           "give --file TEXT_FILE or --data DATA_DIR")
     if args.data:
         data_dir = Path(args.data)
-        if load_tokenizer(data_dir / "tokenizer.json").to_dict() != model.tokenizer.to_dict():
+        if load_tokenizer(data_dir / TOKENIZER).to_dict() != model.tokenizer.to_dict():
             raise PocketError(f"{data_dir} was prepared with a different tokenizer than {args.model}")
     else:
         data_dir = data_dir_of(check_is_run(args.model))
-    tokens, _ = open_tokens(data_dir / f"{split}.bin")
+    tokens, _ = open_tokens(split_path(data_dir, split))
     return tokens
 
 
@@ -149,7 +149,9 @@ def _foreign_info(args: argparse.Namespace, model: Any) -> int:
 
 
 def cmd_tokenize(args: argparse.Namespace) -> int:
-    from ..data import builtin_tokenizer
+    from ..corpus import builtin_tokenizer
+    from ..data import TOKENIZER
+    from ..rundir import TOKENIZER as RUN_TOKENIZER
     from ..tokenizer import load_tokenizer, token_piece
 
     if sum(bool(x) for x in (args.model, args.data, args.tokenizer)) != 1:
@@ -157,7 +159,7 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
     if args.tokenizer:
         tok = builtin_tokenizer(args.tokenizer)
     else:
-        tok = load_tokenizer(Path(args.model or args.data) / "tokenizer.json")
+        tok = load_tokenizer(Path(args.model) / RUN_TOKENIZER if args.model else Path(args.data) / TOKENIZER)
     ids = tok.encode(args.text)
     # A byte-level token may hold part of a character: its text then shows U+FFFD, and "bytes"
     # (hex, one entry per token) says exactly what it holds.

@@ -23,7 +23,8 @@ def prepare_config(args: argparse.Namespace, out: str) -> PrepareConfig:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from ..data import prepare, read_meta
+    from ..corpus import prepare
+    from ..data import read_meta
 
     out = prepare(prepare_config(args, args.out or ""))
     meta = read_meta(out)
