@@ -315,3 +315,36 @@ def test_train_accepts_the_prepare_options():
                                       "--strip-gutenberg", "--encoding", "latin-1"])
     cfg = prepare_config(args, "runs/x/data")
     assert (cfg.tokenizer, cfg.vocab_size, cfg.strip_gutenberg, cfg.encoding) == ("bpe", 512, True, "latin-1")
+
+
+def test_each_command_defines_its_options_in_its_own_file(monkeypatch):
+    """Where is --top-p defined? Beside the command: an option of COMMAND is added in the file of cmd_COMMAND,
+    or in cli/options.py when several command files share it; never in parser.py, which only assembles."""
+    import argparse
+
+    from pocketgpt.cli import COMMANDS
+
+    where = {}  # action -> the module that added it
+    add_argument = argparse._ActionsContainer.add_argument  # parsers and their groups both add through it
+
+    def recording(self, *names, **kwargs):
+        action = add_argument(self, *names, **kwargs)
+        frame = sys._getframe(1)
+        while frame.f_globals["__name__"] == "argparse" or frame.f_code.co_name == "add_argument":
+            frame = frame.f_back  # past argparse itself and Parser.add_argument, to whoever asked
+        where[action] = frame.f_globals["__name__"]
+        return action
+
+    monkeypatch.setattr(argparse._ActionsContainer, "add_argument", recording)
+    parser = build_parser()
+    misplaced, checked = [], 0
+    for name, sub in parser.commands.items():
+        home = COMMANDS[name].__module__
+        for action in sub._actions:
+            if "--help" in action.option_strings:
+                continue
+            checked += 1
+            if where[action] not in (home, "pocketgpt.cli.options"):
+                misplaced.append(f"{name} {action.option_strings or action.dest}: in {where[action]}, not {home}")
+    assert not misplaced
+    assert checked > 100 and set(parser.commands) == set(COMMANDS)

@@ -157,6 +157,8 @@ def test_cpu_ranks_share_the_cores(monkeypatch):
 
 # ---------------------------------------------------------------- torchrun, two gloo ranks
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_two_ranks_train_as_one_process_and_rank_0_alone_writes(data_dir, tmp_path, reference):
     run = tmp_path / "run"
     code, out, _ = torchrun(2, *train_flags(data_dir, run))
@@ -173,6 +175,8 @@ def test_two_ranks_train_as_one_process_and_rank_0_alone_writes(data_dir, tmp_pa
     assert out.count("eval iter 20:") == 1 and out.count("done: 20 iters") == 1
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_a_two_rank_run_resumes_on_one_process_as_if_never_stopped(data_dir, tmp_path, reference):
     run = tmp_path / "run"
     code, out, _ = torchrun(2, *train_flags(data_dir, run, max_iters=10))
@@ -181,6 +185,8 @@ def test_a_two_rank_run_resumes_on_one_process_as_if_never_stopped(data_dir, tmp
     assert_same_losses(run, reference, range(1, 21))
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_a_non_dividing_batch_is_refused_once_under_torchrun(data_dir, tmp_path):
     code, out, _ = torchrun(2, *train_flags(data_dir, tmp_path / "run", batch_size=5))
     assert code != 0
@@ -188,6 +194,8 @@ def test_a_non_dividing_batch_is_refused_once_under_torchrun(data_dir, tmp_path)
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_a_one_process_run_resumes_on_two_ranks_and_stays_within_1e_3_over_60_steps(data_dir, tmp_path):
     """1 -> 2: the first 10 steps on one process, the other 50 under DDP; against one unbroken process."""
     run60 = dict(max_iters=60, lr_decay_iters=60, eval_interval=30)
@@ -206,6 +214,8 @@ def test_a_one_process_run_resumes_on_two_ranks_and_stays_within_1e_3_over_60_st
     assert [evals[30], evals[60]] == pytest.approx([want[30], want[60]], rel=1e-3, abs=0)
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_drifted_replicas_stop_every_rank_with_one_line(data_dir, tmp_path):
     """Rank 1's copy of the weights is nudged at iter 3; the check at the next eval (5) stops the run there."""
     run = tmp_path / "run"
@@ -217,6 +227,8 @@ def test_drifted_replicas_stop_every_rank_with_one_line(data_dir, tmp_path):
     assert not (run / "last").exists() and not (run / "model.safetensors").exists()  # nothing drifted was saved
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_a_nan_on_one_rank_stops_every_rank_at_the_same_step(data_dir, tmp_path):
     """Rank 1 alone goes NaN at iter 3: the global loss is NaN on both ranks, and both stop at that step."""
     run = tmp_path / "run"
@@ -227,6 +239,8 @@ def test_a_nan_on_one_rank_stops_every_rank_at_the_same_step(data_dir, tmp_path)
     assert [m["iter"] for m in metrics(run) if "loss" in m] == [1, 2, 3]
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 @pytest.mark.parametrize("how", ["dies", "hangs"])
 def test_a_lost_rank_ends_the_run_with_a_message_naming_it(data_dir, tmp_path, how):
     """Rank 1 dies (or stops answering) at iter 3: rank 0 says so and exits within the timeout."""
@@ -239,6 +253,8 @@ def test_a_lost_rank_ends_the_run_with_a_message_naming_it(data_dir, tmp_path, h
     assert [m["iter"] for m in metrics(tmp_path / "run") if "loss" in m] == [1, 2, 3]  # rank 0 waited in step 4
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_an_unexpected_error_on_a_rank_reaches_torchrun_with_its_traceback(data_dir, tmp_path):
     """A bug (not a PocketError) on rank 1: torchrun's summary holds that rank's traceback (record())."""
     env = {distributed.ENV_TEST_EXIT: "1:2:raise", distributed.ENV_TIMEOUT: "5"}
@@ -279,6 +295,7 @@ def _interrupted_after(data_dir: Path, run: Path, lines: int, env: dict[str, str
 
 
 @pytest.mark.slow
+@pytest.mark.distributed
 def test_two_ranks_stop_on_the_clock_rank_0_saved(data_dir, tmp_path):
     # an eval after every step: the budget runs out inside one; every rank takes the clock rank 0 saved
     # last/ with and stops on it, so a resume of the finished run (on two ranks too) trains nothing
@@ -294,12 +311,14 @@ def test_two_ranks_stop_on_the_clock_rank_0_saved(data_dir, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.distributed
 def test_ctrl_c_stops_every_rank_at_one_step_and_rank_0_saves(data_dir, tmp_path):
     # compile false: an endless run would time torch.compile first (autotune), which is not this test's subject
     _interrupted_after(data_dir, tmp_path / "run", 5, compile="false")
 
 
 @pytest.mark.slow
+@pytest.mark.distributed
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("cc") is None,
                     reason="torch.compile on a CPU needs a C++ compiler (apt-get install g++)")
 def test_compile_auto_is_measured_and_decided_by_every_rank_together(data_dir, tmp_path):
@@ -325,6 +344,8 @@ def fsdp_reference(data_dir, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_fsdp_two_ranks_train_as_one_process_and_resume_on_one(data_dir, tmp_path, fsdp_reference):
     """2 -> 1: 10 sharded steps, then a single process carries on from the files rank 0 gathered and wrote."""
     run = tmp_path / "run"
@@ -346,6 +367,8 @@ def test_fsdp_two_ranks_train_as_one_process_and_resume_on_one(data_dir, tmp_pat
     assert_same_weights(run / "last" / "model.safetensors", fsdp_reference / "last" / "model.safetensors")
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_a_one_process_run_resumes_sharded_on_two_ranks(data_dir, tmp_path, fsdp_reference):
     """1 -> 2: each rank reads the single process's full files and keeps its slice of weights and moments."""
     run = tmp_path / "run"

@@ -19,6 +19,7 @@ from pocketgpt.runtime import resolve
 from pocketgpt.trainer import Trainer, build_model, train
 
 
+@pytest.mark.slow
 def test_launch_is_a_plain_function_that_prepares_then_trains(tmp_path, corpus_text):
     book = tmp_path / "book.txt"
     book.write_text(corpus_text[:20_000], encoding="utf-8")
@@ -66,6 +67,7 @@ def test_build_model_takes_an_initial_model_and_keeps_it_raw(data_dir, tmp_path)
         build_model(shape, runtime, GPT(replace(shape, vocab_size=vocab + 1)))
 
 
+@pytest.mark.slow
 def test_training_from_an_initial_model_starts_from_its_weights(data_dir, tmp_path):
     """Train a run, then start a new one from its best weights: the new run's first eval is already good."""
     import pocketgpt

@@ -211,6 +211,7 @@ def test_export_peft_of_a_run_without_lora_is_one_line(tmp_path, capsys, data_di
     assert not (tmp_path / "peft").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_resume_of_a_lora_run_continues_exactly(char_base, data_dir, tmp_path, dropout):
     kw = dict(lr_decay_iters=12, eval_interval=4, learning_rate=1e-2, warmup_iters=2, dropout=0.1,
@@ -272,7 +273,7 @@ def test_lora_memory_estimate_counts_the_frozen_base_once(char_base):
     assert math.isclose(cfg.lora.trainable_params(cfg.model), 2 * 4 * 32 * (4 + 2 + 5 + 5))
 
 
-@pytest.mark.parametrize("lora_on", [False, True])
+@pytest.mark.parametrize("lora_on", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_gradient_checkpointing_computes_the_same_steps(char_base, data_dir, tmp_path, lora_on):
     kw = dict(max_iters=6, eval_interval=3, dropout=0.1, lora_rank=4 if lora_on else 0)
     for name, on in (("plain", False), ("checkpointed", True)):

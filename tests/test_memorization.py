@@ -17,6 +17,7 @@ from pocketgpt.model import GPT
 from pocketgpt.trainer import train
 
 
+# 250 iterations of training, the longest setup there was in the quick loop: every test using it is slow
 @pytest.fixture(scope="module")
 def memorized(tmp_path_factory):
     """A tiny model trained until it knows a short passage (repeated, so it fills both splits) by heart."""
@@ -31,6 +32,7 @@ def memorized(tmp_path_factory):
     return root / "run", data
 
 
+@pytest.mark.slow
 def test_trained_model_reproduces_its_text_and_untrained_does_not(memorized):
     run, data = memorized
     tokens, _ = open_tokens(data / "train.bin")
@@ -43,6 +45,7 @@ def test_trained_model_reproduces_its_text_and_untrained_does_not(memorized):
     assert blank["exact_match"] == 0.0 and blank["mean_prefix_share"] < 0.2
 
 
+@pytest.mark.slow
 def test_cli_json_and_text(memorized, capsys):
     run, _ = memorized
     code, out, err = run_cli(capsys, "eval", "--model", run, "--memorization", "--json", "--prompts", 10,
@@ -58,6 +61,7 @@ def test_cli_json_and_text(memorized, capsys):
     assert "\r" not in out + err  # not a terminal: no progress bar redraws
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags,message", [
     (["--prompts", "-1"], "--prompts must be at least 1"),
     (["--continuation-tokens", "0"], "--continuation-tokens must be at least 1"),
@@ -70,6 +74,7 @@ def test_bad_options_exit_2(memorized, capsys, flags, message):
     assert code == 2 and message in err and "Traceback" not in err and err.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_memorization_options_need_the_flag(memorized, capsys):
     code, _, err = run_cli(capsys, "eval", "--model", memorized[0], "--prompts", 4)
     assert code == 2 and "--memorization" in err

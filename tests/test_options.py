@@ -92,6 +92,7 @@ def test_muon_takes_hidden_matrices_and_adamw_the_rest():
     assert len(make_optimizers(model, OptimConfig(), torch.device("cpu"))) == 1
 
 
+@pytest.mark.slow  # four options, 80 steps of training each (a run, and a run stopped and resumed)
 @pytest.mark.parametrize("opts", [OPTIONS[-1], {"optimizer": "muon"}, {**OPTIONS[-1], "optimizer": "muon"},
                                   {"optimizer": "muon", "dtype": "bfloat16"}],
                          ids=["modern-arch", "muon", "modern+muon", "muon-bf16-cheap-dropout"])

@@ -12,6 +12,8 @@ from typing import Any, Iterator
 
 import pytest
 
+pytestmark = [pytest.mark.slow, pytest.mark.browser]  # a chromium and a trained run: out of the quick loop
+
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 pytest.importorskip("httpx")

@@ -18,6 +18,7 @@ def losses_by_iter(run_dir, key="loss"):
     return {m["iter"]: m[key] for m in metrics(run_dir) if key in m}
 
 
+@pytest.mark.slow
 def test_loss_falls_on_a_small_corpus(data_dir, tmp_path):
     res = train(tiny_config(max_iters=120, eval_interval=60), data_dir, tmp_path / "run", echo=lambda s: None)
     evals = [m for m in metrics(tmp_path / "run") if "val_loss" in m]
@@ -347,6 +348,7 @@ def test_an_unread_non_finite_step_is_caught_before_anything_is_saved(data_dir, 
     assert json.loads((run / "last" / "state.json").read_text())["iter"] == 10
 
 
+@pytest.mark.slow
 def test_bf16_autocast_on_cpu_learns_like_float32(data_dir, tmp_path):
     kw = dict(max_iters=120, eval_interval=60)
     fp32 = train(tiny_config(**kw), data_dir, tmp_path / "fp32", echo=lambda s: None)

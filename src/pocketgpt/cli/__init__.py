@@ -1,10 +1,14 @@
 """The `pocketgpt` command: parse, then call one function per subcommand; errors become one line.
 
 Only torch-free modules are imported here at start, so `pocketgpt --help` answers at once.
-  parser.py    the argparse tree (options only)
-  train.py     prepare and train (what a train command means lives in pocketgpt.launch)
-  generate.py  sample and chat
+Each command file defines its commands' options (`add_<cmd>`) beside what runs them (`cmd_<cmd>`):
+  train.py      prepare and train (what a train command means lives in pocketgpt.launch)
+  generate.py   sample and chat
   inspection.py eval, info, tokenize, plot
+  export.py     export (hf, gguf, peft);  push.py: push;  serve.py: serve
+  options.py    the option groups several command files share (--vocab, --checkpoint)
+  parser.py     assembles the argparse tree from the command files' adders
+  output.py     stdout and the exit codes
 """
 
 from __future__ import annotations
@@ -16,11 +20,8 @@ from typing import Callable
 from ..config import USER_KEYS, nearest, parse_config_flags
 from ..errors import PocketError, TrainingDiverged
 from . import export, generate, inspection, push, serve, train
+from .output import EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_USER_ERROR
 from .parser import Parser, build_parser
-
-EXIT_USER_ERROR = 2
-EXIT_DIVERGED = 3
-EXIT_INTERRUPTED = 130
 
 COMMANDS: dict[str, Callable[..., int]] = {
     "prepare": train.cmd_prepare, "train": train.cmd_train, "sample": generate.cmd_sample, "chat": generate.cmd_chat,

@@ -7,14 +7,14 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import PocketError
-from .parser import add_vocab
+from .options import AddCommand, add_checkpoint, add_vocab
 from .output import say
 
 FORMATS = ("hf", "gguf", "peft")
 
 
-def add_export(command: Any) -> None:
-    """The export subcommand's options (parser.py calls this from build_parser)."""
+def add_export(command: AddCommand) -> None:
+    """The export subcommand's options."""
     p = command("export", help="write a model as a Hugging Face folder or a GGUF file (llama.cpp)",
                 description="Write a trained model as a Hugging Face GPT-2 folder (config.json, "
                             "model.safetensors, generation_config.json, tokenizer files and a README.md "
@@ -25,7 +25,7 @@ def add_export(command: Any) -> None:
                    help="hf: Hugging Face GPT-2 (default; a LoRA run's merged weights); gguf: one file for "
                         "llama.cpp; peft: a LoRA run's adapter alone, for Hugging Face peft")
     p.add_argument("--out", required=True, help="the folder (hf, peft) or the .gguf file (gguf) to write")
-    p.add_argument("--checkpoint", choices=["best", "last"], default="best")
+    add_checkpoint(p)
     add_vocab(p)
     p.add_argument("--overwrite", action="store_true", help="replace an earlier export at --out")
     p.add_argument("--license", default="other", help="the license in the model card's header or the GGUF "

@@ -9,7 +9,43 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import PocketError
+from ..sampling import DEFAULTS as SAMPLING_DEFAULTS
+from .options import AddCommand, add_checkpoint, add_vocab
 from .output import say
+
+
+def add_sample(command: AddCommand) -> None:
+    p = command("sample", help="generate text from a trained model")
+    add_sampling(p, 500)
+    p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
+    p.add_argument("--prompt-file", help="read the prompt from this file")
+    p.add_argument("--num-samples", type=int, default=1, help="independent samples, generated as one batch")
+
+
+def add_chat(command: AddCommand) -> None:
+    add_sampling(command("chat", help="type prompts, watch continuations stream"), 200)
+
+
+def add_sampling(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    """The model and sampling flags of sample and chat (read back by settings_from)."""
+    d = SAMPLING_DEFAULTS
+    p.add_argument("--model", required=True,
+                   help="a run folder (the --out of train), a Hugging Face GPT-2 folder or hub name "
+                        "(gpt2, user/repo), or a nanoGPT ckpt.pt or out_dir")
+    add_checkpoint(p, help="best: lowest val loss (default); last: the most recent save")
+    add_vocab(p)
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help=f"default {max_new_tokens}")
+    p.add_argument("--temperature", type=float, default=d.temperature, help=f"0 = greedy; default {d.temperature}")
+    p.add_argument("--top-k", type=int, default=d.top_k, help="sample from the k most likely tokens; 0 = off")
+    p.add_argument("--top-p", type=float, default=d.top_p, help="nucleus sampling mass in (0, 1]; 1 = off")
+    p.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty,
+                   help="> 1 makes tokens already in the text less likely; 1 = off")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop when the output contains TEXT (repeatable); TEXT itself is not printed")
+    p.add_argument("--stop-at-eos", action="store_true",
+                   help="BPE models: stop at the end-of-text token <|endoftext|>")
+    p.add_argument("--seed", type=int, default=None, help="make the output reproducible")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, mps or auto")
 
 
 def settings_from(args: argparse.Namespace) -> Any:

@@ -8,7 +8,27 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import PocketError
+from .options import AddCommand, add_checkpoint, add_vocab
 from .output import say
+
+
+def add_eval(command: AddCommand) -> None:
+    p = command("eval", help="loss, perplexity and bits per byte")
+    p.add_argument("--model", required=True, help="a run folder")
+    p.add_argument("--data", help="a prepared data folder (default: the run's own); its val split is used "
+                                  "(its train split with --memorization)")
+    p.add_argument("--file", help="a UTF-8 text file to evaluate instead")
+    add_checkpoint(p)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--memorization", action="store_true",
+                   help="how much of the TRAIN text (or --file) the model continues verbatim from prompts taken from it")
+    p.add_argument("--prompts", type=int, default=None, help="--memorization: prompts, evenly spaced (default 64)")
+    p.add_argument("--prompt-tokens", type=int, default=None,
+                   help="--memorization: tokens per prompt (default half the context, at most 128)")
+    p.add_argument("--continuation-tokens", type=int, default=None,
+                   help="--memorization: greedy tokens compared with the text (default 32)")
+    add_vocab(p)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -86,6 +106,14 @@ def _split_tokens(args: argparse.Namespace, model: Any, split: str) -> Any:
     return tokens
 
 
+def add_info(command: AddCommand) -> None:
+    p = command("info", help="what a run folder holds")
+    p.add_argument("--model", required=True, help="a run folder")
+    add_checkpoint(p)
+    p.add_argument("--json", action="store_true")
+    add_vocab(p)
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from ..loading import load
     from ..rundir import LOCK, summary
@@ -148,6 +176,14 @@ def _foreign_info(args: argparse.Namespace, model: Any) -> int:
     return 0
 
 
+def add_tokenize(command: AddCommand) -> None:
+    p = command("tokenize", help="show how a text is cut into tokens (JSON)")
+    p.add_argument("text", metavar="TEXT")
+    p.add_argument("--model", help="a run folder")
+    p.add_argument("--data", help="a prepared data folder")
+    p.add_argument("--tokenizer", help="char (the bundled corpus's characters) or gpt2")
+
+
 def cmd_tokenize(args: argparse.Namespace) -> int:
     from ..corpus import builtin_tokenizer
     from ..data import TOKENIZER
@@ -169,6 +205,15 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------- plot
+
+def add_plot(command: AddCommand) -> None:
+    p = command("plot", help="draw a run's training curves, or compare runs",
+                description="One run: (re)draw RUN_DIR/plots/*.png and RUN_DIR/report.md. Several runs: "
+                            "overlay their losses against iterations and tokens seen in one picture.")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (the --out of train)")
+    p.add_argument("--out", help="the comparison picture (default runs-compare.png); given with one run, "
+                                 "draws that run's losses there instead of plots/")
+
 
 def cmd_plot(args: argparse.Namespace) -> int:
     from ..plots import compare_runs, write_plots

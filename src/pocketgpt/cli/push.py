@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
 
 from .export import load_exportable, run_stats
+from .options import AddCommand, add_checkpoint, add_vocab
 from .output import say
-from .parser import add_vocab
 
 
-def add_push(command: Any) -> None:
-    """The push subcommand's options (parser.py calls this from build_parser)."""
+def add_push(command: AddCommand) -> None:
+    """The push subcommand's options."""
     p = command("push", help="upload a model to the Hugging Face hub (private by default)",
                 description="Export a model as a Hugging Face GPT-2 folder (what `export --format hf` writes: "
                             "weights, config, tokenizer, model card) and upload it to a hub repo, created "
@@ -25,7 +24,7 @@ def add_push(command: Any) -> None:
     visibility.add_argument("--public", dest="private", action="store_false", help="create the repo public")
     p.add_argument("--token", help="a Hugging Face token with write access (default: HF_TOKEN, else the "
                                    "login stored by `hf auth login`)")
-    p.add_argument("--checkpoint", choices=["best", "last"], default="best")
+    add_checkpoint(p)
     add_vocab(p)
     p.add_argument("--license", default="other", help="the license in the model card's header (default other)")
     p.add_argument("--message", help="the commit message (default: Upload NAME with pocketgpt)")

@@ -6,16 +6,15 @@ import argparse
 import importlib.util
 import sys
 from pathlib import Path
-from typing import Any
 
 from ..errors import PocketError
-from .parser import add_vocab
+from .options import AddCommand, add_checkpoint, add_vocab
 
 INSTALL_HINT = 'pip install "pocketgpt[serve]"'
 
 
-def add_serve(command: Any) -> None:
-    """The `serve` subcommand's options (command: build_parser's subcommand factory)."""
+def add_serve(command: AddCommand) -> None:
+    """The `serve` subcommand's options, their defaults the server's own Limits."""
     from ..serve.api import Limits
 
     d = Limits()
@@ -24,7 +23,7 @@ def add_serve(command: Any) -> None:
                             "and /health, on FastAPI + uvicorn (pip install \"pocketgpt[serve]\").")
     p.add_argument("--model", required=True, help="a run folder (the --out of train), a Hugging Face GPT-2 folder or "
                                                  "hub name, or a nanoGPT checkpoint")
-    p.add_argument("--checkpoint", choices=["best", "last"], default="best")
+    add_checkpoint(p)
     add_vocab(p)
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, mps or auto")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
