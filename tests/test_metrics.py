@@ -112,7 +112,7 @@ def test_cpu_training_lines_report_mfu_against_the_measured_ceiling(tmp_path, ca
     from pocketgpt.loading import load
     from pocketgpt.runtime import resolve
     from pocketgpt.sizing import flops_per_token
-    from pocketgpt.trainer import _matmul_params, peak_flops
+    from pocketgpt.plan import matmul_params, peak_flops
 
     code, out, err = run_cli(capsys, "train", "--data", data_dir, "--out", tmp_path / "r", *tiny_flags(max_iters=4))
     assert code == 0, err
@@ -124,7 +124,7 @@ def test_cpu_training_lines_report_mfu_against_the_measured_ceiling(tmp_path, ca
     ceiling = peak_flops(cfg, resolve("cpu", "float32"))  # the run's own (cached) measurement
     assert ceiling == probe.matmul_rate(torch.device("cpu"), torch.float32, probe.model_shapes(32, vocab, 8 * 16))
     model = load(tmp_path / "r").model
-    fpt = flops_per_token(_matmul_params(model), 2, 32, 16)
+    fpt = flops_per_token(matmul_params(model), 2, 32, 16)
     for m in train_lines:  # the model's FLOPs per token times the logged tokens/s, against that ceiling
         assert m["mfu"] == pytest.approx(fpt * m["tokens_per_s"] / ceiling, rel=1e-2, abs=1e-4)
 
@@ -181,10 +181,10 @@ def test_a_ceiling_below_what_the_run_reaches_is_measured_again(tmp_path, capsys
     assert remeasured > 1e6
     last = [m for m in metrics(tmp_path / "r") if "mfu" in m][-1]
     from pocketgpt.sizing import flops_per_token
-    from pocketgpt.trainer import _matmul_params
+    from pocketgpt.plan import matmul_params
     from pocketgpt.loading import load
 
-    fpt = flops_per_token(_matmul_params(load(tmp_path / "r").model), 2, 32, 16)
+    fpt = flops_per_token(matmul_params(load(tmp_path / "r").model), 2, 32, 16)
     assert last["mfu"] == pytest.approx(fpt * last["tokens_per_s"] / remeasured, rel=1e-2, abs=1e-4)
     assert last["mfu"] < 1e3  # the old ceiling gave millions
 
