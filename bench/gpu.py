@@ -87,7 +87,7 @@ def gpt2_step(root: Path, device: str, steps: int, smoke: bool) -> dict[str, Any
     out.mkdir()
     trainer = Trainer.create(cfg, data, out, resolve(device, "auto"), MetricsLog(out / "m.jsonl", echo=lambda s: None))
     if cfg.run.compile == "true":
-        trainer.net.compile(lambda s: None)
+        trainer.net.use_compiled(True)
     lr = cfg.optim.learning_rate
     for it in range(5):  # warm-up (compilation)
         trainer.step(it, lr)
@@ -98,9 +98,9 @@ def gpt2_step(root: Path, device: str, steps: int, smoke: bool) -> dict[str, Any
         trainer.step(it, lr)
     sync()
     tps = steps * cfg.run.batch_size * cfg.model.block_size / (time.perf_counter() - start)
-    mfu = trainer.flops_per_token * tps / trainer.peak_flops if trainer.peak_flops else None
+    mfu = trainer.mfu.flops_per_token * tps / trainer.mfu.peak if trainer.mfu.peak else None
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else None
-    return {"tokens_per_s": tps, "mfu": mfu, "peak_mem_mb": peak, "compiled": bool(trainer.net.wrapped)}
+    return {"tokens_per_s": tps, "mfu": mfu, "peak_mem_mb": peak, "compiled": trainer.net.compiled}
 
 
 def generation(device: str, smoke: bool) -> dict[str, float]:

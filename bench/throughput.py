@@ -45,9 +45,9 @@ def pocketgpt_step(data_dir: Path, out: Path, batch: int, dtype: str, compile_: 
     # the attention dtype is set, not the probe's choice: these rows compare the two on purpose
     model_module.use_bf16_attention(trainer.model, bf16_attention)
     if compile_:
-        trainer.net.compile(lambda s: None)
+        trainer.net.use_compiled(True)
         trainer.step(0, 1e-3)  # compiles now; a failure would fall back to eager without a word
-        assert trainer.net.wrapped, "torch.compile failed: the compile rows would be eager"
+        assert trainer.net.compiled, "torch.compile failed: the compile rows would be eager"
     if adamw != "fused":  # AdamW reads both switches at every step; "per-tensor" is a loop over the tensors
         for opt in trainer.optimizers:
             for g in opt.param_groups:

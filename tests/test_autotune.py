@@ -14,23 +14,53 @@ from pocketgpt import autotune
 from pocketgpt.autotune import AutoTune, Plan, Timing
 from pocketgpt.checkpoint import read_last_state
 from pocketgpt.distributed import Group
+from pocketgpt.stepmodel import StepModel
 from pocketgpt.trainer import train
 
 from helpers import metrics, tiny_config
 
 
-class FakeNet:
-    """TrainModel's compile contract: compile() makes `forward` a compiled callable; a failure at a call sets
-    forward back to eager (as TrainModel.__call__ does)."""
+class Pair(torch.nn.Module):
+    """A model whose forward costs nothing: the steps below sleep what the forward in use should cost."""
+
+    def forward(self, x, y):
+        return x, y
+
+
+class Compiler:
+    """torch.compile's stand-in (compiling for real would take seconds a test): it counts what it compiles,
+    and what it returns runs the eager forward, or raises at the call, as a compiler failure at the first
+    call does. The StepModel around it is the real one, fallback included."""
 
     def __init__(self):
-        self.eager = object()
-        self.forward = self.eager
-        self.compiles = 0
+        self.compiled = []
+        self.fails = False
 
-    def compile(self, say):
-        self.compiles += 1
-        self.forward = object()
+    def __call__(self, forward):
+        self.compiled.append(forward)
+
+        def compiled(*args):
+            if self.fails:
+                raise RuntimeError("backend compiler failed")
+            return forward(*args)
+
+        return compiled
+
+    def of(self, net):
+        """How many times net's forward was compiled."""
+        return sum(f is net.raw for f in self.compiled)
+
+
+@pytest.fixture
+def compiler(monkeypatch):
+    c = Compiler()
+    monkeypatch.setattr(torch, "compile", c)
+    return c
+
+
+def _net():
+    """The real StepModel (ask for the compiler fixture too: its compiles are the stand-in's)."""
+    return StepModel(Pair())
 
 
 def _single() -> Group:
@@ -52,17 +82,38 @@ def _threads_back():
     torch.set_num_threads(before)
 
 
-def _run_steps(choice, net, eager_s, compiled_s, n=20, fail=False):
-    """Steps that take eager_s or compiled_s seconds, as the forward the chooser set says."""
-    used = []
+def _run_steps(choice, net, eager_s, compiled_s, n=20):
+    """Steps that call net and take eager_s or compiled_s seconds, as the forward in use says (a compiled call
+    that fails falls back to eager inside the call)."""
+    used, x = [], torch.zeros(1)
     for _ in range(n):
         with choice.step():
-            compiled = net.forward is not net.eager
-            used.append(compiled)
-            if compiled and fail:
-                net.forward = net.eager  # what TrainModel does when the compiled call raised
-            time.sleep(compiled_s if compiled and not fail else eager_s)
+            used.append(net.compiled)
+            net(x, x, lambda line: None)
+            time.sleep(compiled_s if net.compiled else eager_s)
     return used
+
+
+def test_a_compiled_forward_that_fails_at_its_first_call_falls_back_to_eager_for_good(compiler):
+    net, said, x = _net(), [], torch.ones(2)
+    assert net.use_compiled(True) and net.compiled and compiler.of(net) == 1
+    compiler.fails = True
+    out = net(x, 2 * x, said.append)  # the compiled call raises: the step runs eagerly instead
+    assert torch.equal(out[1], 2 * x) and not net.compiled
+    assert len(said) == 1 and said[0].startswith("warning: torch.compile failed (RuntimeError: backend compiler")
+    assert not net.use_compiled(True) and compiler.of(net) == 1  # not compiled again, not switched back
+
+
+def test_torch_compile_unavailable_leaves_the_eager_forward(monkeypatch):
+    def unavailable(forward):
+        raise RuntimeError("Dynamo is not supported on this Python")
+
+    monkeypatch.setattr(torch, "compile", unavailable)
+    net, said = _net(), []
+    assert not net.use_compiled(True, said.append) and not net.compiled
+    assert said == ["warning: torch.compile unavailable (RuntimeError); training without it"]
+    assert not net.use_compiled(True, said.append) and len(said) == 1  # tried once
+    assert net(torch.ones(1), torch.zeros(1), said.append)[1].item() == 0.0
 
 
 def test_timing_pays_only_when_clearly_faster_and_earned_back():
@@ -72,69 +123,70 @@ def test_timing_pays_only_when_clearly_faster_and_earned_back():
     assert not Timing(0.2, None, 0.0).pays(1e9)  # compiling failed
 
 
-def test_a_faster_compiled_step_is_measured_kept_and_reused(tmp_path, monkeypatch):
+def test_a_faster_compiled_step_is_measured_kept_and_reused(tmp_path, monkeypatch, compiler):
     monkeypatch.setenv("POCKETGPT_CACHE_DIR", str(tmp_path))
-    net, said = FakeNet(), []
+    net, said = _net(), []
     choice = _choice(net, "k", said=said)
     used = _run_steps(choice, net, eager_s=0.012, compiled_s=0.003)
     plan = autotune.WARMUP + 2 + 2 * autotune.ROUNDS
     # warm-up eager, the compile and a compiled warm-up, then eager and compiled in turns, then compiled on
     assert used[:plan] == [False] * autotune.WARMUP + [True, True] + [False, True] * autotune.ROUNDS
-    assert all(used[plan:]) and choice.compile == autotune.ON and net.compiles == 1
+    assert all(used[plan:]) and choice.compile == autotune.ON and compiler.of(net) == 1
     kept = json.loads((tmp_path / autotune.CACHE_FILE).read_text())[f"k t{torch.get_num_threads()} | compile"]
     assert kept["compiled_s"] < kept["eager_s"] / 2 and kept["compile_s"] >= 0
     assert any("compile auto: compiled (measured here" in s for s in said)
 
-    again, said2 = FakeNet(), []
+    again, said2 = _net(), []
     second = _choice(again, "k", said=said2)
-    assert second.compile == autotune.ON and again.compiles == 1 and not second.times
+    assert second.compile == autotune.ON and compiler.of(again) == 1 and not second.times
     assert any("measured before on this machine" in s for s in said2)
 
 
 @pytest.mark.parametrize("steps_left,decided", [(2000, autotune.ON), (500, autotune.OFF)])
 def test_a_kept_timing_compiles_only_where_the_steps_left_earn_the_compile_back(tmp_path, monkeypatch,
-                                                                                steps_left, decided):
+                                                                                steps_left, decided, compiler):
     monkeypatch.setenv("POCKETGPT_CACHE_DIR", str(tmp_path))
     autotune.write_compile(f"k t{torch.get_num_threads()}", Timing(eager_s=0.2, compiled_s=0.17, compile_s=30.0))
-    net, said = FakeNet(), []
+    net, said = _net(), []
     choice = _choice(net, "k", steps_left=steps_left, said=said)
-    assert choice.compile == decided and net.compiles == (decided == autotune.ON) and not choice.times
+    assert choice.compile == decided and compiler.of(net) == (decided == autotune.ON) and not choice.times
     assert ("do not earn the compile back" in said[-1]) == (decided == autotune.OFF)
 
 
-def test_a_slower_compiled_step_goes_back_to_eager(tmp_path, monkeypatch):
+def test_a_slower_compiled_step_goes_back_to_eager(tmp_path, monkeypatch, compiler):
     monkeypatch.setenv("POCKETGPT_CACHE_DIR", str(tmp_path))
-    net = FakeNet()
+    net = _net()
     choice = _choice(net, "slow")
     used = _run_steps(choice, net, eager_s=0.003, compiled_s=0.012)
     plan = autotune.WARMUP + 2 + 2 * autotune.ROUNDS
     assert choice.compile == autotune.OFF and not any(used[plan:])
-    assert net.forward is net.eager
+    assert not net.compiled
 
 
-def test_a_failing_compile_is_kept_as_failed_and_not_tried_again(tmp_path, monkeypatch):
+def test_a_failing_compile_is_kept_as_failed_and_not_tried_again(tmp_path, monkeypatch, compiler):
     monkeypatch.setenv("POCKETGPT_CACHE_DIR", str(tmp_path))
-    net = FakeNet()
+    net = _net()
     choice = _choice(net, "broken")
-    used = _run_steps(choice, net, eager_s=0.002, compiled_s=0.001, fail=True)
+    compiler.fails = True  # the compiled forward raises at its first call
+    used = _run_steps(choice, net, eager_s=0.002, compiled_s=0.001)
     assert choice.compile == autotune.OFF and used.count(True) == 1  # tried once, then eager throughout
     assert autotune.read_compile(f"broken t{torch.get_num_threads()}").compiled_s is None
-    again = FakeNet()
+    again = _net()
     second = _choice(again, "broken")
-    assert second.compile == autotune.OFF and again.compiles == 0
+    assert second.compile == autotune.OFF and compiler.of(again) == 0
 
 
-def test_a_short_run_is_not_measured_and_a_resume_keeps_the_decision(tmp_path, monkeypatch):
+def test_a_short_run_is_not_measured_and_a_resume_keeps_the_decision(tmp_path, monkeypatch, compiler):
     monkeypatch.setenv("POCKETGPT_CACHE_DIR", str(tmp_path))
-    net, said = FakeNet(), []
+    net, said = _net(), []
     choice = _choice(net, "short", steps_left=100, said=said)
     _run_steps(choice, net, eager_s=0.001, compiled_s=0.001, n=5)
-    assert choice.compile == autotune.OFF and net.compiles == 0 and len(choice.times) == autotune.WARMUP
+    assert choice.compile == autotune.OFF and compiler.of(net) == 0 and len(choice.times) == autotune.WARMUP
     assert any("measuring needs" in s for s in said)
     assert not (tmp_path / autotune.CACHE_FILE).exists()  # nothing was measured, so nothing is kept
-    resumed = FakeNet()
+    resumed = _net()
     r = _choice(resumed, "short", steps_left=100, saved=autotune.ON)  # the run being resumed had compiled
-    assert r.compile == autotune.ON and resumed.compiles == 1
+    assert r.compile == autotune.ON and compiler.of(resumed) == 1
 
 
 def test_an_unreadable_cache_entry_is_measured_again(tmp_path, monkeypatch):
@@ -162,30 +214,31 @@ def test_a_tiny_cli_run_stays_eager_and_saves_its_decision(data_dir, tmp_path, m
 def _timed_by_threads(tuner, net, seconds_at, n=12):
     for _ in range(n):
         with tuner.step():
-            time.sleep(seconds_at(torch.get_num_threads(), net.forward is not net.eager))
+            time.sleep(seconds_at(torch.get_num_threads(), net.compiled))
 
 
 @pytest.mark.parametrize("one_s,two_s,best", [(0.002, 0.008, 1), (0.008, 0.002, 2)])
-def test_threads_are_timed_in_turns_and_the_faster_count_kept(tmp_path, monkeypatch, one_s, two_s, best):
+def test_threads_are_timed_in_turns_and_the_faster_count_kept(tmp_path, monkeypatch, one_s, two_s, best,
+                                                               compiler):
     monkeypatch.setenv("POCKETGPT_CACHE_DIR", str(tmp_path))
     torch.set_num_threads(2)
-    net, said = FakeNet(), []
+    net, said = _net(), []
     tuner = _choice(net, "th", said=said, plan=Plan(compile=autotune.OFF, threads=2))
     _timed_by_threads(tuner, net, lambda n, _: one_s if n == 1 else two_s)
-    assert tuner.threads == best and torch.get_num_threads() == best and net.compiles == 0
+    assert tuner.threads == best and torch.get_num_threads() == best and compiler.of(net) == 0
     assert autotune.read_threads("th t2") == best  # kept under the process's own count
     assert any(s.startswith(f"threads auto: {best} (measured here") for s in said)
     torch.set_num_threads(2)
-    again = _choice(FakeNet(), "th", plan=Plan(compile=autotune.OFF, threads=2))
+    again = _choice(_net(), "th", plan=Plan(compile=autotune.OFF, threads=2))
     assert again.threads == best and not again.measuring and torch.get_num_threads() == best
-    resumed = _choice(FakeNet(), "th", plan=Plan(compile=autotune.OFF, threads=2, saved_threads=1))
+    resumed = _choice(_net(), "th", plan=Plan(compile=autotune.OFF, threads=2, saved_threads=1))
     assert resumed.threads == 1  # a resume keeps its run's count, whatever the cache says
 
 
-def test_threads_then_compile_at_the_chosen_count(tmp_path, monkeypatch):
+def test_threads_then_compile_at_the_chosen_count(tmp_path, monkeypatch, compiler):
     monkeypatch.setenv("POCKETGPT_CACHE_DIR", str(tmp_path))
     torch.set_num_threads(2)
-    net = FakeNet()
+    net = _net()
     tuner = _choice(net, "both", plan=Plan(compile="", threads=2))
     _timed_by_threads(tuner, net, lambda n, compiled: (0.006 if n == 1 else 0.024) / (3 if compiled else 1), n=24)
     assert tuner.threads == 1 and tuner.compile == autotune.ON and not tuner.measuring
@@ -218,27 +271,25 @@ def test_a_real_run_measures_torch_compile_and_trains_on(data_dir, tmp_path, mon
         assert state["threads"] in (threads, threads // 2)
 
 
-def test_a_resumed_compiled_run_stays_compiled_and_keeps_its_threads(tmp_path, monkeypatch):
+def test_a_resumed_compiled_run_stays_compiled_and_keeps_its_threads(tmp_path, monkeypatch, compiler):
     """A resume that saved compile on but no thread count: threads are not timed on compiled code (inductor
     fixes the count it compiled with), and no step goes back to eager."""
     monkeypatch.setenv("POCKETGPT_CACHE_DIR", str(tmp_path))
     torch.set_num_threads(2)
-    net = FakeNet()
+    net = _net()
     tuner = _choice(net, "resumed", plan=Plan(compile="", threads=2, saved_compile=autotune.ON))
-    compiled = net.forward
     used = _run_steps(tuner, net, eager_s=0.001, compiled_s=0.001, n=14)
-    assert all(used) and net.forward is compiled and net.compiles == 1
+    assert all(used) and net.compiled and compiler.of(net) == 1
     assert tuner.compile == autotune.ON and tuner.threads == 2 and not tuner.measuring
 
 
-def test_compile_asked_for_is_kept_and_threads_are_not_timed_on_it(tmp_path, monkeypatch):
+def test_compile_asked_for_is_kept_and_threads_are_not_timed_on_it(tmp_path, monkeypatch, compiler):
     monkeypatch.setenv("POCKETGPT_CACHE_DIR", str(tmp_path))
     torch.set_num_threads(2)
-    net = FakeNet()
-    net.compile(None)  # what the trainer does for compile true
-    compiled = net.forward
+    net = _net()
+    net.use_compiled(True)  # what the trainer does for compile true
     tuner = _choice(net, "asked", plan=Plan(compile=autotune.ON, threads=2))
-    assert not tuner.measuring and tuner.threads == 2 and net.forward is compiled
+    assert not tuner.measuring and tuner.threads == 2 and net.compiled and compiler.of(net) == 1
 
 
 def test_a_timing_kept_on_a_busier_machine_is_measured_again(tmp_path, monkeypatch):
@@ -251,14 +302,14 @@ def test_a_timing_kept_on_a_busier_machine_is_measured_again(tmp_path, monkeypat
     assert autotune.read_compile("k") is None and autotune.read_threads("k") == 0
 
 
-def test_a_run_too_short_for_every_phase_takes_the_defaults(tmp_path, monkeypatch):
+def test_a_run_too_short_for_every_phase_takes_the_defaults(tmp_path, monkeypatch, compiler):
     monkeypatch.setenv("POCKETGPT_CACHE_DIR", str(tmp_path))
     torch.set_num_threads(2)
-    net, said = FakeNet(), []
+    net, said = _net(), []
     # long in seconds (10 s steps), but 20 steps cannot hold the 18 timed ones twice over
     tuner = AutoTune(net, lambda: "few", lambda step_s: 20, said.append, _single(), torch.device("cpu"))
     tuner.start(Plan(compile="", threads=2))
     monkeypatch.setattr(autotune, "MEASURE_MIN_S", 0.0)
     _run_steps(tuner, net, eager_s=0.001, compiled_s=0.001, n=4)
-    assert tuner.compile == autotune.OFF and tuner.threads == 2 and net.compiles == 0
+    assert tuner.compile == autotune.OFF and tuner.threads == 2 and compiler.of(net) == 0
     assert any("measuring needs" in s and "36 steps" in s for s in said)

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from pocketgpt import autotune, checkpoint, distributed, fsdp
+from pocketgpt import autotune, checkpoint, distributed, faults, fsdp
 from pocketgpt.cli import main
 from pocketgpt.data import BatchSampler, open_tokens
 from pocketgpt.errors import PocketError
@@ -219,7 +219,7 @@ def test_a_one_process_run_resumes_on_two_ranks_and_stays_within_1e_3_over_60_st
 def test_drifted_replicas_stop_every_rank_with_one_line(data_dir, tmp_path):
     """Rank 1's copy of the weights is nudged at iter 3; the check at the next eval (5) stops the run there."""
     run = tmp_path / "run"
-    env = {distributed.ENV_TEST_EXIT: "1:3:drift"}
+    env = {faults.ENV_RANK_EXIT: "1:3:drift"}
     code, out, _ = torchrun(2, *train_flags(data_dir, run, max_iters=10, eval_interval=5), env=env)
     assert code != 0
     assert out.count("error: the weights differ across ranks at iter 5: transformer.wte.weight on rank 1") == 1, out
@@ -232,7 +232,7 @@ def test_drifted_replicas_stop_every_rank_with_one_line(data_dir, tmp_path):
 def test_a_nan_on_one_rank_stops_every_rank_at_the_same_step(data_dir, tmp_path):
     """Rank 1 alone goes NaN at iter 3: the global loss is NaN on both ranks, and both stop at that step."""
     run = tmp_path / "run"
-    code, out, seconds = torchrun(2, *train_flags(data_dir, run), env={distributed.ENV_TEST_EXIT: "1:3:nan"},
+    code, out, seconds = torchrun(2, *train_flags(data_dir, run), env={faults.ENV_RANK_EXIT: "1:3:nan"},
                                   timeout=60)
     assert code != 0 and seconds < 40
     assert out.count("training stopped at iter 3: the loss became nan") == 2, out  # each rank says where it stopped
@@ -245,7 +245,7 @@ def test_a_nan_on_one_rank_stops_every_rank_at_the_same_step(data_dir, tmp_path)
 def test_a_lost_rank_ends_the_run_with_a_message_naming_it(data_dir, tmp_path, how):
     """Rank 1 dies (or stops answering) at iter 3: rank 0 says so and exits within the timeout."""
     hook = "1:3" if how == "dies" else "1:3:hang"
-    env = {distributed.ENV_TEST_EXIT: hook, distributed.ENV_TIMEOUT: "5"}
+    env = {faults.ENV_RANK_EXIT: hook, distributed.ENV_TIMEOUT: "5"}
     code, out, seconds = torchrun(2, *train_flags(data_dir, tmp_path / "run"), env=env, timeout=60)
     assert code != 0
     assert "rank 0 lost contact with rank 1" in out, out
@@ -257,12 +257,12 @@ def test_a_lost_rank_ends_the_run_with_a_message_naming_it(data_dir, tmp_path, h
 @pytest.mark.distributed
 def test_an_unexpected_error_on_a_rank_reaches_torchrun_with_its_traceback(data_dir, tmp_path):
     """A bug (not a PocketError) on rank 1: torchrun's summary holds that rank's traceback (record())."""
-    env = {distributed.ENV_TEST_EXIT: "1:2:raise", distributed.ENV_TIMEOUT: "5"}
+    env = {faults.ENV_RANK_EXIT: "1:2:raise", distributed.ENV_TIMEOUT: "5"}
     code, out, _ = torchrun(2, *train_flags(data_dir, tmp_path / "run"), env=env, timeout=60)
     assert code != 0
     summary = out[out.index("Root Cause"):]
     assert "rank      : 1" in summary and "To enable traceback" not in summary, summary
-    assert "RuntimeError: test: an unexpected failure on rank 1" in summary and "exit_hook_for_tests" in summary
+    assert "RuntimeError: test: an unexpected failure on rank 1" in summary and "rank_fault" in summary
 
 
 def _interrupted_after(data_dir: Path, run: Path, lines: int, env: dict[str, str] | None = None,

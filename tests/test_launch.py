@@ -10,13 +10,14 @@ import torch
 from helpers import TINY, metrics, run_cli, tiny_config, tiny_flags
 
 from pocketgpt import launch as launching
-from pocketgpt import trainer as trainer_module
+from pocketgpt import runtime as runtime_module
 from pocketgpt.config import parse_cli_overrides, parse_config_flags
 from pocketgpt.errors import PocketError
 from pocketgpt.metrics import MetricsLog
 from pocketgpt.model import GPT
 from pocketgpt.runtime import resolve
-from pocketgpt.trainer import Trainer, build_model, train
+from pocketgpt.stepmodel import build_model
+from pocketgpt.trainer import Trainer, train
 
 
 @pytest.mark.slow
@@ -61,7 +62,8 @@ def test_build_model_takes_an_initial_model_and_keeps_it_raw(data_dir, tmp_path)
     with torch.no_grad():
         initial.transformer.wte.weight.fill_(0.125)
     t = Trainer.create(tiny_config(), data_dir, tmp_path, runtime, log, initial=initial)
-    assert t.model is initial and t.net.raw is initial and not t.net.wrapped
+    assert t.model is initial and t.net.raw is initial  # used as it is, not rebuilt
+    assert t.net.ddp is None and t.net.sharded is None and not t.net.compiled  # one process: nothing around it
     assert bool((t.model.transformer.wte.weight == 0.125).all())  # not re-initialised
     with pytest.raises(PocketError, match="initial model.*does not fit"):
         build_model(shape, runtime, GPT(replace(shape, vocab_size=vocab + 1)))
@@ -96,7 +98,7 @@ def test_a_model_beyond_this_machines_memory_is_refused_before_allocating(data_d
 
 
 def test_the_memory_check_compares_the_estimate_with_the_device(data_dir, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(trainer_module, "device_memory_mb", lambda runtime: 0.5)  # a machine with 0.5 MB
+    monkeypatch.setattr(runtime_module, "device_memory_mb", lambda runtime: 0.5)  # a machine with 0.5 MB
     with pytest.raises(PocketError, match="this machine has 0 MB"):
         train(tiny_config(max_iters=5), data_dir, tmp_path / "run", echo=lambda s: None)
     code, _, err = run_cli(capsys, "train", "--data", data_dir, "--out", tmp_path / "run2", "--skip-memory-check",

@@ -261,13 +261,13 @@ def test_refusals(char_base, data_dir, tmp_path, capsys):
 
 
 def test_lora_memory_estimate_counts_the_frozen_base_once(char_base):
-    from pocketgpt.trainer import memory_estimate_mb
+    from pocketgpt.plan import memory_estimate_mb
 
-    runtime = resolve("cpu", "float32")
+    value_bytes = resolve("cpu", "float32").dtype.itemsize
     cfg = lora_cfg()
     cfg.model.vocab_size = 65
-    full, _ = memory_estimate_mb(tiny_config(), 1_000_000, runtime)
-    part, _ = memory_estimate_mb(cfg, 1_000_000, runtime)
+    full, _ = memory_estimate_mb(tiny_config(), 1_000_000, value_bytes)
+    part, _ = memory_estimate_mb(cfg, 1_000_000, value_bytes)
     assert full == pytest.approx(16e6 / 2**20)
     assert part == pytest.approx((4e6 + 16 * cfg.lora.trainable_params(cfg.model)) / 2**20)
     assert math.isclose(cfg.lora.trainable_params(cfg.model), 2 * 4 * 32 * (4 + 2 + 5 + 5))

@@ -111,7 +111,7 @@ def test_cpu_training_lines_report_mfu_against_the_measured_ceiling(tmp_path, ca
     from pocketgpt import probe, rundir
     from pocketgpt.loading import load
     from pocketgpt.runtime import resolve
-    from pocketgpt.trainer import _matmul_params, peak_flops
+    from pocketgpt.plan import matmul_params, peak_flops
 
     code, out, err = run_cli(capsys, "train", "--data", data_dir, "--out", tmp_path / "r", *tiny_flags(max_iters=4))
     assert code == 0, err
@@ -124,7 +124,7 @@ def test_cpu_training_lines_report_mfu_against_the_measured_ceiling(tmp_path, ca
     assert ceiling == probe.matmul_rate(torch.device("cpu"), torch.float32, probe.model_shapes(cfg.model, 8 * 16))
     assert cfg.model.n_embd == 32 and vocab > 0
     model = load(tmp_path / "r").model
-    fpt = cfg.model.flops_per_token(_matmul_params(model))
+    fpt = cfg.model.flops_per_token(matmul_params(model))
     for m in train_lines:  # the model's FLOPs per token times the logged tokens/s, against that ceiling
         assert m["mfu"] == pytest.approx(fpt * m["tokens_per_s"] / ceiling, rel=1e-2, abs=1e-4)
 
@@ -183,10 +183,10 @@ def test_a_ceiling_below_what_the_run_reaches_is_measured_again(tmp_path, capsys
     remeasured = json.loads((tmp_path / "cache" / probe.CACHE_FILE).read_text())[key]["flops_per_s"]
     assert remeasured > 1e6
     last = [m for m in metrics(tmp_path / "r") if "mfu" in m][-1]
-    from pocketgpt.trainer import _matmul_params
+    from pocketgpt.plan import matmul_params
     from pocketgpt.loading import load
 
-    fpt = tiny.flops_per_token(_matmul_params(load(tmp_path / "r").model))
+    fpt = tiny.flops_per_token(matmul_params(load(tmp_path / "r").model))
     assert last["mfu"] == pytest.approx(fpt * last["tokens_per_s"] / remeasured, rel=1e-2, abs=1e-4)
     assert last["mfu"] < 1e3  # the old ceiling gave millions
 

@@ -25,8 +25,10 @@ follows the numeric path of the run it continues.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -35,10 +37,14 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 import torch
 
 from . import probe
+from .distributed import ENV_THREADS
 
 if TYPE_CHECKING:
+    from .config import TrainConfig
     from .distributed import Group
-    from .trainer import TrainModel
+    from .runtime import Runtime
+    from .stepmodel import StepModel
+    from .trainstate import RunState
 
 CACHE_FILE = "autotune.json"
 # the faster side must win by this much: below it the difference is noise, and a changed numeric path
@@ -126,6 +132,16 @@ def write_threads(key: str, threads: int, seconds: dict[int, float]) -> None:
     _write(key, "threads", {"threads": threads, "step_s": {str(n): s for n, s in seconds.items()}})
 
 
+def step_key(cfg: TrainConfig, runtime: Runtime, world_size: int, bf16_attention: bool) -> str:
+    """The cache key of a run's step: what its cost (eager, compiled, at a thread count) depends on besides the
+    machine: the model, one rank's rows, the recipe."""
+    return shape_key(runtime.device, {
+        "model": cfg.model.__dict__, "rows": cfg.run.batch_size // world_size,
+        "accum": cfg.run.grad_accum_steps, "dtype": str(runtime.dtype), "optimizer": cfg.optim.optimizer,
+        "checkpointing": cfg.run.gradient_checkpointing, "lora": cfg.lora.__dict__,
+        "world": world_size, "parallel": cfg.run.parallel, "bf16_attention": bf16_attention})
+
+
 @dataclass
 class Plan:
     """What a run leaves to measurement, and what the run being resumed decided.
@@ -145,9 +161,10 @@ class AutoTune:
 
     key(): the cache key of a step at the current thread count; steps_left(step_s): how many steps the
     run has left at step_s seconds a step. Under torchrun every rank runs the same steps and the ranks
-    decide together from their mean timings; the first rank of each machine keeps them in its cache."""
+    decide together from their mean timings; the first rank of each machine keeps them in its cache.
+    The forward is net's to switch (StepModel.use_compiled): this only asks for one."""
 
-    def __init__(self, net: TrainModel, key: Callable[[], str], steps_left: Callable[[float], float],
+    def __init__(self, net: StepModel, key: Callable[[], str], steps_left: Callable[[float], float],
                  say: Callable[[str], None], group: Group, device: torch.device):
         self.net, self.key, self.steps_left, self.say = net, key, steps_left, say
         self.group, self.device = group, device
@@ -158,8 +175,7 @@ class AutoTune:
         self.queue: list[tuple[str, int]] = []  # (kind, threads) of the phase's steps still to run
         self.times: list[tuple[str, int, float]] = []  # the phase's (kind, threads, seconds)
         self.warmed = False
-        self.compiled: Callable[..., Any] | None = None
-        self.failed = False
+        self.failed = False  # compiling failed in a timed step: no step asks for it again
 
     @property
     def measuring(self) -> bool:
@@ -189,19 +205,16 @@ class AutoTune:
             yield
             return
         kind, threads = self.queue.pop(0)
-        if kind == "compile" and not self.failed:
-            self.net.compile(lambda s: None)
-            self.compiled = self.net.forward
-        use_compiled = kind != "eager" and not self.failed and self.compiled is not None
+        compiled = kind != "eager" and not self.failed  # the first "compile" step compiles (quietly)
         if not self.compile:  # once decided (or asked for), the forward stays what the decision made it
-            self.net.forward = self.compiled if use_compiled and self.compiled is not None else self.net.eager
+            self.net.use_compiled(compiled)
         torch.set_num_threads(threads)
         probe.sync(self.device)
         t0 = time.perf_counter()
         yield
         probe.sync(self.device)
         self.times.append((kind, threads, time.perf_counter() - t0))
-        if use_compiled and self.net.forward is self.net.eager:  # TrainModel fell back: compiling failed
+        if compiled and not self.net.compiled:  # compiling failed, at the compile or at the step's call
             self.failed = True
         if not self.queue:
             self._phase_done()
@@ -291,13 +304,10 @@ class AutoTune:
         self._decide_compile(on, f"measured before on this machine: {t.describe()}{short}")
 
     def _decide_compile(self, on: bool, why: str) -> None:
-        if on and self.compiled is None:
-            self.net.compile(self.say)
-            self.compiled = self.net.forward
-            if self.compiled is self.net.eager:  # torch.compile is not there at all (said by TrainModel)
-                on, why = False, "torch.compile unavailable"
+        if on and not self.net.use_compiled(True, self.say):  # torch.compile is not there at all (said by net)
+            on, why = False, "torch.compile unavailable"
         self.compile = ON if on else OFF
-        self.net.forward = self.compiled if on and self.compiled is not None else self.net.eager
+        self.net.use_compiled(on)
         self.say(f"compile auto: {'compiled' if on else 'eager'} ({why})")
 
     def _set_threads(self, n: int, why: str, quiet: bool = False) -> None:
@@ -312,3 +322,24 @@ class AutoTune:
 
     def _mean(self, values: list[float]) -> list[float]:
         return [v / self.group.world_size for v in self.group.sums(values)]
+
+
+def for_run(net: StepModel, cfg: TrainConfig, state: RunState, runtime: Runtime, group: Group,
+            say: Callable[[str], None], steps_left: Callable[[float], float], bf16_attention: bool) -> AutoTune:
+    """A run's AutoTune, started: compile and threads as asked, or (compile auto, threads 0) as the run's saved
+    decisions, the cache or a measurement of its first steps say. steps_left as AutoTune's."""
+    r = cfg.run
+    key = functools.partial(step_key, cfg, runtime, group.world_size, bf16_attention)
+    tuner = AutoTune(net, key, steps_left, say, group, runtime.device)
+    if r.threads:
+        torch.set_num_threads(r.threads)
+    if r.compile == "true":
+        net.use_compiled(True, say)
+    mine = (runtime.device.type == "cpu" and not r.threads and torch.get_num_threads() > 1
+            and not os.environ.get(ENV_THREADS))
+    # every rank measures or none does (a rank alone would wait in other collectives); a resumed run
+    # that trained at the process's count (threads not measured then) stays at it
+    measured = group.sums([float(mine)])[0] == group.world_size and (state.threads or not state.iter)
+    asked = {"true": ON, "false": OFF}.get(r.compile, "")
+    tuner.start(Plan(asked, torch.get_num_threads() if measured else 0, state.compile, state.threads))
+    return tuner

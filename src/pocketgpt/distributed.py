@@ -12,8 +12,9 @@ This module owns, for the rest of the package:
                            sums() (eval losses), gathered(), any_true(), main_first() (rank 0 writes,
                            others wait)
   check_replicas()         DDP's copies of the weights still equal on every rank (checked at every eval)
-The trainer wraps the model in DistributedDataParallel itself, or shards it with FSDP2 (fsdp.py) under
---parallel fsdp (trainer.TrainModel): gradients are averaged by torch, never here.
+The model is wrapped in DistributedDataParallel, or sharded with FSDP2 (fsdp.py) under --parallel fsdp, by
+stepmodel.StepModel: gradients are averaged by torch, never here. Faults that tests inject into ranks are
+faults.py's.
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ from .errors import PocketError
 
 ENV_TIMEOUT = "POCKETGPT_DIST_TIMEOUT"  # seconds a collective may wait for a missing rank
 ENV_THREADS = "POCKETGPT_THREADS"  # CPU threads per rank (default: this machine's cores // its ranks)
-ENV_TEST_EXIT = "POCKETGPT_TEST_RANK_EXIT"  # tests: "RANK:ITER" (that rank dies there) or "RANK:ITER:hang"
 DEFAULT_TIMEOUT_S = 600.0  # long enough for ranks that compile at different speeds, short enough to notice
 # Waits where rank 0 works alone (preparing a large corpus, writing checkpoints) go through a second,
 # CPU-side group that waits this long: a slow disk is not a dead rank.
@@ -443,28 +443,3 @@ def check_replicas(group: Group, named: list[tuple[str, torch.Tensor]], it: int)
                     "checkpoint with --resume (rank 0's weights; any number of processes), and check that rank's "
                     "machine if it happens again")
 
-
-def exit_hook_for_tests(it: int, model: torch.nn.Module | None = None) -> None:
-    """Tests only: POCKETGPT_TEST_RANK_EXIT=RANK:ITER kills that rank at that iteration (:hang: it stops
-    answering instead), so the tests see the others end with a message rather than wait forever; :drift
-    nudges that rank's first weight (its replica drifts), :nan makes it NaN (that rank alone diverges), :raise
-    raises an unexpected error (a bug: its traceback must reach torchrun)."""
-    raw = os.environ.get(ENV_TEST_EXIT)
-    if not raw:
-        return
-    parts = raw.split(":")
-    if int(parts[0]) != current().rank or int(parts[1]) != it:
-        return
-    if parts[2:] == ["hang"]:
-        time.sleep(10**6)
-    if parts[2:] == ["raise"]:
-        raise RuntimeError(f"test: an unexpected failure on rank {current().rank}")
-    if parts[2:] in (["drift"], ["nan"]) and model is not None:
-        with torch.no_grad():
-            first = next(model.parameters())
-            if parts[2] == "drift":
-                first.add_(1e-3)
-            else:
-                first.fill_(float("nan"))
-        return
-    os._exit(17)

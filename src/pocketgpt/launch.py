@@ -5,7 +5,8 @@ same. Torch loads only when training starts, so a bad request fails fast and che
 
 Under torchrun every rank runs launch() alike: each reads the request and the run folder before the
 process group exists (nobody has written yet), then rank 0 alone takes the lock and prepares the data
-while the others wait (distributed.Group.main_first), and train() does the rest.
+while the others wait (distributed.Group.main_first), and trainer.train_plan() does the rest. Every check a
+run must pass runs once, in plan.check, before anything is prepared.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from .errors import PocketError
 if TYPE_CHECKING:
     from .config import ModelConfig
     from .model import GPT
+    from .plan import TrainPlan
     from .runtime import Runtime
     from .tokenizer import Tokenizer
     from .trainer import TrainResult
@@ -68,9 +70,7 @@ def launch(req: TrainRequest, echo: Callable[[str], None] | None = None) -> Laun
 
     echo receives every line said (None: printed, with a progress bar on terminals).
     """
-    from . import distributed, fsdp
-    from .metrics import check_loggers
-    from .runtime import resolve
+    from . import distributed, plan
 
     overrides = dict(req.overrides)
     if req.max_time is not None:
@@ -87,8 +87,9 @@ def launch(req: TrainRequest, echo: Callable[[str], None] | None = None) -> Laun
         rundir.check_for_training(out, resume=True, overwrite=False)
         saved, raw = rundir.read_config(out)
         cfg = build_train_config(None, req.config_file, overrides, base=saved)
+        checked = plan.check_config(cfg, out, resume=True, has_base=True)  # the folder was checked just above
         data_dir = Path(req.data) if req.data else rundir.data_dir_of(out, raw)
-        return _launched(_train(cfg, data_dir, out, req, echo), out, data_dir)
+        return _launched(_train(checked, data_dir, req, echo), out, data_dir)
     if req.init_from is not None:
         return _launch_finetune(req, overrides, out, echo)
     if req.vocab is not None:
@@ -96,14 +97,11 @@ def launch(req: TrainRequest, echo: Callable[[str], None] | None = None) -> Laun
     auto = req.preset == "auto"
     # auto sizes the model from the data, so it is built after preparing; this checks keys first
     cfg = build_train_config(None if auto else req.preset or "demo", req.config_file, overrides)
-    check_lora(cfg, has_base=False)
-    check_loggers(cfg.run.loggers)
-    runtime = resolve(cfg.run.device, cfg.run.dtype)  # a device or dtype this machine lacks fails before a prepare
-    rundir.check_for_training(out, resume=False, overwrite=req.overwrite)
+    # every refusal (a device or dtype this machine lacks, a batch that does not split...) before a prepare
+    checked = plan.check(cfg, out, overwrite=req.overwrite)
     if req.data and req.inputs:
         raise PocketError("give either INPUT files or --data, not both")
-    distributed.check_world(cfg.run.batch_size, cfg.run.parallel)  # before a prepare (auto: again once sized)
-    fsdp.check(cfg)
+    runtime = checked.runtime
 
     def prepared() -> tuple[Path, TrainConfig]:
         if req.data:
@@ -117,7 +115,9 @@ def launch(req: TrainRequest, echo: Callable[[str], None] | None = None) -> Laun
 
     with distributed.session(runtime.device) as group, contextlib.ExitStack() as held:
         data_dir, cfg = group.main_first(lambda: _locked_then(held, out, prepared))
-        return _launched(_train(cfg, data_dir, out, req, echo), out, data_dir)
+        if auto:  # the sized config is a new one: its keys are checked (the folder was, above)
+            checked = plan.check_config(cfg, out, overwrite=req.overwrite)
+        return _launched(_train(checked, data_dir, req, echo), out, data_dir)
 
 
 def _locked_then(held: contextlib.ExitStack, out: Path, fn: Callable[[], Any]) -> Any:
@@ -127,13 +127,13 @@ def _locked_then(held: contextlib.ExitStack, out: Path, fn: Callable[[], Any]) -
     return fn()
 
 
-def _train(cfg: TrainConfig, data_dir: Path, out: Path, req: TrainRequest,
+def _train(checked: "TrainPlan", data_dir: Path, req: TrainRequest,
            echo: Callable[[str], None] | None, initial_model: "GPT | None" = None,
            record: dict[str, Any] | None = None) -> "TrainResult":
-    from .trainer import train
+    from .trainer import train_plan
 
-    return train(cfg, data_dir, out, resume=req.resume, overwrite=req.overwrite, echo=echo,
-                 memory_check=req.memory_check, initial_model=initial_model, record=record)
+    return train_plan(checked, data_dir, echo=echo, memory_check=req.memory_check, initial_model=initial_model,
+                      record=record)
 
 
 # ---------------------------------------------------------------- fine-tuning (--init-from)
@@ -190,8 +190,8 @@ def finetune_config(req: TrainRequest, overrides: dict[str, Any], base: "ModelCo
                     say: Callable[[str], None]) -> TrainConfig:
     """The base model's shape (its context cropped by a smaller block_size) under the finetune preset (finetune-lora
     with a lora_rank; or --preset), --config and the command line; a shape key that contradicts the base is
-    refused by name."""
-    from .config import MODEL_SHAPE_KEYS, validate
+    refused by name (the config's other checks are plan.check_config's)."""
+    from .config import MODEL_SHAPE_KEYS
 
     given, keys = given_keys(req, overrides)
     block = base.block_size
@@ -215,8 +215,6 @@ def finetune_config(req: TrainRequest, overrides: dict[str, Any], base: "ModelCo
     cfg = build_train_config(preset, req.config_file, overrides, base=start)
     for key in MODEL_SHAPE_KEYS:  # a preset's shape keys (say --preset demo) give way to the base model's
         setattr(cfg.model, key, getattr(start.model, key))
-    validate(cfg)
-    check_lora(cfg, has_base=True)
     return cfg
 
 
@@ -273,9 +271,7 @@ def _renumber_chars(data_dir: Path, base_tok: "Tokenizer") -> None:
 def _launch_finetune(req: TrainRequest, overrides: dict[str, Any], out: Path,
                      echo: Callable[[str], None] | None) -> Launched:
     """A new run from a pretrained model: its shape and tokenizer, the finetune preset, init_from recorded."""
-    from . import distributed, fsdp
-    from .metrics import check_loggers
-    from .runtime import resolve
+    from . import distributed, plan
 
     if req.preset == "auto":
         raise PocketError("--preset auto sizes a new model; a fine-tune keeps the base model's shape: drop --preset auto")
@@ -288,11 +284,8 @@ def _launch_finetune(req: TrainRequest, overrides: dict[str, Any], out: Path,
     say = echo or print
     base = load_base(req.init_from or "", req.vocab)
     cfg = finetune_config(req, overrides, base.model.config, say)
-    check_loggers(cfg.run.loggers)
-    runtime = resolve(cfg.run.device, cfg.run.dtype)
+    checked = plan.check_config(cfg, out, overwrite=req.overwrite, has_base=True)  # the folder was checked above
     say(f"fine-tuning {base.record['source']} ({base.record['kind']}, {base.model.num_params():,} parameters)")
-    distributed.check_world(cfg.run.batch_size, cfg.run.parallel)
-    fsdp.check(cfg)
 
     def prepared() -> Path:
         if req.data:
@@ -300,10 +293,10 @@ def _launch_finetune(req: TrainRequest, overrides: dict[str, Any], out: Path,
             return Path(req.data)
         return prepare_for_base(req, out, base)
 
-    with distributed.session(runtime.device) as group, contextlib.ExitStack() as held:
+    with distributed.session(checked.runtime.device) as group, contextlib.ExitStack() as held:
         data_dir = group.main_first(lambda: _locked_then(held, out, prepared))
         # config.json says what the run was fine-tuned from from its first write on (report, info, resume)
-        result = _train(cfg, data_dir, out, req, echo, initial_model=base.model, record={"init_from": base.record})
+        result = _train(checked, data_dir, req, echo, initial_model=base.model, record={"init_from": base.record})
         return _launched(result, out, data_dir)
 
 

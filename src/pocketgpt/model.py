@@ -440,6 +440,15 @@ class GPT(nn.Module):
             model.rope_cos, model.rope_sin = rope_tables(cfg.block_size, cfg.head_dim, cfg.rope_theta)
         return model
 
+    def cropped_state(self, block_size: int) -> dict[str, torch.Tensor]:
+        """The state dict for a GPT of a shorter context: a learned position table keeps its first rows
+        (a small copy: safetensors saves no part-views); every other tensor is this model's own."""
+        state = self.state_dict()
+        if "wpe" in self.transformer and block_size < self.config.block_size:
+            key = "transformer.wpe.weight"
+            state[key] = state[key][:block_size].clone()
+        return state
+
     def num_params(self, non_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())  # a tied head is counted once
         if non_embedding and "wpe" in self.transformer:

@@ -1,8 +1,11 @@
-"""train(cfg) -> run dir: build the model, then the loop (steps, evals, schedule, clipping, AMP, budget).
+"""train(cfg) -> run dir: the loop (steps, evals, schedule, clipping, AMP, budget) and its entry point.
 
 Who does what around the loop:
+  plan                      every check a run passes before it starts (once), the memory / time / MFU estimates
   data.open_training_data   the splits, samplers and tokenizer
-  build_model               the raw GPT (fresh, or an initial model passed in; LoRA adapters added) and what wraps it
+  stepmodel.build_model     the raw GPT (fresh, or an initial model passed in; LoRA adapters added) and the
+                            StepModel around it (DDP / FSDP, eager or compiled forward)
+  autotune.AutoTune         compile and threads, timed on the run's first steps
   trainstate.Resumable      everything an exact resume saves and restores
   evalsteps.EVAL_STEPS      what each eval does (best weights, notes, early stop, sample, plots)
   rundir                    the run folder's layout, config and lock
@@ -12,10 +15,7 @@ The Trainer itself only steps, evaluates and keeps time.
 from __future__ import annotations
 
 import contextlib
-import copy
-import functools
 import math
-import os
 import shutil
 import signal
 import time
@@ -26,155 +26,27 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from . import autotune, distributed, evalsteps, fsdp, rundir
+from . import autotune, distributed, evalsteps, faults, fsdp, plan, rundir
 from .checkpoint import disk_errors
-from .config import MODEL_SHAPE_KEYS, LoraConfig, ModelConfig, RunConfig, TrainConfig, check_lora, validate
+from .config import RunConfig, TrainConfig
 from .data import TOKENIZER as DATA_TOKENIZER, TrainData, open_training_data, read_meta
+from .distributed import Group
 from .errors import PocketError, TrainingDiverged
 from .files import atomic_write
-from .lora import add_adapters, describe, gpt_around, merged_model, save_adapter
-from .distributed import Group
-from .metrics import MetricsLog, SilentLog, check_loggers
-from .model import GPT, use_bf16_attention
+from .lora import describe, merged_model, save_adapter
+from .metrics import MetricsLog, SilentLog
+from .model import GPT
 from .optim import lr_at, make_optimizers, progress, set_lr
-from .runtime import Runtime, cpu_attention_choice, device_memory_mb, matmul_flops, resolve
-from .sizing import (
-    estimate_memory_mb,
-    gpu_peak_flops,
-    seconds_per_iter,
-    training_flops,
-)
-from .trainstate import Resumable, RunState
+from .plan import MemoryEstimate, TrainPlan
+from .runtime import Runtime
+from .stepmodel import StepModel, build_model, checkpoint_blocks, choose_cpu_attention
+from .trainstate import Resumable, RunClock, RunState
 
-# LoRA settings a resume keeps (with the targeted modules): the rank shapes the adapters, alpha scales what they
-# add; lora_dropout may change, as dropout may
-LORA_KEYS = ("lora_rank", "lora_alpha")
-
-
-# ---------------------------------------------------------------- the model, built before the loop
-
-class TrainModel:
-    """The raw GPT (saved, evaluated, sampled) and `forward`, what a training step calls.
-
-    forward is the raw model, or under torchrun DistributedDataParallel around it (its backward averages
-    the gradients over the ranks), either of them maybe compiled; a compiler failure at the first call
-    falls back to the uncompiled one with a warning. Under torchrun with parallel "fsdp" the raw model is
-    sharded in place instead (fsdp.Sharded: its parameters become DTensors) and forward is the raw model.
-    """
-
-    def __init__(self, raw: GPT, group: Group | None = None, parallel: str = "auto"):
-        self.raw = raw
-        self.ddp: torch.nn.parallel.DistributedDataParallel | None = None
-        self.sharded: fsdp.Sharded | None = None
-        if group is not None and group.enabled and parallel == "fsdp":
-            self.sharded = fsdp.Sharded(raw, group)
-        elif group is not None and group.enabled:
-            self.ddp = torch.nn.parallel.DistributedDataParallel(
-                raw, device_ids=[group.device] if group.device.type == "cuda" else None, **_no_buffer_sync())
-        self.eager: Callable[..., Any] = self.ddp if self.ddp is not None else raw
-        self.forward: Callable[..., Any] = self.eager
-
-    @property
-    def wrapped(self) -> bool:
-        return self.forward is not self.raw
-
-    def compile(self, say: Callable[[str], None]) -> None:
-        try:
-            self.forward = torch.compile(self.eager)
-            say("compiling the model (the first steps are slow) ...")
-        except Exception as e:  # noqa: BLE001 - any failure means: run eagerly
-            say(f"warning: torch.compile unavailable ({type(e).__name__}); training without it")
-
-    def sync(self, last: bool) -> contextlib.AbstractContextManager:
-        """Around one micro-batch's forward and backward: DDP averages the gradients in the backward of the
-        last micro-batch of a step only; the ones before accumulate on each rank (no_sync), one exchange a step.
-        FSDP alike: its inner micro-batches neither reduce-scatter nor reshard (fsdp.Sharded.micro_step)."""
-        if self.sharded is not None:
-            self.sharded.micro_step(last)
-            return contextlib.nullcontext()
-        if self.ddp is None or last:
-            return contextlib.nullcontext()
-        return self.ddp.no_sync()
-
-    def __call__(self, x: torch.Tensor, y: torch.Tensor, say: Callable[[str], None]) -> Any:
-        try:
-            return self.forward(x, y)
-        except Exception as e:  # noqa: BLE001 - a compiler failure shows up at the first call
-            if self.forward is self.eager:
-                raise
-            say(f"warning: torch.compile failed ({type(e).__name__}: {str(e)[:200]}); training without it")
-            self.forward = self.eager
-            return self.eager(x, y)
-
-
-def _no_buffer_sync() -> dict[str, bool]:
-    """Buffers (rope tables) are constants, equal on every rank: nothing to send at each forward (the option's
-    name changed in torch 2.13; older versions know only broadcast_buffers)."""
-    import inspect
-
-    params = inspect.signature(torch.nn.parallel.DistributedDataParallel.__init__).parameters
-    return {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
-
-
-def build_model(cfg: ModelConfig, runtime: Runtime, initial: GPT | None = None,
-                lora: LoraConfig | None = None, group: Group | None = None, parallel: str = "auto") -> TrainModel:
-    """A fresh GPT of cfg (from torch's current RNG), or `initial` (e.g. pretrained weights), on the device.
-
-    An initial model of exactly cfg is used as it is; one that differs only in dropout or a longer
-    context (cropped: the first block_size rows of its position table) is rebuilt as a GPT of cfg around
-    its very tensors. Either way nothing is copied (a second copy of a base model would be a second
-    share of the memory a fine-tune has), so training changes the initial model's weights: pass a copy
-    to keep one. With LoRA on, the weights are frozen and the targeted matrices wrapped (lora.add_adapters).
-    In a distributed group the raw model is wrapped in DistributedDataParallel, which starts every rank
-    from rank 0's weights, or with parallel "fsdp" sharded over the ranks (every rank built the same
-    weights from the same seed, and keeps its slice).
-    """
-    raw = _raw_model(cfg, runtime, initial)
-    if lora is not None and lora.enabled:
-        add_adapters(raw, lora)  # after the move: the adapters are made on the weights' device
-    return TrainModel(raw, group, parallel)
-
-
-def _raw_model(cfg: ModelConfig, runtime: Runtime, initial: GPT | None) -> GPT:
-    if initial is None:
-        return GPT(cfg).to(runtime.device)
-    have = initial.config
-    if have.vocab_size != cfg.vocab_size or have.block_size < cfg.block_size:
-        raise PocketError(f"the initial model (vocab {have.vocab_size}, context "
-                          f"{have.block_size}) does not fit the data (vocab {cfg.vocab_size}) "
-                          f"or block_size {cfg.block_size}")
-    for key in MODEL_SHAPE_KEYS:
-        if key not in ("vocab_size", "block_size") and getattr(have, key) != getattr(cfg, key):
-            raise PocketError(f"the initial model does not fit the config: its {key} is {getattr(have, key)}, "
-                              f"the config's {getattr(cfg, key)}")
-    if have == cfg:
-        return initial.to(runtime.device)
-    state = initial.state_dict()
-    wpe = "transformer.wpe.weight"
-    if wpe in state and have.block_size > cfg.block_size:
-        state[wpe] = state[wpe][: cfg.block_size].clone()  # a small copy: safetensors saves no part-views
-    return gpt_around(cfg, state, dict(initial.named_buffers())).to(runtime.device)
-
-
-def checkpoint_blocks(model: GPT) -> None:
-    """Gradient checkpointing: each block keeps only its input for the backward pass and runs again there.
-
-    The block's own forward is wrapped on the instance (its parameters, names and state dict are as
-    they were); torch replays the RNG state, so dropout draws the same masks and a step computes what
-    it computes without checkpointing. Evals and samples are unaffected (no backward, or the engine).
-    """
-    from torch.utils.checkpoint import checkpoint
-
-    for block in model.blocks:
-        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
-
-
-# ---------------------------------------------------------------- the loop
 
 class Trainer:
     """Steps, evaluates and keeps time for one run; `run()` trains to the end."""
 
-    def __init__(self, cfg: TrainConfig, data: TrainData, model: TrainModel, out: Path, runtime: Runtime,
+    def __init__(self, cfg: TrainConfig, data: TrainData, model: StepModel, out: Path, runtime: Runtime,
                  log: MetricsLog):
         self.cfg, self.data, self.net, self.out, self.runtime, self.log = cfg, data, model, out, runtime, log
         self.model = model.raw
@@ -189,15 +61,13 @@ class Trainer:
         self.unread_bad = torch.zeros((), dtype=torch.bool, device=runtime.device)
         self.last_read_iter = 0
         self.state = RunState()
-        self.clock = time.perf_counter()  # the time since then is not yet in state.elapsed (_tick)
-        self.saved_clock: tuple[float, float] | None = None  # (state.elapsed, clock) at the eval's save
+        self.clock = RunClock()
         self.stop_requested = False
         self.early_stopped = False
-        m = cfg.model
-        self.flops_per_token = m.flops_per_token(_matmul_params(self.model))
-        self.peak_flops = peak_flops(cfg, runtime, self.group.world_size)
-        self.reprobed = False
-        self.attention_note = _choose_cpu_attention(self.model, cfg, runtime, self.group)
+        self.mfu = plan.Mfu(self.model, cfg, runtime, self.group.world_size)
+        self.bf16_attention, self.attention_note = choose_cpu_attention(self.model, cfg, runtime,
+                                                                        self.group.world_size)
+        self.step_hooks = faults.step_hooks(self.group.rank)  # each called as hook(iter, model) before a step
 
     @classmethod
     def create(cls, cfg: TrainConfig, data_dir: Path, out: Path, runtime: Runtime, log: MetricsLog,
@@ -227,7 +97,7 @@ class Trainer:
 
     def save_last(self) -> None:
         """Every rank calls this (the unread-step check is agreed); rank 0 writes last/ while the others wait."""
-        self._tick()  # the time since the last step's tick is the run's too (a Ctrl-C after an eval, say)
+        self.clock.tick(self.state)  # the time since the last step's tick is the run's (a Ctrl-C after an eval, say)
         self._check_unread(self.state.iter)
         gathered = self._gather()
         self.group.main_first(lambda: self._save(gathered))
@@ -365,39 +235,24 @@ class Trainer:
             distributed.check_replicas(self.group, list(self.model.named_parameters()), self.state.iter)
         ev = evalsteps.record(self.state, self.estimate_losses(), self.data.val_bytes_per_token)
         gathered = self._gather()
-        self._tick()
+        self.clock.tick(self.state)
         stop, saved, since = self.group.main_first(lambda: self._eval_steps(ev, gathered))
-        # every rank takes the clock rank 0 saved (the loop decides on it: the mean of equal clocks) and counts
-        # the time since that save in the next step
-        self.state.elapsed, self.clock = saved, time.perf_counter() - since
+        # every rank takes the clock rank 0 saved (the loop decides on it: the mean of equal clocks)
+        self.clock.take(self.state, saved, since)
         self.early_stopped = self.early_stopped or stop
 
-    def _tick(self) -> None:
-        """Add the time since the last tick to state.elapsed: every second of the loop counts once."""
-        now = time.perf_counter()
-        self.state.elapsed += now - self.clock
-        self.clock = now
-
-    def _mark_saved_clock(self) -> None:
-        self._tick()
-        self.saved_clock = (self.state.elapsed, self.clock)
-
     def _save_counted(self, gathered: fsdp.Gathered | None) -> None:
-        self._mark_saved_clock()
+        self.clock.mark_saved(self.state)
         self._save(gathered)
 
     def _eval_steps(self, ev: evalsteps.EvalResult,
                     gathered: fsdp.Gathered | None = None) -> tuple[bool, float, float]:
         """Rank 0: (stop early?, the clock last/ was saved with, seconds since that save)."""
-        self.saved_clock = None
         ctx = evalsteps.EvalContext(self.out, self.cfg, self.state, self.log, self._eval_model(ev, gathered),
                                     self.data.tokenizer, lambda: self._save_counted(gathered))  # _check_unread ran above
         for eval_step in evalsteps.EVAL_STEPS:
             eval_step(ctx, ev)
-        if self.saved_clock is None:  # no save among the steps: the clock as it is now
-            self._mark_saved_clock()
-        elapsed, at = self.saved_clock
-        return ctx.stop_requested, elapsed, time.perf_counter() - at
+        return (ctx.stop_requested, *self.clock.since_saved(self.state))
 
     def _eval_model(self, ev: evalsteps.EvalResult, gathered: fsdp.Gathered | None = None) -> GPT:
         """The model the eval steps save as best and sample from. With LoRA: a merged plain copy (its
@@ -421,7 +276,9 @@ class Trainer:
         self.last_read_iter = s.iter
         threads = torch.get_num_threads()
         try:
-            self.tuner = self._tuning()
+            # compile and threads as asked, or as the run's saved decisions, the cache or its first steps say
+            self.tuner = autotune.for_run(self.net, self.cfg, self.state, self.runtime, self.group, self.log.say,
+                                          self._steps_left, self.bf16_attention)
             self.model.train()
             if self.runtime.is_cuda:
                 torch.cuda.reset_peak_memory_stats(self.runtime.device)
@@ -437,10 +294,11 @@ class Trainer:
     def _loop(self, tokens_per_iter: int) -> RunState:
         r, s = self.cfg.run, self.state
         window_start, window_iters, evaluated_at = time.perf_counter(), 0, -1
-        self.clock = time.perf_counter()
+        self.clock.restart()
         while (s.iter < r.max_iters and not _time_spent(r, s) and not self.stop_requested
                and not self.early_stopped):
-            distributed.exit_hook_for_tests(s.iter, self.model)
+            for hook in self.step_hooks:
+                hook(s.iter, self.model)
             lr = lr_at(self.cfg.optim, s.iter,
                        progress(self.cfg.optim, s.iter, r.max_iters, s.elapsed, r.max_time))
             with self.tuner.step():
@@ -455,7 +313,7 @@ class Trainer:
                 seconds = time.perf_counter() - window_start
                 self._log_train(loss, lr, grad_norm, seconds, window_iters, tokens_per_iter)
                 window_start, window_iters = time.perf_counter(), 0
-            self._tick()
+            self.clock.tick(s)
             self.log.progress(s.elapsed if r.max_time else s.iter, loss=_shown(s.last_train_loss),
                               val=_shown(s.best_val_loss))
             if s.iter % r.eval_interval == 0:
@@ -472,36 +330,6 @@ class Trainer:
         elif s.iter == 0:
             raise PocketError("nothing to train: max_iters is already reached")
         return s
-
-    def _tuning(self) -> autotune.AutoTune:
-        """compile and threads as asked, or (compile auto, threads 0) as the run's saved decisions, the
-        cache or a measurement of its first steps say (autotune.py)."""
-        r, s = self.cfg.run, self.state
-        tuner = autotune.AutoTune(self.net, self._step_key, self._steps_left, self.log.say, self.group,
-                                  self.runtime.device)
-        if r.threads:
-            torch.set_num_threads(r.threads)
-        if r.compile == "true":
-            self.net.compile(self.log.say)
-        mine = (self.runtime.device.type == "cpu" and not r.threads and torch.get_num_threads() > 1
-                and not os.environ.get(distributed.ENV_THREADS))
-        # every rank measures or none does (a rank alone would wait in other collectives); a resumed run
-        # that trained at the process's count (threads not measured then) stays at it
-        measured = self.group.sums([float(mine)])[0] == self.group.world_size and (s.threads or not s.iter)
-        asked = {"true": autotune.ON, "false": autotune.OFF}.get(r.compile, "")
-        tuner.start(autotune.Plan(asked, torch.get_num_threads() if measured else 0, s.compile, s.threads))
-        return tuner
-
-    def _step_key(self) -> str:
-        """What a step's cost (eager, compiled, at a thread count) depends on besides the machine: the model, one
-        rank's rows, the recipe."""
-        cfg, rt = self.cfg, self.runtime
-        return autotune.shape_key(rt.device, {
-            "model": cfg.model.__dict__, "rows": _rank_rows(cfg, self.group).run.batch_size,
-            "accum": cfg.run.grad_accum_steps, "dtype": str(rt.dtype), "optimizer": cfg.optim.optimizer,
-            "checkpointing": cfg.run.gradient_checkpointing, "lora": cfg.lora.__dict__,
-            "world": self.group.world_size, "parallel": cfg.run.parallel,
-            "bf16_attention": self.attention_note.startswith("attention in bf16")})
 
     def _steps_left(self, step_s: float) -> float:
         """Steps this run has left at step_s seconds each: to max_iters, or to max_time if that comes first."""
@@ -527,7 +355,7 @@ class Trainer:
         extra = f" | MFU {100 * gpu['mfu']:.1f}%" if "mfu" in gpu else ""
         extra += f" | {gpu['peak_mem_mb']:,.0f} MB peak" if "peak_mem_mb" in gpu else ""
         self.log.say(f"iter {s.iter:6d} ({where}) | loss {loss:.4f} | lr {lr:.2e} | "
-                     f"{ms:6.1f} ms/iter | {tps:,.0f} tok/s{extra} | ETA {_duration(eta)}")
+                     f"{ms:6.1f} ms/iter | {tps:,.0f} tok/s{extra} | ETA {plan.format_duration(eta)}")
 
     def _hw_metrics(self, tokens_per_s: float) -> dict[str, float]:
         """Model FLOPs utilisation (each process's share of tokens/s against its own ceiling); on CUDA also
@@ -535,64 +363,15 @@ class Trainer:
         out = {}
         if self.runtime.is_cuda:
             out["peak_mem_mb"] = round(torch.cuda.max_memory_allocated(self.runtime.device) / 2**20, 1)
-        if self.peak_flops:  # unknown GPUs get no MFU rather than a guess
-            share = tokens_per_s / self.group.world_size
-            if self.flops_per_token * share > self.peak_flops and not self.runtime.is_cuda and not self.reprobed:
-                # faster than the ceiling: the cached probe met a busy machine; measure again, once
-                self.reprobed = True
-                self.peak_flops = peak_flops(self.cfg, self.runtime, self.group.world_size, remeasure=True)
-            out["mfu"] = round(self.flops_per_token * share / self.peak_flops, 4)
+        mfu = self.mfu.of(tokens_per_s)
+        if mfu is not None:
+            out["mfu"] = mfu
         return out
-
-
-def _choose_cpu_attention(model: GPT, cfg: TrainConfig, runtime: Runtime, group: Group) -> str:
-    """Under CPU bf16 autocast, attention in bf16 or fp32, as this CPU measured them at the shape one
-    rank runs (runtime.cpu_attention_choice); '' elsewhere (GPUs run attention in the autocast dtype),
-    and fp32 unmeasured where training attention always has dropout (attend_dropped: its products are
-    bf16 already) and only evals would use the choice."""
-    if runtime.device.type != "cpu" or runtime.dtype != torch.bfloat16:
-        return ""
-    m = cfg.model
-    if m.dropout > 0 and m.attention_dropout:
-        return ""
-    rows = _rank_rows(cfg, group).run.batch_size
-    on, why = cpu_attention_choice(rows, m.n_head, m.block_size, m.n_embd // m.n_head)
-    use_bf16_attention(model, on)
-    return why
-
-
-def peak_flops(cfg: TrainConfig, runtime: Runtime, world_size: int = 1, remeasure: bool = False) -> float | None:
-    """The MFU denominator of one process: a known GPU's dense peak; on a CPU, its matmul rate at this model's
-    own shapes and dtype (probe.py: measured once per machine, cached), since CPUs differ too much for a table."""
-    if runtime.is_cuda:
-        return gpu_peak_flops(torch.cuda.get_device_name(runtime.device), runtime.dtype != torch.float32)
-    if runtime.device.type != "cpu":
-        return None
-    from .probe import matmul_rate, model_shapes
-
-    m, r = cfg.model, cfg.run
-    rows = r.batch_size // world_size * m.block_size
-    dtype = torch.bfloat16 if runtime.dtype == torch.bfloat16 else torch.float32
-    return matmul_rate(runtime.device, dtype, model_shapes(m, rows), remeasure=remeasure)
 
 
 def _shown(loss: float) -> str:
     """A loss for the progress bar; '-' before there is one (unread, or no eval yet)."""
     return f"{loss:.3f}" if math.isfinite(loss) else "-"
-
-
-def _matmul_params(model: GPT) -> int:
-    """Parameters that take part in a matmul: not the position table, nor an untied input embedding."""
-    n = model.num_params(non_embedding=True)
-    if not model.config.tie_embeddings:
-        n -= model.token_embedding.weight.numel()
-    return n
-
-
-def _duration(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    h, rem = divmod(seconds, 3600)
-    return f"{h}h{rem // 60:02d}m" if h else f"{rem // 60}m{rem % 60:02d}s"
 
 
 # ---------------------------------------------------------------- entry point
@@ -606,81 +385,9 @@ class TrainResult:
     seconds: float
 
 
-def _check_resume_shape(saved: TrainConfig, cfg: TrainConfig) -> None:
-    for key in MODEL_SHAPE_KEYS:
-        a, b = getattr(saved.model, key), getattr(cfg.model, key)
-        if key != "vocab_size" and a != b:
-            raise PocketError(
-                f"--resume cannot change the model's shape: {key} was {a}, now {b}; "
-                "drop that option or start a new run with --out"
-            )
-    was, now = saved.lora, cfg.lora
-    if not (was.enabled or now.enabled):
-        return
-    changed = [(k, getattr(was, k), getattr(now, k)) for k in LORA_KEYS if getattr(was, k) != getattr(now, k)]
-    if not changed and was.enabled and was.modules != now.modules:
-        changed = [("lora_targets", ",".join(was.modules), ",".join(now.modules))]
-    if changed:
-        key, a, b = changed[0]
-        raise PocketError(f"--resume cannot change LoRA: {key} was {a}, now {b}; drop that option, or start a new "
-                          "run with --out (--init-from this run to build on what it learned)")
-
-
-def memory_estimate_mb(cfg: TrainConfig, n_params: int, runtime: Runtime) -> tuple[float, float]:
-    """(weights + gradients + optimizer state, activations of one micro-batch) in MB, from sizing's rule; a
-    LoRA run's frozen base holds its weights alone (4 bytes a parameter), only the adapters the full 16."""
-    width = 2 if runtime.dtype != torch.float32 else 4
-    state_mb, act_mb = estimate_memory_mb(cfg, n_params, width)
-    if cfg.lora.enabled:
-        state_mb = (n_params * 4 + cfg.lora.trainable_params(cfg.model) * 16) / 2**20
-    m, r = cfg.model, cfg.run
-    if r.gradient_checkpointing and m.n_layer > 1:  # one layer's activations, plus every block's input (fp32)
-        _, head_mb = estimate_memory_mb(replace(cfg, model=replace(m, n_layer=0)), n_params, width)
-        inputs_mb = m.n_layer * r.batch_size * m.block_size * m.n_embd * 4 / 2**20
-        act_mb = head_mb + (act_mb - head_mb) / m.n_layer + inputs_mb
-    return state_mb, act_mb
-
-
 def _open_data(cfg: TrainConfig, data_dir: Path, group: Group) -> TrainData:
     """The splits and samplers for this rank's share of every global batch."""
     return open_training_data(data_dir, cfg.model.block_size, cfg.run.batch_size, cfg.run.seed, group.share)
-
-
-def _rank_state_mb(cfg: TrainConfig, group: Group, state_mb: float) -> float:
-    """Weights, gradients and optimizer state one rank holds: all of them, or under FSDP its share (the
-    block being gathered at a time is small next to the rest)."""
-    return state_mb / group.world_size if cfg.run.parallel == "fsdp" and group.enabled else state_mb
-
-
-def _rank_rows(cfg: TrainConfig, group: Group) -> TrainConfig:
-    """cfg with one rank's rows of each micro-batch: what one process holds in memory."""
-    return replace(cfg, run=replace(cfg.run, batch_size=cfg.run.batch_size // group.world_size))
-
-
-def check_memory(cfg: TrainConfig, vocab_size: int, runtime: Runtime, group: Group | None = None) -> None:
-    """Refuse a model whose estimated training memory is beyond what this machine (or GPU) has.
-
-    In a distributed run each rank holds the whole model (under FSDP its share of it) and its share of
-    the rows; CPU ranks on one machine share its memory, GPU ranks have one GPU each.
-    """
-    m = cfg.model
-    n_params = replace(m, vocab_size=vocab_size).param_count()
-    group = group or distributed.current()
-    sized = replace(_rank_rows(cfg, group), model=replace(m, vocab_size=vocab_size))
-    state_mb, act_mb = memory_estimate_mb(sized, n_params, runtime)
-    state_mb = _rank_state_mb(cfg, group, state_mb)
-    if not runtime.is_cuda:
-        state_mb, act_mb = state_mb * group.local_world_size, act_mb * group.local_world_size
-    have = device_memory_mb(runtime)
-    if have and state_mb + act_mb > have:
-        where = "this GPU has" if runtime.is_cuda else "this machine has"
-        more = "" if cfg.run.gradient_checkpointing else ", add --gradient-checkpointing (one more forward pass a step)"
-        raise PocketError(
-            f"this model needs ~{state_mb + act_mb:,.0f} MB to train ({state_mb:,.0f} MB weights and optimizer "
-            f"state + {act_mb:,.0f} MB activations) but {where} {have:,.0f} MB; lower --block-size, --batch-size "
-            f"(raise --grad-accum-steps to keep the batch), --n-embd or --n-layer{more}, or add --skip-memory-check "
-            "if you know better"
-        )
 
 
 def train(
@@ -703,50 +410,54 @@ def train(
     Under torchrun (several processes) every rank calls this alike: rank 0 takes the lock and writes the
     run folder, every rank trains its share of each batch (distributed.py).
     """
-    out, data_dir = Path(out), Path(data_dir)
-    cfg = copy.deepcopy(cfg)
-    validate(cfg)
-    fsdp.check(cfg)  # before check_lora: LoRA with fsdp is refused as such
-    check_lora(cfg, has_base=resume or initial_model is not None)  # a resume's base is in its last/ checkpoint
-    check_loggers(cfg.run.loggers)
-    distributed.check_world(cfg.run.batch_size, cfg.run.parallel)
-    runtime = resolve(cfg.run.device, cfg.run.dtype)
-    fsdp.check_dtype(cfg, runtime)
-    with distributed.session(runtime.device) as group, contextlib.ExitStack() as held:
-        opened: list[TrainData] = []
+    checked = plan.check(cfg, out, resume=resume, overwrite=overwrite,
+                         has_base=resume or initial_model is not None)  # a resume's base is in its last/ checkpoint
+    return train_plan(checked, data_dir, echo=echo, initial_model=initial_model, memory_check=memory_check,
+                      record=record)
+
+
+def train_plan(checked: TrainPlan, data_dir: str | Path, *, echo: Callable[[str], None] | None = None,
+               initial_model: GPT | None = None, memory_check: bool = True,
+               record: dict[str, Any] | None = None) -> TrainResult:
+    """train() for a plan whose checks ran (plan.check: launch builds it before it prepares the data)."""
+    data_dir = Path(data_dir)
+    with distributed.session(checked.runtime.device) as group, contextlib.ExitStack() as held:
+        claimed: list[tuple[TrainData, MemoryEstimate]] = []
 
         def claim() -> None:  # rank 0: the lock (held until training ends) and every refusal, before any write
-            rundir.check_for_training(out, resume, overwrite)
-            held.enter_context(rundir.locked(out))
-            opened.append(_claim(cfg, data_dir, out, runtime, resume, overwrite, memory_check, group))
+            held.enter_context(rundir.locked(checked.out))
+            claimed.append(_claim(checked, data_dir, memory_check, group))
 
         group.main_first(claim)
-        data = opened[0] if opened else _open_data(cfg, data_dir, group)
-        return _train_locked(cfg, data, data_dir, out, runtime, resume, echo, initial_model, record)
+        data, memory = claimed[0] if claimed else (_open_data(checked.cfg, data_dir, group), None)
+        return _train_locked(checked, data, data_dir, memory, echo, initial_model, record)
 
 
-def _claim(cfg: TrainConfig, data_dir: Path, out: Path, runtime: Runtime, resume: bool, overwrite: bool,
-           memory_check: bool, group: Group) -> TrainData:
-    """With the lock held: refuse what cannot train, then (--overwrite) remove the earlier run; the data, opened."""
-    rundir.check_for_training(out, resume, overwrite)  # again: another process may have started first
+def _claim(checked: TrainPlan, data_dir: Path, memory_check: bool, group: Group) -> tuple[TrainData, MemoryEstimate]:
+    """With the lock held: refuse what cannot train, then (--overwrite) remove the earlier run; the data,
+    opened, and its memory estimate."""
+    cfg, out, resume = checked.cfg, checked.out, checked.resume
+    rundir.check_for_training(out, resume, checked.overwrite)  # again: another process may have started first
     if resume:
-        _check_resume_shape(rundir.read_config(out)[0], cfg)
+        plan.check_resume_shape(rundir.read_config(out)[0], cfg)
     # everything that can refuse the run comes before --overwrite removes the earlier one; the memory
     # guard first, from meta.json alone, so a model that cannot fit is named as such
+    memory = plan.estimate_memory(cfg, int(read_meta(data_dir)["vocab_size"]), checked.runtime, group)
     if memory_check:
-        check_memory(cfg, int(read_meta(data_dir)["vocab_size"]), runtime, group)
+        plan.check_memory(memory, checked.runtime, cfg.run.gradient_checkpointing)
     data = _open_data(cfg, data_dir, group)
-    if not resume and overwrite and rundir.is_run_dir(out):
+    if not resume and checked.overwrite and rundir.is_run_dir(out):
         rundir.clear(out)
-    return data
+    return data, memory
 
 
-def _train_locked(cfg: TrainConfig, data: TrainData, data_dir: Path, out: Path, runtime: Runtime, resume: bool,
+def _train_locked(checked: TrainPlan, data: TrainData, data_dir: Path, memory: MemoryEstimate | None,
                   echo: Callable[[str], None] | None, initial_model: GPT | None,
                   record: dict[str, Any] | None) -> TrainResult:
-    group = distributed.current()
+    """Every rank, the lock held by rank 0: build, restore (a resume), start the files, say the plan, train."""
+    group, out, resume = distributed.current(), checked.out, checked.resume
     log = MetricsLog(out / rundir.METRICS, echo) if group.is_main else SilentLog(out / rundir.METRICS)
-    trainer = Trainer.from_data(cfg, data, out, runtime, log, initial_model)
+    trainer = Trainer.from_data(checked.cfg, data, out, checked.runtime, log, initial_model)
     cfg = trainer.cfg  # with the data's vocab_size
     if resume:
         trainer.restore()  # every rank reads last/: rank 0 wrote it alone, whatever the world size then
@@ -757,12 +468,12 @@ def _train_locked(cfg: TrainConfig, data: TrainData, data_dir: Path, out: Path, 
             group.main_first(lambda: _finish(out, log))
             return TrainResult(out, trainer.state.iter, trainer.state.best_val_loss, False, 0.0)
     group.main_first(lambda: _start_files(trainer, data_dir, resume, record))
-    if group.is_main:
-        _say_plan(trainer)
+    if memory is not None:  # rank 0, which claimed the folder, says the plan
+        _say_plan(trainer, memory)
     started = time.perf_counter()
     log.open_mirrors(cfg.run.loggers, out, cfg.to_dict(), trainer.state.iter)
     try:
-        with _graceful_interrupt(trainer):
+        with _GracefulInterrupt(trainer):
             state = trainer.run()
     finally:
         log.close_mirrors()
@@ -800,62 +511,27 @@ def _start_files(trainer: Trainer, data_dir: Path, resume: bool, record: dict[st
     rundir.write_config(out, trainer.cfg, data_dir, record)
 
 
-def _say_plan(trainer: Trainer) -> None:
-    cfg, runtime, data, log = trainer.cfg, trainer.runtime, trainer.data, trainer.log
+def _say_plan(trainer: Trainer, memory: MemoryEstimate) -> None:
+    """Rank 0, before the first step: the model, the device, the data and the estimates (plan.py)."""
+    cfg, runtime, data, say = trainer.cfg, trainer.runtime, trainer.data, trainer.log.say
     n_params = trainer.model.num_params() - cfg.lora.trainable_params(cfg.model)  # the GPT's own, without adapters
-    state_mb, act_mb = memory_estimate_mb(_rank_rows(cfg, trainer.group), n_params, runtime)  # one rank's (its share of the rows)
-    state_mb = _rank_state_mb(cfg, trainer.group, state_mb)
-    log.say(f"model: {n_params:,} parameters | {runtime.describe()} | "
-            f"data: {len(data.train_tokens):,} train / {len(data.val_tokens):,} val tokens")
+    say(f"model: {n_params:,} parameters | {runtime.describe()} | "
+        f"data: {len(data.train_tokens):,} train / {len(data.val_tokens):,} val tokens")
     if trainer.group.enabled:
         sharded = trainer.net.sharded is not None
         how = f"FSDP2, each rank 1/{trainer.group.world_size} of the weights" if sharded else "DDP"
-        log.say(trainer.group.describe(cfg.run.batch_size, how))
+        say(trainer.group.describe(cfg.run.batch_size, how))
     if cfg.lora.enabled:
-        log.say(describe(cfg.lora, cfg.model, n_params))
-    if trainer.peak_flops and not runtime.is_cuda:
-        log.say(f"MFU is against {trainer.peak_flops / 1e9:,.0f} GFLOP/s: this CPU's {_dtype_name(runtime)} matmul rate "
-                "at the model's shapes (measured once, cached)")
+        say(describe(cfg.lora, cfg.model, n_params))
+    if trainer.mfu.peak and not runtime.is_cuda:
+        say(plan.mfu_note(trainer.mfu.peak, runtime))
     if trainer.attention_note:
-        log.say(f"bf16 autocast: {trainer.attention_note}")
-    step_s = _iter_seconds(trainer)
-    log.say(f"memory estimate: ~{state_mb + act_mb:,.0f} MB ({state_mb:,.0f} MB weights, gradients and "
-            f"optimizer state + {act_mb:,.0f} MB activations per micro-batch) | "
-            f"~{1000 * step_s:,.0f} ms/iter estimated")
-    note = _budget_note(trainer, step_s)
+        say(f"bf16 autocast: {trainer.attention_note}")
+    step_s = plan.iter_seconds(cfg, runtime, trainer.mfu.flops_per_token, trainer.group.world_size)
+    say(plan.memory_line(memory, step_s))  # the estimate check_memory checked
+    note = plan.budget_note(cfg.run, trainer.state, step_s, runtime.is_cuda)
     if note:
-        log.say(note)
-
-
-def _budget_note(trainer: Trainer, step_s: float) -> str:
-    """A time budget too short for this model here (e.g. a GPU preset on a CPU) is said before it starts:
-    the budget is checked between steps, so the run still takes its first step, and any compile."""
-    r, s = trainer.cfg.run, trainer.state
-    need = min(FEW_STEPS, r.max_iters - s.iter)
-    if not r.max_time or (r.max_time - s.elapsed) / step_s >= need:
-        return ""
-    compiling = " (and, with torch.compile, its compiling)" if r.compile == "true" else ""
-    smaller = "; on a CPU a preset made for it trains a smaller model (--preset cpu-15min, or auto)" \
-        if not trainer.runtime.is_cuda else ""
-    return (f"note: at ~{step_s:.3g} s/iter estimated, the time left ({r.max_time - s.elapsed:,.3g} s of "
-            f"max_time) holds fewer than {need} iterations; the budget is checked after each step, so "
-            f"the first one{compiling} and the eval after it ({r.eval_iters} batches a split) run whatever "
-            f"they cost{smaller}")
-
-
-FEW_STEPS = 10  # below this many estimated steps in the budget, _budget_note speaks
-
-
-def _dtype_name(runtime: Runtime) -> str:
-    return "bf16" if runtime.dtype == torch.bfloat16 else "fp32"
-
-
-def _iter_seconds(trainer: Trainer) -> float:
-    """Seconds per iteration from the matmul probe and sizing's efficiency (what --preset auto assumes)."""
-    r, rt = trainer.cfg.run, trainer.runtime
-    flops = training_flops(matmul_flops(rt), rt.device.type, rt.dtype == torch.bfloat16)
-    tokens = r.batch_size * r.grad_accum_steps * trainer.cfg.model.block_size // trainer.group.world_size
-    return seconds_per_iter(tokens, trainer.flops_per_token, flops)  # each rank computes its share of the tokens
+        say(note)
 
 
 def _finish(out: Path, log: MetricsLog) -> None:
@@ -864,7 +540,7 @@ def _finish(out: Path, log: MetricsLog) -> None:
     evalsteps.never_fatal(log, "write report.md", lambda: write_report(out))
 
 
-class _graceful_interrupt:
+class _GracefulInterrupt:
     """First Ctrl-C: finish the current step, save last/, stop. Second: stop at once.
 
     Under torchrun a Ctrl-C reaches each rank twice (from the terminal and forwarded by torchrun): a second
@@ -885,7 +561,7 @@ class _graceful_interrupt:
         self.trainer.stop_requested = True
         self.trainer.log.say("\ninterrupt: finishing this step and saving (Ctrl-C again to quit at once)")
 
-    def __enter__(self) -> "_graceful_interrupt":
+    def __enter__(self) -> "_GracefulInterrupt":
         try:
             self.previous = signal.signal(signal.SIGINT, self._handler)
         except ValueError:  # not the main thread: leave Ctrl-C alone

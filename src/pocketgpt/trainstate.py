@@ -18,6 +18,7 @@ rank and each keeps its slice (fsdp.Sharded.load_weights / load_optimizer). Same
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -64,6 +65,43 @@ class RunState:
         s.best_val_loss = math.inf if d.get("best_val_loss") is None else float(d["best_val_loss"])
         s.last_train_loss = math.nan if d.get("last_train_loss") is None else float(d["last_train_loss"])
         return s
+
+
+class RunClock:
+    """Keeps RunState.elapsed, the run's seconds (max_time's budget, carried across resumes): every second of the
+    loop counts once, and the clock last/ was saved with is kept, so a run that ends at an eval stops on the
+    clock it saved, and a resume sees it finished."""
+
+    def __init__(self) -> None:
+        self.last = time.perf_counter()  # the time since then is not yet in state.elapsed
+        self.saved: tuple[float, float] | None = None  # (state.elapsed, last) when an eval saved last/
+
+    def restart(self) -> None:
+        """Count from now on (the loop starts)."""
+        self.last = time.perf_counter()
+
+    def tick(self, state: RunState) -> None:
+        """Add the time since the last tick to state.elapsed."""
+        now = time.perf_counter()
+        state.elapsed += now - self.last
+        self.last = now
+
+    def mark_saved(self, state: RunState) -> None:
+        """last/ is being saved with state.elapsed as of now."""
+        self.tick(state)
+        self.saved = (state.elapsed, self.last)
+
+    def since_saved(self, state: RunState) -> tuple[float, float]:
+        """At an eval's end: (the clock last/ was saved with, seconds since that save); now, if it saved none."""
+        if self.saved is None:
+            self.mark_saved(state)
+        assert self.saved is not None
+        (elapsed, at), self.saved = self.saved, None
+        return elapsed, time.perf_counter() - at
+
+    def take(self, state: RunState, elapsed: float, since: float) -> None:
+        """Take the clock an eval saved (every rank takes rank 0's), counting the time since in the next step."""
+        state.elapsed, self.last = elapsed, time.perf_counter() - since
 
 
 class Resumable:
