@@ -29,7 +29,8 @@ from typing import Callable
 import torch
 
 from pocketgpt.config import ModelConfig
-from pocketgpt.engine import MANY_ROWS, Decoder, Engine, probe_logit_diff
+from pocketgpt.decoder import MANY_ROWS, Decoder, probe_logit_diff
+from pocketgpt.engine import Engine
 from pocketgpt.model import GPT
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py, wherever this is started from

@@ -6,11 +6,11 @@ A one-token decode step of GPT-2 small reads every matrix once, so it is bound b
 fewer bytes per weight should mean a faster step. This times, at GPT-2 small's shapes (12 blocks of
 768x2304, 768x768, 768x3072, 3072x768, and the 768x50257 head), one row through every matrix in each
 weight format the CPU build offers, and measures how far the head's logits move from float32 on the
-same input, against engine.LOGIT_TOLERANCE (the bound a decode dtype must keep to be used). With
+same input, against decoder.LOGIT_TOLERANCE (the bound a decode dtype must keep to be used). With
 --rows, the same matmuls are timed for several rows at once (a batch of samples, or a server's
 streams), where some 16-bit kernels stop being fast:
 
-- float32, float16, bfloat16: torch.mm on pre-transposed weights (what engine.Decoder does);
+- float32, float16, bfloat16: torch.mm on pre-transposed weights (what decoder.Decoder does);
 - int8 weights, int8 activations: fbgemm's dynamic quantized linear (per-channel weight scales,
   activations quantized per call, 8 bits);
 - int8 weights only: torch's _weight_int8pack_mm (per-channel scales, bfloat16 activations);
@@ -33,7 +33,7 @@ from typing import Callable
 
 import torch
 
-from pocketgpt.engine import LOGIT_TOLERANCE
+from pocketgpt.decoder import LOGIT_TOLERANCE
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py, wherever this is started from
 import common  # noqa: E402

@@ -1,5 +1,5 @@
-"""The serving engine alone (no HTTP): N streams in one engine.DecodeBatch, stepped as the server's
-scheduler steps them (advance, pick, then each stream's TextStream.next_chunks), on a run folder.
+"""The serving engine alone (no HTTP): N generations in one loading.TextBatch, stepped as the
+server's scheduler steps them (TextBatch.step: one forward, one pick, each generation's chunks), on a run folder.
 
     python bench/engine_batch_bench.py --model RUN [--n 1,4,16,64] [--max-tokens 128] [--repeats 5]
     python bench/engine_batch_bench.py --model RUN --profile 16     # cProfile of one N=16 level
@@ -9,8 +9,9 @@ Streams arrive as a burst does at the server: all are waiting at the start and o
 (prefilled) per turn, so their positions differ and their windows slide at different turns. Each
 has the serve bench's prompt, temperature 0.8 and its own seed. Per N: aggregate tokens/s (all
 streams' tokens over the time from the first admission to the last token), the median turn in
-ms and its split: forward (advance), sampling (pick) and the text layer (next_chunks of every
-stream, with its per-stream bookkeeping). Times are this thread's CPU time (time.thread_time), so
+ms and its split: forward (DecodeBatch.advance), sampling (DecodeBatch.pick) and the text layer
+(the rest of the step: every generation's chunks, with its bookkeeping), timed by wrapping the two
+engine methods for the run. Times are this thread's CPU time (time.thread_time), so
 that another process taking a core now and then (a shared machine) inflates them less than wall
 time; --wall measures wall time instead.
 """
@@ -18,13 +19,14 @@ time; --wall measures wall time instead.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import pstats
 import statistics
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, Iterator
 
 if TYPE_CHECKING:
     from pocketgpt.loading import LoadedModel
@@ -35,36 +37,49 @@ PROMPT = "ROMEO:\nWhat light through yonder window breaks?\n"
 CLOCK = time.thread_time
 
 
-def level(model, n: int, max_tokens: int, prompt: str = PROMPT) -> dict[str, float]:
+@contextlib.contextmanager
+def timed(cls: type, name: str, spent: list[float]) -> Iterator[None]:
+    """Every call of cls.name adds its time to spent[0], while inside."""
+    real: Callable = getattr(cls, name)
+
+    def wrapper(*args, **kwargs):
+        t = CLOCK()
+        try:
+            return real(*args, **kwargs)
+        finally:
+            spent[0] += CLOCK() - t
+
+    setattr(cls, name, wrapper)
+    try:
+        yield
+    finally:
+        setattr(cls, name, real)
+
+
+def level(model: "LoadedModel", n: int, max_tokens: int, prompt: str = PROMPT) -> dict[str, float]:
     from pocketgpt.engine import DecodeBatch
     from pocketgpt.sampling import SamplingSettings
 
     clock = CLOCK
-    batch = DecodeBatch(model.engine)
+    batch = model.batch()
     waiting = [SamplingSettings(max_new_tokens=max_tokens, temperature=0.8, seed=1000 + i) for i in range(n)]
-    streams, live = [], []
+    generations, live = [], 0
+    advance, pick = [0.0], [0.0]  # running totals
     fwd, smp, txt, turns = [], [], [], []
     t0 = clock()
-    while live or waiting:
-        a = clock()
-        if waiting:  # one admission per turn, as the scheduler does
-            streams.append(model.text_stream(prompt, waiting.pop(0), batch=batch))
-            live.append(streams[-1])
-        batch.advance()
-        b = clock()
-        batch.pick()
-        c = clock()
-        for s in list(live):
-            chunks = s.next_chunks()
-            if chunks is None or s.tokens.done:
-                if chunks is not None:
-                    s.next_chunks()
-                s.tokens.close()
-                live.remove(s)
-        d = clock()
-        fwd.append(b - a), smp.append(c - b), txt.append(d - c), turns.append(d - a)
+    with timed(DecodeBatch, "advance", advance), timed(DecodeBatch, "pick", pick):
+        while live or waiting:
+            a, before = clock(), (advance[0], pick[0])
+            if waiting:  # one admission per turn, as the scheduler does
+                generations.append(batch.add(prompt, waiting.pop(0)))
+                live += 1
+            b = clock()
+            live -= sum(p.ended for p in batch.step())
+            turn = clock() - a
+            f, s = (b - a) + advance[0] - before[0], pick[0] - before[1]  # an admission counts as forward
+            fwd.append(f), smp.append(s), txt.append(turn - f - s), turns.append(turn)
     wall = clock() - t0
-    tokens = sum(sum(s.tokens.completion_tokens) for s in streams)
+    tokens = sum(g.generated for g in generations)
     ms = lambda xs: 1000 * statistics.median(xs)  # noqa: E731
     return {"tok_s": tokens / wall, "turn": ms(turns), "fwd": ms(fwd), "pick": ms(smp), "text": ms(txt),
             "tokens": tokens, "wall": wall}
@@ -77,19 +92,15 @@ def bound(model: "LoadedModel", n: int, repeats: int) -> None:
     context), interleaved, wall time: the ratio the matmuls themselves allow at this shape and CPU."""
     import torch
 
-    from pocketgpt.engine import _mm, _residual
-
     dec = model.engine.decoder(many_rows=True)  # the decode dtype a batch of streams gets
     torch.set_num_threads(model.engine.threads or torch.get_num_threads())
-    C, V, T = dec.cfg.n_embd, dec.cfg.vocab_size, dec.cfg.block_size
+    C, V, T, W = dec.cfg.n_embd, dec.cfg.vocab_size, dec.cfg.block_size, dec.width
 
-    def chain(x: torch.Tensor) -> torch.Tensor:
-        for layer in dec.step_layers:
-            h = _mm(dec.norm(x, *layer.norm_1), layer.attn_w, layer.attn_b)
-            x = _residual(x, h[:, :C].contiguous(), layer.attn_proj_w, layer.attn_proj_b)
-            x = _residual(x, dec.act(_mm(dec.norm(x, *layer.norm_2), layer.fc_w, layer.fc_b)),
-                          layer.mlp_proj_w, layer.mlp_proj_b)
-        return _mm(dec.norm(x, *dec.norm_f), dec.step_headT, None)
+    def no_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        return qkv[:, :W].contiguous()  # the projection's input, of the attention output's shape
+
+    def chain(x: torch.Tensor) -> torch.Tensor:  # the decoder's own block wiring, attention left out
+        return dec.logits(dec.blocks(x, one, no_attention))
 
     gen = torch.Generator().manual_seed(0)
     with torch.inference_mode():
@@ -143,7 +154,7 @@ def main() -> None:
     model = load(args.model)
     if args.bound:
         return bound(model, args.bound, args.repeats)
-    level(model, 2, 8)  # warm-up
+    level(model, 2, 8, args.prompt)  # warm-up
     if args.profile:
         prof = cProfile.Profile()
         prof.enable()

@@ -11,7 +11,9 @@ import weakref
 import pytest
 import torch
 
-from pocketgpt.engine import DecodeBatch, Decoder, Engine, token_logprobs
+from pocketgpt import decoder as decoder_mod
+from pocketgpt.decoder import Decoder
+from pocketgpt.engine import DecodeBatch, Engine, token_logprobs
 from pocketgpt.sampling import SamplingSettings
 from tests.test_engine import ARCHS, make
 
@@ -40,7 +42,7 @@ def run_together(batch: DecodeBatch, jobs: dict[str, tuple[list[int], SamplingSe
             return out
         batch.advance()
         if pick:
-            batch.pick()
+            batch.pick(list(streams.values()))
         for name, st in list(streams.items()):
             if st.done:
                 st.close()
@@ -116,7 +118,7 @@ def test_finished_rows_ride_along_and_stop_tokens_end_only_their_sample():
     rows = [[] for _ in range(4)]
     while not mine.done:
         batch.advance()
-        batch.pick()
+        batch.pick([other, mine])
         next(other)
         for row, tok in zip(rows, next(mine)):
             if tok is not None:
@@ -150,11 +152,9 @@ def test_stream_reports_logprobs_of_the_tokens_it_picks():
 
 
 def test_a_shared_batch_never_steps_in_float16_under_auto(monkeypatch):
-    from pocketgpt import engine as engine_mod
-
-    monkeypatch.setattr(engine_mod, "LOW_PRECISION_MIN_PARAMS", 0)
-    monkeypatch.setattr(engine_mod, "low_precision_candidates", lambda: [torch.float16, torch.bfloat16])
-    monkeypatch.setattr(engine_mod, "LOGIT_TOLERANCE", 1.0)  # let both pass the probe
+    monkeypatch.setattr(decoder_mod, "LOW_PRECISION_MIN_PARAMS", 0)
+    monkeypatch.setattr(decoder_mod, "low_precision_candidates", lambda: [torch.float16, torch.bfloat16])
+    monkeypatch.setattr(decoder_mod, "LOGIT_TOLERANCE", 1.0)  # let both pass the probe
     engine = Engine(make(scale=0.1))
     assert engine.step_dtype == torch.float16  # one generation: float16 matrix-vector steps
     batch = DecodeBatch(engine)
@@ -167,16 +167,14 @@ def test_a_shared_batch_never_steps_in_float16_under_auto(monkeypatch):
 
 def test_several_samples_of_one_generation_step_as_many_rows_under_auto(monkeypatch):
     # `sample --num-samples 64` is one generation of 64 rows: float16's many-row matmuls are slow
-    from pocketgpt import engine as engine_mod
-
-    monkeypatch.setattr(engine_mod, "LOW_PRECISION_MIN_PARAMS", 0)
-    monkeypatch.setattr(engine_mod, "low_precision_candidates", lambda: [torch.float16, torch.bfloat16])
-    monkeypatch.setattr(engine_mod, "LOGIT_TOLERANCE", 1.0)
+    monkeypatch.setattr(decoder_mod, "LOW_PRECISION_MIN_PARAMS", 0)
+    monkeypatch.setattr(decoder_mod, "low_precision_candidates", lambda: [torch.float16, torch.bfloat16])
+    monkeypatch.setattr(decoder_mod, "LOGIT_TOLERANCE", 1.0)
     engine = Engine(make(scale=0.1))
-    few = engine.start([1, 2], SamplingSettings(max_new_tokens=4, num_samples=engine_mod.MANY_ROWS - 1))
-    many = engine.start([1, 2], SamplingSettings(max_new_tokens=4, num_samples=engine_mod.MANY_ROWS))
-    assert few._batch.dec.step_dtype == torch.float16 and many._batch.dec.step_dtype == torch.bfloat16
-    assert all(len(row) == 4 for row in engine.generate([1, 2], 4, num_samples=engine_mod.MANY_ROWS))
+    few = engine.start([1, 2], SamplingSettings(max_new_tokens=4, num_samples=decoder_mod.MANY_ROWS - 1))
+    many = engine.start([1, 2], SamplingSettings(max_new_tokens=4, num_samples=decoder_mod.MANY_ROWS))
+    assert few.batch.dec.step_dtype == torch.float16 and many.batch.dec.step_dtype == torch.bfloat16
+    assert all(len(row) == 4 for row in engine.generate([1, 2], 4, num_samples=decoder_mod.MANY_ROWS))
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -214,12 +212,12 @@ def test_a_batch_prefills_new_prompts_in_its_next_forward():
     assert batch.merge_fills  # float32 steps: the model's own tensors, what prefill() uses
     s = SamplingSettings(max_new_tokens=5, temperature=1.0, seed=3)
     first = batch.start([1, 2, 3], s)
-    assert first._cache.pos == 0 and first.due  # checked and given rows, not prefilled yet
-    batch.advance(), batch.pick()
+    assert first.rows.cache.pos == 0 and first.rows.due  # checked and given rows, not prefilled yet
+    batch.advance(), batch.pick([first])
     ids = [next(first)]
     second = batch.start([4, 5], s)  # joins while the first runs: its prompt rides in the first's step
-    assert batch.advance() == 2 and second._cache.pos == 2 and first._cache.pos == 4
-    batch.pick()
+    assert batch.advance() == 2 and second.rows.cache.pos == 2 and first.rows.cache.pos == 4
+    batch.pick([first, second])
     ids.append(next(first))
     want = engine.generate([1, 2, 3], s)
     assert [row for step in ids for row in step] == want[0][:2]
@@ -229,8 +227,8 @@ def test_a_batch_prefills_new_prompts_in_its_next_forward():
 
 @pytest.mark.parametrize("ending", ["length", "stop"])
 def test_a_finished_generation_is_freed_without_the_cycle_collector(ending):
-    # a generation's own batch and its stream refer to each other; the finished stream leaves the
-    # batch, so dropping the stream frees its cache at once (64 GPT-2 samples: gigabytes)
+    # a generation's own batch holds its rows, not its stream: dropping the stream frees the
+    # batch and its cache at once (64 GPT-2 samples: gigabytes)
     engine = Engine(make())
     gc.disable()
     try:
@@ -242,7 +240,7 @@ def test_a_finished_generation_is_freed_without_the_cycle_collector(ending):
             next(tokens)
             tokens.stop(0)
             tokens.stop(1)
-        cache = weakref.ref(tokens._batch.cache)
+        cache = weakref.ref(tokens.batch.cache)
         del tokens
         assert cache() is None
     finally:
@@ -256,7 +254,7 @@ def test_a_generation_stopped_early_by_its_caller_is_freed_too():
 
     def watched(*args, **kwargs):
         tokens = start(*args, **kwargs)
-        caches.append(weakref.ref(tokens._batch.cache))
+        caches.append(weakref.ref(tokens.batch.cache))
         return tokens
 
     engine.start = watched

@@ -7,6 +7,8 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -214,9 +216,13 @@ def test_kill_9_at_random_moments_until_done_matches(tmp_path, data_dir):
     for attempt in range(12):
         resuming = (run / "last" / "state.json").exists() or (run / "last.old" / "state.json").exists()
         extra = ["--resume"] if resuming else (["--overwrite"] if (run / "config.json").exists() else [])
+        logged = _lines(run / "metrics.jsonl")
         proc = subprocess.Popen(cmd + extra, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # the random moment is counted from this attempt's first new step, not from its start: starting
+        # Python and torch alone takes seconds on a slow machine, and a kill there tests nothing
+        _wait_until(lambda: proc.poll() is not None or _lines(run / "metrics.jsonl") > logged, 120)
         try:
-            proc.wait(timeout=rng.uniform(1.5, 4.0))
+            proc.wait(timeout=rng.uniform(0.0, 1.5))
             break  # finished before the kill came
         except subprocess.TimeoutExpired:
             os.kill(proc.pid, signal.SIGKILL)
@@ -230,6 +236,21 @@ def test_kill_9_at_random_moments_until_done_matches(tmp_path, data_dir):
     b = {m["iter"]: m["loss"] for m in metrics(run) if "loss" in m}
     assert list(b) == list(range(1, 81))
     assert a == pytest.approx(b, abs=1e-5)
+
+
+def _lines(path: Path) -> int:
+    """Complete lines of a file being appended to (0 when it does not exist yet)."""
+    try:
+        return path.read_bytes().count(b"\n")
+    except FileNotFoundError:
+        return 0
+
+
+def _wait_until(done: Callable[[], bool], timeout: float) -> None:
+    end = time.monotonic() + timeout
+    while not done():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.01)
 
 
 def _resume(capsys, run):

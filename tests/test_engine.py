@@ -1,9 +1,10 @@
-"""The generation engine's own decode path (Decoder), its sampling and its low-precision choice.
+"""The generation engine: its decoder (decoder.py), its sampling and its low-precision choice.
 
 tests/test_model.py covers the model's KV cache, greedy = argmax, the sliding window, seeds and
-top-k / top-p through Engine; these tests cover what engine.py adds on top: the decoder equal to
-the full forward for every architecture option, the repetition penalty, stop token ids and
-per-sample stopping, and generations that interleave without touching the caller's thread count.
+top-k / top-p through Engine; these tests cover what decoder.py and engine.py add on top: the
+decoder equal to the full forward for every architecture option, the repetition penalty, stop
+token ids and per-sample stopping, and generations that interleave without touching the caller's
+thread count. tests/test_batch.py covers many generations in one batch.
 """
 
 import math
@@ -14,9 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from pocketgpt import decoder as decoder_mod
 from pocketgpt import engine as engine_mod
 from pocketgpt.config import MLPS, ModelConfig
-from pocketgpt.engine import Decoder, Engine, low_precision_candidates, penalize, probe_logit_diff, sample
+from pocketgpt.decoder import Decoder, low_precision_candidates, probe_logit_diff
+from pocketgpt.engine import Engine, penalize, sample
 from pocketgpt.errors import PocketError
 from pocketgpt.model import GPT
 from pocketgpt.sampling import SamplingSettings
@@ -148,14 +151,14 @@ def test_auto_keeps_float32_for_small_models():
 
 
 def test_auto_uses_low_precision_only_when_the_probe_passes(monkeypatch):
-    monkeypatch.setattr(engine_mod, "LOW_PRECISION_MIN_PARAMS", 0)
-    monkeypatch.setattr(engine_mod, "low_precision_candidates", lambda: [torch.float16])
+    monkeypatch.setattr(decoder_mod, "LOW_PRECISION_MIN_PARAMS", 0)
+    monkeypatch.setattr(decoder_mod, "low_precision_candidates", lambda: [torch.float16])
     model = make(scale=0.1)
     before = torch.get_rng_state()
     eng = Engine(model)
     assert eng.step_dtype == torch.float16 and 0 < eng.logit_diffs["float16"] <= 1e-2
     assert torch.equal(before, torch.get_rng_state())  # the probe draws from its own generator
-    monkeypatch.setattr(engine_mod, "LOGIT_TOLERANCE", 0.0)  # no 16-bit decode can pass this
+    monkeypatch.setattr(decoder_mod, "LOGIT_TOLERANCE", 0.0)  # no 16-bit decode can pass this
     strict = Engine(model)
     assert strict.step_dtype == torch.float32 and strict.logit_diffs["float16"] > 0
     greedy = strict.generate([1, 2], 10, temperature=0)
@@ -211,18 +214,24 @@ def test_gelu_new_is_gpt2s_tanh_gelu_in_training_and_decoding():
         assert (decode_all(Decoder(exact), idx, 4) - b).abs().max() > 1e-4
 
 
+ENGINE_MODULES = (engine_mod, decoder_mod)
+
+
+def engine_code() -> str:
+    """The engine's modules without their comments (comments may mention what the code must not name)."""
+    sources = [Path(m.__file__).read_text(encoding="utf-8") for m in ENGINE_MODULES]
+    return "\n".join(line.split("#")[0] for source in sources for line in source.splitlines())
+
+
 def test_the_engine_names_no_module_attribute_of_the_model():
-    source = Path(engine_mod.__file__).read_text(encoding="utf-8")
-    code = "\n".join(line.split("#")[0] for line in source.splitlines())  # comments may mention them
     names = "transformer|c_attn|c_proj|c_fc|ln_1|ln_2|ln_f|lm_head|rope_cos|rope_sin|attn|mlp|eps"
-    assert re.findall(rf"\.({names})\b", code) == []
+    assert re.findall(rf"\.({names})\b", engine_code()) == []
 
 
 def test_the_engine_names_no_architecture():
     # what an architecture option is (an activation, a norm, positions, the q/k/v layout) comes from
     # decode_view(); the engine's code reads none of the config's architecture fields
-    source = Path(engine_mod.__file__).read_text(encoding="utf-8")
-    code = "\n".join(line.split("#")[0] for line in source.splitlines())
+    code = engine_code()
     fields = "pos_emb|norm|qk_norm|mlp|gated|tie_embeddings|qkv_bias|rope_theta|norm_eps|bias"
     assert re.findall(rf"\bcfg\.({fields})\b", code) == []
     assert re.findall(r"gelu|relu|swiglu|silu|rms_norm|layer_norm|rotate|gpt2|llama|qwen", code, re.I) == []

@@ -5,7 +5,7 @@ import torch
 
 import pocketgpt
 from pocketgpt.config import ModelConfig
-from pocketgpt.engine import Decoder
+from pocketgpt.decoder import Decoder
 from pocketgpt.model import GPT
 from pocketgpt.optim import Muon, make_optimizers, orthogonalize
 from pocketgpt.trainer import train

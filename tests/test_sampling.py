@@ -20,7 +20,8 @@ from pocketgpt.config import ModelConfig, TrainConfig
 from pocketgpt.errors import PocketError
 from pocketgpt.loading import LoadedModel
 from pocketgpt.model import GPT
-from pocketgpt.sampling import DEFAULTS, InvalidSetting, SamplingSettings, StopMatcher, TextStream, as_settings
+from pocketgpt.sampling import (DEFAULTS, Completion, InvalidSetting, SamplingSettings, StopMatcher, TextStream,
+                                as_settings)
 from pocketgpt.tokenizer import EOT, ByteLevelTokenizer, CharTokenizer
 
 # ---------------------------------------------------------------- settings
@@ -283,3 +284,83 @@ def test_interleaved_text_streams_give_what_each_gives_alone():
             else:
                 got[i] += pieces[0]
     assert got == alone and len(alone[1]) <= 10  # b ended early, at its stop string
+
+
+# ---------------------------------------------------------------- many generations: LoadedModel.batch()
+
+
+def run_text_batch(m: LoadedModel, jobs: dict[str, tuple[str, SamplingSettings]], join_at: dict[str, int],
+                   close_at: dict[str, int]) -> tuple[dict[str, list[Completion]], list[int]]:
+    """Every job's generation in one TextBatch, as the server's scheduler steps them: each sample's
+    text joined from its chunks, its final chunk's reason and counts; and the rows fed per step."""
+    batch, handles, texts, finals, fed, step = m.batch(), {}, {}, {}, [], 0
+    while len(finals) < len(jobs):
+        for name, (prompt, s) in jobs.items():
+            if join_at.get(name, 0) == step:
+                handles[batch.add(prompt, s)] = name
+                texts[name] = [""] * s.num_samples
+        for g, name in list(handles.items()):
+            if close_at.get(name) == step:
+                batch.close(g)
+                finals[name], _ = [Completion(t, "closed", 0, 0) for t in texts[name]], handles.pop(g)
+        progress = batch.step()
+        fed.append(batch.rows_fed)
+        for p in progress:
+            name = handles[p.generation]
+            assert p.error is None
+            for ch in p.chunks:
+                texts[name][ch.index] += ch.text
+                if ch.finish_reason is not None:
+                    finals.setdefault(name, [None] * len(texts[name]))[ch.index] = Completion(
+                        texts[name][ch.index], ch.finish_reason, ch.prompt_tokens, ch.completion_tokens)
+            if p.ended:
+                assert all(finals[name]) and p.generation.generated == sum(c.completion_tokens for c in finals[name])
+                del handles[p.generation]
+        step += 1
+    return finals, fed
+
+
+def test_a_text_batch_gives_each_generation_its_text_alone():
+    m = loaded(CHARS, block_size=16)  # 30 tokens: windows slide inside the batch's steps
+    s = SamplingSettings(max_new_tokens=30, temperature=1.0, seed=3)
+    stop = m.complete("ba", s)[0].text[12:14]
+    jobs = {
+        "plain": ("ab", s),
+        "stopped": ("ba", s.replace(stop=[stop])),
+        "samples": ("h", SamplingSettings(max_new_tokens=12, temperature=0.9, top_k=4, seed=8, num_samples=3)),
+        "greedy": ("cab", SamplingSettings(max_new_tokens=20, temperature=0, repetition_penalty=1.4)),
+        "late": ("g", s.replace(seed=11, top_p=0.9)),
+        "closed": ("ab", s.replace(seed=12)),
+    }
+    got, fed = run_text_batch(m, jobs, join_at={"late": 4, "greedy": 2}, close_at={"closed": 5})
+    for name, (prompt, settings) in jobs.items():
+        alone = m.complete(prompt, settings)
+        if name == "closed":  # what it had when its client left is what it gives alone
+            assert alone[0].text.startswith(got[name][0].text) and got[name][0].text
+        else:
+            assert got[name] == alone, name
+    assert got["stopped"][0].finish_reason == "stop"
+    assert fed[0] == 6 and max(fed) == 8  # a step feeds every running sample's row (or prompt) in one forward
+
+
+def test_a_text_batch_refuses_a_bad_prompt_at_add_and_keeps_the_others():
+    m = loaded(CHARS, block_size=8)
+    batch = m.batch()
+    ok = batch.add("ab", SamplingSettings(max_new_tokens=3, seed=1))
+    with pytest.raises(PocketError, match="context is 8"):
+        batch.add("a" * 9, SamplingSettings())
+    progress = [p for _ in range(3) for p in batch.step()]
+    assert {p.generation for p in progress} == {ok} and progress[-1].ended
+    assert "".join(ch.text for p in progress for ch in p.chunks) == m.complete("ab", SamplingSettings(max_new_tokens=3, seed=1))[0].text
+
+
+def test_a_failure_in_one_generations_text_ends_that_one_only(monkeypatch):
+    m = loaded(CHARS)
+    batch = m.batch()
+    s = SamplingSettings(max_new_tokens=5, seed=2)
+    bad, good = batch.add("ab", s), batch.add("ba", s)
+    monkeypatch.setattr(bad.text, "next_chunks", lambda: 1 / 0)
+    first = {p.generation: p for p in batch.step()}
+    assert isinstance(first[bad].error, ZeroDivisionError) and first[bad].ended
+    assert first[good].error is None and not first[good].ended
+    assert [p.generation for p in batch.step()] == [good]  # the failed one gave its rows back

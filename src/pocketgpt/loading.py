@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
@@ -9,7 +10,7 @@ import torch
 
 from .checkpoint import WEIGHTS, load_weights, read_weights_metadata
 from .config import TrainConfig
-from .engine import Engine
+from .engine import DecodeBatch, Engine, TokenStream
 from .errors import PocketError
 from .model import GPT
 from .rundir import BEST_WEIGHTS
@@ -42,16 +43,19 @@ def weights_path(run_dir: Path, checkpoint: str) -> Path:
 class LoadedModel:
     """A model with its tokenizer: text in, text out; .logits(ids) -> (len(ids), V) float32.
 
-    Generation takes one sampling.SamplingSettings (or, the older style, max_new_tokens and the
-    settings as keywords; keywords also change a given SamplingSettings). Three views of one
-    generation, all built on sampling.TextStream over the engine's TokenStream:
+    Generation takes one sampling.SamplingSettings, or max_new_tokens and the settings as keywords
+    (sampling.as_settings: short calls from a notebook; keywords also change a given
+    SamplingSettings). Three views of one generation, all built on sampling.TextStream over the
+    engine's TokenStream:
 
     - complete(prompt, settings) -> [Completion(text, finish_reason, prompt_tokens, completion_tokens)]
       (text: the continuation only, without the prompt or a stop string);
     - stream_chunks(prompt, settings) -> Chunk records as text comes, each sample ending with one
       that carries its finish_reason and token counts (what a server streams);
     - stream(prompt, settings) -> per step a list of new text per sample (the CLI's loop), and
-      generate / generate_many -> the prompt followed by each continuation, as before.
+      generate / generate_many -> the prompt followed by each continuation.
+
+    Many generations stepped together (a server's): batch() -> a TextBatch.
 
     Stop strings end a sample and are never output; stop_at_eos ends one at the tokenizer's
     end-of-text token (gpt2 and bpe kinds); char tokenizers have none, so there it changes nothing.
@@ -68,14 +72,15 @@ class LoadedModel:
         return self.model.config.block_size
 
     def text_stream(self, prompt: str, settings: SamplingSettings | int | None = None,
-                    num_samples: int | None = None, batch: Any = None, **changes: Any) -> TextStream:
-        """The generation's text layer, prefilled and ready to iterate (see the class docstring).
-        batch: an engine.DecodeBatch of this model's engine to join (a server's), else its own."""
-        s = as_settings(settings, num_samples=num_samples, **changes)
-        ids = self.tokenizer.encode(prompt)
-        eot = getattr(self.tokenizer, "eot_id", None)  # byte-level BPE kinds only
-        stop_ids = [eot] if s.stop_at_eos and eot is not None else []
-        return TextStream((batch or self.engine).start(ids, s, stop_ids), self.tokenizer, s.stop)
+                    num_samples: int | None = None, **changes: Any) -> TextStream:
+        """The generation's text layer, prefilled and ready to iterate (see the class docstring)."""
+        resolved = as_settings(settings, num_samples=num_samples, **changes)
+        tokens = _start_tokens(self.tokenizer, self.engine.start, prompt, resolved)
+        return TextStream(tokens, self.tokenizer, resolved.stop)
+
+    def batch(self) -> TextBatch:
+        """An empty TextBatch: many generations of this model stepped together (a server's)."""
+        return TextBatch(self.tokenizer, DecodeBatch(self.engine))
 
     def stream(self, prompt: str, settings: SamplingSettings | int | None = None, num_samples: int | None = None,
                **changes: Any) -> Iterator[list[str]]:
@@ -112,6 +117,91 @@ class LoadedModel:
         device = next(self.model.parameters()).device
         out, _ = self.model(idx.to(device))
         return out[0].float().cpu()
+
+
+def _start_tokens(tokenizer: Tokenizer, start: Callable[..., TokenStream], prompt: str,
+                  settings: SamplingSettings) -> TokenStream:
+    """prompt's generation, started by start (Engine.start, or DecodeBatch.start to join a batch)."""
+    ids = tokenizer.encode(prompt)
+    eot = getattr(tokenizer, "eot_id", None)  # byte-level BPE kinds only
+    stop_ids = [eot] if settings.stop_at_eos and eot is not None else []
+    return start(ids, settings, stop_ids)
+
+
+@dataclass(eq=False)
+class Generation:
+    """One prompt's generation in a TextBatch: the handle add() returns and step() reports on."""
+
+    text: TextStream
+    tokens: TokenStream
+
+    @property
+    def generated(self) -> int:
+        """Tokens generated so far, every sample's (each stop token included)."""
+        return sum(self.tokens.completion_tokens)
+
+
+@dataclass(frozen=True)
+class Progress:
+    """What one step gave one generation: its new chunks (maybe none: text held back), whether it
+    has ended (its last chunks are among these; its rows are given back), and the error that ended
+    it, if its text layer failed."""
+
+    generation: Generation
+    chunks: list[Chunk]
+    ended: bool
+    error: Exception | None = None
+
+
+class TextBatch:
+    """Many generations of one model stepped together, text in and text out (a server's).
+
+    add(prompt, settings) starts one: the prompt is checked now (a PocketError names what is wrong)
+    and prefilled in the next step's forward. step() runs one forward for every generation (an
+    engine.DecodeBatch: one KV cache, each row at its own position), draws every generation's next
+    ids (one sampling pass per group of equal settings), and returns each one's chunks. close(g)
+    ends one early (its client left). Each generation's text is what it would be alone, with the
+    same seed. Not thread-safe: one thread owns a batch.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, tokens: DecodeBatch):
+        self._tokenizer, self._tokens = tokenizer, tokens
+        self._live: list[Generation] = []
+        self.rows_fed = 0  # rows the last step's forward fed (each sample's token or window)
+
+    def add(self, prompt: str, settings: SamplingSettings) -> Generation:
+        tokens = _start_tokens(self._tokenizer, self._tokens.start, prompt, settings)
+        generation = Generation(TextStream(tokens, self._tokenizer, settings.stop), tokens)
+        self._live.append(generation)
+        return generation
+
+    def step(self) -> list[Progress]:
+        """One step of every generation. A failed forward raises (the caller ends every generation
+        of the batch); a generation whose text layer fails ends alone, with the error in its Progress."""
+        self.rows_fed = self._tokens.advance()
+        self._tokens.pick([g.tokens for g in self._live])
+        return [self._progress(g) for g in list(self._live)]
+
+    def _progress(self, g: Generation) -> Progress:
+        try:
+            chunks = g.text.next_chunks()
+            if chunks is not None and g.tokens.done:  # the last step: its final chunks come now
+                chunks = chunks + (g.text.next_chunks() or [])
+                ended = True
+            else:
+                ended = chunks is None
+        except Exception as e:  # noqa: BLE001 - ends this generation only
+            self.close(g)
+            return Progress(g, [], True, e)
+        if ended:
+            self.close(g)
+        return Progress(g, chunks or [], ended)
+
+    def close(self, g: Generation) -> None:
+        """End a generation now and give its rows back (nothing if it has ended already)."""
+        if g in self._live:
+            self._live.remove(g)
+            g.tokens.close()
 
 
 def load_foreign(src: str | Path, kind: str, vocab: str | Path | None = None) -> "Imported":

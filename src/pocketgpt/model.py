@@ -18,7 +18,7 @@ GPT-2's: transformer.h.0.attn.c_attn.weight ...) stay inside this file and the a
 families' rename tables (arch/); the engine never reads a module attribute.
 
 The wiring of a block is written twice, on purpose: once here as modules (training: autograd,
-dropout, autocast) and once in the engine's decoder as flat code over DecodeView (generation).
+dropout, autocast) and once in decoder.py as flat code over DecodeView (generation).
 The ops themselves (norms, activations, the q/k/v split with QK-norm and rotation) are written
 once, here, and both call them.
 """
@@ -100,7 +100,7 @@ def qk_rms_norm(qk: torch.Tensor) -> torch.Tensor:
 
 class KVCache:
     """Preallocated keys and values of every layer, filled left to right during generation (the
-    engine's decoder writes them). It holds the key/value heads only: grouped-query attention's
+    decoder writes them). It holds the key/value heads only: grouped-query attention's
     smaller cache."""
 
     def __init__(self, cfg: ModelConfig, batch_size: int, device: torch.device, dtype: torch.dtype):
@@ -456,7 +456,7 @@ class GPT(nn.Module):
         return n
 
     def decode_view(self) -> DecodeView:
-        """The network's tensors by role and its math functions, for a decoder (engine.Decoder)."""
+        """The network's tensors by role and its math functions, for a decoder (decoder.Decoder)."""
         cfg, tr = self.config, self.transformer
         layers = [
             LayerTensors(
@@ -478,7 +478,7 @@ class GPT(nn.Module):
         self, idx: torch.Tensor, targets: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx (B, T) token ids -> logits (B, T, V); the loss too if targets. (Generation runs the
-        engine's decoder over decode_view(), with its KV cache, not this.)"""
+        decoder (decoder.py) over decode_view(), with its KV cache, not this.)"""
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")

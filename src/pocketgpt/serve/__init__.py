@@ -2,7 +2,7 @@
 
   api.py        request bodies -> GenRequest (one SamplingSettings) or ApiError; response shapes (no FastAPI)
   scheduler.py  the thread that owns the model and steps every request together, one batched
-                forward per token (engine.DecodeBatch), and reloads new weights (no FastAPI)
+                forward per token (the model's loading.TextBatch), and reloads new weights (no FastAPI)
   metrics.py    GET /metrics: Prometheus text format by hand (requests, tokens, latencies, queue, streams)
   app.py        the FastAPI app: routes, API key, CORS, errors in OpenAI's shape, server-sent events
   page.html     GET /: one self-contained page (no CDN) that streams /v1/completions in a browser

@@ -10,7 +10,7 @@ import logging
 import threading
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Sequence
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
@@ -20,7 +20,10 @@ from ..sampling import Chunk
 from . import api
 from .api import ApiError, GenRequest, Limits
 from .metrics import Metrics
-from .scheduler import DONE, STARTED, Job, Scheduler
+from .scheduler import DONE, STARTED, Event, Job, Scheduler
+
+if TYPE_CHECKING:
+    from ..loading import LoadedModel
 
 log = logging.getLogger("pocketgpt.serve")
 
@@ -148,10 +151,10 @@ class _Outbox:
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop, self.lock = loop, threading.Lock()
-        self.items: list[tuple[asyncio.Queue, Any]] = []
+        self.items: list[tuple[asyncio.Queue, Event]] = []
         self.waking = False
 
-    def put(self, queue: asyncio.Queue, event: Any) -> None:
+    def put(self, queue: asyncio.Queue, event: Event) -> None:
         with self.lock:
             self.items.append((queue, event))
 
@@ -187,7 +190,7 @@ def _merged(events: list[Any]) -> list[Any]:
     return out
 
 
-def model_card(model: Any, model_id: str) -> dict[str, Any]:
+def model_card(model: LoadedModel, model_id: str) -> dict[str, Any]:
     """GET /v1/models' entry: OpenAI's fields, then what the run folder says about the model."""
     from ..rundir import summary
 
@@ -233,10 +236,11 @@ class _Server:
         if self._outbox is not None:
             self._outbox.wake()
 
-    def ready_model(self) -> Any:
-        if not self.scheduler.ready.is_set():
+    def ready_model(self) -> LoadedModel:
+        model = self.scheduler.model
+        if not self.scheduler.ready.is_set() or model is None:
             raise ApiError("the model is still loading", status=503, kind="server_error")
-        return self.scheduler.model
+        return model
 
     def check_prompts(self, req: GenRequest) -> None:
         """Token counts against the context, here, so the answer is a 400 naming the field."""

@@ -1,23 +1,20 @@
-"""The scheduler: one thread owns the model and the engine and steps every request together.
+"""The scheduler: one thread owns the model and its batch and steps every request together.
 
 Each request becomes a `Job`: its prompts, one SamplingSettings, a `deliver` callback (the web
-side puts events on the request's asyncio queue with loop.call_soon_threadsafe) and a deadline.
-The thread admits one waiting job between steps (up to Limits.max_active generating at once) and
-starts one engine TokenStream per prompt in a shared engine.DecodeBatch (the KV cache has one
-row per sample, each at its own position), wrapped in sampling.TextStream (decoding, stop
-strings, finish reasons). A turn is one batched step: DecodeBatch.advance() feeds every stream's
-last token through the model in one forward, then each stream samples its next token on its
-own (own settings and seed, so its output is what it would be alone) and its TextStream gives
-the step's chunks. Events per job: STARTED once every prompt is checked and has its rows (so a
-bad prompt is still a plain 400; the prefill itself rides in the next step's forward when the
-batch can take it there, see DecodeBatch.start), a Chunk per piece of text, then DONE, or one
-ApiError instead.
+side collects the events and hands them to the event loop once per turn, `after_turn`) and a
+deadline. The thread admits one waiting job between steps (up to Limits.max_active generating at
+once) and adds one generation per prompt to the model's loading.TextBatch (one KV cache, a row
+per sample, each at its own position). A turn is one TextBatch.step(): one forward for every
+generation, each one's next tokens drawn with its own settings and seed (so its output is what
+it would be alone), and each one's chunks of text. Events per job: STARTED once every prompt is
+checked and has its rows (so a bad prompt is still a plain 400; the prefill itself rides in the
+next step's forward), a Chunk per piece of text, then DONE, or one ApiError instead.
 
 The thread also feeds metrics.Metrics (GET /metrics): tokens generated and inter-token latency
-per stream (from the engine stream's completion_tokens), time to first text per job.
+per generation, time to first text per job, the rows of each forward.
 
-A job whose client left (cancel()) or whose deadline passed has its streams closed before the
-next step (TokenStream.close() gives its rows back). Any error inside one job ends only that job.
+A job whose client left (cancel()) or whose deadline passed has its generations closed before
+the next step (TextBatch.close() gives their rows back). Any error inside one job ends only that job.
 
 Reload (`watch`): between turns, every `reload_every_s`, the scheduler asks watch() for a stamp
 of the weights (their file's mtime and size); when it changes, a side thread loads the model
@@ -31,46 +28,52 @@ import collections
 import dataclasses
 import threading
 import time
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Callable, Union
 
 from ..errors import PocketError
 from ..sampling import Chunk, SamplingSettings
 from .api import ApiError, Limits
 from .metrics import Metrics
 
+if TYPE_CHECKING:  # the scheduler reaches the model through these alone; torch loads with the model
+    from ..loading import Generation, LoadedModel, Progress, TextBatch
+
 STARTED = "started"
 DONE = "done"
+
+# what a job's deliver callback gets: STARTED, a Chunk of text, DONE, or the error that ends it
+Event = Union[str, Chunk, ApiError]
 
 
 class Job:
     """One request as the scheduler sees it; `cancelled` is set from the web thread (a plain flag)."""
 
-    def __init__(self, prompts: list[str], settings: SamplingSettings, deliver: Callable[[Any], None],
+    def __init__(self, prompts: list[str], settings: SamplingSettings, deliver: Callable[[Event], None],
                  timeout_s: float):
         self.prompts, self.settings, self.deliver = prompts, settings, deliver
         self.submitted = time.monotonic()
         self.deadline = self.submitted + timeout_s
         self.first_text = False  # its first text has gone out (time to first token is measured once)
         self.cancelled = False
-        self.open = 0  # streams still running
+        self.open = 0  # generations still running
         self.ended = False
 
 
 class _Unit:
-    """One prompt of a job: its TextStream, its engine stream, its batch and its choice offset."""
+    """One prompt of a job: its generation, the batch it runs in and its choice offset."""
 
-    def __init__(self, job: Job, text_stream: Any, batch: Any, offset: int):
-        self.job, self.text, self.tokens, self.batch, self.offset = job, text_stream, text_stream.tokens, batch, offset
+    def __init__(self, job: Job, generation: Generation, batch: TextBatch, offset: int):
+        self.job, self.generation, self.batch, self.offset = job, generation, batch, offset
         self.counted = 0  # tokens already counted in the metrics
         self.last: float | None = None  # when its previous tokens came
 
 
 class Scheduler:
-    """Owns the model (loaded on its own thread), its engine and decode batch; see the module docstring."""
+    """Owns the model (loaded on its own thread) and its batch; see the module docstring."""
 
-    def __init__(self, load: Callable[[], Any], limits: Limits,
+    def __init__(self, load: Callable[[], LoadedModel], limits: Limits,
                  on_load_error: Callable[[str], None] | None = None, metrics: Metrics | None = None,
-                 watch: Callable[[], Any] | None = None, reload_every_s: float = 2.0,
+                 watch: Callable[[], object] | None = None, reload_every_s: float = 2.0,
                  on_reload: Callable[[str], None] | None = None):
         self._load, self.limits, self._on_load_error = load, limits, on_load_error
         self.metrics = metrics if metrics is not None else Metrics()
@@ -79,12 +82,12 @@ class Scheduler:
         self._pending: collections.deque[Job] = collections.deque()
         self._units: list[_Unit] = []
         self._stopping = False
-        self.model: Any = None
-        self._batch: Any = None
-        self._stamp: Any = None
+        self.model: LoadedModel | None = None  # set before `ready`
+        self._batch: TextBatch | None = None  # new jobs join this one (older ones finish in theirs)
+        self._stamp: object = None
         self._next_check = 0.0
         self._reloading: threading.Thread | None = None
-        self._reloaded: Any = None  # a model loaded by the side thread, swapped in at the next turn
+        self._reloaded: LoadedModel | None = None  # loaded by the side thread, swapped in at the next turn
         self.ready = threading.Event()
         self.load_error: str | None = None
         # called after every turn: a web side that collects the turn's events sends them here
@@ -136,7 +139,7 @@ class Scheduler:
 
     @property
     def active_samples(self) -> int:
-        """Sample streams generating (n per prompt: one engine row each)."""
+        """Samples generating (n per prompt: one row of the batch each)."""
         return sum(u.job.settings.num_samples for u in list(self._units))
 
     @property
@@ -164,10 +167,8 @@ class Scheduler:
         self._end_all()
         self.after_turn()
 
-    def _use(self, model: Any) -> None:
-        from ..engine import DecodeBatch  # torch, only once the model is there
-
-        self.model, self._batch = model, DecodeBatch(model.engine)
+    def _use(self, model: LoadedModel) -> None:
+        self.model, self._batch = model, model.batch()
 
     def _maybe_reload(self) -> None:
         """Swap in a reloaded model; start a reload when the weights' stamp has changed."""
@@ -225,26 +226,26 @@ class Scheduler:
         a bad prompt ends the job with a 400, others untouched."""
         if job.cancelled or time.monotonic() > job.deadline:
             return self._fail(job, _timeout(self.limits) if not job.cancelled else None)
-        units = []
+        batch, units = self._batch, []
+        assert batch is not None  # a job starts once the model is loaded
         try:
             for i, prompt in enumerate(job.prompts):
-                stream = self.model.text_stream(prompt, job.settings, batch=self._batch)
-                units.append(_Unit(job, stream, self._batch, i * job.settings.num_samples))
+                units.append(_Unit(job, batch.add(prompt, job.settings), batch, i * job.settings.num_samples))
         except PocketError as e:
             for u in units:
-                u.tokens.close()
+                batch.close(u.generation)
             return self._fail(job, ApiError(str(e), "prompt"))
         except Exception as e:  # noqa: BLE001 - one bad request must not stop the scheduler
             for u in units:
-                u.tokens.close()
+                batch.close(u.generation)
             return self._fail(job, _internal(e))
         job.open = len(units)
         self._units.extend(units)
         self._send(job, STARTED)
 
     def _turn(self) -> None:
-        """One batched step: close what has ended or must end, one forward for every stream left
-        (per batch: streams on reloaded weights step apart), then each stream's chunks go out."""
+        """One batched step: close what has ended or must end, one step of every generation left
+        (per batch: generations on reloaded weights step apart), then each one's chunks go out."""
         now = time.monotonic()
         for unit in list(self._units):
             job = unit.job
@@ -254,35 +255,30 @@ class Scheduler:
                 self._drop(unit)
             elif job.cancelled or now > job.deadline:
                 self._close_job(job, None if job.cancelled else _timeout(self.limits))
+        progress: list[Progress] = []
         try:
             for batch in {id(u.batch): u.batch for u in self._units}.values():
-                self.metrics.batch_step(batch.advance())
-                batch.pick()
+                progress += batch.step()
+                self.metrics.batch_step(batch.rows_fed)
         except Exception as e:  # noqa: BLE001 - a failed forward ends the jobs in it, not the server
             for unit in list(self._units):
                 if unit in self._units:
                     self._close_job(unit.job, _internal(e))
             return
-        for unit in list(self._units):
-            if unit in self._units:
-                self._step(unit)
+        units = {u.generation: u for u in self._units}
+        for p in progress:
+            unit = units[p.generation]
+            if unit in self._units:  # its job was not closed by an error earlier in this loop
+                self._send_progress(unit, p)
 
-    def _step(self, unit: _Unit) -> None:
-        """Sample the stream's next tokens and send the step's chunks; end the stream when it has."""
-        try:
-            chunks = unit.text.next_chunks()
-            if chunks is not None and unit.tokens.done:  # the last step: its final chunks come now
-                more = unit.text.next_chunks()
-                chunks = chunks + (more or [])
-                ended = True
-            else:
-                ended = chunks is None
-        except Exception as e:  # noqa: BLE001 - ends this job only
-            return self._close_job(unit.job, _internal(e))
-        for chunk in chunks or ():
+    def _send_progress(self, unit: _Unit, progress: Progress) -> None:
+        """Send the step's chunks of one generation; end it (and its job, if last) when it has."""
+        if progress.error is not None:
+            return self._close_job(unit.job, _internal(progress.error))
+        for chunk in progress.chunks:
             self._measure(unit, chunk)
             self._send(unit.job, dataclasses.replace(chunk, index=chunk.index + unit.offset) if unit.offset else chunk)
-        if ended:
+        if progress.ended:
             self._drop(unit)
             unit.job.open -= 1
             if unit.job.open == 0:
@@ -292,7 +288,7 @@ class Scheduler:
     def _measure(self, unit: _Unit, chunk: Chunk) -> None:
         """Tokens generated, inter-token latency (per stream), time to first text (per job)."""
         now, job = time.monotonic(), unit.job
-        done = sum(unit.tokens.completion_tokens)
+        done = unit.generation.generated
         if done > unit.counted:
             self.metrics.generated(done - unit.counted, None if unit.last is None else now - unit.last)
             unit.counted, unit.last = done, now
@@ -301,7 +297,7 @@ class Scheduler:
             self.metrics.first_token(now - job.submitted)
 
     def _drop(self, unit: _Unit) -> None:
-        unit.tokens.close()
+        unit.batch.close(unit.generation)
         self._units.remove(unit)
 
     def _close_job(self, job: Job, error: ApiError | None) -> None:
@@ -314,7 +310,7 @@ class Scheduler:
         if error is not None:
             self._send(job, error)
 
-    def _send(self, job: Job, event: Any) -> None:
+    def _send(self, job: Job, event: Event) -> None:
         try:
             job.deliver(event)
         except RuntimeError:  # the event loop has closed (shutdown): nobody is listening
