@@ -108,6 +108,7 @@ def test_interleave_halves_is_llama_cpps_row_order():
     assert got == [0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9, 13, 10, 14, 11, 15]
 
 
+@pytest.mark.slow
 def test_gguf_of_a_llama_run_holds_llamas_tensors_and_metadata(capsys, tmp_path):
     gguf = pytest.importorskip("gguf")
     run = untrained_run(tmp_path, GPT2Tokenizer(), **LLAMA_RUN)

@@ -68,6 +68,7 @@ def eval_loss(model, data_dir: Path, block: int, split: str = "val") -> float:
     return float(np.mean(losses))
 
 
+@pytest.mark.slow
 def test_finetune_from_a_hugging_face_folder_starts_from_its_weights(gpt2_folder, book, tmp_path):
     out = tmp_path / "book-gpt2"
     said: list[str] = []

@@ -112,6 +112,7 @@ def gpt2_export(tmp_path_factory) -> tuple[Path, Path, str]:
     return run, root / "model.gguf", root.name
 
 
+@pytest.mark.slow
 def test_gpt2_run_metadata_tensors_tokenizer(capsys, gpt2_export):
     run, out, _ = gpt2_export
     code, stdout, err = export(capsys, run, out)
@@ -198,6 +199,7 @@ def test_options_gpt2_cannot_express_are_refused(capsys, tmp_path, option, name)
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_overwrite_folder_and_a_failed_write_lose_nothing(capsys, tmp_path, monkeypatch, gpt2_export):
     run = gpt2_export[0]
     out = tmp_path / "m.gguf"

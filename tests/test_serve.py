@@ -411,6 +411,7 @@ def test_serve_without_fastapi_names_the_install(capsys, monkeypatch, run_dir):
     assert code == 2 and 'pip install "pocketgpt[serve]"' in err
 
 
+@pytest.mark.slow
 def test_reload_serves_new_weights_and_running_streams_finish_on_theirs(tmp_path, run_dir):
     import shutil
 

@@ -64,6 +64,7 @@ def test_resume_refuses_a_changed_shape_and_finishes_a_finished_run(data_dir, tm
     assert (tmp_path / "run" / "report.md").is_file()
 
 
+@pytest.mark.slow
 def test_a_run_whose_time_ran_out_at_an_eval_is_finished_for_a_resume(data_dir, tmp_path, monkeypatch):
     # an eval after every step, made slow before its save, takes most of the time, so the budget runs out
     # inside an eval; the saved clock must be the one that stopped the run (once it left the eval out: a
@@ -359,3 +360,25 @@ def test_bf16_autocast_on_cpu_learns_like_float32(data_dir, tmp_path):
     assert any("cpu, bfloat16" in line and "asked for" in line for line in said)
     assert bf16.best_val_loss < 2.9
     assert abs(bf16.best_val_loss - fp32.best_val_loss) < 0.05
+
+
+def test_a_ctrl_c_that_lands_while_the_ranks_agree_still_stops_the_run(data_dir, tmp_path, monkeypatch):
+    """Under torchrun most of a step's idle time is the end-of-step agreement; a Ctrl-C whose handler runs
+    there (after the agreement read the flag, before its answer is stored) must not be overwritten by it."""
+    import os
+    import signal
+
+    from pocketgpt import distributed
+
+    calls = []
+
+    def agree_hit_by_ctrl_c(self, stop, elapsed):
+        calls.append(stop)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # the handler runs here, inside the agreement
+        return stop, elapsed
+
+    monkeypatch.setattr(distributed.Group, "agree", agree_hit_by_ctrl_c)
+    res = train(tiny_config(max_iters=50, eval_interval=50), data_dir, tmp_path / "run", echo=lambda s: None)
+    assert res.interrupted and res.iters == 4  # the press is agreed on at the next step's end
+    assert json.loads((tmp_path / "run" / "last" / "state.json").read_text())["iter"] == 4

@@ -62,7 +62,8 @@ class Trainer:
         self.last_read_iter = 0
         self.state = RunState()
         self.clock = RunClock()
-        self.stop_requested = False
+        self.interrupted = False  # written by the Ctrl-C handler alone: a flag the loop also wrote could lose it
+        self.stop_requested = False  # what every rank agreed on at the end of a step
         self.early_stopped = False
         self.mfu = plan.Mfu(self.model, cfg, runtime, self.group.world_size)
         self.bf16_attention, self.attention_note = choose_cpu_attention(self.model, cfg, runtime,
@@ -321,7 +322,8 @@ class Trainer:
                 evaluated_at = s.iter
                 window_start = time.perf_counter()
             # every rank leaves the loop at the same step: a stop on any rank, and one clock for max_time
-            self.stop_requested, s.elapsed = self.group.agree(self.stop_requested, s.elapsed)
+            stop, s.elapsed = self.group.agree(self.interrupted, s.elapsed)
+            self.stop_requested = self.stop_requested or stop
         if self.stop_requested:
             self.save_last()
             return s
@@ -553,12 +555,12 @@ class _GracefulInterrupt:
         self.trainer, self.previous, self.first = trainer, None, 0.0
 
     def _handler(self, signum: int, frame: Any) -> None:
-        if self.trainer.stop_requested:
+        if self.trainer.interrupted:
             if self.trainer.group.enabled and time.monotonic() - self.first < self.DOUBLE_S:
                 return
             raise KeyboardInterrupt
         self.first = time.monotonic()
-        self.trainer.stop_requested = True
+        self.trainer.interrupted = True
         self.trainer.log.say("\ninterrupt: finishing this step and saving (Ctrl-C again to quit at once)")
 
     def __enter__(self) -> "_GracefulInterrupt":
