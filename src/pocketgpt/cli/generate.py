@@ -43,7 +43,8 @@ def add_sampling(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="stop when the output contains TEXT (repeatable); TEXT itself is not printed")
     p.add_argument("--stop-at-eos", action="store_true",
-                   help="BPE models: stop at the end-of-text token <|endoftext|>")
+                   help="BPE models: stop at the end-of-text token <|endoftext|> (a pretrained Llama / Qwen "
+                        "model always stops at its end-of-sequence tokens)")
     p.add_argument("--seed", type=int, default=None, help="make the output reproducible")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, mps or auto")
 
