@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Union
 
 import torch
 
@@ -40,6 +40,11 @@ def weights_path(run_dir: Path, checkpoint: str) -> Path:
     return d / WEIGHTS
 
 
+# A prompt: text, encoded with the tokenizer (and its start token), or ids fed as they are (a rendered
+# chat template, chat.chat_prompt)
+Prompt = Union[str, list[int]]
+
+
 class LoadedModel:
     """A model with its tokenizer: text in, text out; .logits(ids) -> (len(ids), V) float32.
 
@@ -71,7 +76,7 @@ class LoadedModel:
     def block_size(self) -> int:
         return self.model.config.block_size
 
-    def text_stream(self, prompt: str, settings: SamplingSettings | int | None = None,
+    def text_stream(self, prompt: Prompt, settings: SamplingSettings | int | None = None,
                     num_samples: int | None = None, **changes: Any) -> TextStream:
         """The generation's text layer, prefilled and ready to iterate (see the class docstring)."""
         resolved = as_settings(settings, num_samples=num_samples, **changes)
@@ -119,13 +124,19 @@ class LoadedModel:
         return out[0].float().cpu()
 
 
-def _start_tokens(tokenizer: Tokenizer, start: Callable[..., TokenStream], prompt: str,
+def _start_tokens(tokenizer: Tokenizer, start: Callable[..., TokenStream], prompt: Prompt,
                   settings: SamplingSettings) -> TokenStream:
     """prompt's generation, started by start (Engine.start, or DecodeBatch.start to join a batch)."""
-    ids = prompt_ids(tokenizer, prompt)
+    ids = prompt_ids(tokenizer, prompt) if isinstance(prompt, str) else _checked_ids(prompt, tokenizer.vocab_size)
     # a pretrained model's own tokenizer always ends at its end of sequence, as transformers' generate does
     stops = settings.stop_at_eos or tokenizer.kind == "hf"
     return start(ids, settings, end_ids(tokenizer) if stops else [])
+
+
+def _checked_ids(ids: list[int], vocab_size: int) -> list[int]:
+    if not all(isinstance(i, int) and 0 <= i < vocab_size for i in ids):
+        raise PocketError(f"prompt token ids must be integers in [0, {vocab_size})")
+    return list(ids)
 
 
 def prompt_ids(tokenizer: Tokenizer, prompt: str) -> list[int]:
@@ -185,7 +196,7 @@ class TextBatch:
         self._live: list[Generation] = []
         self.rows_fed = 0  # rows the last step's forward fed (each sample's token or window)
 
-    def add(self, prompt: str, settings: SamplingSettings) -> Generation:
+    def add(self, prompt: Prompt, settings: SamplingSettings) -> Generation:
         tokens = _start_tokens(self._tokenizer, self._tokens.start, prompt, settings)
         generation = Generation(TextStream(tokens, self._tokenizer, settings.stop), tokens)
         self._live.append(generation)

@@ -108,8 +108,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     model = load(args.model, checkpoint=args.checkpoint, device=args.device, vocab=args.vocab)
     interactive = sys.stdin.isatty()
+    # a model with a chat template hears the whole conversation each turn; one without continues each line
+    conversation: list[dict[str, str]] | None = [] if getattr(model.tokenizer, "chat_template", None) else None
     if interactive:
-        say(f"chatting with {args.model}: type a prompt and press Enter; 'exit', 'quit' or Ctrl-D ends.")
+        what = "a message" if conversation is not None else "a prompt"
+        say(f"chatting with {args.model}: type {what} and press Enter; 'exit', 'quit' or Ctrl-D ends.")
     while True:
         try:
             line = input("> " if interactive else "")
@@ -120,7 +123,27 @@ def cmd_chat(args: argparse.Namespace) -> int:
         if not line.strip():
             continue
         try:
-            print_stream(model, line, settings)
+            if conversation is None:
+                print_stream(model, line, settings)
+            else:
+                conversation.append({"role": "user", "content": line})
+                conversation.append({"role": "assistant", "content": _reply(model, conversation, settings)})
         except PocketError as e:  # a bad prompt should not end the conversation
+            if conversation and conversation[-1]["role"] == "user":
+                conversation.pop()  # the turn that failed is not part of it
             print(f"error: {e}", file=sys.stderr, flush=True)
     return 0
+
+
+def _reply(model: Any, messages: list[dict[str, str]], settings: Any) -> str:
+    """The model's reply to the conversation, streamed as it comes (its chat template makes the prompt)."""
+    from ..chat import chat_prompt
+
+    made = chat_prompt(model.tokenizer, messages)
+    reply = []
+    for pieces in model.stream(made.prompt, settings.replace(stop=settings.stop + made.stop)):
+        if pieces[0]:
+            say(pieces[0], end="")
+            reply.append(pieces[0])
+    say()
+    return "".join(reply)

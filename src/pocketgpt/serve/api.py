@@ -12,6 +12,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+from ..chat import ROLES
 from ..sampling import MAX_LOGPROBS, Chunk, InvalidSetting, SamplingSettings, TokenLogprob
 
 # SamplingSettings' names that the API spells differently
@@ -24,8 +25,6 @@ SAMPLING = frozenset({"max_tokens", "temperature", "top_p", "top_k", "stop", "se
 COMPLETION_FIELDS = IGNORED | SAMPLING | {"prompt", "echo", "best_of", "suffix"}
 CHAT_FIELDS = IGNORED | SAMPLING | {"messages", "max_completion_tokens", "top_logprobs"}
 
-CHAT_ROLES = ("system", "user", "assistant")
-CHAT_STOP = "\nuser:"  # a base model goes on to write the user's next line; end the reply there
 
 
 class ApiError(Exception):
@@ -60,11 +59,12 @@ class Limits:
 class GenRequest:
     """One request, checked: its prompts, one SamplingSettings for all, and how to answer."""
 
-    prompts: list[str]
+    prompts: list[str | list[int]]  # a chat's: its one prompt, made from messages once the model is known
     settings: SamplingSettings
     stream: bool = False
     include_usage: bool = False
     chat: bool = False
+    messages: list[dict[str, str]] = field(default_factory=list)  # a chat's, checked
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -129,8 +129,7 @@ def _chat_logprobs(body: dict[str, Any]) -> int | None:
     return (top or 0) if on else None
 
 
-def _settings(body: dict[str, Any], limits: Limits, max_tokens: int, extra_stop: Sequence[str] = (),
-              logprobs: int | None = None) -> SamplingSettings:
+def _settings(body: dict[str, Any], limits: Limits, max_tokens: int, logprobs: int | None = None) -> SamplingSettings:
     """One SamplingSettings from the body's sampling fields; out-of-range values name their field."""
     if max_tokens > limits.max_tokens:
         raise ApiError(f"max_tokens is {max_tokens}; this server allows at most {limits.max_tokens}", "max_tokens")
@@ -142,7 +141,7 @@ def _settings(body: dict[str, Any], limits: Limits, max_tokens: int, extra_stop:
         raise ApiError(f"temperature must be in [0, 2] (0 = greedy), got {temperature!r}", "temperature")
     given = {"max_new_tokens": max_tokens, "num_samples": n, "temperature": temperature,
              "top_p": body.get("top_p"), "top_k": body.get("top_k"), "seed": body.get("seed"),
-             "repetition_penalty": body.get("repetition_penalty"), "stop": _stop(body, limits) + tuple(extra_stop),
+             "repetition_penalty": body.get("repetition_penalty"), "stop": _stop(body, limits),
              "logprobs": logprobs}
     try:  # SamplingSettings keeps the defaults and the range checks; only given values are passed
         return SamplingSettings(**{k: v for k, v in given.items() if v is not None})
@@ -191,17 +190,9 @@ def parse_completion(body: dict[str, Any], limits: Limits) -> GenRequest:
     return GenRequest(prompts, settings, stream, usage)
 
 
-def chat_prompt(messages: list[dict[str, Any]]) -> str:
-    """The chat template: one "role: content" line per message, then "assistant:" for the reply.
-
-    A base model has never seen chat turns, so this only makes a transcript for it to continue;
-    plain completion (/v1/completions) is the natural use of a base model."""
-    return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
-
-
 def _message(m: Any) -> dict[str, str]:
-    if not isinstance(m, dict) or m.get("role") not in CHAT_ROLES:
-        raise ApiError(f"each message needs a role of {', '.join(CHAT_ROLES)}, got {m!r}", "messages")
+    if not isinstance(m, dict) or m.get("role") not in ROLES:
+        raise ApiError(f"each message needs a role of {', '.join(ROLES)}, got {m!r}", "messages")
     content = m.get("content")
     if isinstance(content, list):  # the parts form: [{"type": "text", "text": ...}]
         if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
@@ -213,16 +204,17 @@ def _message(m: Any) -> dict[str, str]:
 
 
 def parse_chat(body: dict[str, Any], limits: Limits) -> GenRequest:
-    """POST /v1/chat/completions: messages through chat_prompt(), the reply ended at CHAT_STOP too."""
+    """POST /v1/chat/completions: the messages checked; the server makes them the model's prompt
+    (chat.chat_prompt: its chat template, else the transcript, whose reply also ends at its stop)."""
     _check_fields(body, CHAT_FIELDS)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError("messages must be a non-empty list", "messages")
-    prompt = chat_prompt([_message(m) for m in messages])
+    checked = [_message(m) for m in messages]
     stream, usage = _stream_flags(body)
     max_tokens = _max_tokens(body, ["max_completion_tokens", "max_tokens"], min(256, limits.max_tokens))
-    settings = _settings(body, limits, max_tokens, [CHAT_STOP], logprobs=_chat_logprobs(body))
-    return GenRequest([prompt], settings, stream, usage, chat=True)
+    settings = _settings(body, limits, max_tokens, logprobs=_chat_logprobs(body))
+    return GenRequest([], settings, stream, usage, chat=True, messages=checked)
 
 
 # ---------------------------------------------------------------- responses

@@ -16,6 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..chat import chat_prompt
 from ..sampling import Chunk
 from . import api
 from .api import ApiError, GenRequest, Limits
@@ -242,22 +243,28 @@ class _Server:
             raise ApiError("the model is still loading", status=503, kind="server_error")
         return model
 
-    def check_prompts(self, req: GenRequest) -> None:
-        """Token counts against the context, here, so the answer is a 400 naming the field."""
+    def check_prompts(self, req: GenRequest) -> GenRequest:
+        """The request with a chat's messages made the model's prompt; token counts checked against
+        the context, here, so the answer is a 400 naming the field."""
         model = self.ready_model()
         param = "messages" if req.chat else "prompt"
-        for prompt in req.prompts:
-            try:
-                n = len(model.tokenizer.encode(prompt))
-            except Exception as e:  # noqa: BLE001 - a character the tokenizer lacks
-                raise ApiError(str(e).splitlines()[0], param) from None
+        try:
+            if req.chat:
+                made = chat_prompt(model.tokenizer, req.messages)
+                req = dataclasses.replace(req, prompts=[made.prompt],
+                                          settings=req.settings.replace(stop=req.settings.stop + made.stop))
+            counts = [len(p) if isinstance(p, list) else len(model.tokenizer.encode(p)) for p in req.prompts]
+        except Exception as e:  # noqa: BLE001 - a character the tokenizer lacks, a template that fails
+            raise ApiError(str(e).splitlines()[0], param) from None
+        for n in counts:
             if n == 0:
                 raise ApiError(f"{param} is empty; give at least one character", param)
             if n > model.block_size:
                 raise ApiError(f"{param} is {n} tokens but the model's context is {model.block_size}", param)
+        return req
 
     async def generate(self, request: Request, req: GenRequest) -> Any:
-        self.check_prompts(req)
+        req = self.check_prompts(req)
         queue: asyncio.Queue = asyncio.Queue()
         outbox = self.outbox()
         job = Job(req.prompts, req.settings, lambda ev: outbox.put(queue, ev), self.limits.timeout_s)

@@ -48,7 +48,7 @@ Event = Union[str, Chunk, ApiError]
 class Job:
     """One request as the scheduler sees it; `cancelled` is set from the web thread (a plain flag)."""
 
-    def __init__(self, prompts: list[str], settings: SamplingSettings, deliver: Callable[[Event], None],
+    def __init__(self, prompts: list[str | list[int]], settings: SamplingSettings, deliver: Callable[[Event], None],
                  timeout_s: float):
         self.prompts, self.settings, self.deliver = prompts, settings, deliver
         self.submitted = time.monotonic()
