@@ -202,3 +202,92 @@ def test_prepare_finetune_and_export_keep_the_models_tokenizer(capsys, tmp_path)
     ids = tok.encode_prompt("Café déjà vu")
     assert max_diff(load(run).logits(ids), hf_logits(tmp_path / "hf", ids)) < 1e-4
     assert load(tmp_path / "hf").tokenizer.to_dict() == tok.to_dict()
+
+
+def test_a_long_declared_context_is_fine_tuned_at_a_laptops_length_unless_asked():
+    from pocketgpt.config import ModelConfig
+    from pocketgpt.launch import FINETUNE_CONTEXT, TrainRequest, finetune_config
+
+    base = ModelConfig(vocab_size=VOCAB, block_size=40960, n_layer=2, n_head=4, n_embd=32, pos_emb="rope",
+                       norm="rmsnorm", mlp="swiglu", n_kv_head=2, mlp_width=48)
+    said: list[str] = []
+    cfg = finetune_config(TrainRequest(), {}, base, said.append)
+    assert cfg.model.block_size == FINETUNE_CONTEXT == 1024
+    assert any("context 1024 of the base model's 40960" in s for s in said)
+    asked = finetune_config(TrainRequest(), {"block_size": 4096}, base, said.append)
+    assert asked.model.block_size == 4096
+    gpt2_like = finetune_config(TrainRequest(), {}, ModelConfig(vocab_size=VOCAB, block_size=1024), said.append)
+    assert gpt2_like.model.block_size == 1024
+
+
+# ---------------------------------------------------------------- GGUF and Ollama
+
+def _gguf_fields(path: Path) -> dict:
+    gguf = pytest.importorskip("gguf")
+    reader = gguf.GGUFReader(str(path))
+    out = {}
+    for name, f in reader.fields.items():
+        if not name.startswith("tokenizer."):
+            continue
+        parts = [f.parts[i] for i in f.data]
+        if name in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges"):
+            out[name] = [bytes(p).decode("utf-8") for p in parts]
+        elif name == "tokenizer.ggml.token_type":
+            out[name] = [int(p[0]) for p in parts]
+        elif isinstance(parts[0], np.ndarray) and parts[0].dtype == np.uint8:
+            out[name] = bytes(parts[0]).decode("utf-8")
+        else:
+            out[name] = parts[0].tolist()[0]
+    return out
+
+
+def test_a_pretrained_tokenizer_goes_into_gguf_and_ollama_as_it_came(capsys, tmp_path):
+    tk = byte_level_tokenizer(bos=True)
+    d = llama_folder(tmp_path / "m", tk)
+    (d / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    code, out, err = run_cli(capsys, "export", "--model", str(d), "--format", "ollama", "--out", str(tmp_path / "o"))
+    assert code == 0, err
+    f = _gguf_fields(tmp_path / "o" / "model.gguf")
+    vocab = tk.get_vocab(with_added_tokens=True)
+    assert f["tokenizer.ggml.pre"] == "qwen2" and f["tokenizer.ggml.model"] == "gpt2"
+    assert len(f["tokenizer.ggml.tokens"]) == VOCAB  # padded to the model's rows
+    assert all(f["tokenizer.ggml.tokens"][i] == t for t, i in vocab.items())
+    assert f["tokenizer.ggml.bos_token_id"] == vocab["<|begin_of_text|>"]
+    assert f["tokenizer.ggml.eos_token_id"] == vocab["<|endoftext|>"]
+    assert f["tokenizer.ggml.eot_token_id"] == vocab["<|im_end|>"] and f["tokenizer.ggml.add_bos_token"] is True
+    assert f["tokenizer.chat_template"].startswith("{% for m in messages %}")
+    assert f["tokenizer.ggml.token_type"][vocab["<|im_start|>"]] == 3  # CONTROL
+    assert len(f["tokenizer.ggml.merges"]) == len(json.loads((d / "tokenizer.json").read_text())["model"]["merges"])
+    modelfile = (tmp_path / "o" / "Modelfile").read_text()
+    assert "FROM ./model.gguf" in modelfile and "TEMPLATE" not in modelfile  # the GGUF's template is Ollama's
+    assert 'PARAMETER stop "<|im_end|>"' in modelfile and 'PARAMETER stop "<|endoftext|>"' in modelfile
+
+
+def test_a_run_without_a_chat_template_is_a_plain_continuer_in_ollama(capsys, tmp_path):
+    from pocketgpt.gguf_export import modelfile
+    from pocketgpt.tokenizer import GPT2Tokenizer
+
+    text = modelfile(GPT2Tokenizer())
+    assert 'TEMPLATE """{{ .Prompt }}"""' in text and 'PARAMETER stop "<|endoftext|>"' in text
+
+
+def test_llama_cpp_names_each_split_and_refuses_the_rest(tmp_path):
+    from pocketgpt.errors import PocketError
+    from pocketgpt.gguf_export import LLAMA3_SPLIT, pretrained_pre
+
+    def named(tk: Tokenizer) -> str:
+        save_hf_tokenizer(tmp_path / "t", tk, None, "<|endoftext|>")
+        return pretrained_pre(PretrainedTokenizer.from_folder(tmp_path / "t", VOCAB))
+
+    assert named(byte_level_tokenizer(bos=False)) == "qwen2"
+    llama3 = byte_level_tokenizer(bos=False)
+    llama3.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+                                                   pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    assert named(llama3) == "llama-bpe"
+    smol = byte_level_tokenizer(bos=False)
+    smol.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    assert named(smol) == "smollm"
+    with pytest.raises(PocketError, match="only byte-level BPE vocabularies"):
+        save_hf_tokenizer(tmp_path / "sp", sentencepiece_tokenizer(), "<s>", "</s>")
+        pretrained_pre(PretrainedTokenizer.from_folder(tmp_path / "sp", VOCAB))

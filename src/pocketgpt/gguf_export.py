@@ -8,7 +8,9 @@ makes any change llama.cpp needs (llama's q/k row order).
 
 The tokenizer travels inside the file as llama.cpp's byte-level BPE ("gpt2" model, "gpt-2"
 pre-tokenizer): every token as the printable stand-ins of its bytes, in pocketgpt's id order, and the
-merges in rank order. A char vocabulary is refused: llama.cpp needs an end-of-text id for a BPE
+merges in rank order. A pretrained model's own byte-level tokenizer (Llama 3, SmolLM2, Qwen) goes
+as its tokenizer.json has it, its split named as llama.cpp names it, with its start and end ids and
+its chat template. A char vocabulary is refused: llama.cpp needs an end-of-text id for a BPE
 vocabulary and, given none, takes id 11, which in a char vocabulary is an ordinary character.
 
 The gguf package is imported only inside these functions: the core install does not have it.
@@ -16,6 +18,7 @@ The gguf package is imported only inside these functions: the core install does 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +27,7 @@ import numpy as np
 from . import arch
 from .arch.convert import to_theirs
 from .errors import PocketError
-from .tokenizer import ByteLevelTokenizer, Tokenizer, byte_stand_ins
+from .tokenizer import ByteLevelTokenizer, PretrainedTokenizer, Tokenizer, byte_stand_ins
 
 if TYPE_CHECKING:
     from .config import ModelConfig
@@ -54,7 +57,9 @@ def gguf_family(cfg: "ModelConfig") -> arch.Family:
 def check_gguf_exportable(cfg: "ModelConfig", tok: Tokenizer) -> None:
     """Refuse, before anything is written, what llama.cpp cannot run as pocketgpt does."""
     gguf_family(cfg)
-    if not isinstance(tok, ByteLevelTokenizer):
+    if isinstance(tok, PretrainedTokenizer):
+        pretrained_pre(tok)  # refuses what llama.cpp would split differently
+    elif not isinstance(tok, ByteLevelTokenizer):
         raise PocketError(f"cannot export a {tok.kind}-tokenizer model to GGUF: llama.cpp's GPT-2 vocabulary needs an "
                           "end-of-text token, which a char vocabulary lacks (llama.cpp would stop at character id 11); "
                           "train with --tokenizer bpe or gpt2, or use --format hf")
@@ -84,15 +89,102 @@ def bpe_merges(tok: ByteLevelTokenizer) -> list[str]:
     return [m if isinstance(m, str) else f"{m[0]} {m[1]}" for m in merges]
 
 
-def _add_tokenizer(w: Any, gguf: Any, tok: ByteLevelTokenizer, vocab_size: int) -> None:
-    tokens = token_texts(tok)
-    types = [gguf.TokenType.CONTROL if i in tok.special.values() else gguf.TokenType.NORMAL
-             for i in range(len(tokens))]
-    # Rows the model has beyond the tokenizer (never produced by it) still need a token: llama.cpp
-    # sizes its vocabulary by this list and checks it against the embedding's rows.
+# A pretrained model's byte-level split, by its pattern, as llama.cpp names it (tokenizer.ggml.pre): these
+# patterns are the published ones of Llama 3's and Qwen2's tokenizer.json (SmolLM's is GPT-2's ByteLevel
+# split after single digits).
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
+
+
+def _parts(node: Any) -> list[dict[str, Any]]:
+    """A tokenizer.json pre_tokenizer as its list of steps (a Sequence unrolled)."""
+    if not isinstance(node, dict):
+        return []
+    if node.get("type") == "Sequence":
+        return [p for child in node.get("pretokenizers", []) for p in _parts(child)]
+    return [node]
+
+
+def pretrained_pre(tok: PretrainedTokenizer) -> str:
+    """llama.cpp's name for the tokenizer's split, or one line saying why it cannot go to GGUF."""
+    data = tok.to_dict()["tokenizer"]
+    steps = _parts(data.get("pre_tokenizer"))
+    kinds = [p.get("type") for p in steps]
+    model = (data.get("model") or {}).get("type")
+    if model != "BPE" or "ByteLevel" not in kinds:
+        raise PocketError("cannot export this tokenizer to GGUF yet: only byte-level BPE vocabularies (Llama 3, "
+                          "SmolLM2, Qwen) are written; use --format hf and llama.cpp's own converter")
+    byte_level = next(p for p in steps if p.get("type") == "ByteLevel")
+    splits = [(p.get("pattern") or {}).get("Regex") for p in steps if p.get("type") == "Split"]
+    digits = [p for p in steps if p.get("type") == "Digits"]
+    if splits == [LLAMA3_SPLIT] and not digits:
+        return "llama-bpe"
+    if splits == [QWEN2_SPLIT] and not digits:
+        return "qwen2"
+    if not splits and byte_level.get("use_regex", True):
+        if not digits:
+            return "gpt-2"
+        if len(digits) == 1 and digits[0].get("individual_digits"):
+            return "smollm"
+    raise PocketError(f"cannot export this tokenizer to GGUF: llama.cpp has no name for its split "
+                      f"({', '.join(str(k) for k in kinds)}); use --format hf")
+
+
+def _pretrained_vocab(tok: PretrainedTokenizer) -> tuple[list[str], list[bool], list[str]]:
+    """Its tokens by id (tokenizer.json's text, already byte-level stand-ins), which are special, its merges."""
+    data = tok.to_dict()["tokenizer"]
+    texts = [""] * tok.known
+    for text, i in data["model"]["vocab"].items():
+        texts[i] = text
+    special = [False] * tok.known
+    for added in data.get("added_tokens") or []:
+        texts[added["id"]] = added["content"]
+        special[added["id"]] = bool(added.get("special"))
+    merges = data["model"].get("merges") or []
+    return texts, special, [m if isinstance(m, str) else f"{m[0]} {m[1]}" for m in merges]
+
+
+def _add_pretrained_tokenizer(w: Any, gguf: Any, tok: PretrainedTokenizer, vocab_size: int) -> None:
+    """A pretrained model's own tokenizer, as llama.cpp's converter would write it from its folder."""
+    tokens, special, merges = _pretrained_vocab(tok)
+    types = [gguf.TokenType.CONTROL if s else gguf.TokenType.NORMAL for s in special]
+    _pad(tokens, types, gguf, vocab_size)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pretrained_pre(tok))
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    if tok.bos_id is not None:
+        w.add_bos_token_id(tok.bos_id)
+    if tok.eot_id is not None:
+        w.add_eos_token_id(tok.eot_id)
+    others = [i for i in tok.stop_ids if i != tok.eot_id]
+    if others:  # the end of a chat turn, where it is not the end of text
+        w.add_eot_token_id(others[0])
+    w.add_add_bos_token(bool(tok.prompt_prefix))
+    w.add_add_eos_token(False)
+    if tok.chat_template:
+        w.add_chat_template(tok.chat_template)
+
+
+def _pad(tokens: list[str], types: list[Any], gguf: Any, vocab_size: int) -> None:
+    """Rows the model has beyond the tokenizer (never produced by it) still need a token: llama.cpp
+    sizes its vocabulary by this list and checks it against the embedding's rows."""
     for i in range(len(tokens), vocab_size):
         tokens.append(f"[PAD{i}]")
         types.append(gguf.TokenType.UNUSED)
+
+
+def _add_tokenizer(w: Any, gguf: Any, tok: Tokenizer, vocab_size: int) -> None:
+    if isinstance(tok, PretrainedTokenizer):
+        _add_pretrained_tokenizer(w, gguf, tok, vocab_size)
+        return
+    assert isinstance(tok, ByteLevelTokenizer)  # check_gguf_exportable refuses the others
+    tokens = token_texts(tok)
+    types = [gguf.TokenType.CONTROL if i in tok.special.values() else gguf.TokenType.NORMAL
+             for i in range(len(tokens))]
+    _pad(tokens, types, gguf, vocab_size)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("gpt-2")  # GPT-2's split, which both the gpt2 and the trained bpe kinds use
     w.add_token_list(tokens)
@@ -137,7 +229,7 @@ def gguf_tensors(model: "GPT", dtype: str = DEFAULT_GGUF_DTYPE) -> dict[str, np.
 
 # ---------------------------------------------------------------- the file
 
-def _write(path: Path, model: "GPT", tok: ByteLevelTokenizer, dtype: str, name: str, license: str) -> None:
+def _write(path: Path, model: "GPT", tok: Tokenizer, dtype: str, name: str, license: str) -> None:
     gguf = _gguf()
     cfg = model.config
     fam = gguf_family(cfg)
@@ -173,10 +265,44 @@ def export_gguf(model: "GPT", tok: Tokenizer, out: str | Path, dtype: str = DEFA
     if dtype not in GGUF_DTYPES:
         raise PocketError(f"--gguf-dtype must be one of {', '.join(GGUF_DTYPES)}, got {dtype!r}")
     check_gguf_exportable(model.config, tok)
-    assert isinstance(tok, ByteLevelTokenizer)  # check_gguf_exportable refuses the others
     out = Path(out)
     _check_out(out, overwrite)
     _gguf()  # a missing package is said before a folder is made
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(out, lambda p: _write(p, model, tok, dtype, name or out.stem, license))
     return gguf_family(model.config).gguf_notes(model.config)
+
+
+# ---------------------------------------------------------------- Ollama
+
+OLLAMA_GGUF = "model.gguf"
+MODELFILE = "Modelfile"
+
+
+def modelfile(tok: Tokenizer, temperature: float = 0.8) -> str:
+    """An Ollama Modelfile for the GGUF beside it. A model with a chat template keeps it in the GGUF
+    (Ollama reads tokenizer.chat_template); one without is a text continuer: its prompt is passed as it
+    is, never wrapped in some chat format it has not seen. Generation stops at the end-of-text tokens."""
+    lines = ["# written by pocketgpt; in this folder: ollama create NAME -f Modelfile, then ollama run NAME",
+             f"FROM ./{OLLAMA_GGUF}"]
+    if not getattr(tok, "chat_template", None):
+        lines.append('TEMPLATE """{{ .Prompt }}"""')
+    ends = tok.stop_ids if isinstance(tok, PretrainedTokenizer) else [getattr(tok, "eot_id", None)]
+    for i in ends:
+        if i is not None:
+            lines.append(f"PARAMETER stop {json.dumps(tok.decode([i]))}")
+    lines.append(f"PARAMETER temperature {temperature}")
+    return "\n".join(lines) + "\n"
+
+
+def export_ollama(model: "GPT", tok: Tokenizer, out: str | Path, dtype: str = DEFAULT_GGUF_DTYPE,
+                  overwrite: bool = False, name: str = "", license: str = "other") -> list[str]:
+    """A folder `ollama create` takes as it is: model.gguf and a Modelfile beside it."""
+    from .files import atomic_write_text, export_dir
+
+    check_gguf_exportable(model.config, tok)  # before the folder is made
+    folder = export_dir(Path(out), overwrite, (OLLAMA_GGUF, MODELFILE))
+    notes = export_gguf(model, tok, folder / OLLAMA_GGUF, dtype, overwrite=True, name=name or folder.name,
+                        license=license)
+    atomic_write_text(folder / MODELFILE, modelfile(tok))
+    return notes

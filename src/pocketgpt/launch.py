@@ -186,6 +186,11 @@ def given_keys(req: TrainRequest, overrides: dict[str, Any]) -> tuple[TrainConfi
     return given, keys
 
 
+# Open models declare contexts of 8k-40k positions; a fine-tune's activations grow with the context, so
+# it trains on this many unless --block-size says otherwise (GPT-2's own context, 1,024, is kept as is).
+FINETUNE_CONTEXT = 1024
+
+
 def finetune_config(req: TrainRequest, overrides: dict[str, Any], base: "ModelConfig",
                     say: Callable[[str], None]) -> TrainConfig:
     """The base model's shape (its context cropped by a smaller block_size) under the finetune preset (finetune-lora
@@ -210,6 +215,10 @@ def finetune_config(req: TrainRequest, overrides: dict[str, Any], base: "ModelCo
         elif want != have:
             raise PocketError(f"{flag} {want} contradicts the base model, whose {key} is {have}; a fine-tune keeps "
                               f"the base's shape: drop {flag}")
+    if "block_size" not in keys and block > FINETUNE_CONTEXT:
+        block = FINETUNE_CONTEXT
+        say(f"fine-tune: context {block} of the base model's {base.block_size} (what a laptop's memory holds for "
+            f"training; --block-size N to choose)")
     start = TrainConfig(model=replace(base, block_size=block))
     preset = req.preset or (FINETUNE_LORA_PRESET if given.lora.enabled else FINETUNE_PRESET)
     cfg = build_train_config(preset, req.config_file, overrides, base=start)

@@ -10,7 +10,7 @@ from ..errors import PocketError
 from .options import AddCommand, add_checkpoint, add_vocab
 from .output import say
 
-FORMATS = ("hf", "gguf", "peft")
+FORMATS = ("hf", "gguf", "peft", "ollama")
 
 
 def add_export(command: AddCommand) -> None:
@@ -23,8 +23,9 @@ def add_export(command: AddCommand) -> None:
     p.add_argument("--model", required=True, help="a run folder (or any model `sample` loads)")
     p.add_argument("--format", choices=FORMATS, default="hf",
                    help="hf: Hugging Face GPT-2 (default; a LoRA run's merged weights); gguf: one file for "
-                        "llama.cpp; peft: a LoRA run's adapter alone, for Hugging Face peft")
-    p.add_argument("--out", required=True, help="the folder (hf, peft) or the .gguf file (gguf) to write")
+                        "llama.cpp; peft: a LoRA run's adapter alone, for Hugging Face peft; ollama: a folder "
+                        "with model.gguf and a Modelfile for ollama create")
+    p.add_argument("--out", required=True, help="the folder (hf, peft, ollama) or the .gguf file (gguf) to write")
     add_checkpoint(p)
     add_vocab(p)
     p.add_argument("--overwrite", action="store_true", help="replace an earlier export at --out")
@@ -59,9 +60,9 @@ def model_name(model: str) -> str:
 def cmd_export(args: argparse.Namespace) -> int:
     if args.format not in FORMATS:  # argparse's choices already refuse; kept for callers building args by hand
         raise PocketError(f"--format must be one of {', '.join(FORMATS)}")
-    if args.format != "gguf" and getattr(args, "gguf_dtype", None):
-        raise PocketError("--gguf-dtype applies to --format gguf only")
-    if args.format == "gguf":
+    if args.format not in ("gguf", "ollama") and getattr(args, "gguf_dtype", None):
+        raise PocketError("--gguf-dtype applies to --format gguf and ollama only")
+    if args.format in ("gguf", "ollama"):
         return _export_gguf(args)
     if args.format == "peft":
         return _export_peft(args)
@@ -77,17 +78,20 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def _export_gguf(args: argparse.Namespace) -> int:
-    from ..gguf_export import DEFAULT_GGUF_DTYPE, export_gguf
+    from ..gguf_export import DEFAULT_GGUF_DTYPE, MODELFILE, export_gguf, export_ollama
     from ..loading import load
 
     loaded = load(args.model, checkpoint=args.checkpoint, vocab=args.vocab)
-    # export_gguf refuses what llama.cpp's gpt2 cannot run (check_exportable's reasons, a char vocabulary)
-    # before it writes anything
-    notes = export_gguf(loaded.model, loaded.tokenizer, args.out, dtype=args.gguf_dtype or DEFAULT_GGUF_DTYPE,
-                        overwrite=args.overwrite, name=model_name(args.model), license=args.license)
+    # both refuse what llama.cpp cannot run (no family for the model, a char vocabulary) before they write anything
+    write = export_ollama if args.format == "ollama" else export_gguf
+    notes = write(loaded.model, loaded.tokenizer, args.out, dtype=args.gguf_dtype or DEFAULT_GGUF_DTYPE,
+                  overwrite=args.overwrite, name=model_name(args.model), license=args.license)
     for note in notes:
         say(f"note: {note}")
-    say(f"wrote {args.out}: run it with llama.cpp, e.g. llama-cli -m {args.out} -p 'Once upon a time'")
+    if args.format == "ollama":
+        say(f"wrote {args.out}: cd {args.out} && ollama create NAME -f {MODELFILE} && ollama run NAME")
+    else:
+        say(f"wrote {args.out}: run it with llama.cpp, e.g. llama-cli -m {args.out} -p 'Once upon a time'")
     return 0
 
 
