@@ -291,3 +291,14 @@ def test_llama_cpp_names_each_split_and_refuses_the_rest(tmp_path):
     with pytest.raises(PocketError, match="only byte-level BPE vocabularies"):
         save_hf_tokenizer(tmp_path / "sp", sentencepiece_tokenizer(), "<s>", "</s>")
         pretrained_pre(PretrainedTokenizer.from_folder(tmp_path / "sp", VOCAB))
+
+
+def test_a_model_too_big_for_this_machine_is_refused_before_loading(tmp_path, monkeypatch):
+    from pocketgpt.errors import PocketError
+
+    d = llama_folder(tmp_path / "m", byte_level_tokenizer(bos=True))
+    (d / "model.safetensors").write_bytes(b"not read")  # refused before any weight is read
+    monkeypatch.setattr("pocketgpt.runtime.machine_memory_mb", lambda: 0.01)
+    with pytest.raises(PocketError, match=r"has [\d,]+ parameters: ~0 MB as float32 to load, but this machine has "
+                                          r"0 MB of memory; choose a smaller model"):
+        load(d)

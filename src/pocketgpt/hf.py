@@ -155,6 +155,16 @@ def _tokenizer_for(fam: arch.Family, vocab_size: int, folder: Path) -> Tokenizer
     return PretrainedTokenizer.from_folder(folder, vocab_size)  # says what is missing
 
 
+def check_fits(cfg: ModelConfig, where: str) -> None:
+    """Refuse, before any weight is read, a model whose float32 weights alone exceed this machine's RAM."""
+    from .runtime import machine_memory_mb
+
+    need, have = cfg.param_count() * 4 / 2**20, machine_memory_mb()
+    if have and need > have:
+        raise PocketError(f"{where} has {cfg.param_count():,} parameters: ~{need:,.0f} MB as float32 to load, but "
+                          f"this machine has {have:,.0f} MB of memory; choose a smaller model")
+
+
 def load_hf_folder(folder: str | Path, info: dict[str, str] | None = None) -> Imported:
     folder = Path(folder)
     raw = _read_hf_config(folder / HF_CONFIG)
@@ -162,6 +172,7 @@ def load_hf_folder(folder: str | Path, info: dict[str, str] | None = None) -> Im
         raise PocketError(f"{folder / HF_CONFIG} is not a Hugging Face model config (no model_type)")
     fam = arch.for_hf(raw, str(folder))
     cfg = fam.config_from_hf(raw, str(folder))
+    check_fits(cfg, str(folder))
     tok = _tokenizer_for(fam, cfg.vocab_size, folder)
     state = state_from_hf(_hf_tensors(folder), fam, cfg, str(folder))
     model = build_model(cfg, state, str(folder))  # around the converted tensors: no random init, no copy

@@ -173,6 +173,11 @@ def device_memory_mb(runtime: Runtime) -> float:
     """Total memory of the device in MB: the GPU's own on CUDA, the machine's RAM otherwise (0 if unknown)."""
     if runtime.is_cuda:
         return torch.cuda.get_device_properties(runtime.device).total_memory / 2**20
+    return machine_memory_mb()
+
+
+def machine_memory_mb() -> float:
+    """The machine's RAM in MB (0 if unknown)."""
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
     except (ValueError, OSError, AttributeError):  # not POSIX: no figure, so no refusal
