@@ -150,7 +150,7 @@ def train_tiny(out: Path, data_dir: Path, **overrides) -> Path:
 
 def untrained_run(root: Path, tok, **model) -> Path:
     """A GPT-2-shaped run folder as training leaves one (config.json, tokenizer.json, model.safetensors),
-    untrained, with random LayerNorms and biases (so a wrong mapping of them shows)."""
+    untrained, with random norms (QK-norm's gains too) and biases (so a wrong mapping of them shows)."""
     import torch
 
     from pocketgpt.checkpoint import save_weights
@@ -164,7 +164,7 @@ def untrained_run(root: Path, tok, **model) -> Path:
     gpt = GPT(mc)
     with torch.no_grad():
         for name, p in gpt.named_parameters():
-            if "ln_" in name or name.endswith("bias"):
+            if "ln_" in name or "_norm." in name or name.endswith("bias"):
                 p.normal_(0.0, 0.5)
     run = root / "run"
     run.mkdir()

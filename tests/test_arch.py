@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pocketgpt import arch
-from pocketgpt.arch import GATE_UP, QKV, SAME, Family, Rename, gpt2
+from pocketgpt.arch import GATE_UP, QKV, SAME, Family, Rename, gpt2, llama
 from pocketgpt.arch.convert import from_theirs, to_theirs
 from pocketgpt.config import ModelConfig
 from pocketgpt.errors import PocketError
@@ -55,6 +55,18 @@ def test_import_refuses_a_missing_an_unexpected_and_a_nonzero_tensor():
         from_theirs(bad, gpt2.FAMILY, cfg, "here")
 
 
+def test_unit_gain_qk_norm_goes_to_qwen3_as_gains_of_ones_and_comes_back_only_from_ones():
+    cfg = tiny(pos_emb="rope", norm="rmsnorm", mlp="swiglu", qk_norm=True)
+    state = random_state(cfg)
+    theirs = to_theirs(state, llama.QWEN3, cfg)
+    assert torch.equal(theirs["model.layers.1.self_attn.k_norm.weight"], torch.ones(cfg.head_dim))
+    back = from_theirs(dict(theirs), llama.QWEN3, cfg, "here")
+    assert set(back) == set(state) - {"lm_head.weight"} and all(torch.equal(back[k], state[k]) for k in back)
+    learned = dict(theirs, **{"model.layers.1.self_attn.k_norm.weight": torch.full((cfg.head_dim,), 2.0)})
+    with pytest.raises(PocketError, match="k_norm.weight is not all 1, and this config has no such tensor"):
+        from_theirs(learned, llama.QWEN3, cfg, "here")
+
+
 def _split_family() -> Family:
     """A family that stores q, k, v and the gated MLP's halves as matrices of their own (Llama's way)."""
     def renames(cfg: ModelConfig) -> list[Rename]:
@@ -90,7 +102,7 @@ def test_rows_split_on_export_and_join_on_import():
 def test_a_rename_says_how_many_names_it_needs():
     with pytest.raises(ValueError, match="qkv rename needs 3"):
         Rename("a", ("q", "k"), QKV)
-    with pytest.raises(ValueError, match="width of its zeros"):
+    with pytest.raises(ValueError, match="width of the vector written for it"):
         Rename(None, ("bias",))
 
 

@@ -41,6 +41,11 @@ def test_unknown_key_names_the_nearest(key, hint):
     ({"dtype": "fp16"}, "dtype must be one of"),
     ({"compile": "maybe"}, "true, false or auto"),
     ({"dropout": "1.5"}, "dropout"),
+    ({"qk_norm_gains": "true"}, "qk_norm_gains = true needs qk_norm = true"),
+    ({"rope_scaling": "yarn"}, "rope_scaling must be one of none, llama3, got 'yarn'"),
+    ({"rope_scaling": "llama3"}, 'needs pos_emb = "rope"'),
+    ({"pos_emb": "rope", "rope_scaling": "llama3", "rope_low_freq_factor": "4"}, "must be positive and below"),
+    ({"pos_emb": "rope", "rope_scaling": "llama3", "rope_factor": "0"}, "rope_factor must be positive"),
 ])
 def test_bad_values_are_rejected(overrides, match):
     with pytest.raises(PocketError, match=match):

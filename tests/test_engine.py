@@ -36,6 +36,14 @@ ARCHS = {
               "rope_theta": 500000.0, "norm_eps": 1e-5, "tie_embeddings": False},
     "qwen": {"pos_emb": "rope", "norm": "rmsnorm", "mlp": "swiglu", "qkv_bias": True, "head_size": 12,
              "qk_norm": True, "n_kv_head": 1, "rope_theta": 1e6, "norm_eps": 1e-6},
+    # QK-norm's learned gains (Qwen3): alone (q and k one tensor in the split without them), and with
+    # grouped-query attention and a head size of its own
+    "qk-gains": {"qk_norm": True, "qk_norm_gains": True, "bias": True},
+    "qwen3": {"pos_emb": "rope", "norm": "rmsnorm", "mlp": "swiglu", "head_size": 12, "qk_norm": True,
+              "qk_norm_gains": True, "n_kv_head": 1, "rope_theta": 1e6, "norm_eps": 1e-5, "tie_embeddings": False},
+    # Llama 3's scaled rotary positions, with an original context short enough that every region counts
+    "llama3-rope": {"pos_emb": "rope", "norm": "rmsnorm", "mlp": "swiglu", "n_kv_head": 1, "rope_scaling": "llama3",
+                    "rope_factor": 4.0, "rope_original_context": 16, "rope_high_freq_factor": 8.0},
 }
 
 

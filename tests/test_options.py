@@ -27,6 +27,8 @@ OPTIONS = [
     {"qkv_bias": True},
     {"norm_eps": 1e-3},
     {"pos_emb": "rope", "rope_theta": 500000.0},
+    {"qk_norm": True, "qk_norm_gains": True},
+    {"pos_emb": "rope", "rope_scaling": "llama3", "rope_original_context": 16},
     {"pos_emb": "rope", "norm": "rmsnorm", "mlp": "swiglu", "n_kv_head": 1, "mlp_width": 24, "head_size": 12,
      "qkv_bias": True, "qk_norm": True, "norm_eps": 1e-6, "rope_theta": 1e6, "tie_embeddings": False},
     {"pos_emb": "rope", "norm": "rmsnorm", "qk_norm": True, "mlp": "relu2", "tie_embeddings": False,
@@ -162,3 +164,22 @@ def test_attention_dropout_false_keeps_dropout_on_the_residual_branches_only(mon
         assert not torch.equal(a, b)  # the residual dropout still draws a new mask each forward
     cfg = tiny_config(dropout=0.1, attention_dropout=False)
     assert cfg.model.attention_dropout is False  # a config key like any other (--attention-dropout false)
+
+
+def test_qk_norm_gains_are_vectors_for_adamw_never_muon_nor_lora_and_train_under_bf16():
+    from pocketgpt.config import LoraConfig, OptimConfig
+    from pocketgpt.lora import add_adapters
+
+    model = build(qk_norm=True, qk_norm_gains=True, n_kv_head=1).train()
+    gains = [p for n, p in model.named_parameters() if n.endswith(("attn.q_norm.weight", "attn.k_norm.weight"))]
+    assert len(gains) == 4 and all(p.shape == (8,) and bool((p == 1).all()) for p in gains)  # ones at init
+    idx = torch.randint(0, 29, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 queries and keys, float32 gains
+        model(idx, idx)[1].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in gains)
+    adamw, muon = make_optimizers(model, OptimConfig(optimizer="muon"), torch.device("cpu"))
+    undecayed = {id(p) for g in adamw.param_groups if g["weight_decay"] == 0.0 for p in g["params"]}
+    assert all(id(p) in undecayed for p in gains)
+    assert not {id(p) for g in muon.param_groups for p in g["params"]} & {id(p) for p in gains}
+    add_adapters(model, LoraConfig(lora_rank=2, lora_targets="all"))
+    assert not any("norm.lora" in n for n in model.state_dict()) and not any(p.requires_grad for p in gains)

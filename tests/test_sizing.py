@@ -31,6 +31,7 @@ SHAPES = [
     dict(pos_emb="learned", tie_embeddings=False, bias=True),
     dict(n_kv_head=1, mlp="swiglu", mlp_width=40, head_size=12, qkv_bias=True, pos_emb="rope", norm="rmsnorm"),
     dict(n_kv_head=3, mlp="swiglu", bias=True, tie_embeddings=False),
+    dict(n_kv_head=1, mlp="swiglu", head_size=12, pos_emb="rope", norm="rmsnorm", qk_norm=True, qk_norm_gains=True),
 ]
 
 

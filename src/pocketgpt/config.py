@@ -32,6 +32,7 @@ NORMS = ("layernorm", "rmsnorm")
 # gelu_new: GPT-2's own tanh approximation of GELU; swiglu: a gated MLP, silu(x W_gate) * (x W_up) (Llama, Qwen)
 MLPS = ("gelu", "gelu_new", "relu2", "swiglu")
 GATED_MLPS = ("swiglu",)
+ROPE_SCALINGS = ("none", "llama3")
 OPTIMIZERS = ("adamw", "muon")
 TOKENIZERS = ("char", "gpt2", "bpe")
 LOGGERS = ("tensorboard", "wandb", "trackio")
@@ -78,6 +79,17 @@ class ModelConfig:
     rope_theta: float = 10000.0  # the rotary positions' base
     norm_eps: float = 0.0  # the norms' epsilon (0: the norm's own, 1e-5 for LayerNorm, 1e-6 for RMSNorm)
     qkv_bias: bool = False  # biases on the q/k/v projection alone (Qwen2); bias = true puts them everywhere
+    # QK-norm with a learned gain per head dimension (one vector for q, one for k, in each layer) and norm_eps
+    # (0: RMSNorm's 1e-6) as its epsilon (Qwen3); false keeps qk_norm's unit gains and float32's own epsilon
+    qk_norm_gains: bool = False
+    # Llama 3's scaled rotary positions (rope_scaling = "llama3"): wavelengths longer than
+    # rope_original_context / rope_low_freq_factor are rope_factor times longer, those shorter than
+    # rope_original_context / rope_high_freq_factor stay, and the ones between are blended
+    rope_scaling: str = "none"  # none | llama3
+    rope_factor: float = 8.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_context: int = 8192  # the context the unscaled model was trained at
 
     # The derived widths: the model, the engine, sizing and the family tables read these, never a formula.
     @property
@@ -125,6 +137,7 @@ class ModelConfig:
             with_bias = self.bias or (self.qkv_bias and role == "attn")
             per_block += n_in * n_out + (n_out if with_bias else 0)
         norm = C * (2 if self.bias and self.norm == "layernorm" else 1)  # a gain, and a bias where LayerNorm has one
+        per_block += 2 * self.head_dim if self.qk_norm_gains else 0  # q's and k's QK-norm gains
         embeddings = self.vocab_size * C * (1 if self.tie_embeddings else 2)
         positions = self.block_size * C if self.pos_emb == "learned" else 0
         return self.n_layer * (per_block + 2 * norm) + norm + embeddings + positions
@@ -424,6 +437,7 @@ def validate(cfg: TrainConfig) -> None:
         (m.rope_theta > 0, f"rope_theta must be positive, got {m.rope_theta}"),
         (m.norm_eps >= 0, f"norm_eps must be zero (the norm's own) or positive, got {m.norm_eps}"),
         _choice("pos_emb", m.pos_emb, POS_EMBS),
+        _choice("rope_scaling", m.rope_scaling, ROPE_SCALINGS),
         _choice("norm", m.norm, NORMS),
         _choice("mlp", m.mlp, MLPS),
         _choice("optimizer", o.optimizer, OPTIMIZERS),
@@ -474,6 +488,25 @@ def validate(cfg: TrainConfig) -> None:
         )
     if m.pos_emb == "rope" and m.head_dim % 2:
         raise PocketError(f"pos_emb rope needs an even head size, but the head size is {m.head_dim}")
+    for ok, message in _family_checks(m):
+        if not ok:
+            raise PocketError(message)
+
+
+def _family_checks(m: ModelConfig) -> list[tuple[bool, str]]:
+    """The options that refine another: each needs it, and values that compute."""
+    llama3 = m.rope_scaling == "llama3"
+    return [
+        (m.qk_norm or not m.qk_norm_gains, "qk_norm_gains = true needs qk_norm = true (the gains scale QK-norm's "
+                                           "output)"),
+        (m.pos_emb == "rope" or not llama3, "rope_scaling = \"llama3\" needs pos_emb = \"rope\""),
+        (not llama3 or m.rope_factor > 0, f"rope_factor must be positive, got {m.rope_factor}"),
+        (not llama3 or m.rope_original_context >= 1,
+         f"rope_original_context must be at least 1, got {m.rope_original_context}"),
+        (not llama3 or 0 < m.rope_low_freq_factor < m.rope_high_freq_factor,
+         f"rope_low_freq_factor ({m.rope_low_freq_factor}) must be positive and below rope_high_freq_factor "
+         f"({m.rope_high_freq_factor}): the frequencies between the two are blended"),
+    ]
 
 
 def _lora_checks(cfg: TrainConfig) -> list[tuple[bool, str]]:

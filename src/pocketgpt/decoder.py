@@ -31,7 +31,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .model import GPT, DecodeView, KVCache, LayerTensors, repeat_kv
+from .model import GPT, DecodeView, KVCache, LayerTensors, QKGains, repeat_kv
 from .runtime import cpu_has_fast_bf16
 
 DECODE_DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -51,9 +51,9 @@ LOW_PRECISION_MIN_PARAMS = 5_000_000
 # 0.85x, 1.67x, 2.08x, 2.18x, 2.01x, 2.53x (where it passes the logit probe).
 MANY_ROWS = 6
 
-# attention inside a block: (fused q/k/v output, this layer's cached keys, its cached values) -> the
-# heads' outputs side by side, ready for the projection
-Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# attention inside a block: (fused q/k/v output, this layer's cached keys, its cached values, its QK-norm
+# gains or None: what split_qkv takes) -> the heads' outputs side by side, ready for the projection
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "QKGains | None"], torch.Tensor]
 MatMul = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 Residual = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
@@ -172,13 +172,14 @@ class Decoder:
 
         step: the step matrices (pre-transposed, maybe 16-bit; residual adds in place), else the
         model's own tensors (what prefill uses: new tensors, exact float32). attend gets each
-        layer's fused q/k/v output and that layer's cache and gives the heads' outputs side by side.
+        layer's fused q/k/v output, that layer's cache and its QK-norm gains, and gives the heads'
+        outputs side by side.
         """
         layers, mm, residual = self._matmuls(step)
         norm, act = self.norm, self.act
         for k_cache, v_cache, layer in zip(cache.k, cache.v, layers):
             qkv = mm(norm(x, *layer.norm_1), layer.attn_w, layer.attn_b)
-            x = residual(x, attend(qkv, k_cache, v_cache), layer.attn_proj_w, layer.attn_proj_b)
+            x = residual(x, attend(qkv, k_cache, v_cache, layer.qk_gains), layer.attn_proj_w, layer.attn_proj_b)
             h = act(mm(norm(x, *layer.norm_2), layer.fc_w, layer.fc_b))
             x = residual(x, h, layer.mlp_proj_w, layer.mlp_proj_b)
         return x
@@ -204,8 +205,9 @@ class Decoder:
             x = x + self.wpe[:T]
         rope = None if self.rope is None else (self.rope[0][:T], self.rope[1][:T])
 
-        def attend(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
-            q, k, v = self.split_qkv(qkv, rope)  # (B, nh or nkv, T, hs)
+        def attend(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   gains: QKGains | None) -> torch.Tensor:
+            q, k, v = self.split_qkv(qkv, rope, gains)  # (B, nh or nkv, T, hs)
             k_cache[:, :, :T] = k
             v_cache[:, :, :T] = v
             return self._causal(q, k, v).transpose(1, 2).reshape(B, T, -1)
@@ -225,8 +227,9 @@ class Decoder:
         rope = None if self.rope is None else (self.rope[0][pos], self.rope[1][pos])
         split_qkv, n_kv, hs = self.split_qkv, self.n_kv, self.head_size
 
-        def attend(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
-            q, k, v = split_qkv(qkv, rope)  # (B, nh or nkv, hs)
+        def attend(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   gains: QKGains | None) -> torch.Tensor:
+            q, k, v = split_qkv(qkv, rope, gains)  # (B, nh or nkv, hs)
             k_cache.select(2, pos).copy_(k)  # into the preallocated (B, nkv, block_size, hs) cache
             v_cache.select(2, pos).copy_(v)
             # one query sees every cached key: no mask. Each key/value head's group of query heads
@@ -264,9 +267,9 @@ class Decoder:
         xs += [self._embed_fill(ids) for _, ids in fills]
         x = xs[0] if len(xs) == 1 else torch.cat(xs)  # (M, C): every token of this forward
 
-        def attend(qkv: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor) -> torch.Tensor:
-            ys = [] if steps is None else self._attend_rows(qkv[:B] if fills else qkv, k_all, v_all, steps)
-            ys += self._attend_fills(qkv, B, k_all, v_all, fills)
+        def attend(qkv: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor, gains: QKGains | None) -> torch.Tensor:
+            ys = [] if steps is None else self._attend_rows(qkv[:B] if fills else qkv, k_all, v_all, steps, gains)
+            ys += self._attend_fills(qkv, B, k_all, v_all, fills, gains)
             return ys[0] if len(ys) == 1 else torch.cat(ys)
 
         x = self.blocks(x, cache, attend)
@@ -305,10 +308,10 @@ class Decoder:
         return _RowSteps(B, keys_len, rope, mask, runs, at, 1.0 / math.sqrt(self.head_size))
 
     def _attend_rows(self, qkv: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor,
-                     steps: _RowSteps) -> list[torch.Tensor]:
+                     steps: _RowSteps, gains: QKGains | None) -> list[torch.Tensor]:
         """The stepping rows' attention, one output (n, W) per run of adjacent rows."""
         B, n_kv, hs, keys_len = steps.count, self.n_kv, self.head_size, steps.keys_len
-        q, k, v = self.split_qkv(qkv, steps.rope)  # (B, nh or nkv, hs)
+        q, k, v = self.split_qkv(qkv, steps.rope, gains)  # (B, nh or nkv, hs)
         k_all.view(-1, hs).index_copy_(0, steps.at, k.reshape(-1, hs))
         v_all.view(-1, hs).index_copy_(0, steps.at, v.reshape(-1, hs))
         q = q.reshape(B * n_kv, -1, hs)  # each key/value head's group of query heads as its rows
@@ -326,13 +329,13 @@ class Decoder:
         return ys
 
     def _attend_fills(self, qkv: torch.Tensor, off: int, k_all: torch.Tensor, v_all: torch.Tensor,
-                      fills: Sequence[tuple[int, torch.Tensor]]) -> list[torch.Tensor]:
+                      fills: Sequence[tuple[int, torch.Tensor]], gains: QKGains | None) -> list[torch.Tensor]:
         """Each fill's causal attention over its own window (its keys written to positions 0 .. L-1)."""
         ys = []
         for first, ids in fills:
             r, L = ids.shape
             rope = None if self.rope is None else (self.rope[0][:L], self.rope[1][:L])
-            q, k, v = self.split_qkv(qkv[off : off + r * L].view(r, L, -1), rope)  # (r, nh or nkv, L, hs)
+            q, k, v = self.split_qkv(qkv[off : off + r * L].view(r, L, -1), rope, gains)  # (r, nh or nkv, L, hs)
             k_all[first : first + r, :, :L] = k
             v_all[first : first + r, :, :L] = v
             ys.append(self._causal(q, k, v).transpose(1, 2).reshape(r * L, self.width))

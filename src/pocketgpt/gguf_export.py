@@ -4,7 +4,8 @@ The model's architecture family (arch.fitting) gives llama.cpp's architecture, i
 and its tensors under Hugging Face's names; gguf-py's TensorNameMap names them as GGUF does. The
 layout is nn.Linear's, (out, in) in numpy order, which GGUF writes as ggml's {in, out} (Hugging
 Face's Conv1D transposes are not applied: arch.convert.to_theirs(hf=False)); a family's gguf_fix
-makes any change llama.cpp needs (llama's q/k row order).
+makes any change llama.cpp needs (llama's q/k row order), and its gguf_extra adds what llama.cpp
+reads that the model computes (Llama 3's rope_freqs).
 
 The tokenizer travels inside the file as llama.cpp's byte-level BPE ("gpt2" model, "gpt-2"
 pre-tokenizer): every token as the printable stand-ins of its bytes, in pocketgpt's id order, and the
@@ -224,6 +225,8 @@ def gguf_tensors(model: "GPT", dtype: str = DEFAULT_GGUF_DTYPE) -> dict[str, np.
         if dtype == "f16" and a.ndim == 2 and not name.startswith("position_embd"):
             a = a.astype(np.float16)
         out[name] = a
+    for key, a in fam.gguf_extra(cfg).items():  # what llama.cpp reads and the model computes (rope_freqs)
+        out[gguf_name(fam, key, cfg.n_layer)] = a
     return out
 
 

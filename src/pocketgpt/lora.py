@@ -206,7 +206,7 @@ def peft_adapter(tensors: dict[str, torch.Tensor], fam: "arch.Family", cfg: Mode
         a, b = tensors[a_name], tensors[module + ".lora_B.weight"]
         for theirs, b_part in zip(r.theirs, split_rows(b, r.how, cfg)):
             their_module = theirs.removesuffix(".weight")
-            out[PEFT_PREFIX + their_module + ".lora_A.weight"] = a
+            out[PEFT_PREFIX + their_module + ".lora_A.weight"] = a.clone()  # safetensors refuses shared storage
             out[PEFT_PREFIX + their_module + ".lora_B.weight"] = b_part.contiguous()
             if their_module.startswith(block0) and their_module.removeprefix(block0) not in targets:
                 targets.append(their_module.removeprefix(block0))

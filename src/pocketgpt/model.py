@@ -6,8 +6,9 @@ Knows nothing of training, files or sampling; the engine drives generation throu
 The defaults are GPT-2's architecture; a few options (rotary positions, RMSNorm, QK-norm,
 squared ReLU, an untied head, zero-initialised projections) learn faster on small budgets, and
 the rest are what the open families differ in (grouped-query attention, a gated SwiGLU MLP of
-its own width, a head size apart from the width, the rotary base, the norms' epsilon, q/k/v
-biases): config.ModelConfig's derived widths say how wide each matrix is.
+its own width, a head size apart from the width, the rotary base and Llama 3's scaling of it, the
+norms' epsilon, q/k/v biases, QK-norm's learned gains): config.ModelConfig's derived widths say how
+wide each matrix is.
 
 The math is written once, as the plain functions below (norms, activations, QK-norm, rotary
 positions, attention); the modules call them, and so does the engine's fast decode path, which
@@ -40,6 +41,7 @@ RMSNORM_EPS = 1e-6
 
 NormFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 RopeTables = tuple[torch.Tensor, torch.Tensor]
+QKGains = tuple[torch.Tensor, torch.Tensor]  # a layer's learned QK-norm gains: q's, then k's
 
 
 # The norms call torch.layer_norm / torch.rms_norm, the ops F.layer_norm / F.rms_norm wrap: the same
@@ -93,9 +95,29 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu": gelu, "gelu_new": gelu_tanh, "relu2": relu2, "swiglu": swiglu}
 
 
-def qk_rms_norm(qk: torch.Tensor) -> torch.Tensor:
-    """QK-norm: every query / key head vector scaled to unit RMS (no gain)."""
-    return torch.rms_norm(qk, qk.shape[-1:])
+def qk_rms_norm(qk: torch.Tensor, gain: torch.Tensor | None = None, eps: float | None = None) -> torch.Tensor:
+    """QK-norm: every query / key head vector scaled to unit RMS, then by gain (head_size,) if given.
+    eps None is torch's own (float32's machine epsilon): unit-gain QK-norm as it always was."""
+    if gain is not None and gain.dtype != qk.dtype:  # bf16 q/k under autocast: torch's fused kernel wants one dtype
+        gain = gain.to(qk.dtype)
+    return torch.rms_norm(qk, qk.shape[-1:], gain, eps)
+
+
+def qk_norm_eps(cfg: ModelConfig) -> float:
+    """The epsilon of QK-norm with gains (Qwen3's: the norms' own, rms_norm_eps)."""
+    return cfg.norm_eps or RMSNORM_EPS
+
+
+class HeadNorm(nn.Module):
+    """QK-norm with a learned gain per head dimension, shared by every head of q (or of k)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(cfg.head_dim))
+        self.eps = qk_norm_eps(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return qk_rms_norm(x, self.weight, self.eps)
 
 
 class KVCache:
@@ -156,22 +178,24 @@ class QKVSplit:
 
     qkv (B, T, W) gives q (B, nh, T, hs), k and v (B, nkv, T, hs); qkv (B, W) (one token per row)
     gives q (B, nh, hs), k and v (B, nkv, hs). rope: (cos, sin) broadcastable to q's shape without
-    its head axis ((T, hs/2), (hs/2,) or (B, 1, hs/2)), or None. Without grouped-query attention q
-    and k are one tensor until the end, so QK-norm and the rotation run once for both (the decode
-    step's per-op cost); with it they run apart.
+    its head axis ((T, hs/2), (hs/2,) or (B, 1, hs/2)), or None. gains: a layer's QK-norm gains
+    (q's, k's; LayerTensors.qk_gains) where the model has them. Without grouped-query attention or
+    gains q and k are one tensor until the end, so QK-norm and the rotation run once for both (the
+    decode step's per-op cost); otherwise they run apart.
     """
 
-    __slots__ = ("n_head", "n_kv", "hs", "sizes", "qk_norm")
+    __slots__ = ("n_head", "n_kv", "hs", "sizes", "qk_norm", "eps")
 
     def __init__(self, cfg: ModelConfig):
         self.n_head, self.n_kv, self.hs = cfg.n_head, cfg.kv_heads, cfg.head_dim
         self.sizes = list(cfg.qkv_sizes)
         self.qk_norm = qk_rms_norm if cfg.qk_norm else None
+        self.eps = qk_norm_eps(cfg)
 
-    def __call__(self, qkv: torch.Tensor, rope: RopeTables | None
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def __call__(self, qkv: torch.Tensor, rope: RopeTables | None,
+                 gains: QKGains | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         lead = qkv.shape[:-1]
-        if self.n_kv == self.n_head:
+        if self.n_kv == self.n_head and gains is None:
             x = qkv.view(*lead, 3, self.n_head, self.hs)
             x = x.permute(2, 0, 3, 1, 4) if len(lead) == 2 else x.transpose(0, 1)  # (3, B, nh, [T,] hs)
             if self.qk_norm is None and rope is None:
@@ -186,7 +210,9 @@ class QKVSplit:
         q, k, v = (t.view(*lead, n, self.hs) for t, n in ((q, self.n_head), (k, self.n_kv), (v, self.n_kv)))
         if len(lead) == 2:
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        if self.qk_norm is not None:
+        if gains is not None:
+            q, k = qk_rms_norm(q, gains[0], self.eps), qk_rms_norm(k, gains[1], self.eps)
+        elif self.qk_norm is not None:
             q, k = self.qk_norm(q), self.qk_norm(k)
         if rope is not None:
             q, k = rotate(q, *rope), rotate(k, *rope)
@@ -208,6 +234,9 @@ class CausalSelfAttention(nn.Module):
         # q, k, v in one matmul
         self.c_attn = nn.Linear(cfg.n_embd, sum(self.qkv_sizes), bias=cfg.bias or cfg.qkv_bias)
         self.c_proj = nn.Linear(cfg.attn_width, cfg.n_embd, bias=cfg.bias)
+        self.learned_qk_gains = cfg.qk_norm_gains
+        if cfg.qk_norm_gains:  # QK-norm's learned gains, one per head dimension for q and for k
+            self.q_norm, self.k_norm = HeadNorm(cfg), HeadNorm(cfg)
         self.resid_dropout = Dropout(cfg.dropout)
         self.bf16_attention = False  # under CPU bf16 autocast: attention in bf16 too (use_bf16_attention)
 
@@ -216,7 +245,9 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.c_attn(x).split(self.qkv_sizes, dim=2)
         q = q.view(B, T, self.n_head, self.hs).transpose(1, 2)  # (B, nh, T, hs)
         k, v = (t.view(B, T, -1, self.hs).transpose(1, 2) for t in (k, v))  # (B, nkv, T, hs)
-        if self.qk_norm:  # bounded attention logits: steadier at high learning rates
+        if self.learned_qk_gains:
+            q, k = self.q_norm(q), self.k_norm(k)
+        elif self.qk_norm:  # bounded attention logits: steadier at high learning rates
             q, k = qk_rms_norm(q), qk_rms_norm(k)
         if rope is not None:
             q, k = rotate(q, *rope), rotate(k, *rope)
@@ -239,6 +270,12 @@ class CausalSelfAttention(nn.Module):
             y = attend(q, k, v, dropout)
         y = y.transpose(1, 2).contiguous().view(B, T, self.width)  # re-assemble heads side by side
         return self.resid_dropout(self.c_proj(y))
+
+    def qk_gains(self) -> QKGains | None:
+        """QK-norm's gains (q's, k's), detached; None without them."""
+        if not self.learned_qk_gains:
+            return None
+        return self.q_norm.weight.detach(), self.k_norm.weight.detach()
 
 
 def use_bf16_attention(model: nn.Module, on: bool) -> None:
@@ -341,14 +378,15 @@ class LayerTensors:
     fc_b: torch.Tensor | None
     mlp_proj_w: torch.Tensor  # (C, mlp_hidden)
     mlp_proj_b: torch.Tensor | None
+    qk_gains: QKGains | None = None  # QK-norm's (q, k) gains (head_size,) each, if learned
 
 
 @dataclass(frozen=True, eq=False)
 class DecodeView:
     """Everything needed to run this GPT without calling its modules (GPT.decode_view()).
 
-    Per block: h = norm(x, *norm_1); q, k, v = split_qkv(h @ attn_w.T + attn_b, rope) (heads,
-    QK-norm and rotary positions: QKVSplit); x += causal_attention(q, k, v) @ attn_proj_w.T +
+    Per block: h = norm(x, *norm_1); q, k, v = split_qkv(h @ attn_w.T + attn_b, rope, qk_gains)
+    (heads, QK-norm and rotary positions: QKVSplit); x += causal_attention(q, k, v) @ attn_proj_w.T +
     attn_proj_b, where each key/value head serves n_head / kv_heads query heads in a row;
     x += activation(norm(x, *norm_2) @ fc_w.T + fc_b) @ mlp_proj_w.T + mlp_proj_b.
     Then logits = norm(x, *norm_f) @ head.T. Inputs: wte[ids], plus wpe[positions] (learned
@@ -385,7 +423,7 @@ class GPT(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight  # input and output share one matrix
         if cfg.pos_emb == "rope":  # angles are derived, not learned: kept out of the checkpoint
-            cos, sin = rope_tables(cfg.block_size, cfg.head_dim, cfg.rope_theta)
+            cos, sin = rope_tables(cfg)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self._init_weights()
@@ -437,7 +475,7 @@ class GPT(nn.Module):
         if cfg.tie_embeddings:  # assign made two Parameters of the shared matrix; one again
             model.lm_head.weight = model.transformer.wte.weight
         if cfg.pos_emb == "rope":  # derived, in no state dict: computed, not left on the meta device
-            model.rope_cos, model.rope_sin = rope_tables(cfg.block_size, cfg.head_dim, cfg.rope_theta)
+            model.rope_cos, model.rope_sin = rope_tables(cfg)
         return model
 
     def cropped_state(self, block_size: int) -> dict[str, torch.Tensor]:
@@ -464,6 +502,7 @@ class GPT(nn.Module):
                 attn_proj_w=b.attn.c_proj.weight.detach(), attn_proj_b=_detached(b.attn.c_proj.bias),
                 norm_2=b.ln_2.tensors(), fc_w=b.mlp.c_fc.weight.detach(), fc_b=_detached(b.mlp.c_fc.bias),
                 mlp_proj_w=b.mlp.c_proj.weight.detach(), mlp_proj_b=_detached(b.mlp.c_proj.bias),
+                qk_gains=b.attn.qk_gains(),
             )
             for b in tr.h
         ]
@@ -499,8 +538,26 @@ class GPT(nn.Module):
         return logits, loss
 
 
-def rope_tables(max_len: int, head_size: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of position * frequency, (max_len, head_size / 2) each."""
-    freqs = base ** (-torch.arange(0, head_size, 2, dtype=torch.float32) / head_size)
-    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), freqs)
+def rope_tables(cfg: ModelConfig) -> RopeTables:
+    """cos and sin of position * frequency, (block_size, head_size / 2) each: training's and the decoder's."""
+    angles = torch.outer(torch.arange(cfg.block_size, dtype=torch.float32), rope_frequencies(cfg))
     return angles.cos(), angles.sin()
+
+
+def rope_frequencies(cfg: ModelConfig) -> torch.Tensor:
+    """The rotary positions' angular frequency per pair of a head's dimensions (head_size / 2,), in
+    radians per position: rope_theta ** (-2i / head_size), then the config's scaling."""
+    hs = cfg.head_dim
+    freqs = cfg.rope_theta ** (-torch.arange(0, hs, 2, dtype=torch.float32) / hs)
+    return llama3_scaled(freqs, cfg) if cfg.rope_scaling == "llama3" else freqs
+
+
+def llama3_scaled(freqs: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """Llama 3's per-frequency scaling (published with Llama 3.1): measured in turns over the context
+    the model first trained at (rope_original_context / wavelength), a frequency that turns more than
+    rope_high_freq_factor times keeps its speed, one that turns fewer than rope_low_freq_factor times
+    is slowed by rope_factor (its positions then reach rope_factor times further before they wrap),
+    and between the two the result moves linearly in those turns from slowed to kept."""
+    turns = cfg.rope_original_context * freqs / (2 * math.pi)
+    kept = ((turns - cfg.rope_low_freq_factor) / (cfg.rope_high_freq_factor - cfg.rope_low_freq_factor)).clamp(0, 1)
+    return (1 - kept) * freqs / cfg.rope_factor + kept * freqs

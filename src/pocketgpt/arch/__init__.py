@@ -32,7 +32,7 @@ def families() -> dict[str, Family]:
     """Every family pocketgpt knows, by name, in the order an export tries them."""
     from . import gpt2, llama
 
-    return {f.name: f for f in (gpt2.FAMILY, llama.LLAMA, llama.QWEN2)}
+    return {f.name: f for f in (gpt2.FAMILY, llama.LLAMA, llama.QWEN2, llama.QWEN3)}
 
 
 def for_hf(raw: dict[str, Any], where: str) -> Family:
@@ -55,7 +55,7 @@ def fitting(cfg: ModelConfig, gguf: bool = False) -> Family:
     for fam in families().values():
         if gguf and not fam.gguf_arch:
             continue
-        problems = fam.cannot(cfg)
+        problems = fam.cannot(cfg) + (fam.gguf_cannot(cfg) if gguf else [])
         if not problems:
             return fam
         where = f"GGUF (llama.cpp's {fam.gguf_arch})" if gguf else f"Hugging Face {fam.title}"

@@ -33,8 +33,8 @@ def split_rows(t: torch.Tensor, how: str, cfg: ModelConfig) -> list[torch.Tensor
 
 def to_theirs(state: dict[str, torch.Tensor], fam: Family, cfg: ModelConfig, hf: bool = True
               ) -> dict[str, torch.Tensor]:
-    """Our float32 tensors as the family's, in our state dict's order, then zeros for what we lack
-    (in the table's order). Every tensor is a fresh contiguous copy on the CPU."""
+    """Our float32 tensors as the family's, in our state dict's order, then what we lack (zeros or
+    ones, in the table's order). Every tensor is a fresh contiguous copy on the CPU."""
     table = fam.renames(cfg)
     by_ours = {r.ours: r for r in table if r.ours}
     out: dict[str, torch.Tensor] = {}
@@ -49,15 +49,16 @@ def to_theirs(state: dict[str, torch.Tensor], fam: Family, cfg: ModelConfig, hf:
             out[name] = (part.t() if hf and r.how == TRANSPOSE else part).contiguous().clone()
     for r in table:
         if r.ours is None:
-            out[r.theirs[0]] = torch.zeros(r.zeros)
+            out[r.theirs[0]] = torch.full((r.width,), r.fill)
     return out
 
 
 def from_theirs(tensors: dict[str, torch.Tensor], fam: Family, cfg: ModelConfig, where: str
                 ) -> dict[str, torch.Tensor]:
-    """A family's checkpoint (its names, keys already through fam.hf_key) as our float32 state dict.
-    Empties `tensors` as it goes, and owns every tensor it returns: a tensor of a memory-mapped
-    safetensors file kept as it is would keep every page of the file read so far resident."""
+    """A family's checkpoint (its names, keys already through fam.hf_key) as our float32 state dict;
+    a tensor this config lacks must hold the value it stands for. Empties `tensors` as it goes, and
+    owns every tensor it returns: a tensor of a memory-mapped safetensors file kept as it is would
+    keep every page of the file read so far resident."""
     table = fam.renames(cfg)
     needed = {n for r in table for n in r.theirs}
     extra = sorted(set(tensors) - needed - ({fam.hf_head} if cfg.tie_embeddings else set()))
@@ -69,8 +70,9 @@ def from_theirs(tensors: dict[str, torch.Tensor], fam: Family, cfg: ModelConfig,
     for r in table:
         parts = [tensors.pop(n) for n in r.theirs]
         if r.ours is None:
-            if any(p.count_nonzero() for p in parts):
-                raise PocketError(f"{where}: {r.theirs[0]} is not zero, and this config has no such tensor")
+            if any((p != r.fill).any() for p in parts):
+                value = "zero" if r.fill == 0 else f"all {r.fill:g}"
+                raise PocketError(f"{where}: {r.theirs[0]} is not {value}, and this config has no such tensor")
             continue
         if r.how == TRANSPOSE:
             out[r.ours] = parts[0].t().float().contiguous()

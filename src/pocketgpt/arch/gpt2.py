@@ -49,14 +49,14 @@ def renames(cfg: ModelConfig) -> list[Rename]:
             table.append(Rename(name + ".weight", (name + ".weight",), TRANSPOSE if conv1d else SAME))
             if _has_bias(cfg, module):
                 table.append(Rename(name + ".bias", (name + ".bias",)))
-        table += [Rename(None, (block + m + ".bias",), zeros=_bias_width(cfg, m))
+        table += [Rename(None, (block + m + ".bias",), width=_bias_width(cfg, m))
                   for m in _BIAS_ORDER if not _has_bias(cfg, m)]
     table.append(Rename("transformer.ln_f.weight", ("transformer.ln_f.weight",)))
     ln_f_bias = ("transformer.ln_f.bias",)
     if _has_bias(cfg, "ln_f"):
         table.append(Rename("transformer.ln_f.bias", ln_f_bias))
     else:
-        table.append(Rename(None, ln_f_bias, zeros=cfg.n_embd))
+        table.append(Rename(None, ln_f_bias, width=cfg.n_embd))
     if not cfg.tie_embeddings:
         table.append(Rename("lm_head.weight", ("lm_head.weight",)))
     return table
