@@ -7,6 +7,7 @@ step equals the plain one-row step for every architecture option; rows are given
 
 import gc
 import weakref
+from typing import Callable
 
 import pytest
 import torch
@@ -24,10 +25,11 @@ def alone(engine: Engine, prompt: list[int], settings: SamplingSettings) -> list
 
 def run_together(batch: DecodeBatch, jobs: dict[str, tuple[list[int], SamplingSettings]],
                  join_at: dict[str, int] | None = None, leave_at: dict[str, int] | None = None,
-                 pick: bool = True) -> dict[str, list[list[int]]]:
+                 pick: bool = True, watch: Callable[[DecodeBatch], None] | None = None) -> dict[str, list[list[int]]]:
     """Step every job in one batch as a server does (one forward for all, the next ids drawn
     together per group of equal settings, then each stream takes its own); a job may join after
-    some steps or be closed after some. pick=False: each stream draws alone."""
+    some steps or be closed after some. pick=False: each stream draws alone. watch(batch): after
+    each forward."""
     join_at, leave_at = join_at or {}, leave_at or {}
     streams, out, step = {}, {}, 0
     while True:
@@ -41,6 +43,8 @@ def run_together(batch: DecodeBatch, jobs: dict[str, tuple[list[int], SamplingSe
         if not streams and all(n in out for n in jobs):
             return out
         batch.advance()
+        if watch is not None:
+            watch(batch)
         if pick:
             batch.pick(list(streams.values()))
         for name, st in list(streams.items()):
@@ -93,6 +97,47 @@ def test_streams_in_one_batch_equal_their_output_alone(arch, pick):
     assert got == want
     assert batch.used == 0 and not batch.members  # every row given back
     assert batch.cache.k.size(1) >= 5  # it grew from one row to hold them all
+
+
+def test_a_growing_batch_gives_each_stream_what_it_gives_alone():
+    # a model declaring 4096 positions: the shared batch starts with no room and doubles it as its
+    # longest row needs (what is cached copied along), never past twice that row's tokens, while
+    # rows join, leave and move down; once empty it gives the room back and keeps its rows
+    engine = Engine(make(block_size=4096, **ARCHS["llama"]))
+    jobs = {
+        "long": ([1, 2, 3], SamplingSettings(max_new_tokens=70, temperature=1.0, seed=1)),
+        "late": ([4, 5, 6, 7, 8, 9, 10], SamplingSettings(max_new_tokens=30, temperature=0.8, top_k=6, seed=2,
+                                                          num_samples=2, repetition_penalty=1.2)),
+        "leaves": ([2], SamplingSettings(max_new_tokens=60, temperature=0)),
+        "greedy": ([5, 6], SamplingSettings(max_new_tokens=25, temperature=0)),
+    }
+    want = {name: alone(engine, *job) for name, job in jobs.items()}
+    batch = DecodeBatch(engine)
+    assert batch.cache.nbytes == 0
+    rooms, longest = [], [0]
+
+    def watch(b: DecodeBatch) -> None:
+        longest[0] = max([longest[0], *(m.cache.pos for m in b.members)])
+        rooms.append(b.cache.capacity)
+        assert longest[0] <= b.cache.capacity <= 2 * longest[0]
+
+    got = run_together(batch, jobs, join_at={"late": 6, "greedy": 20}, leave_at={"leaves": 30}, watch=watch)
+    assert {n: got[n] for n in ("long", "late", "greedy")} == {n: want[n] for n in ("long", "late", "greedy")}
+    assert got["leaves"] == [row[:30] for row in want["leaves"]]
+    assert len(set(rooms)) >= 4 and max(rooms) < 2 * 72  # it grew several times, to about its longest row
+    assert batch.cache.nbytes == 0 and batch.cache.k.size(1) >= 4  # empty: no room held, rows kept
+
+
+def test_a_row_that_grows_to_the_context_then_slides_gives_what_it_gives_alone():
+    engine = Engine(make(block_size=24, **ARCHS["modern"]))
+    jobs = {"slides": ([1, 2, 3], SamplingSettings(max_new_tokens=60, temperature=1.0, seed=4)),
+            "short": ([7], SamplingSettings(max_new_tokens=10, temperature=0.9, seed=5, num_samples=2))}
+    want = {name: alone(engine, *job) for name, job in jobs.items()}
+    rooms: list[int] = []
+    got = run_together(DecodeBatch(engine), jobs, join_at={"short": 30},
+                       watch=lambda b: rooms.append(b.cache.capacity))
+    assert got == want
+    assert rooms[0] < 24 and max(rooms) == 24  # it started short and grew to the context, never past it
 
 
 def test_a_stream_leaving_early_moves_its_neighbours_without_changing_them():

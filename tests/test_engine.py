@@ -322,6 +322,92 @@ def test_zero_new_tokens_and_bad_prompts():
         eng.start([1] * 17, SamplingSettings())
 
 
+# ---------------------------------------------------------------- the cache's room
+
+
+def test_a_generation_has_room_for_its_tokens_not_the_declared_context():
+    # issue 25: a model declaring 4096 positions, a 5-token prompt and 10 new tokens: room for 15
+    cfg = (model := make(block_size=4096)).config
+    stream = Engine(model).start([1, 2, 3, 4, 5], SamplingSettings(max_new_tokens=10, num_samples=3, seed=0))
+    cache = stream.batch.cache
+    assert cache.k.shape == cache.v.shape == (cfg.n_layer, 3, cfg.kv_heads, 15, cfg.head_dim)
+    assert cache.nbytes == 2 * cfg.n_layer * 3 * cfg.kv_heads * 15 * cfg.head_dim * 4
+    assert [len(step) for step in stream] == [3] * 10 and stream.batch.cache is cache  # it never grew
+
+
+def test_a_generation_past_the_context_has_room_for_the_context_and_slides():
+    model = make(block_size=8)
+    stream = Engine(model).start([1, 2, 3], SamplingSettings(max_new_tokens=30, temperature=0))
+    assert stream.batch.cache.capacity == 8
+    slid = []
+    real = stream.batch._prefill
+    stream.batch._prefill = lambda rows: (slid.append(rows.fill.size(1)), real(rows))
+    assert len(list(stream)) == 30
+    # the model reads 3 + 29 tokens: 8 fill the positions, then each slide keeps the newest
+    # block_size // 2 (the new token among them) and 4 steps fill them again: 5 slides
+    assert slid == [4] * 5
+
+
+def steps_with_logits(stream) -> list:
+    """Per step: the ids, the logprobs records and the logits they were drawn from."""
+    return [(ids, stream.last_logprobs, stream.rows.logits.clone()) for ids in stream]
+
+
+def assert_same_steps(a: list, b: list) -> None:
+    assert [(ids, lp) for ids, lp, _ in a] == [(ids, lp) for ids, lp, _ in b]
+    assert all(torch.equal(x, y) for (_, _, x), (_, _, y) in zip(a, b))  # bit for bit
+
+
+@pytest.mark.parametrize("arch,dtype", [("gpt2", "float32"), ("llama", "float32"), ("qwen", "float16"),
+                                        ("gpt2", "bfloat16")])
+def test_the_room_a_cache_has_changes_no_logit(arch, dtype):
+    # what a generation gives with room for its own tokens is what a cache of the whole context gave
+    # (the engine before issue 25), bit for bit, whatever the settings and the step matrices' dtype
+    from pocketgpt.engine import DecodeBatch
+
+    engine = Engine(make(block_size=64, **ARCHS[arch]), decode_dtype=dtype)
+    s = SamplingSettings(max_new_tokens=20, temperature=0.9, top_k=8, top_p=0.9, repetition_penalty=1.2,
+                         seed=3, num_samples=2, logprobs=2)
+    tight = engine.start([1, 2, 3, 4, 5], s, stop_token_ids=[4])
+    whole = DecodeBatch(engine, 2, shared=False, positions=64).start([1, 2, 3, 4, 5], s, stop_token_ids=[4])
+    assert (tight.batch.cache.capacity, whole.batch.cache.capacity) == (25, 64)
+    assert_same_steps(steps_with_logits(tight), steps_with_logits(whole))
+
+
+def test_a_cache_refuses_tokens_past_its_room():
+    dec = Decoder(make(block_size=64))
+    idx = torch.randint(0, 23, (2, 4))
+    with torch.inference_mode():
+        assert dec.new_cache(1, idx.device, positions=100).capacity == 64  # never past the context
+        cache = dec.new_cache(2, idx.device, positions=3)
+        with pytest.raises(ValueError, match="room"):
+            dec.prefill(idx, cache)
+        dec.prefill(idx[:, :3], cache)
+        with pytest.raises(ValueError, match="full"):
+            dec.step(idx[:, 3], cache)
+        with pytest.raises(ValueError, match="full"):
+            dec.step_rows(idx[:, 3], torch.tensor([3, 3]), cache, slice(0, 2))
+        with pytest.raises(ValueError, match="full"):
+            dec.step_rows(idx[:0, 0], idx[:0, 0], cache, slice(0, 0), [(0, idx)])
+
+
+def test_the_low_precision_probe_has_room_for_its_own_tokens_only(monkeypatch):
+    monkeypatch.setattr(decoder_mod, "LOW_PRECISION_MIN_PARAMS", 0)
+    monkeypatch.setattr(decoder_mod, "low_precision_candidates", lambda: [torch.float16])
+    rooms, real = [], Decoder.new_cache
+
+    def spy(self, *args, **kwargs):
+        cache = real(self, *args, **kwargs)
+        rooms.append(cache.capacity)
+        return cache
+
+    monkeypatch.setattr(Decoder, "new_cache", spy)
+    engine = Engine(make(block_size=4096))
+    engine.generate([1, 2], 5)
+    assert "float16" in engine.logit_diffs  # the probe ran
+    assert rooms == [24, 24, 7]  # the probe's 8 + 16 tokens twice, then the generation's 2 + 5
+
+
 # ---------------------------------------------------------------- generations side by side
 
 

@@ -164,8 +164,9 @@ class Decoder:
         self.step_layers = [_step_layer(layer, self.step_dtype) for layer in self.layers]
         self.step_headT = self.head.to(self.step_dtype).t()
 
-    def new_cache(self, batch_size: int, device: torch.device) -> KVCache:
-        return KVCache(self.cfg, batch_size, device, self.wte.dtype)
+    def new_cache(self, batch_size: int, device: torch.device, positions: int | None = None) -> KVCache:
+        """A cache of batch_size rows with room for positions tokens (None: the whole context)."""
+        return KVCache(self.cfg, batch_size, device, self.wte.dtype, positions)
 
     def blocks(self, x: torch.Tensor, cache: KVCache, attend: Attend, step: bool = True) -> torch.Tensor:
         """x (tokens, C) or (B, T, C) through every block: the one place a block's wiring is written.
@@ -198,8 +199,8 @@ class Decoder:
     def prefill(self, idx: torch.Tensor, cache: KVCache, all_logits: bool = False) -> torch.Tensor:
         """idx (B, T) into an empty cache -> float32 logits (B, V) of the last position ((B, T, V) with all_logits)."""
         B, T = idx.shape
-        if cache.pos != 0 or T > self.cfg.block_size:
-            raise ValueError(f"prefill of {T} tokens needs an empty cache (block_size {self.cfg.block_size})")
+        if cache.pos != 0 or T > cache.capacity:
+            raise ValueError(f"prefill of {T} tokens needs an empty cache with room for them (it has {cache.capacity})")
         x = F.embedding(idx, self.wte)  # (B, T, C)
         if self.wpe is not None:
             x = x + self.wpe[:T]
@@ -219,8 +220,8 @@ class Decoder:
     def step(self, tok: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """tok (B,): one new token per sample at position cache.pos -> float32 logits (B, V)."""
         B, pos = tok.size(0), cache.pos
-        if pos >= self.cfg.block_size:
-            raise ValueError(f"the cache is full ({pos} tokens); slide the window first")
+        if pos >= cache.capacity:
+            raise ValueError(f"the cache is full ({pos} tokens); slide the window or give it more room first")
         x = F.embedding(tok, self.wte)  # (B, C), a new tensor: the residual adds go in place
         if self.wpe is not None:
             x.add_(self.wpe[pos])
@@ -260,8 +261,9 @@ class Decoder:
         """
         B = tok.size(0)
         keys_len = int(pos.max()) + 1 if B else 0
-        if keys_len > self.cfg.block_size:
-            raise ValueError(f"a row's cache is full ({keys_len - 1} tokens); slide its window first")
+        if max([keys_len, *(ids.size(1) for _, ids in fills)]) > cache.capacity:
+            raise ValueError(f"a row's cache is full (room for {cache.capacity} tokens); slide its window "
+                             "or give it more room first")
         steps = self._row_steps(pos, rows, cache, keys_len) if B else None
         xs = [self._embed_rows(tok, pos)] if B else []
         xs += [self._embed_fill(ids) for _, ids in fills]
@@ -390,9 +392,9 @@ def probe_logit_diff(dec: Decoder, device: torch.device, prefill: int = 8, steps
     prefill = min(prefill, n - 1) if n > 1 else 1
     gen = torch.Generator().manual_seed(1234)
     idx = torch.randint(0, dec.cfg.vocab_size, (1, n), generator=gen).to(device)
-    with torch.inference_mode():
-        reference = dec.prefill(idx, dec.new_cache(1, device), all_logits=True)[0, prefill:]
-        cache = dec.new_cache(1, device)
+    with torch.inference_mode():  # caches with room for n tokens, not the whole context
+        reference = dec.prefill(idx, dec.new_cache(1, device, n), all_logits=True)[0, prefill:]
+        cache = dec.new_cache(1, device, n)
         dec.prefill(idx[:, :prefill], cache)
         stepped = torch.cat([dec.step(idx[:, t], cache) for t in range(prefill, n)])
     diff = float((stepped[: len(reference)] - reference[: len(stepped)]).abs().max()) if len(reference) else 0.0

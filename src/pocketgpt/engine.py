@@ -33,6 +33,12 @@ When the context window is full, the window slides: the cache is rebuilt from th
 block_size // 2 tokens (one prefill) and decoding continues. Learned absolute positions make a
 rolling cache inexact (every cached key would need a new position), so the rebuild keeps exactness;
 it costs one prefill per block_size // 2 tokens (in a batch: block_size // 2 extra rows in one step).
+
+The cache has room for what a generation uses, never the model's whole declared context (28 layers
+of 8 key/value heads declaring 40,960 positions: 9 GB of keys and values per sample). A generation
+alone knows its length: its prompt plus max_new_tokens, capped at the context (past it, the window
+slides as above). A shared batch does not (rows join, leave, stop early): it doubles its room when
+a row needs more. Where the keys sit in memory changes no logit (tests/test_engine.py: bit for bit).
 """
 
 from __future__ import annotations
@@ -352,19 +358,23 @@ class DecodeBatch:
     read of the weights whatever the number of rows; pick(streams) draws their next ids together.
     Rows are kept packed in join order: a generation that leaves has the rows after it moved down
     (a copy of their filled keys), so the usual step reads adjacent rows as views. The cache grows
-    (doubling) when a generation joins a full one, so memory follows the rows in use. The batch
-    holds Rows records, never streams: a stream refers to its batch, so a dropped stream frees its
-    own batch's cache at once (gigabytes for 64 GPT-2 samples), without the cycle collector.
+    (doubling, what is cached copied) when a generation joins a full one and when a row would pass
+    the positions it has room for (up to the context), and gives its positions back when the last
+    generation leaves, so memory follows the rows and tokens in use. The batch holds Rows records,
+    never streams: a stream refers to its batch, so a dropped stream frees its own batch's cache at
+    once (gigabytes for 64 GPT-2 samples), without the cycle collector.
     Not thread-safe: one thread steps a batch (the server's scheduler thread).
     """
 
-    def __init__(self, engine: Engine, rows: int = 1, shared: bool = True):
-        """shared: for many generations (a server's), else one generation's own batch of rows."""
+    def __init__(self, engine: Engine, rows: int = 1, shared: bool = True, positions: int = 0):
+        """shared: for many generations (a server's), else one generation's own batch of rows.
+        positions: the tokens each row has room for at first (a generation alone: its prompt and
+        its new tokens; a shared batch starts with none and grows as its rows need)."""
         self.engine, self.shared = engine, shared
         with _Scoped(engine.threads):
             # one generation of several samples steps many rows too (--num-samples 64)
             self.dec = engine.decoder(many_rows=shared or rows >= MANY_ROWS)
-            self.cache = self.dec.new_cache(max(1, rows), engine.device)
+            self.cache = self.dec.new_cache(max(1, rows), engine.device, positions)
         self.members: list[Rows] = []  # in row order
         self.used = 0
         # windows (new prompts, slid windows) ride in the batch's forward only when its step
@@ -394,8 +404,7 @@ class DecodeBatch:
     def _join(self, prompt: torch.Tensor) -> Rows:
         """Rows for a new generation whose samples start from prompt (rows, L); the cache grows if it must."""
         n = prompt.size(0)
-        if self.used + n > self.cache.k.size(1):
-            self._grow(max(self.used + n, 2 * self.cache.k.size(1)))
+        self._make_room(self.used + n, prompt.size(1))
         rows = Rows(self.used, n, self.cache.rows(self.used, n), list(prompt.unbind(1)), fill=prompt)
         self.members.append(rows)
         self.used += n
@@ -412,6 +421,8 @@ class DecodeBatch:
             for later in self.members[i:]:
                 self._move(later, start)
                 start += later.count
+            if not self.members:  # nothing cached is needed: give the room back, keep the rows
+                self._resize(self.cache.k.size(1), 0)
         self.used = start
 
     def _move(self, rows: Rows, to: int) -> None:
@@ -421,13 +432,25 @@ class DecodeBatch:
                 t[:, to : to + n, :, :pos] = t[:, old : old + n, :, :pos].clone()
         rows.first, rows.cache = to, self.cache.rows(to, n, pos)
 
-    def _grow(self, size: int) -> None:
-        bigger = self.dec.new_cache(size, self.cache.k.device)
-        bigger.k[:, : self.used] = self.cache.k[:, : self.used]
-        bigger.v[:, : self.used] = self.cache.v[:, : self.used]
-        self.cache = bigger
-        for rows in self.members:
-            rows.cache = bigger.rows(rows.first, rows.count, rows.cache.pos)
+    def _make_room(self, rows: int, positions: int) -> None:
+        """A cache of at least rows rows with room for positions tokens each. What it lacks grows
+        to at least twice what it has (so a batch that keeps growing copies its cache a logarithmic
+        number of times), the positions to at most the context."""
+        have_rows, room = self.cache.k.size(1), self.cache.capacity
+        if rows > have_rows or positions > room:
+            block = self.dec.cfg.block_size
+            self._resize(max(rows, 2 * have_rows) if rows > have_rows else have_rows,
+                         min(block, max(positions, 2 * room)) if positions > room else room)
+
+    def _resize(self, rows: int, positions: int) -> None:
+        """The cache becomes one of rows rows and positions tokens, holding what is cached (a
+        smaller one only when nothing is); the members' views move onto it."""
+        if self.members:
+            self.cache = self.cache.resized(rows, positions)
+        else:
+            self.cache = self.dec.new_cache(rows, self.cache.k.device, positions)
+        for member in self.members:
+            member.cache = self.cache.rows(member.first, member.count, member.cache.pos)
 
     def advance(self, members: Sequence[Rows] | None = None) -> int:
         """Feed the drawn ids of every due member (or of the ones given) in one forward; returns
@@ -462,11 +485,13 @@ class DecodeBatch:
     def _append_or_slide(self, rows: Rows) -> None:
         """The last ids join the window. If the cache has no room for them, the window is cut to
         its newest half and becomes the rows' fill: the cache is rebuilt from it."""
-        block = self.dec.cfg.block_size
+        block, pos = self.dec.cfg.block_size, rows.cache.pos
         rows.window.append(rows.last)
-        if rows.cache.pos >= block:
+        if pos >= block:
             rows.window = rows.window[-max(1, block // 2):]
             rows.fill = torch.stack(rows.window, dim=1)
+        elif pos >= rows.cache.capacity:  # short of the context: more room, what is cached kept
+            self._make_room(self.cache.k.size(1), pos + 1)
 
     def _prefill(self, rows: Rows) -> None:
         """Rebuild the rows' cache from their fill in a prefill of their own; the logits are ready."""
@@ -579,7 +604,10 @@ class Engine:
         settings.stop_at_eos are text-level (sampling.TextStream); the engine ends a sample at any
         of stop_token_ids (e.g. a tokenizer's end-of-text id) and does not give that id out."""
         check_prompt(prompt_ids, self.cfg.block_size)  # before a cache is allocated for it
-        batch = DecodeBatch(self, settings.num_samples, shared=False)
+        # room for the prompt and every new token (capped at the context), not the whole context:
+        # a model declaring 40k positions would otherwise cost gigabytes per sample
+        positions = len(prompt_ids) + settings.max_new_tokens
+        batch = DecodeBatch(self, settings.num_samples, shared=False, positions=positions)
         return batch.start(prompt_ids, settings, stop_token_ids)
 
     def generate(self, prompt_ids: list[int], settings: SamplingSettings | int | None = None,

@@ -121,16 +121,32 @@ class HeadNorm(nn.Module):
 
 
 class KVCache:
-    """Preallocated keys and values of every layer, filled left to right during generation (the
-    decoder writes them). It holds the key/value heads only: grouped-query attention's
-    smaller cache."""
+    """Keys and values of every layer, filled left to right during generation (the decoder writes
+    them). It holds the key/value heads only (grouped-query attention's smaller cache), and room for
+    `positions` tokens: what a generation will use, never more than the context (a model may declare
+    40k positions; preallocating them all would cost gigabytes per sample for a short reply). The
+    engine asks for a bigger one (`resized`) when a row would pass the room it has."""
 
-    def __init__(self, cfg: ModelConfig, batch_size: int, device: torch.device, dtype: torch.dtype):
-        shape = (cfg.n_layer, batch_size, cfg.kv_heads, cfg.block_size, cfg.head_dim)
+    def __init__(self, cfg: ModelConfig, batch_size: int, device: torch.device, dtype: torch.dtype,
+                 positions: int | None = None):
+        """positions: the tokens it has room for (capped at, and by default, cfg.block_size)."""
+        positions = cfg.block_size if positions is None else min(positions, cfg.block_size)
+        shape = (cfg.n_layer, batch_size, cfg.kv_heads, positions, cfg.head_dim)
+        # zeros, not empty: a slot past a row's position is masked (-inf + finite), and garbage
+        # could be NaN or inf, which the mask cannot hide
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.pos = 0  # tokens already cached
-        self.capacity = cfg.block_size
+
+    @property
+    def capacity(self) -> int:
+        """Tokens each row has room for."""
+        return self.k.size(3)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of its keys and values (a view: of its rows)."""
+        return self.k.nbytes + self.v.nbytes
 
     def reset(self) -> None:
         self.pos = 0
@@ -140,8 +156,20 @@ class KVCache:
         generations share one cache this way (engine.DecodeBatch), each at its own length."""
         view = object.__new__(KVCache)
         view.k, view.v = self.k[:, start : start + n], self.v[:, start : start + n]
-        view.pos, view.capacity = pos, self.capacity
+        view.pos = pos
         return view
+
+    def resized(self, batch_size: int, positions: int) -> "KVCache":
+        """A cache of batch_size rows and room for positions tokens, holding this one's keys and
+        values in its first rows and positions (both at least this one's). Its position is this one's."""
+        n_layer, rows, kv_heads, room, head_dim = self.k.shape
+        k = self.k.new_zeros((n_layer, batch_size, kv_heads, positions, head_dim))
+        v = torch.zeros_like(k)
+        k[:, :rows, :, :room] = self.k
+        v[:, :rows, :, :room] = self.v
+        bigger = object.__new__(KVCache)
+        bigger.k, bigger.v, bigger.pos = k, v, self.pos
+        return bigger
 
 
 class Norm(nn.Module):
