@@ -1,6 +1,8 @@
-"""Peak memory (RSS) of fine-tuning GPT-2 shapes, full vs LoRA, through the real `train --init-from` code.
+"""Peak memory (RSS) of fine-tuning GPT-2, SmolLM2 and Qwen3 shapes, full vs LoRA, through the real
+`train --init-from` code.
 
     python bench/lora_memory.py                                 # gpt2 and gpt2-medium; full, lora, lora+gc; context 256, 1024
+    python bench/lora_memory.py --shapes qwen3-0.6b,smollm2-135m --blocks 512 --modes lora,full
     python bench/lora_memory.py --shapes gpt2-medium --blocks 1024 --modes lora
     python bench/lora_memory.py --dtype float32                 # what a CPU without bf16 instructions runs
     python bench/lora_memory.py --dropout 0.1                   # the finetune preset's dropout (attention too)
@@ -9,7 +11,7 @@
 Each case is one child process, one at a time, running what `pocketgpt train BOOK --init-from BASE
 [--lora-rank 8] [--gradient-checkpointing]` runs (launch.launch): load the base, prepare the text with its
 tokenizer, build, train. Modes: full (the finetune preset), lora (finetune-lora, rank 8 on every block
-matrix), lora+gc (and gradient checkpointing). The base is a Hugging Face GPT-2 folder of the shape with
+matrix), lora+gc (and gradient checkpointing). The base is a Hugging Face folder of the shape with
 random weights, written beforehand by another child with pocketgpt's own export (no download, no
 transformers); the text is the first 300 kB of the bundled corpus. Batch 1, dropout 0 in every mode unless
 --dropout, 3 optimizer steps, then the final eval (1 batch per split, a 16-token sample unless
@@ -33,8 +35,18 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py, wherever this is started from
 import common  # noqa: E402
 
-SHAPES: dict[str, dict[str, int]] = {"gpt2": dict(n_layer=12, n_head=12, n_embd=768),
-                                      "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024)}
+GPT2_SHAPE = dict(vocab_size=common.GPT2_VOCAB, block_size=1024, bias=True, mlp="gelu_new")
+FAMILY = dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu", tie_embeddings=True, bias=False)
+# the published shapes (config.json) of the models people fine-tune, with random weights
+SHAPES: dict[str, dict[str, Any]] = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768, **GPT2_SHAPE),
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024, **GPT2_SHAPE),
+    "smollm2-135m": dict(vocab_size=49152, block_size=8192, n_layer=30, n_head=9, n_kv_head=3, n_embd=576,
+                         mlp_width=1536, rope_theta=100000.0, norm_eps=1e-5, **FAMILY),
+    "qwen3-0.6b": dict(vocab_size=151936, block_size=40960, n_layer=28, n_head=16, n_kv_head=8, n_embd=1024,
+                       head_size=128, mlp_width=3072, rope_theta=1000000.0, norm_eps=1e-6, qk_norm=True,
+                       qk_norm_gains=True, **FAMILY),
+}
 MODES: dict[str, dict[str, Any]] = {"full": {}, "lora": {"lora_rank": 8},
                                     "lora+gc": {"lora_rank": 8, "gradient_checkpointing": True}}
 STEPS = 3
@@ -55,14 +67,33 @@ def reset_peak() -> None:
 
 
 def make_base(shape: str, folder: Path) -> None:
-    """A random GPT-2 of the shape as a Hugging Face folder (what `from_pretrained` would find)."""
+    """A random model of the shape as a Hugging Face folder (what `from_pretrained` would find): GPT-2's
+    with its tokenizer; a Llama or Qwen with a byte-level tokenizer.json of its own (a small one trained
+    on the corpus: the model's vocabulary rows are the real model's, the ids past it never used)."""
     from pocketgpt.config import ModelConfig
     from pocketgpt.hf import export_hf
     from pocketgpt.model import GPT
     from pocketgpt.tokenizer import GPT2Tokenizer
 
-    cfg = ModelConfig(vocab_size=common.GPT2_VOCAB, block_size=1024, bias=True, mlp="gelu_new", **SHAPES[shape])
-    export_hf(GPT(cfg), GPT2Tokenizer(), folder)
+    cfg = ModelConfig(**SHAPES[shape])
+    tok = GPT2Tokenizer() if cfg.vocab_size == common.GPT2_VOCAB else own_tokenizer(cfg.vocab_size)
+    export_hf(GPT(cfg), tok, folder)
+
+
+def own_tokenizer(vocab_size: int) -> Any:
+    """A byte-level BPE of 2,000 tokens with an end-of-text token, as a pretrained model's tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from pocketgpt.tokenizer import PretrainedTokenizer
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator([common.bundled_text()[:300_000]], trainers.BpeTrainer(
+        vocab_size=2000, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    settings = {"bos_token": None, "eos_token": "<|endoftext|>", "add_bos_token": False, "eos_ids": [],
+                "chat_template": None}
+    return PretrainedTokenizer(json.loads(tk.to_str()), settings, vocab_size)
 
 
 def run_case(base: Path, mode: str, block: int, dtype: str, dropout: float, sample: int, tmp: Path) -> dict[str, Any]:

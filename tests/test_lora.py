@@ -283,3 +283,16 @@ def test_gradient_checkpointing_computes_the_same_steps(char_base, data_dir, tmp
     assert key(tmp_path / "plain") == pytest.approx(key(tmp_path / "checkpointed"), abs=1e-6)
     t = trainer_on(char_base, data_dir, tmp_path, gradient_checkpointing=True)
     assert all(isinstance(b.forward, functools.partial) for b in t.model.transformer.h)  # it was on
+
+
+def test_llama_and_qwen_target_names_pick_our_matrices_and_a_lone_part_is_refused():
+    from pocketgpt.config import lora_modules
+
+    assert lora_modules("q_proj,k_proj,v_proj,o_proj") == ("attn.c_attn", "attn.c_proj")
+    assert lora_modules("gate_proj,up_proj,down_proj") == ("mlp.c_fc", "mlp.c_proj")
+    assert lora_modules("q_proj,v_proj,attn") == ("attn.c_attn",)  # the whole matrix named another way
+    with pytest.raises(PocketError, match=r"q_proj, k_proj, v_proj are one matrix in pocketgpt \(attn.c_attn\).*"
+                                          r"name q_proj and k_proj and v_proj together"):
+        lora_modules("q_proj,v_proj")
+    with pytest.raises(PocketError, match="gate_proj, up_proj are one matrix"):
+        lora_modules("gate_proj,down_proj")

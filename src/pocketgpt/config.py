@@ -45,7 +45,14 @@ LORA_TARGETS: dict[str, tuple[str, ...]] = {
     "attn": ("attn.c_attn",), "proj": ("attn.c_proj",), "mlp": ("mlp.c_fc", "mlp.c_proj"), "all": LORA_MODULES,
     "c_attn": ("attn.c_attn",), "c_proj": ("attn.c_proj", "mlp.c_proj"), "c_fc": ("mlp.c_fc",),
     **{name: (name,) for name in LORA_MODULES},
+    # Llama's and Qwen's names (peft's target_modules for them); parts of one fused matrix go together
+    "q_proj": ("attn.c_attn",), "k_proj": ("attn.c_attn",), "v_proj": ("attn.c_attn",), "o_proj": ("attn.c_proj",),
+    "gate_proj": ("mlp.c_fc",), "up_proj": ("mlp.c_fc",), "down_proj": ("mlp.c_proj",),
 }
+# Our fused matrices and the family names of their parts: an adapter is on a whole matrix, so naming
+# one part alone (q_proj without k_proj and v_proj) cannot be honoured and is refused.
+LORA_FUSED_PARTS: dict[str, tuple[str, ...]] = {"attn.c_attn": ("q_proj", "k_proj", "v_proj"),
+                                                "mlp.c_fc": ("gate_proj", "up_proj")}
 # Each target's role in ModelConfig.matmul_shapes(), which says how wide it is.
 LORA_ROLES: dict[str, str] = {"attn.c_attn": "attn", "attn.c_proj": "attn_proj", "mlp.c_fc": "fc",
                               "mlp.c_proj": "mlp_proj"}
@@ -300,6 +307,12 @@ def lora_modules(targets: str) -> tuple[str, ...]:
             raise PocketError(f"lora_targets: unknown target '{name}'{nearest(name, list(LORA_TARGETS))}; "
                               f"choose from {', '.join(LORA_TARGETS)}")
         chosen.update(LORA_TARGETS[name])
+    for module, parts in LORA_FUSED_PARTS.items():
+        named = [p for p in parts if p in names]
+        whole = any(module in LORA_TARGETS[n] for n in names if n not in parts)
+        if named and len(named) < len(parts) and not whole:
+            raise PocketError(f"lora_targets: {', '.join(parts)} are one matrix in pocketgpt ({module}), so an "
+                              f"adapter covers all of them: name {' and '.join(parts)} together")
     return tuple(m for m in LORA_MODULES if m in chosen)
 
 
