@@ -180,13 +180,30 @@ def test_tensor_names_come_from_gguf_constants():
 
 # ---------------------------------------------------------------- refusals: one line, nothing written
 
-def test_char_run_is_refused(capsys, tmp_path, data_dir):
+def test_a_char_run_goes_with_an_added_end_token_that_never_outranks_a_character(capsys, tmp_path, data_dir):
+    """llama.cpp's BPE vocabulary needs an end-of-text token: one more token and row, the mean of the others,
+    so its logit is the mean of the characters' and never the top one; every character its own token."""
     run = train_tiny(tmp_path / "char", data_dir, max_iters=2, eval_interval=2)
     out = tmp_path / "char.gguf"
     code, _, err = export(capsys, run, out)
-    assert code == 2 and err.count("\n") == 1
-    assert "char" in err and "end-of-text" in err and "--tokenizer bpe" in err
-    assert not out.exists()
+    assert code == 0, err
+    g, lm = Gguf(out), load(run)
+    chars, V = lm.tokenizer.chars, lm.model.config.vocab_size
+    tokens = g.meta["tokenizer.ggml.tokens"]
+    assert len(tokens) == V + 1 and tokens[V] == "<|endoftext|>"
+    assert [bytes(byte_stand_ins()[c] for c in t).decode("utf-8") for t in tokens[:V]] == chars
+    assert g.meta["tokenizer.ggml.eos_token_id"] == V and g.meta["tokenizer.ggml.token_type"][V] == 3
+    head = g.array("token_embd.weight")  # tied: llama.cpp's head too
+    ours = lm.model.lm_head.weight.detach().numpy()
+    assert head.shape == (V + 1, ours.shape[1]) and np.array_equal(head[:V], ours)
+    assert np.allclose(head[V], ours.mean(axis=0), atol=1e-7)
+    # the end token's logit is the characters' mean: below their largest wherever they differ
+    seen = []
+    lm.model.transformer.ln_f.register_forward_hook(lambda m, i, o: seen.append(o[0].detach().numpy()))
+    logits = lm.logits(lm.tokenizer.encode("ROMEO:\nWhat")).numpy()
+    theirs = seen[0] @ head.T  # the same final hidden states through the GGUF's head
+    assert np.allclose(theirs[:, :V], logits, atol=1e-5)
+    assert (theirs[:, V] < theirs[:, :V].max(axis=1)).all()
 
 
 @pytest.mark.parametrize("option, name", [({"pos_emb": "rope"}, "rope"), ({"norm": "rmsnorm"}, "rmsnorm"),
@@ -233,10 +250,8 @@ def test_gguf_dtype_is_for_gguf_only(capsys, tmp_path, gpt2_export):
         gguf_export.export_gguf(load(gpt2_export[0]).model, GPT2Tokenizer(), tmp_path / "x.gguf", dtype="q4")
 
 
-def test_api_refuses_a_char_tokenizer_and_a_too_small_model(tmp_path):
+def test_api_refuses_a_too_small_model(tmp_path):
     model = GPT(ModelConfig(vocab_size=3, block_size=8, n_layer=1, n_head=1, n_embd=8))
-    with pytest.raises(PocketError, match="char-tokenizer"):
-        gguf_export.export_gguf(model, CharTokenizer("abc"), tmp_path / "c.gguf")
     with pytest.raises(PocketError, match="do not belong together"):
         gguf_export.export_gguf(model, GPT2Tokenizer(), tmp_path / "g.gguf")
     assert not list(tmp_path.iterdir())

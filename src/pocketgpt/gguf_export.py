@@ -9,10 +9,10 @@ reads that the model computes (Llama 3's rope_freqs).
 
 The tokenizer travels inside the file as llama.cpp's byte-level BPE ("gpt2" model, "gpt-2"
 pre-tokenizer): every token as the printable stand-ins of its bytes, in pocketgpt's id order, and the
-merges in rank order. A pretrained model's own byte-level tokenizer (Llama 3, SmolLM2, Qwen) goes
+merges in rank order. A char vocabulary goes as one token per character with an end-of-text token
+added (CHAR_EOT). A pretrained model's own byte-level tokenizer (Llama 3, SmolLM2, Qwen) goes
 as its tokenizer.json has it, its split named as llama.cpp names it, with its start and end ids and
-its chat template. A char vocabulary is refused: llama.cpp needs an end-of-text id for a BPE
-vocabulary and, given none, takes id 11, which in a char vocabulary is an ordinary character.
+its chat template.
 
 The gguf package is imported only inside these functions: the core install does not have it.
 """
@@ -20,6 +20,7 @@ The gguf package is imported only inside these functions: the core install does 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +29,7 @@ import numpy as np
 from . import arch
 from .arch.convert import to_theirs
 from .errors import PocketError
-from .tokenizer import ByteLevelTokenizer, PretrainedTokenizer, Tokenizer, byte_stand_ins
+from .tokenizer import ByteLevelTokenizer, CharTokenizer, PretrainedTokenizer, Tokenizer, byte_stand_ins
 
 if TYPE_CHECKING:
     from .config import ModelConfig
@@ -60,10 +61,8 @@ def check_gguf_exportable(cfg: "ModelConfig", tok: Tokenizer) -> None:
     gguf_family(cfg)
     if isinstance(tok, PretrainedTokenizer):
         pretrained_pre(tok)  # refuses what llama.cpp would split differently
-    elif not isinstance(tok, ByteLevelTokenizer):
-        raise PocketError(f"cannot export a {tok.kind}-tokenizer model to GGUF: llama.cpp's GPT-2 vocabulary needs an "
-                          "end-of-text token, which a char vocabulary lacks (llama.cpp would stop at character id 11); "
-                          "train with --tokenizer bpe or gpt2, or use --format hf")
+    elif not isinstance(tok, (ByteLevelTokenizer, CharTokenizer)):
+        raise PocketError(f"cannot export a {tok.kind}-tokenizer model to GGUF; use --format hf")
     if tok.vocab_size > cfg.vocab_size:
         raise PocketError(f"the tokenizer has {tok.vocab_size} tokens but the model only {cfg.vocab_size}; "
                           "this model and tokenizer do not belong together")
@@ -177,9 +176,43 @@ def _pad(tokens: list[str], types: list[Any], gguf: Any, vocab_size: int) -> Non
         types.append(gguf.TokenType.UNUSED)
 
 
+# A char vocabulary has no end-of-text token, which llama.cpp's BPE vocabulary must have (given none, it
+# takes id 11, an ordinary character there). The GGUF gets one more token, <|endoftext|>, after the
+# characters, and one more row in the embedding and the head: the mean of the others, so its logit is
+# the mean of the characters' logits, never above the largest (llama.cpp's top token is pocketgpt's).
+CHAR_EOT = "<|endoftext|>"
+# llama.cpp refuses a BPE vocabulary without a merges key, and gguf-py writes no empty array: one merge
+# that can never apply (text is split into single characters first, and no character is this token).
+CHAR_MERGES = [f"{CHAR_EOT} {CHAR_EOT}"]
+
+
+def _add_char_tokenizer(w: Any, gguf: Any, tok: CharTokenizer) -> None:
+    """Each character as the stand-ins of its UTF-8 bytes (llama.cpp looks a character up whole), then
+    the end-of-text token the file adds; no merges to make, so each character stays one token."""
+    to_char = {b: c for c, b in byte_stand_ins().items()}
+    tokens = ["".join(to_char[b] for b in ch.encode("utf-8", "surrogatepass")) for ch in tok.chars] + [CHAR_EOT]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("gpt-2")
+    w.add_token_list(tokens)
+    w.add_token_types([gguf.TokenType.NORMAL] * len(tok.chars) + [gguf.TokenType.CONTROL])
+    w.add_token_merges(CHAR_MERGES)
+    w.add_bos_token_id(len(tok.chars))
+    w.add_eos_token_id(len(tok.chars))
+    w.add_add_bos_token(False)
+    w.add_add_eos_token(False)
+
+
+def _with_end_row(a: np.ndarray) -> np.ndarray:
+    """The embedding or head with one more row, the mean of the others (CHAR_EOT's)."""
+    return np.concatenate([a, a.mean(axis=0, keepdims=True, dtype=np.float64).astype(a.dtype)])
+
+
 def _add_tokenizer(w: Any, gguf: Any, tok: Tokenizer, vocab_size: int) -> None:
     if isinstance(tok, PretrainedTokenizer):
         _add_pretrained_tokenizer(w, gguf, tok, vocab_size)
+        return
+    if isinstance(tok, CharTokenizer):
+        _add_char_tokenizer(w, gguf, tok)
         return
     assert isinstance(tok, ByteLevelTokenizer)  # check_gguf_exportable refuses the others
     tokens = token_texts(tok)
@@ -211,8 +244,9 @@ def gguf_name(fam: arch.Family, key: str, n_layer: int) -> str:
     return name
 
 
-def gguf_tensors(model: "GPT", dtype: str = DEFAULT_GGUF_DTYPE) -> dict[str, np.ndarray]:
-    """Every tensor under its GGUF name, as numpy arrays in the layout and dtype llama.cpp loads."""
+def gguf_tensors(model: "GPT", dtype: str = DEFAULT_GGUF_DTYPE, end_row: bool = False) -> dict[str, np.ndarray]:
+    """Every tensor under its GGUF name, as numpy arrays in the layout and dtype llama.cpp loads; end_row:
+    the embedding and head with a char vocabulary's added end-of-text row (CHAR_EOT)."""
     cfg = model.config
     fam = gguf_family(cfg)
     out: dict[str, np.ndarray] = {}
@@ -221,6 +255,8 @@ def gguf_tensors(model: "GPT", dtype: str = DEFAULT_GGUF_DTYPE) -> dict[str, np.
     for key, t in to_theirs(model.state_dict(), fam, cfg, hf=False).items():
         name = gguf_name(fam, key, cfg.n_layer)
         a = np.ascontiguousarray(fam.gguf_fix(key, t.numpy(), cfg))
+        if end_row and name in ("token_embd.weight", "output.weight"):
+            a = _with_end_row(a)
         # as llama.cpp's converter does, vectors and the position table stay f32 (its ops on them take f32)
         if dtype == "f16" and a.ndim == 2 and not name.startswith("position_embd"):
             a = a.astype(np.float16)
@@ -240,12 +276,13 @@ def _write(path: Path, model: "GPT", tok: Tokenizer, dtype: str, name: str, lice
     w.add_name(name)
     if license:
         w.add_license(license)
-    for key, value in fam.gguf_keys(cfg).items():  # the architecture's hyperparameters, in the family's order
+    char = isinstance(tok, CharTokenizer)  # one more token and row: CHAR_EOT
+    for key, value in fam.gguf_keys(replace(cfg, vocab_size=cfg.vocab_size + char)).items():  # the family's order
         getattr(w, f"add_{key}")(value)
     w.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if dtype == "f16" else gguf.LlamaFileType.ALL_F32)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _add_tokenizer(w, gguf, tok, cfg.vocab_size)
-    for tensor_name, a in gguf_tensors(model, dtype).items():
+    for tensor_name, a in gguf_tensors(model, dtype, end_row=char).items():
         w.add_tensor(tensor_name, a)
     w.write_header_to_file()
     w.write_kv_data_to_file()
