@@ -302,3 +302,14 @@ def test_a_model_too_big_for_this_machine_is_refused_before_loading(tmp_path, mo
     with pytest.raises(PocketError, match=r"has [\d,]+ parameters: ~0 MB as float32 to load, but this machine has "
                                           r"0 MB of memory; choose a smaller model"):
         load(d)
+
+
+def test_the_cli_inspects_a_pretrained_folder_with_its_tokenizer(capsys, tmp_path):
+    tk = byte_level_tokenizer(bos=True)
+    d = llama_folder(tmp_path / "m", tk)
+    code, out, err = run_cli(capsys, "tokenize", "--model", str(d), "Café 東京")
+    assert code == 0, err
+    assert json.loads(out)["ids"] == transformers.AutoTokenizer.from_pretrained(str(d)).encode(
+        "Café 東京", add_special_tokens=False)
+    code, out, err = run_cli(capsys, "info", "--model", str(d))
+    assert code == 0 and f"hf tokenizer with {VOCAB} tokens" in out

@@ -188,12 +188,17 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
     from ..corpus import builtin_tokenizer
     from ..data import TOKENIZER
     from ..rundir import TOKENIZER as RUN_TOKENIZER
+    from ..rundir import is_run_dir
     from ..tokenizer import load_tokenizer, token_piece
 
     if sum(bool(x) for x in (args.model, args.data, args.tokenizer)) != 1:
         raise PocketError("give exactly one of --model RUN_DIR, --data DATA_DIR or --tokenizer char|gpt2")
     if args.tokenizer:
         tok = builtin_tokenizer(args.tokenizer)
+    elif args.model and not is_run_dir(Path(args.model)):  # a Hugging Face folder or hub name, a nanoGPT checkpoint
+        from ..loading import load
+
+        tok = load(args.model).tokenizer
     else:
         tok = load_tokenizer(Path(args.model) / RUN_TOKENIZER if args.model else Path(args.data) / TOKENIZER)
     ids = tok.encode(args.text)
