@@ -155,6 +155,7 @@ def llama_folder(d: Path, tk: Tokenizer, seed: int = 0, flat_head: bool = False)
     return d
 
 
+@pytest.mark.slow
 def test_a_llama_folder_generates_through_its_tokenizer_and_stops_at_its_end(tmp_path):
     tk = byte_level_tokenizer(bos=True)
     d = llama_folder(tmp_path / "m", tk)
@@ -170,6 +171,7 @@ def test_a_llama_folder_generates_through_its_tokenizer_and_stops_at_its_end(tmp
     assert (done.completion_tokens, done.finish_reason, done.text) == (1, "stop", "")  # ended, by default
 
 
+@pytest.mark.slow
 def test_prepare_finetune_and_export_keep_the_models_tokenizer(capsys, tmp_path):
     from pocketgpt.data import open_tokens
 
