@@ -13,7 +13,8 @@ Each case is one child process, one at a time, running what `pocketgpt train BOO
 tokenizer, build, train. Modes: full (the finetune preset), lora (finetune-lora, rank 8 on every block
 matrix), lora+gc (and gradient checkpointing). The base is a Hugging Face folder of the shape with
 random weights, written beforehand by another child with pocketgpt's own export (no download, no
-transformers); the text is the first 300 kB of the bundled corpus. Batch 1, dropout 0 in every mode unless
+transformers), in the dtype the real model is published in (GPT-2 float32; SmolLM2 and Qwen3 bfloat16,
+which a LoRA fine-tune keeps: lora_base_dtype auto); the text is the first 300 kB of the bundled corpus. Batch 1, dropout 0 in every mode unless
 --dropout, 3 optimizer steps, then the final eval (1 batch per split, a 16-token sample unless
 --eval-sample-tokens), the best weights (and adapter), the resume checkpoint and the report written.
 
@@ -78,6 +79,26 @@ def make_base(shape: str, folder: Path) -> None:
     cfg = ModelConfig(**SHAPES[shape])
     tok = GPT2Tokenizer() if cfg.vocab_size == common.GPT2_VOCAB else own_tokenizer(cfg.vocab_size)
     export_hf(GPT(cfg), tok, folder)
+    if shape_dtype(shape) == "bfloat16":
+        as_bfloat16(folder)
+
+
+def shape_dtype(shape: str) -> str:
+    """The dtype a shape's checkpoint is published in: GPT-2's float32, SmolLM2's and Qwen3's bfloat16."""
+    return "float32" if shape.startswith("gpt2") else "bfloat16"
+
+
+def as_bfloat16(folder: Path) -> None:
+    """A Hugging Face folder's weights rewritten in bfloat16, config.json saying so (as Qwen3 ships)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    path = folder / "model.safetensors"
+    tensors = {k: v.to(torch.bfloat16) for k, v in load_file(str(path)).items()}
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    config["torch_dtype"] = config["dtype"] = "bfloat16"
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
 
 
 def own_tokenizer(vocab_size: int) -> Any:

@@ -337,3 +337,73 @@ def test_a_lora_run_on_qwen3_exports_an_adapter_peft_loads_onto_its_base(tmp_pat
         theirs = model(torch.tensor([IDS])).logits[0]
     assert max_diff(theirs, load(tmp_path / "run").logits(IDS)) < TOL
     assert max_diff(theirs, hf_logits(base, IDS)) > 1e-3  # the adapter is applied
+
+
+def _lora_on(base: Path, out: Path, book: Path, resume: bool = False, **extra) -> list[str]:
+    from pocketgpt import launch as launching
+
+    said: list[str] = []
+    run_keys = {k: v for k, v in TINY.items() if k not in ("n_layer", "n_head", "n_embd", "block_size", "dropout")}
+    overrides = {**run_keys, "lora_rank": 4, "lora_alpha": 8, "learning_rate": 1e-2, "warmup_iters": 0,
+                 "max_iters": 6, "lr_decay_iters": 6, "eval_interval": 2, "batch_size": 4, "block_size": 32,
+                 **extra}
+    req = (launching.TrainRequest(out=str(out), resume=True, overrides=overrides) if resume else
+           launching.TrainRequest(inputs=[str(book)], out=str(out), init_from=str(base), overrides=overrides))
+    launching.launch(req, echo=said.append)
+    return said
+
+
+@pytest.mark.slow  # ~10 s: four short fine-tunes
+def test_lora_over_a_bfloat16_base_keeps_it_bfloat16_with_the_same_losses_and_resumes_exactly(tmp_path, corpus_text):
+    from safetensors import safe_open
+
+    from helpers import metrics
+
+    base = tmp_path / "base"
+    hf_family_model("qwen3", head_dim=16).to(torch.bfloat16).save_pretrained(str(base))  # as Qwen3 ships
+    book = tmp_path / "book.txt"
+    book.write_text(corpus_text[:4000], encoding="utf-8")
+    from pocketgpt.launch import load_base
+
+    loaded = load_base(str(base), keep_bfloat16=True).model  # a LoRA base is never held as float32
+    dtypes = {n: p.dtype for n, p in loaded.named_parameters()}
+    assert dtypes["transformer.h.0.mlp.c_fc.weight"] == dtypes["transformer.wte.weight"] == torch.bfloat16
+    assert dtypes["transformer.h.0.ln_1.weight"] == dtypes["transformer.h.0.attn.q_norm.weight"] == torch.float32
+    said = _lora_on(base, tmp_path / "narrow", book)
+    assert any("kept in bfloat16" in line and "the same numbers" in line for line in said)
+    assert json.loads((tmp_path / "narrow" / "config.json").read_text())["lora"]["lora_base_dtype"] == "bfloat16"
+    with safe_open(str(tmp_path / "narrow" / "last" / "model.safetensors"), "pt") as f:
+        dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+    assert dtypes["transformer.h.0.attn.c_attn.weight"] == dtypes["transformer.wte.weight"] == "BF16"
+    assert dtypes["transformer.h.0.attn.c_attn.lora_A.weight"] == dtypes["transformer.ln_f.weight"] == "F32"
+    _lora_on(base, tmp_path / "wide", book, lora_base_dtype="float32")
+    losses = lambda run, k="loss": {m["iter"]: m[k] for m in metrics(run) if k in m}  # noqa: E731
+    assert losses(tmp_path / "narrow") == pytest.approx(losses(tmp_path / "wide"), abs=1e-5)
+    assert losses(tmp_path / "narrow", "val_loss") == pytest.approx(losses(tmp_path / "wide", "val_loss"), abs=1e-5)
+    assert max_diff(load(tmp_path / "narrow").logits(IDS), load(tmp_path / "wide").logits(IDS)) < TOL
+    _lora_on(base, tmp_path / "resumed", book, max_iters=4)
+    _lora_on(base, tmp_path / "resumed", book, resume=True)
+    assert losses(tmp_path / "resumed") == pytest.approx(losses(tmp_path / "narrow"), abs=1e-6)
+    # adapters on attention alone: the MLP's matrices, loaded bfloat16, are widened (nn.Linear computes them)
+    _lora_on(base, tmp_path / "attn", book, max_iters=2, lora_targets="attn")
+    with safe_open(str(tmp_path / "attn" / "last" / "model.safetensors"), "pt") as f:
+        assert f.get_slice("transformer.h.0.mlp.c_fc.weight").get_dtype() == "F32"
+        assert f.get_slice("transformer.h.0.attn.c_attn.weight").get_dtype() == "BF16"
+    # a float32 base (a run of ours) is not bfloat16 values: auto keeps it float32
+    hf_family_model("qwen3", head_dim=16).save_pretrained(str(tmp_path / "base32"))
+    _lora_on(tmp_path / "base32", tmp_path / "run32", book, max_iters=2)
+    assert json.loads((tmp_path / "run32" / "config.json").read_text())["lora"]["lora_base_dtype"] == "float32"
+
+
+@pytest.mark.parametrize("mlp, exports", [("relu2", False), ("swiglu", True)])
+def test_a_finished_run_says_when_its_model_cannot_be_exported(capsys, tmp_path, data_dir, mlp, exports):
+    from helpers import tiny_flags
+
+    model = dict(pos_emb="rope", norm="rmsnorm", qk_norm="true", mlp=mlp, tie_embeddings="false")
+    code, out, err = run_cli(capsys, "train", "--data", data_dir, "--out", tmp_path / "run",
+                             *tiny_flags(max_iters=2, eval_interval=2, sample_tokens=0, plots="false", **model))
+    assert code == 0, err
+    said = [line for line in out.splitlines() if "cannot be exported" in line]
+    assert (said == []) == exports
+    if not exports:
+        assert 'mlp = "relu2"' in said[0] and "--mlp swiglu" in said[0]

@@ -201,3 +201,28 @@ def test_cheap_dropout_edge_cases():
     model = make(block_size=16, dropout=0.2).to(torch.bfloat16).train()  # bf16 weights, no autocast
     logits, _ = model(torch.randint(0, 23, (2, 16)))
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_loss_in_slices_is_the_whole_loss_with_the_same_gradients(monkeypatch, tied):
+    import pocketgpt.sizing as sizing
+
+    torch.manual_seed(0)
+    model = make(block_size=16, tie_embeddings=tied).train()
+    idx, targets = torch.randint(0, 23, (3, 16)), torch.randint(0, 23, (3, 16))
+    targets[0, :5] = -100  # positions out of the loss stay out of it
+    logits, whole = model(idx, targets)
+    assert logits is not None
+    whole.backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    # 7 positions' logits per slice: 48 positions in 7 slices, the last one short
+    monkeypatch.setattr(sizing, "LOSS_SLICE_BYTES", 7 * model.config.vocab_size * 4)
+    logits, sliced = model(idx, targets)
+    assert logits is None  # never held whole
+    sliced.backward()
+    assert torch.allclose(sliced, whole, atol=1e-6)
+    for n, p in model.named_parameters():
+        assert torch.allclose(p.grad, expected[n], atol=1e-6), n
+    with torch.no_grad():  # an eval's forward: the same loss without the recomputation
+        assert torch.allclose(model(idx, targets)[1], whole, atol=1e-6)

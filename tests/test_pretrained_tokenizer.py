@@ -236,6 +236,8 @@ def _gguf_fields(path: Path) -> dict:
             out[name] = [bytes(p).decode("utf-8") for p in parts]
         elif name == "tokenizer.ggml.token_type":
             out[name] = [int(p[0]) for p in parts]
+        elif name == "tokenizer.ggml.scores":
+            out[name] = [float(p[0]) for p in parts]
         elif isinstance(parts[0], np.ndarray) and parts[0].dtype == np.uint8:
             out[name] = bytes(parts[0]).decode("utf-8")
         else:
@@ -263,6 +265,31 @@ def test_a_pretrained_tokenizer_goes_into_gguf_and_ollama_as_it_came(capsys, tmp
     modelfile = (tmp_path / "o" / "Modelfile").read_text()
     assert "FROM ./model.gguf" in modelfile and "TEMPLATE" not in modelfile  # the GGUF's template is Ollama's
     assert 'PARAMETER stop "<|im_end|>"' in modelfile and 'PARAMETER stop "<|endoftext|>"' in modelfile
+
+
+def test_a_sentencepiece_tokenizer_goes_into_gguf_as_llama_cpps_llama_vocabulary(capsys, tmp_path):
+    tk = sentencepiece_tokenizer()
+    d = tmp_path / "m"
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True)).save_pretrained(str(d))
+    save_hf_tokenizer(d, tk, "<s>", "</s>")
+    code, _, err = run_cli(capsys, "export", "--model", str(d), "--format", "gguf", "--out", str(tmp_path / "m.gguf"))
+    assert code == 0, err
+    f = _gguf_fields(tmp_path / "m.gguf")
+    vocab = tk.get_vocab(with_added_tokens=True)
+    assert f["tokenizer.ggml.model"] == "llama" and f["tokenizer.ggml.add_space_prefix"] is True
+    tokens, types, scores = (f[f"tokenizer.ggml.{k}"] for k in ("tokens", "token_type", "scores"))
+    assert len(tokens) == len(types) == len(scores) == VOCAB and all(tokens[i] == t for t, i in vocab.items())
+    assert types[vocab["<unk>"]] == 2 and types[vocab["<s>"]] == 3 and types[vocab["<0x0A>"]] == 6  # UNKNOWN CONTROL BYTE
+    assert (f["tokenizer.ggml.bos_token_id"], f["tokenizer.ggml.eos_token_id"]) == (vocab["<s>"], vocab["</s>"])
+    assert f["tokenizer.ggml.unknown_token_id"] == vocab["<unk>"] and f["tokenizer.ggml.add_bos_token"] is True
+    merges = json.loads((d / "tokenizer.json").read_text())["model"]["merges"]
+    first, last = ("".join(m) if isinstance(m, list) else m.replace(" ", "") for m in (merges[0], merges[-1]))
+    # the first merge's token scores highest of all merged tokens: llama.cpp merges in tokenizer.json's order
+    assert scores[vocab[first]] == -1.0 and scores[vocab[last]] < scores[vocab[first]]
+    assert scores[vocab["<0x41>"]] == 0.0
 
 
 def test_a_run_without_a_chat_template_is_a_plain_continuer_in_ollama(capsys, tmp_path):

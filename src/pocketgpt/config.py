@@ -40,6 +40,7 @@ LOGGERS = ("tensorboard", "wandb", "trackio")
 # bare names (c_proj: both projections, as peft matches it), and three short groups. Each maps to the
 # block-relative module names, listed in model order. (A family's own names for them, peft's
 # target_modules on export, come from its table: arch/.)
+LORA_BASE_DTYPES = ("auto", "float32", "bfloat16")
 LORA_MODULES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 LORA_TARGETS: dict[str, tuple[str, ...]] = {
     "attn": ("attn.c_attn",), "proj": ("attn.c_proj",), "mlp": ("mlp.c_fc", "mlp.c_proj"), "all": LORA_MODULES,
@@ -235,6 +236,10 @@ class LoraConfig:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     lora_targets: str = "attn,proj,mlp"  # comma-separated LORA_TARGETS names
+    # the frozen base's matrices (targets, embedding, head) kept in bfloat16, half the memory, computed in the
+    # run's dtype: auto = where every one of them is exactly a bfloat16 value (a base shipped in bfloat16), so
+    # nothing changes but the memory; a fine-tune resolves auto before it starts (lora.narrow_base)
+    lora_base_dtype: str = "auto"
 
     @property
     def enabled(self) -> bool:
@@ -528,6 +533,7 @@ def _lora_checks(cfg: TrainConfig) -> list[tuple[bool, str]]:
         (lo.lora_rank >= 0, f"lora_rank must be zero (off) or positive, got {lo.lora_rank}"),
         (lo.lora_alpha > 0, f"lora_alpha must be positive, got {lo.lora_alpha}"),
         (0.0 <= lo.lora_dropout < 1.0, f"lora_dropout must be in [0, 1), got {lo.lora_dropout}"),
+        _choice("lora_base_dtype", lo.lora_base_dtype, LORA_BASE_DTYPES),
         # a rank as wide as the model saves nothing over training the matrices themselves
         (lo.lora_rank < width, f"lora_rank {lo.lora_rank} is not below the model's width (n_embd {width}), so the "
                                "adapters would be as big as the weights; use a smaller rank (4 to 64 is usual) or "

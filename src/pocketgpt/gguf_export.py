@@ -12,7 +12,8 @@ pre-tokenizer): every token as the printable stand-ins of its bytes, in pocketgp
 merges in rank order. A char vocabulary goes as one token per character with an end-of-text token
 added (CHAR_EOT). A pretrained model's own byte-level tokenizer (Llama 3, SmolLM2, Qwen) goes
 as its tokenizer.json has it, its split named as llama.cpp names it, with its start and end ids and
-its chat template.
+its chat template; a SentencePiece BPE (Llama 2, TinyLlama) as llama.cpp's "llama" tokenizer, with
+scores from its merge order and its <0xNN> byte tokens.
 
 The gguf package is imported only inside these functions: the core install does not have it.
 """
@@ -60,7 +61,8 @@ def check_gguf_exportable(cfg: "ModelConfig", tok: Tokenizer) -> None:
     """Refuse, before anything is written, what llama.cpp cannot run as pocketgpt does."""
     gguf_family(cfg)
     if isinstance(tok, PretrainedTokenizer):
-        pretrained_pre(tok)  # refuses what llama.cpp would split differently
+        if not sentencepiece_style(tok):
+            pretrained_pre(tok)  # refuses what llama.cpp would split differently
     elif not isinstance(tok, (ByteLevelTokenizer, CharTokenizer)):
         raise PocketError(f"cannot export a {tok.kind}-tokenizer model to GGUF; use --format hf")
     if tok.vocab_size > cfg.vocab_size:
@@ -98,11 +100,12 @@ QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
 
 
 def _parts(node: Any) -> list[dict[str, Any]]:
-    """A tokenizer.json pre_tokenizer as its list of steps (a Sequence unrolled)."""
+    """A tokenizer.json pre_tokenizer or normalizer as its list of steps (a Sequence unrolled)."""
     if not isinstance(node, dict):
         return []
     if node.get("type") == "Sequence":
-        return [p for child in node.get("pretokenizers", []) for p in _parts(child)]
+        children = node.get("pretokenizers", node.get("normalizers", []))
+        return [p for child in children for p in _parts(child)]
     return [node]
 
 
@@ -145,16 +148,79 @@ def _pretrained_vocab(tok: PretrainedTokenizer) -> tuple[list[str], list[bool], 
     return texts, special, [m if isinstance(m, str) else f"{m[0]} {m[1]}" for m in merges]
 
 
+# SentencePiece's word-boundary mark: a space, as Llama 2's and TinyLlama's vocabularies write it
+SPACE_MARK = "\u2581"
+
+
+def sentencepiece_style(tok: PretrainedTokenizer) -> bool:
+    """Whether tokenizer.json is a SentencePiece BPE converted for Hugging Face (Llama 2, TinyLlama, Mistral):
+    spaces as SPACE_MARK (a normalizer's Replace or a Metaspace pre-tokenizer), bytes outside the vocabulary as
+    <0xNN> tokens (byte_fallback). llama.cpp runs these as its "llama" tokenizer model."""
+    data = tok.to_dict()["tokenizer"]
+    model = data.get("model") or {}
+    marks = json.dumps([data.get("normalizer"), data.get("pre_tokenizer")], ensure_ascii=False)
+    return model.get("type") == "BPE" and bool(model.get("byte_fallback")) and SPACE_MARK in marks
+
+
+def _space_prefix(data: dict[str, Any]) -> bool:
+    """Whether the tokenizer puts a word-boundary mark before the text (llama.cpp's add_space_prefix):
+    a Prepend normalizer, or a Metaspace that prepends (prepend_scheme first / always, add_prefix_space)."""
+    steps = _parts(data.get("normalizer")) + _parts(data.get("pre_tokenizer"))
+    for step in steps:
+        if step.get("type") == "Prepend":
+            return True
+        if step.get("type") == "Metaspace":
+            return step.get("prepend_scheme", "always") != "never" and step.get("add_prefix_space", True)
+    return False
+
+
+def _add_sentencepiece_tokenizer(w: Any, gguf: Any, tok: PretrainedTokenizer, vocab_size: int) -> None:
+    """A SentencePiece BPE vocabulary as llama.cpp's "llama" tokenizer: each token with a score (llama.cpp
+    merges the adjacent pair whose joined token scores highest; a token's score is minus the rank of the first
+    merge that makes it, so the order is tokenizer.json's merge order) and its kind (<0xNN> bytes, the unknown
+    token, special tokens)."""
+    data = tok.to_dict()["tokenizer"]
+    tokens, special, merges = _pretrained_vocab(tok)
+    score: dict[str, float] = {}
+    for rank, merge in enumerate(merges):  # "a b" makes "ab" (a merge's parts hold no space: it is SPACE_MARK)
+        score.setdefault(merge.replace(" ", "", 1), -float(rank + 1))
+    unk = (data.get("model") or {}).get("unk_token")
+    types, scores = [], []
+    for text, is_special in zip(tokens, special):
+        if text == unk:
+            types.append(gguf.TokenType.UNKNOWN)
+        elif len(text) == 6 and text.startswith("<0x") and text.endswith(">"):  # (some files mark them special)
+            types.append(gguf.TokenType.BYTE)
+        elif is_special:
+            types.append(gguf.TokenType.CONTROL)
+        else:
+            types.append(gguf.TokenType.NORMAL)
+        scores.append(score.get(text, 0.0))
+    _pad(tokens, types, gguf, vocab_size)
+    scores += [0.0] * (len(tokens) - len(scores))
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_add_space_prefix(_space_prefix(data))
+    if unk in tokens:
+        w.add_unk_token_id(tokens.index(unk))
+
+
 def _add_pretrained_tokenizer(w: Any, gguf: Any, tok: PretrainedTokenizer, vocab_size: int) -> None:
     """A pretrained model's own tokenizer, as llama.cpp's converter would write it from its folder."""
-    tokens, special, merges = _pretrained_vocab(tok)
-    types = [gguf.TokenType.CONTROL if s else gguf.TokenType.NORMAL for s in special]
-    _pad(tokens, types, gguf, vocab_size)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(pretrained_pre(tok))
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    w.add_token_merges(merges)
+    if sentencepiece_style(tok):
+        _add_sentencepiece_tokenizer(w, gguf, tok, vocab_size)
+    else:
+        tokens, special, merges = _pretrained_vocab(tok)
+        types = [gguf.TokenType.CONTROL if s else gguf.TokenType.NORMAL for s in special]
+        _pad(tokens, types, gguf, vocab_size)
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre(pretrained_pre(tok))
+        w.add_token_list(tokens)
+        w.add_token_types(types)
+        w.add_token_merges(merges)
     if tok.bos_id is not None:
         w.add_bos_token_id(tok.bos_id)
     if tok.eot_id is not None:

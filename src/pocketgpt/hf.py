@@ -132,7 +132,7 @@ def torch_load(path: Path) -> Any:
 
 
 def state_from_hf(tensors: dict[str, torch.Tensor], fam: arch.Family, cfg: ModelConfig,
-                  where: str) -> dict[str, torch.Tensor]:
+                  where: str, keep_bfloat16: bool = False) -> dict[str, torch.Tensor]:
     """A family's checkpoint tensors (any save's keys) as our state dict; empties `tensors`."""
     named: dict[str, torch.Tensor] = {}
     for key in list(tensors):
@@ -140,7 +140,7 @@ def state_from_hf(tensors: dict[str, torch.Tensor], fam: arch.Family, cfg: Model
         name = fam.hf_key(key)
         if name is not None:
             named[name] = t
-    return from_theirs(named, fam, cfg, where)
+    return from_theirs(named, fam, cfg, where, keep_bfloat16)
 
 
 def _tokenizer_for(fam: arch.Family, vocab_size: int, folder: Path) -> Tokenizer:
@@ -165,7 +165,9 @@ def check_fits(cfg: ModelConfig, where: str) -> None:
                           f"this machine has {have:,.0f} MB of memory; choose a smaller model")
 
 
-def load_hf_folder(folder: str | Path, info: dict[str, str] | None = None) -> Imported:
+def load_hf_folder(folder: str | Path, info: dict[str, str] | None = None, keep_bfloat16: bool = False) -> Imported:
+    """keep_bfloat16: matrices stored in bfloat16 stay so (a LoRA base; the model is then not ready to sample
+    until lora.narrow_base or widened), instead of float32 for all."""
     folder = Path(folder)
     raw = _read_hf_config(folder / HF_CONFIG)
     if raw is None:
@@ -174,7 +176,7 @@ def load_hf_folder(folder: str | Path, info: dict[str, str] | None = None) -> Im
     cfg = fam.config_from_hf(raw, str(folder))
     check_fits(cfg, str(folder))
     tok = _tokenizer_for(fam, cfg.vocab_size, folder)
-    state = state_from_hf(_hf_tensors(folder), fam, cfg, str(folder))
+    state = state_from_hf(_hf_tensors(folder), fam, cfg, str(folder), keep_bfloat16)
     model = build_model(cfg, state, str(folder))  # around the converted tensors: no random init, no copy
     return Imported(model.eval(), tok, folder, {"source_kind": "huggingface", "source": str(folder), **(info or {})})
 
@@ -224,8 +226,8 @@ def resolve_hub(name: str) -> Path:
                           f"({type(e).__name__}); connect once to download it, or give a local folder") from None
 
 
-def load_hub(name: str) -> Imported:
-    return load_hf_folder(resolve_hub(name), {"source_kind": "huggingface", "hub_name": name})
+def load_hub(name: str, keep_bfloat16: bool = False) -> Imported:
+    return load_hf_folder(resolve_hub(name), {"source_kind": "huggingface", "hub_name": name}, keep_bfloat16)
 
 
 # ---------------------------------------------------------------- export to Hugging Face

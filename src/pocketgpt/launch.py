@@ -164,11 +164,16 @@ def base_kind(src: str) -> str:
     return kind
 
 
-def load_base(src: str, vocab: str | None = None) -> Base:
-    """The model --init-from names (a run folder: its best weights); vocab as for loading.load."""
-    from .loading import load
+def load_base(src: str, vocab: str | None = None, keep_bfloat16: bool = False) -> Base:
+    """The model --init-from names (a run folder: its best weights); vocab as for loading.load; keep_bfloat16:
+    a Hugging Face model's bfloat16 matrices kept so (for a LoRA base: never held as float32 at all), which
+    lora_base_dtype() then settles."""
+    from .loading import load, load_foreign
 
     kind = base_kind(src)
+    if keep_bfloat16 and kind in ("huggingface", "hub"):
+        got = load_foreign(src, kind, vocab, keep_bfloat16=True)
+        return Base(got.model.eval(), got.tokenizer, {"source": str(src), "kind": kind})
     got = load(src, vocab=vocab)
     return Base(got.model, got.tokenizer, {"source": str(src), "kind": kind})
 
@@ -225,6 +230,25 @@ def finetune_config(req: TrainRequest, overrides: dict[str, Any], base: "ModelCo
     for key in MODEL_SHAPE_KEYS:  # a preset's shape keys (say --preset demo) give way to the base model's
         setattr(cfg.model, key, getattr(start.model, key))
     return cfg
+
+
+def lora_base_dtype(cfg: TrainConfig, model: "GPT", say: Callable[[str], None]) -> None:
+    """A LoRA fine-tune's lora_base_dtype auto, resolved into cfg (config.json keeps it: a resume builds the same):
+    bfloat16 where the base's frozen matrices are exactly bfloat16 values and one process trains; then the base
+    model itself gets those dtypes here (lora.set_base_dtype), so no tensor is held twice."""
+    from . import distributed
+    from .lora import exactly_bfloat16, set_base_dtype
+
+    lo = cfg.lora
+    exact = lo.enabled and lo.lora_base_dtype != "float32" and exactly_bfloat16(model, lo)
+    if lo.lora_base_dtype == "auto":
+        one_process = distributed.world_from_env()[1] <= 1  # (DDP and FSDP keep every weight one dtype)
+        lo.lora_base_dtype = "bfloat16" if lo.enabled and one_process and exact else "float32"
+    set_base_dtype(model, lo)  # also widens what load_base kept bfloat16, where the run does not keep it
+    if lo.enabled and lo.lora_base_dtype == "bfloat16":
+        why = "its weights are bfloat16 values: the same numbers" if exact else "rounded: --lora-base-dtype bfloat16"
+        say(f"fine-tune: the frozen base's matrices kept in bfloat16 (half their memory; {why}), "
+            "the products computed in the run's dtype")
 
 
 def check_data_tokenizer(data_dir: Path, base: Base) -> None:
@@ -288,11 +312,14 @@ def _launch_finetune(req: TrainRequest, overrides: dict[str, Any], out: Path,
         raise PocketError("--max-memory sizes the model of --preset auto; a fine-tune keeps the base's: drop it")
     if req.data and req.inputs:
         raise PocketError("give either INPUT files or --data, not both")
-    check_lora(given_keys(req, overrides)[0], has_base=True)  # bad keys (and LoRA with Muon) fail before the base loads
+    given = given_keys(req, overrides)[0]
+    check_lora(given, has_base=True)  # bad keys (and LoRA with Muon) fail before the base loads
     rundir.check_for_training(out, resume=False, overwrite=req.overwrite)
     say = echo or print
-    base = load_base(req.init_from or "", req.vocab)
+    lora_wanted = given.lora.enabled or req.preset == FINETUNE_LORA_PRESET
+    base = load_base(req.init_from or "", req.vocab, keep_bfloat16=lora_wanted and given.lora.lora_base_dtype != "float32")
     cfg = finetune_config(req, overrides, base.model.config, say)
+    lora_base_dtype(cfg, base.model, say)
     checked = plan.check_config(cfg, out, overwrite=req.overwrite, has_base=True)  # the folder was checked above
     say(f"fine-tuning {base.record['source']} ({base.record['kind']}, {base.model.num_params():,} parameters)")
 

@@ -231,19 +231,21 @@ class TextBatch:
             g.tokens.close()
 
 
-def load_foreign(src: str | Path, kind: str, vocab: str | Path | None = None) -> "Imported":
-    """Load a source of a kind hf.source_kind() named; vocab (a nanoGPT char vocabulary) for nanoGPT only."""
+def load_foreign(src: str | Path, kind: str, vocab: str | Path | None = None,
+                 keep_bfloat16: bool = False) -> "Imported":
+    """Load a source of a kind hf.source_kind() named; vocab (a nanoGPT char vocabulary) for nanoGPT only;
+    keep_bfloat16: a Hugging Face model's bfloat16 matrices stay so (hf.load_hf_folder)."""
     from . import hf, nanogpt
 
     if vocab is not None and kind != "nanogpt":
         raise PocketError("--vocab is for nanoGPT checkpoints (a meta.pkl or the text it was prepared from); "
                           f"{src} carries its own tokenizer")
     if kind == "huggingface":
-        return hf.load_hf_folder(src)
+        return hf.load_hf_folder(src, keep_bfloat16=keep_bfloat16)
     if kind == "nanogpt":
         return nanogpt.load_nanogpt(src, vocab)
     if kind == "hub":
-        return hf.load_hub(str(src))
+        return hf.load_hub(str(src), keep_bfloat16)
     raise ValueError(kind)
 
 

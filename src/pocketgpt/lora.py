@@ -33,11 +33,10 @@ from typing import TYPE_CHECKING, Iterator
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .config import LoraConfig, ModelConfig
 from .errors import PocketError
-from .model import GPT
+from .model import GPT, linear
 
 if TYPE_CHECKING:
     from . import arch
@@ -63,7 +62,8 @@ class LoRALinear(nn.Module):
         self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)
-        kw = dict(bias=False, device=base.weight.device, dtype=base.weight.dtype)
+        narrow = base.weight.dtype == torch.bfloat16  # a bfloat16 base (set_base_dtype): the adapters train in float32
+        kw = dict(bias=False, device=base.weight.device, dtype=torch.float32 if narrow else base.weight.dtype)
         # A gets nn.Linear's own (Kaiming-uniform) start and B zeros: peft's default init, so the update starts at 0
         self.lora_A = nn.Linear(base.in_features, rank, **kw)
         self.lora_B = nn.Linear(rank, base.out_features, **kw)
@@ -72,7 +72,7 @@ class LoRALinear(nn.Module):
         self.scale = alpha / rank
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias) + self.lora_B(self.lora_A(self.dropout(x))) * self.scale
+        return linear(x, self.weight, self.bias) + self.lora_B(self.lora_A(self.dropout(x))) * self.scale
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
@@ -92,16 +92,50 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
 
 
 def add_adapters(model: GPT, cfg: LoraConfig) -> int:
-    """Freeze every weight of model and wrap its targeted block matrices, in place; returns the trainable count."""
+    """Freeze every weight of model and wrap its targeted block matrices, in place (the base narrowed to
+    bfloat16 first where cfg says so); returns the trainable count."""
     model.requires_grad_(False)
+    if cfg.lora_base_dtype == "bfloat16":
+        set_base_dtype(model, cfg)
+    for name, layer in _targets(model, cfg):
+        owner, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(owner), leaf, LoRALinear(layer, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout))
+    return trainable_params(model)
+
+
+def _targets(model: GPT, cfg: LoraConfig) -> list[tuple[str, nn.Linear]]:
     suffixes = tuple("." + m for m in cfg.modules)
     in_blocks = {id(m) for m in model.blocks.modules()}
-    targets = [(n, m) for n, m in model.named_modules()
-               if id(m) in in_blocks and n.endswith(suffixes) and isinstance(m, nn.Linear)]
-    for name, linear in targets:
-        owner, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(owner), leaf, LoRALinear(linear, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout))
-    return trainable_params(model)
+    return [(n, m) for n, m in model.named_modules()
+            if id(m) in in_blocks and n.endswith(suffixes) and isinstance(m, nn.Linear)]
+
+
+def _base_matrices(model: GPT, cfg: LoraConfig) -> list[nn.Parameter]:
+    """The frozen matrices a bfloat16 base keeps narrow: the targeted ones (their LoRALinear computes through
+    model.linear), the token embedding and the output head (GPT.forward's); never a norm's gains, a bias
+    or an untargeted matrix (nn.Linear's own forward would meet a float32 input)."""
+    found = [layer.weight for _, layer in _targets(model, cfg)] + [model.token_embedding.weight,
+                                                                   model.lm_head.weight]
+    return list({id(p): p for p in found}.values())  # a tied head is the embedding: once
+
+
+def exactly_bfloat16(model: GPT, cfg: LoraConfig) -> bool:
+    """Whether every matrix set_base_dtype would narrow holds bfloat16 values only (float32 whose low 16 bits
+    are zero: a checkpoint shipped in bfloat16), so that narrowing loses nothing."""
+    return all(not (p.detach().float().view(torch.int32) & 0xFFFF).any() for p in _base_matrices(model, cfg))
+
+
+def set_base_dtype(model: GPT, cfg: LoraConfig) -> None:
+    """With lora_base_dtype bfloat16, the base's frozen matrices to bfloat16 and every other tensor to float32;
+    otherwise every tensor float32 (a base loaded with its bfloat16 matrices kept: hf.load_hf_folder). In place:
+    each Parameter's data is replaced, so every module and model sharing that Parameter sees it, and the old
+    storage is freed once nothing else holds it. bfloat16 halves the largest share of a LoRA fine-tune's
+    memory; the products still run in the run's dtype (model.linear)."""
+    narrow = {id(p) for p in _base_matrices(model, cfg)} if cfg.lora_base_dtype == "bfloat16" else set()
+    for p in model.parameters():
+        want = torch.bfloat16 if id(p) in narrow else torch.float32
+        if p.is_floating_point() and p.dtype != want:
+            p.data = p.data.to(want)
 
 
 def trainable_params(model: nn.Module) -> int:
@@ -117,9 +151,19 @@ def merged_model(model: GPT) -> GPT:
     """A plain GPT computing what the LoRA model computes: targeted matrices merged (W + scale B A),
     every other tensor shared with model (no copy). For sampling at full speed and for saving a
     plain best checkpoint; model itself (base, adapters, optimizer's view of them) is not touched."""
-    state = {k: v for k, v in model.state_dict().items() if not is_adapter(k)}
-    for name, layer in lora_layers(model):
-        state[f"{name}.weight"] = layer.merged_weight()
+    merged = {f"{name}.weight": layer.merged_weight() for name, layer in lora_layers(model)}
+    # the rest of a bfloat16 base widened, each tensor once (a tied head is the embedding): the engine decodes float32
+    state: dict[str, torch.Tensor] = {}
+    wide: dict[int, torch.Tensor] = {}
+    for k, v in model.state_dict().items():
+        if is_adapter(k):
+            continue
+        if k in merged:
+            state[k] = merged[k]
+        elif v.dtype == torch.bfloat16:
+            state[k] = wide.setdefault(v.data_ptr(), v.float()) if v.data_ptr() not in wide else wide[v.data_ptr()]
+        else:
+            state[k] = v
     plain = gpt_around(model.config, state, dict(model.named_buffers()))
     return plain.requires_grad_(False).train(model.training)
 

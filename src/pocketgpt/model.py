@@ -35,6 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
+from .sizing import loss_slice_rows
 
 LAYERNORM_EPS = 1e-5  # nn.LayerNorm's and GPT-2's
 RMSNORM_EPS = 1e-6
@@ -549,7 +550,7 @@ class GPT(nn.Module):
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
-        x = self.transformer.wte(idx)  # (B, T, C)
+        x = self.transformer.wte(idx).float()  # (B, T, C); float32 also from a bfloat16 base (lora.narrow_base)
         rope = None
         if "wpe" in self.transformer:
             x = x + self.transformer.wpe(torch.arange(T, device=idx.device))
@@ -559,11 +560,66 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             x = block(x, rope)
         x = self.transformer.ln_f(x)
-        logits = self.lm_head(x)  # (B, T, V)
+        if targets is not None and loss_in_slices(B * T, self.config.vocab_size):
+            return None, sliced_loss(x.flatten(0, 1), self.lm_head.weight, targets.reshape(-1))
+        logits = linear(x, self.lm_head.weight)  # (B, T, V)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
+
+
+def loss_in_slices(tokens: int, vocab_size: int) -> bool:
+    """Whether a training forward computes its loss in slices of positions (sliced_loss) rather than
+    over all logits at once: when they would be large, and never inside torch.compile (where the
+    logits are small anyway: the char models it pays for)."""
+    return loss_slice_rows(tokens, vocab_size) < tokens and not torch.compiler.is_compiling()
+
+
+def sliced_loss(x: torch.Tensor, head: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The mean cross-entropy of head(x) against targets (-100: not counted, as F.cross_entropy),
+    computed a slice of positions at a time, each slice recomputed in the backward pass: at most one
+    slice's logits, log-softmax and gradient are ever held (sizing.loss_slice_rows). A 151,936-token
+    vocabulary at context 512 would otherwise hold 3 x 311 MB of float32 at once, for one more head
+    matmul a step. The same loss up to float rounding (a sum of slices)."""
+    from torch.utils.checkpoint import checkpoint
+
+    rows = loss_slice_rows(x.size(0), head.size(0))
+    total = x.new_zeros((), dtype=torch.float32)
+    for i in range(0, x.size(0), rows):
+        part = (x[i:i + rows], head, targets[i:i + rows])
+        total = total + (checkpoint(_summed_nll, *part, use_reentrant=False) if torch.is_grad_enabled()
+                         else _summed_nll(*part))
+    return total / (targets != -100).sum().clamp(min=1)
+
+
+def _summed_nll(x: torch.Tensor, head: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(linear(x, head).float(), targets, reduction="sum")
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, also for a frozen weight stored narrower than x outside autocast (a LoRA base kept in
+    bfloat16 on a CPU that computes in float32): the weight is widened for the product and again in the
+    backward pass, never held wide in between (autograd would keep the wide copy of every layer)."""
+    if w.dtype == x.dtype or torch.is_autocast_enabled(x.device.type):
+        return F.linear(x, w, b)
+    y = _WidenedLinear.apply(x, w)
+    return y if b is None else y + b.to(y.dtype)
+
+
+class _WidenedLinear(torch.autograd.Function):
+    """x @ w.T with w widened to x's dtype; w is frozen (no gradient), and only its narrow self is saved."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        assert not w.requires_grad, "a narrow weight is a frozen one"
+        ctx.save_for_backward(w)
+        return F.linear(x, w.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (w,) = ctx.saved_tensors  # type: ignore[attr-defined]
+        return grad @ w.to(grad.dtype), None
 
 
 def rope_tables(cfg: ModelConfig) -> RopeTables:

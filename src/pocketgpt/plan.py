@@ -106,11 +106,12 @@ def rank_rows(cfg: TrainConfig, world_size: int) -> TrainConfig:
 
 def memory_estimate_mb(cfg: TrainConfig, n_params: int, value_bytes: int) -> tuple[float, float]:
     """(weights + gradients + optimizer state, activations of one micro-batch) in MB, from sizing's rule with
-    activations of value_bytes each; a LoRA run's frozen base holds its weights alone (4 bytes a parameter),
-    only the adapters the full 16."""
+    activations of value_bytes each; a LoRA run's frozen base holds its weights alone (4 bytes a parameter, 2
+    kept in bfloat16: nearly all of them are the matrices narrowed), only the adapters the full 16."""
     state_mb, act_mb = estimate_memory_mb(cfg, n_params, value_bytes)
     if cfg.lora.enabled:
-        state_mb = (n_params * 4 + cfg.lora.trainable_params(cfg.model) * 16) / 2**20
+        base_bytes = 2 if cfg.lora.lora_base_dtype == "bfloat16" else 4
+        state_mb = (n_params * base_bytes + cfg.lora.trainable_params(cfg.model) * 16) / 2**20
     m, r = cfg.model, cfg.run
     if r.gradient_checkpointing and m.n_layer > 1:  # one layer's activations, plus every block's input (fp32)
         _, head_mb = estimate_memory_mb(replace(cfg, model=replace(m, n_layer=0)), n_params, value_bytes)

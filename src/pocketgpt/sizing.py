@@ -74,6 +74,18 @@ def gpu_peak_flops(device_name: str, half_precision: bool) -> float | None:
     return None
 
 
+# A training step's loss holds at most about this many bytes of float32 logits at once (model.sliced_loss)
+LOSS_SLICE_BYTES = 64 * 2**20
+
+
+def loss_slice_rows(tokens: int, vocab_size: int) -> int:
+    """Positions per slice of a training step's loss: all of them while their logits fit twice in
+    LOSS_SLICE_BYTES (a char model's always do), else as many as fit once."""
+    if tokens * vocab_size * 4 <= 2 * LOSS_SLICE_BYTES:
+        return tokens
+    return max(1, LOSS_SLICE_BYTES // (vocab_size * 4))
+
+
 def estimate_memory_mb(cfg: Any, n_params: int, bytes_per_act: int = 4) -> tuple[float, float]:
     """(weights + grads + AdamW state, activations of one micro-batch) in MB, a rough guide.
 
@@ -84,7 +96,7 @@ def estimate_memory_mb(cfg: Any, n_params: int, bytes_per_act: int = 4) -> tuple
     state = n_params * 4 * 4  # fp32 weights, grads, two Adam moments
     tokens = r.batch_size * m.block_size
     acts = m.n_layer * tokens * (34 * m.n_embd + 5 * m.n_head * m.block_size) * bytes_per_act / 2
-    acts += tokens * m.vocab_size * 4 * 3  # logits, their softmax and gradient in fp32
+    acts += loss_slice_rows(tokens, m.vocab_size) * m.vocab_size * 4 * 3  # logits, log-softmax, gradient (fp32)
     return state / 2**20, acts / 2**20
 
 

@@ -66,3 +66,15 @@ def fitting(cfg: ModelConfig, gguf: bool = False) -> Family:
     said = " | ".join(f"{where}: {'; '.join(problems)}" for where, problems in reasons)
     raise PocketError(f"cannot export to {'GGUF' if gguf else 'Hugging Face'}: no architecture family can hold "
                       f"this model ({said})")
+
+
+def export_note(cfg: ModelConfig) -> str | None:
+    """What a finished run says when its model cannot leave pocketgpt whole (None: it exports to Hugging
+    Face and GGUF alike): the first reason, and the way out a new run has."""
+    for gguf, where in ((False, "Hugging Face or GGUF"), (True, "GGUF")):
+        try:
+            fitting(cfg, gguf=gguf)
+        except PocketError as e:
+            hint = (" (--mlp swiglu, the presets' MLP, exports as Llama or Qwen3)" if cfg.mlp == "relu2" else "")
+            return f"note: this model cannot be exported to {where}: {str(e).split(': ', 1)[-1]}{hint}"
+    return None

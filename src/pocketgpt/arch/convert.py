@@ -53,12 +53,13 @@ def to_theirs(state: dict[str, torch.Tensor], fam: Family, cfg: ModelConfig, hf:
     return out
 
 
-def from_theirs(tensors: dict[str, torch.Tensor], fam: Family, cfg: ModelConfig, where: str
-                ) -> dict[str, torch.Tensor]:
-    """A family's checkpoint (its names, keys already through fam.hf_key) as our float32 state dict;
-    a tensor this config lacks must hold the value it stands for. Empties `tensors` as it goes, and
-    owns every tensor it returns: a tensor of a memory-mapped safetensors file kept as it is would
-    keep every page of the file read so far resident."""
+def from_theirs(tensors: dict[str, torch.Tensor], fam: Family, cfg: ModelConfig, where: str,
+                keep_bfloat16: bool = False) -> dict[str, torch.Tensor]:
+    """A family's checkpoint (its names, keys already through fam.hf_key) as our float32 state dict
+    (keep_bfloat16: its bfloat16 matrices stay bfloat16, for a LoRA base: lora.narrow_base); a tensor this
+    config lacks must hold the value it stands for. Empties `tensors` as it goes, and owns every tensor it
+    returns: a tensor of a memory-mapped safetensors file kept as it is would keep every page of the file
+    read so far resident."""
     table = fam.renames(cfg)
     needed = {n for r in table for n in r.theirs}
     extra = sorted(set(tensors) - needed - ({fam.hf_head} if cfg.tie_embeddings else set()))
@@ -78,7 +79,8 @@ def from_theirs(tensors: dict[str, torch.Tensor], fam: Family, cfg: ModelConfig,
             out[r.ours] = parts[0].t().float().contiguous()
         else:
             joined = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
-            out[r.ours] = joined.to(torch.float32, copy=True)
+            keep = keep_bfloat16 and joined.dtype == torch.bfloat16 and joined.dim() == 2
+            out[r.ours] = joined.to(joined.dtype if keep else torch.float32, copy=True)
     return out
 
 

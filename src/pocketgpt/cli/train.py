@@ -106,6 +106,11 @@ def cmd_train(args: argparse.Namespace, overrides: dict[str, str]) -> int:
         return 0
     say(f"done: {result.iters} iters in {result.seconds:.0f}s, best val loss {result.best_val_loss:.4f}; "
         f"weights in {out / 'model.safetensors'}")
+    from ..arch import export_note
+
+    note = export_note(done.cfg.model)
+    if note:
+        say(note)
     prompt = suggest_prompt(done.data_dir) or "\n"
     if done.cfg.run.sample_tokens:
         _print_final_sample(out, done.cfg.run.sample_tokens, done.cfg.run.seed)
