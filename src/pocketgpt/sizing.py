@@ -17,8 +17,9 @@ are the config's own: ModelConfig.param_count / flops_per_token).
      Tiny Shakespeare's 1M tokens needs dropout 0.2 to hold);
    - fits the memory cap by `estimate_memory_mb` at the chosen batch.
 3. Recipe: what bench/ablation.py measured best on a CPU: Muon on the block matrices, RoPE, RMSNorm,
-   ReLU², QK-norm, an untied head, zero-initialised projections and a WSD schedule whose decay ends
-   with the budget. Batch: ~2k tokens per step (bench: batch 24-48 at context 64), fewer when the
+   QK-norm, an untied head, zero-initialised projections and a WSD schedule whose decay ends with the
+   budget; and SwiGLU at 8/3 of the width where ablation.py measured ReLU² (bench/mlp_export.py: as
+   good or better at equal wall time, and Qwen3's MLP, so an auto run exports). Batch: ~2k tokens per step (bench: batch 24-48 at context 64), fewer when the
    budget would otherwise give under MIN_ITERS steps.
 """
 
