@@ -17,8 +17,9 @@ are the config's own: ModelConfig.param_count / flops_per_token).
      Tiny Shakespeare's 1M tokens needs dropout 0.2 to hold);
    - fits the memory cap by `estimate_memory_mb` at the chosen batch.
 3. Recipe: what bench/ablation.py measured best on a CPU: Muon on the block matrices, RoPE, RMSNorm,
-   ReLU², QK-norm, an untied head, zero-initialised projections and a WSD schedule whose decay ends
-   with the budget. Batch: ~2k tokens per step (bench: batch 24-48 at context 64), fewer when the
+   QK-norm, an untied head, zero-initialised projections and a WSD schedule whose decay ends with the
+   budget; and SwiGLU at 8/3 of the width where ablation.py measured ReLU² (bench/mlp_export.py: as
+   good or better at equal wall time, and Qwen3's MLP, so an auto run exports). Batch: ~2k tokens per step (bench: batch 24-48 at context 64), fewer when the
    budget would otherwise give under MIN_ITERS steps.
 """
 
@@ -172,11 +173,18 @@ def plan_auto(train_tokens: int, val_tokens: int, vocab_size: int, seconds: floa
     return _recipe(*best, train_tokens=train_tokens, seconds=seconds, memory_cap=memory_mb)
 
 
+def swiglu_width(n_embd: int) -> int:
+    """A SwiGLU hidden width with the parameters of a 4x ungated MLP: 8/3 of the width (Llama's rule),
+    to the nearest multiple of 32 (a whole number of SIMD lanes and cache lines)."""
+    return max(32, 32 * round(8 * n_embd / 3 / 32))
+
+
 def auto_model(n_layer: int, n_embd: int, block: int, vocab_size: int) -> ModelConfig:
-    """The model --preset auto trains at one rung of the ladder (what bench/ablation.py measured best)."""
+    """The model --preset auto trains at one rung of the ladder (what bench/ablation.py measured best,
+    with SwiGLU for the ReLU² it measured: Llama's and Qwen3's shape, so the run exports)."""
     return ModelConfig(vocab_size=vocab_size, block_size=block, n_layer=n_layer, n_head=_heads(n_embd),
-                       n_embd=n_embd, bias=False, pos_emb="rope", norm="rmsnorm", qk_norm=True, mlp="relu2",
-                       tie_embeddings=False, zero_init_proj=True)
+                       n_embd=n_embd, bias=False, pos_emb="rope", norm="rmsnorm", qk_norm=True, mlp="swiglu",
+                       mlp_width=swiglu_width(n_embd), tie_embeddings=False, zero_init_proj=True)
 
 
 def _recipe(n_layer: int, n_embd: int, block: int, batch: int, n: int, tokens: float, mem: float, *,
@@ -188,7 +196,7 @@ def _recipe(n_layer: int, n_embd: int, block: int, batch: int, n: int, tokens: f
         "n_layer": n_layer, "n_embd": n_embd, "n_head": m.n_head, "block_size": block,
         # many passes over a small corpus: a little dropout keeps val loss from turning up
         "dropout": 0.1 if epochs > 20 else 0.0, "bias": m.bias,
-        "pos_emb": m.pos_emb, "norm": m.norm, "qk_norm": m.qk_norm, "mlp": m.mlp, "tie_embeddings": m.tie_embeddings,
+        "pos_emb": m.pos_emb, "norm": m.norm, "qk_norm": m.qk_norm, "mlp": m.mlp, "mlp_width": m.mlp_width, "tie_embeddings": m.tie_embeddings,
         "zero_init_proj": m.zero_init_proj, "optimizer": "muon", "muon_lr": 0.02,
         # AdamW (embeddings, head) at the lr measured best at width 128, lower for wider models
         "learning_rate": 6e-3 * min(1.0, 128 / n_embd), "min_lr": 0.0, "schedule": "wsd",
@@ -201,6 +209,6 @@ def _recipe(n_layer: int, n_embd: int, block: int, batch: int, n: int, tokens: f
         f"{train_tokens:,} train tokens) -> {n:,} parameters ({n_layer} layers, width {n_embd}, context {block}), "
         f"batch {batch}, ~{mem:,.0f} MB of {memory_cap:,.0f} MB",
         f"auto: rule: the largest shape with >= {TOKENS_PER_PARAM} tokens per parameter in the budget, <= "
-        f"{MAX_PARAMS_PER_CORPUS_TOKEN} parameters per train token, within memory; Muon + rope/rmsnorm/relu2, WSD",
+        f"{MAX_PARAMS_PER_CORPUS_TOKEN} parameters per train token, within memory; Muon + rope/rmsnorm/swiglu, WSD",
     ]
     return AutoPlan(keys, n, tokens, mem, reasons)
