@@ -226,3 +226,22 @@ def test_a_loss_in_slices_is_the_whole_loss_with_the_same_gradients(monkeypatch,
         assert torch.allclose(p.grad, expected[n], atol=1e-6), n
     with torch.no_grad():  # an eval's forward: the same loss without the recomputation
         assert torch.allclose(model(idx, targets)[1], whole, atol=1e-6)
+
+
+def test_a_frozen_bfloat16_head_gives_the_float32_loss_whole_and_in_slices(monkeypatch):
+    import pocketgpt.sizing as sizing
+
+    model = make(block_size=16).train()
+    with torch.no_grad():  # bfloat16 values, as a LoRA base published in bfloat16 has
+        model.lm_head.weight.copy_(model.lm_head.weight.to(torch.bfloat16))
+    idx, targets = torch.randint(0, 23, (3, 16)), torch.randint(0, 23, (3, 16))
+    _, wide = model(idx, targets)
+    model.lm_head.weight.requires_grad_(False)
+    model.lm_head.weight.data = model.lm_head.weight.data.to(torch.bfloat16)  # tied: the embedding too
+    _, narrow = model(idx, targets)
+    monkeypatch.setattr(sizing, "LOSS_SLICE_BYTES", 7 * model.config.vocab_size * 4)
+    logits, sliced = model(idx, targets)
+    assert logits is None
+    sliced.backward()  # gradients reach the blocks through the widened head
+    assert model.transformer.h[0].mlp.c_fc.weight.grad is not None
+    assert torch.allclose(narrow, wide, atol=1e-6) and torch.allclose(sliced, wide, atol=1e-6)

@@ -550,7 +550,10 @@ class GPT(nn.Module):
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
-        x = self.transformer.wte(idx).float()  # (B, T, C); float32 also from a bfloat16 base (lora.narrow_base)
+        x = self.transformer.wte(idx)  # (B, T, C)
+        norms = self.transformer.ln_f.weight.dtype
+        if x.dtype != norms:  # a bfloat16 embedding in a float32 model (a LoRA base: lora.set_base_dtype)
+            x = x.to(norms)
         rope = None
         if "wpe" in self.transformer:
             x = x + self.transformer.wpe(torch.arange(T, device=idx.device))
@@ -585,6 +588,8 @@ def sliced_loss(x: torch.Tensor, head: torch.Tensor, targets: torch.Tensor) -> t
     from torch.utils.checkpoint import checkpoint
 
     rows = loss_slice_rows(x.size(0), head.size(0))
+    if head.dtype != x.dtype and not head.requires_grad and not torch.is_autocast_enabled(x.device.type):
+        head = head.to(x.dtype)  # a frozen bfloat16 head widened once for every slice and pass, not three times a slice
     total = x.new_zeros((), dtype=torch.float32)
     for i in range(0, x.size(0), rows):
         part = (x[i:i + rows], head, targets[i:i + rows])
