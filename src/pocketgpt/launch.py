@@ -317,7 +317,8 @@ def _launch_finetune(req: TrainRequest, overrides: dict[str, Any], out: Path,
     rundir.check_for_training(out, resume=False, overwrite=req.overwrite)
     say = echo or print
     lora_wanted = given.lora.enabled or req.preset == FINETUNE_LORA_PRESET
-    base = load_base(req.init_from or "", req.vocab, keep_bfloat16=lora_wanted and given.lora.lora_base_dtype != "float32")
+    keep_bfloat16 = lora_wanted and given.lora.lora_base_dtype != "float32"
+    base = load_base(req.init_from or "", req.vocab, keep_bfloat16=keep_bfloat16)
     cfg = finetune_config(req, overrides, base.model.config, say)
     lora_base_dtype(cfg, base.model, say)
     checked = plan.check_config(cfg, out, overwrite=req.overwrite, has_base=True)  # the folder was checked above

@@ -161,7 +161,9 @@ def merged_model(model: GPT) -> GPT:
         if k in merged:
             state[k] = merged[k]
         elif v.dtype == torch.bfloat16:
-            state[k] = wide.setdefault(v.data_ptr(), v.float()) if v.data_ptr() not in wide else wide[v.data_ptr()]
+            if v.data_ptr() not in wide:
+                wide[v.data_ptr()] = v.float()
+            state[k] = wide[v.data_ptr()]
         else:
             state[k] = v
     plain = gpt_around(model.config, state, dict(model.named_buffers()))
