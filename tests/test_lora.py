@@ -242,7 +242,8 @@ def test_refusals(char_base, data_dir, tmp_path, capsys):
                              ({"lora_targets": "attn,mpl"}, "unknown target 'mpl' \\(did you mean 'mlp'\\?\\)"),
                              ({"lora_rank": 32}, "not below the model's width \\(n_embd 32\\)"),
                              ({"lora_alpha": 0}, "lora_alpha must be positive"),
-                             ({"lora_dropout": 1}, "lora_dropout must be in")]:
+                             ({"lora_dropout": 1}, "lora_dropout must be in"),
+                             ({"lora_base_dtype": "bf16"}, "lora_base_dtype must be one of .*did you mean 'bfloat16'")]:
         with pytest.raises(PocketError, match=match):
             build_train_config(None, None, {**TINY, **LORA, **overrides})
     run = tmp_path / "run"
