@@ -121,3 +121,33 @@ def test_the_server_answers_a_failing_template_with_a_400_and_serves_on(chat_fol
         assert ok.status_code == 200 and ok.json()["choices"][0]["finish_reason"] in ("stop", "length")
     finally:
         served.close()
+
+
+def test_system_reset_and_exit_in_the_cli(capsys, monkeypatch, chat_folder):
+    """--system starts every conversation (a template that demands it refuses otherwise); /reset starts over
+    (a template refusing more than 3 messages would fail the third turn without it); /exit ends."""
+    with_template(chat_folder, "{% if messages[0]['role'] != 'system' %}{{ raise_exception('no system') }}{% endif %}"
+                               "{% if messages | length > 3 %}{{ raise_exception('too long') }}{% endif %}" + TEMPLATE)
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello\n/reset\nAgain\n/exit\nNever read\n"))
+    code, out, err = run_cli(capsys, "chat", "--model", str(chat_folder), "--max-new-tokens", "2", "--seed", "1",
+                             "--system", "Be brief.")
+    assert code == 0 and "error" not in err and out.count("(a new conversation)") == 1
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello\n"))
+    code, out, err = run_cli(capsys, "chat", "--model", str(chat_folder), "--max-new-tokens", "2")
+    assert "error: the model's chat template failed: no system" in err
+
+
+def test_a_long_conversation_loses_its_oldest_exchanges_whole(chat_folder):
+    from pocketgpt.chat import fit_conversation
+
+    tok = PretrainedTokenizer.from_folder(chat_folder, 512)
+    system = {"role": "system", "content": "Be brief."}
+    turns = [{"role": r, "content": f"{r} number {k} " * 3} for k in range(6) for r in ("user", "assistant")]
+    conversation = [system, *turns, {"role": "user", "content": "last"}]
+    whole = len(chat_prompt(tok, conversation).prompt)
+    kept, dropped = fit_conversation(tok, conversation, whole)
+    assert (kept, dropped) == (conversation, 0)
+    kept, dropped = fit_conversation(tok, conversation, whole - 1)
+    assert kept == [system, *turns[2:], conversation[-1]] and dropped == 2  # one exchange, the oldest
+    kept, dropped = fit_conversation(tok, conversation, 1)
+    assert kept == [system, conversation[-1]] and dropped == 12  # never the system turn or the question

@@ -32,7 +32,7 @@ from tqdm import tqdm
 from .config import TOKENIZERS, PrepareConfig, nearest
 from .data import DATA_FORMAT_VERSION, META, SPLITS, TOKENIZER, is_data_dir, split_path, token_dtype, write_header
 from .errors import PocketError
-from .files import raise_refused, swap_dir, temp_path, write_json
+from .files import raise_refused, write_dir, write_json
 from .tokenizer import (
     DEFAULT_BPE_VOCAB,
     MIN_BPE_VOCAB,
@@ -482,11 +482,8 @@ def prepare(cfg: PrepareConfig, tokenizer: Tokenizer | None = None) -> Path:
             "give more text or change --val-fraction"
         )
     tok = tokenizer or _build_tokenizer(cfg, sources, scan, n_train)
-    tmp = temp_path(out)
-    shutil.rmtree(tmp, ignore_errors=True)
-    kept = f"{out} is unchanged" if out.exists() else "no data folder was made"
-    try:
-        tmp.mkdir(parents=True)
+
+    def fill(tmp: Path) -> None:
         pieces = _mark_split(_corpus(sources, cfg.encoding, separator), n_train)
         if isinstance(tok, ByteLevelTokenizer):
             pieces = _aligned(pieces)
@@ -498,13 +495,8 @@ def prepare(cfg: PrepareConfig, tokenizer: Tokenizer | None = None) -> Path:
                 writer.write(piece)
         save_tokenizer(tok, tmp / TOKENIZER)
         write_json(tmp / META, _meta(cfg, tok, writer, scan, time.time() - started))
-        out.parent.mkdir(parents=True, exist_ok=True)
-        # the earlier folder waits under a name of its own until the new one is in place
-        swap_dir(tmp, out, out.with_name(f".{out.name}.old-{os.getpid()}"))
-    except BaseException as e:
-        raise_refused(e, out, cleanup=lambda: shutil.rmtree(tmp, ignore_errors=True),
-                      what=f"the data folder {out}", kept=kept, retry="run the command again")
-        raise
+
+    write_dir(out, fill, "data folder")
     return out
 
 

@@ -5,6 +5,11 @@ A data folder holds
   train.bin, val.bin   the two splits' token ids (split_path)
   tokenizer.json       the tokenizer that made them (TOKENIZER)
   meta.json            vocab size, dtype, per-split token and byte counts, sources (META, read_meta)
+A chat data folder (meta.json's "format": "chat", written by conversations.py) holds the conversations
+one after another in train.bin / val.bin, and beside each split
+  train.mask.bin       1 where the token is trained on (an assistant's answer), 0 for context
+  train.chats.json     each conversation's exchange ends (token offsets) and its source line
+packed into rows of the context when training opens it (pack_chats).
 and nothing else reads or writes them by hand: a fine-tune that renumbers a char vocabulary does it
 through remap_ids.
 
@@ -18,9 +23,9 @@ memory-mapped, so a corpus larger than RAM trains.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any, Iterator, Sequence
 
 import numpy as np
 
@@ -41,6 +46,20 @@ PREPARE_HINT = "run `pocketgpt prepare` to (re)create it"
 def split_path(data_dir: str | Path, split: str) -> Path:
     """A split's token file: DATA_DIR/train.bin or val.bin."""
     return Path(data_dir) / f"{split}.bin"
+
+
+def mask_path(data_dir: str | Path, split: str) -> Path:
+    """A chat split's loss mask: DATA_DIR/train.mask.bin (a token file of 0 and 1)."""
+    return Path(data_dir) / f"{split}.mask.bin"
+
+
+def chats_path(data_dir: str | Path, split: str) -> Path:
+    """A chat split's conversations (exchange ends and sources): DATA_DIR/train.chats.json."""
+    return Path(data_dir) / f"{split}.chats.json"
+
+
+def is_chat_data(meta: dict[str, Any]) -> bool:
+    return meta.get("format") == "chat"
 
 
 def is_data_dir(path: str | Path) -> bool:
@@ -176,8 +195,10 @@ class TrainData:
     vocab_size: int
     val_bytes_per_token: float
     tokenizer: Tokenizer
-    sampler: BatchSampler
-    eval_samplers: dict[str, BatchSampler]
+    sampler: "BatchSampler | ChatSampler"
+    eval_samplers: "dict[str, BatchSampler | ChatSampler]"
+    notes: list[str] = field(default_factory=list)  # what the plan says about the data (chat packing)
+    examples: list[dict[str, Any]] = field(default_factory=list)  # chat: held-out questions the evals answer
 
 
 def open_training_data(data_dir: str | Path, block_size: int, batch_size: int, seed: int,
@@ -189,6 +210,8 @@ def open_training_data(data_dir: str | Path, block_size: int, batch_size: int, s
     """
     data_dir = Path(data_dir)
     meta = read_meta(data_dir)
+    if is_chat_data(meta):
+        return open_chat_data(data_dir, meta, block_size, batch_size, seed, share)
     vocab_size = int(meta["vocab_size"])
     train, val = (_open_split(data_dir, split, vocab_size, block_size) for split in SPLITS)
     val_split = meta["splits"]["val"]
@@ -213,3 +236,148 @@ def _open_split(data_dir: Path, split: str, vocab_size: int, block_size: int) ->
             + (", or raise --val-fraction when preparing" if split == "val" else "")
         )
     return tokens
+
+
+# ---------------------------------------------------------------- chat data (conversations.py writes it)
+
+IGNORE = -100  # a target the loss does not count (F.cross_entropy's ignore_index, model.sliced_loss's)
+
+
+def write_chat_split(folder: Path, split: str, ids: Sequence[int], mask: Sequence[int], exchanges: list[list[int]],
+                     sources: list[str], vocab_size: int) -> None:
+    """A chat split: its token ids, the loss mask, and each conversation's exchange ends and source."""
+    write_tokens(split_path(folder, split), np.asarray(ids, dtype=np.int64), vocab_size)
+    write_tokens(mask_path(folder, split), np.asarray(mask, dtype=np.int64), 2)
+    write_json(chats_path(folder, split), {"exchanges": exchanges, "sources": sources})
+
+
+def write_chat_meta(folder: Path, tokenizer: Tokenizer, splits: dict[str, dict[str, int]],
+                    sources: list[dict[str, Any]], examples: list[dict[str, Any]], val_fraction: float,
+                    seconds: float) -> None:
+    """meta.json of a chat folder: a text folder's keys, "format": "chat", and the held-out examples."""
+    from .version import __version__
+
+    write_json(folder / META, {
+        "format_version": DATA_FORMAT_VERSION, "pocketgpt_version": __version__, "format": "chat",
+        "tokenizer": tokenizer.kind, "vocab_size": tokenizer.vocab_size,
+        "dtype": str(token_dtype(tokenizer.vocab_size)), "val_fraction": val_fraction, "splits": splits,
+        "sources": sources, "examples": examples, "prepare_seconds": round(seconds, 3)})
+
+
+def too_long(source: str, tokens: int, block_size: int) -> PocketError:
+    return PocketError(f"{source}: its first exchange is {tokens:,} tokens, more than the context of {block_size:,} "
+                       "+ 1; raise --block-size or shorten that conversation")
+
+
+@dataclass
+class Packed:
+    """A split's conversations packed into rows of the context + 1 tokens, none split between rows.
+
+    targets: the next token where it is trained on, IGNORE elsewhere (context, padding)."""
+
+    tokens: np.ndarray  # (rows, block_size + 1)
+    targets: np.ndarray  # (rows, block_size), the targets of tokens[:, :-1]
+    cut: int  # conversations cut at an exchange to fit the context
+    padding: float  # share of the rows' positions that hold no token
+
+    @property
+    def trained(self) -> int:
+        return int((self.targets != IGNORE).sum())
+
+
+def pack_chats(tokens: np.ndarray, mask: np.ndarray, exchanges: list[list[int]], sources: list[str],
+               block_size: int) -> Packed:
+    """Best-fit decreasing: the longest conversation first, each into the row it fills the most. One longer
+    than a row keeps its first exchanges that fit; one whose first exchange does not fit is refused."""
+    import bisect
+
+    row_len, pieces, start, cut = block_size + 1, [], 0, 0
+    for ends, source in zip(exchanges, sources):
+        fits = [e for e in ends if e <= row_len]
+        if not fits:
+            raise too_long(source, ends[0], block_size)
+        cut += fits[-1] < ends[-1]
+        pieces.append((start, fits[-1]))
+        start += ends[-1]
+    order = sorted(range(len(pieces)), key=lambda i: -pieces[i][1])
+    free: list[tuple[int, int]] = []  # (room left, row), sorted
+    placed: list[list[int]] = []  # each row's pieces
+    for i in order:
+        size = pieces[i][1]
+        at = bisect.bisect_left(free, (size, -1))
+        if at < len(free):
+            room, row = free.pop(at)
+        else:
+            room, row = row_len, len(placed)
+            placed.append([])
+        placed[row].append(i)
+        bisect.insort(free, (room - size, row))
+    rows = np.zeros((len(placed), row_len), dtype=np.int64)
+    keep = np.zeros((len(placed), row_len), dtype=bool)
+    for r, members in enumerate(placed):
+        at = 0
+        for i in members:
+            s, n = pieces[i]
+            rows[r, at:at + n] = tokens[s:s + n]
+            keep[r, at:at + n] = mask[s:s + n] != 0
+            at += n
+    targets = np.where(keep[:, 1:], rows[:, 1:], IGNORE)
+    used = sum(n for _, n in pieces)
+    return Packed(rows, targets, cut, 1.0 - used / max(rows.size, 1))
+
+
+class ChatSampler:
+    """Random packed rows, drawn as BatchSampler draws its windows: from (seed, step, micro) alone, each rank
+    its share of the global batch's rows."""
+
+    def __init__(self, packed: Packed, batch_size: int, seed: int, share: tuple[int, int] = (0, 1)):
+        self.packed, self.batch_size, self.seed = packed, batch_size, seed
+        rank, world = share
+        if batch_size % world:
+            raise ValueError(f"batch_size {batch_size} does not split over {world} ranks")
+        self.rows = batch_size // world
+        self._first = rank * self.rows
+
+    def batch(self, step: int, micro: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        rng = np.random.default_rng([self.seed, step, micro])
+        picked = rng.integers(0, len(self.packed.tokens), size=self.batch_size)[self._first:self._first + self.rows]
+        return self.packed.tokens[picked, :-1], self.packed.targets[picked]
+
+
+def chat_windows(packed: Packed) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Every packed row once (a whole-split eval of a chat split: only trained tokens are scored)."""
+    for tokens, targets in zip(packed.tokens, packed.targets):
+        yield tokens[:-1], targets
+
+
+def open_chat_split(data_dir: Path, split: str, block_size: int) -> tuple[np.ndarray, Packed]:
+    """A chat split's tokens as stored, and packed into rows of this context."""
+    tokens, _ = open_tokens(split_path(data_dir, split))
+    mask, _ = open_tokens(mask_path(data_dir, split))
+    chats = read_json(chats_path(data_dir, split), f"the {split} conversations")
+    if len(mask) != len(tokens) or sum(e[-1] for e in chats["exchanges"]) != len(tokens):
+        raise PocketError(f"the {split} split of {data_dir} does not match its conversations; {PREPARE_HINT}")
+    return tokens, pack_chats(np.asarray(tokens, dtype=np.int64), np.asarray(mask), chats["exchanges"],
+                              chats["sources"], block_size)
+
+
+def open_chat_data(data_dir: Path, meta: dict[str, Any], block_size: int, batch_size: int, seed: int,
+                   share: tuple[int, int]) -> TrainData:
+    """A chat data folder opened for training: both splits packed into rows of this context."""
+    (train_tokens, train), (val_tokens, val) = (open_chat_split(data_dir, split, block_size) for split in SPLITS)
+    tokenizer = load_tokenizer(data_dir / TOKENIZER)
+    scored = val.targets[val.targets != IGNORE]
+    notes = [f"chat: {meta['splits']['train']['conversations']:,} conversations in {len(train.tokens):,} rows of "
+             f"{block_size + 1} tokens, {train.trained:,} answer tokens trained on, padding {train.padding:.1%}"]
+    for split, packed in (("train", train), ("val", val)):
+        if packed.cut:
+            notes.append(f"chat: {packed.cut:,} {split} conversation{'s' if packed.cut > 1 else ''} longer than the "
+                         f"context kept only the exchanges that fit ({block_size} tokens; --block-size to change)")
+    return TrainData(
+        train_tokens=train_tokens, val_tokens=val_tokens, vocab_size=int(meta["vocab_size"]),
+        val_bytes_per_token=float(tokenizer.token_bytes()[scored].sum()) / max(len(scored), 1),
+        tokenizer=tokenizer,
+        sampler=ChatSampler(train, batch_size, seed, share),
+        eval_samplers={"train": ChatSampler(train, batch_size, seed + EVAL_SEED_OFFSET),
+                       "val": ChatSampler(val, batch_size, seed + EVAL_SEED_OFFSET)},
+        notes=notes, examples=list(meta.get("examples", [])))

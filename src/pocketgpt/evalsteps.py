@@ -13,7 +13,7 @@ same sums (the run state stays equal everywhere); the steps, which write files, 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -47,6 +47,8 @@ class EvalContext:
     tokenizer: Tokenizer
     save_last: Callable[[], None]
     stop_requested: bool = False
+    # chat data: held-out questions ({"messages", "reference"}) the sample step answers instead
+    examples: list[dict[str, Any]] = field(default_factory=list)
 
 
 def record(state: RunState, losses: dict[str, float], val_bytes_per_token: float) -> EvalResult:
@@ -102,6 +104,8 @@ def write_sample(ctx: EvalContext, ev: EvalResult) -> None:
     n = ctx.cfg.run.eval_sample_tokens
     if not n:
         return
+    if ctx.examples:
+        return write_answers(ctx, ev, n)
     from .engine import Engine
     from .sampling import SamplingSettings
 
@@ -120,6 +124,32 @@ def write_sample(ctx: EvalContext, ev: EvalResult) -> None:
         f.write(f"=== iter {ev.iter} (val loss {ev.val_loss:.4f}) ===\n{text}\n\n")
     shown = text.strip().splitlines()[:4]
     ctx.log.say("sample: " + " / ".join(line.strip() for line in shown if line.strip())[:160])
+
+
+def write_answers(ctx: EvalContext, ev: EvalResult, n: int) -> None:
+    """A chat run's sample: its greedy answers to a few held-out questions, beside the reference answers
+    (samples.txt keeps every eval's; the report shows the last)."""
+    from .chat import chat_prompt
+    from .engine import Engine
+    from .sampling import SamplingSettings
+
+    stop = getattr(ctx.tokenizer, "stop_ids", None) or []
+    blocks = []
+    try:
+        engine = Engine(ctx.model, decode_dtype="float32")
+        for example in ctx.examples:
+            prompt = chat_prompt(ctx.tokenizer, example["messages"]).prompt
+            ids = prompt if isinstance(prompt, list) else ctx.tokenizer.encode(prompt)
+            settings = SamplingSettings(max_new_tokens=n, temperature=0.0, seed=ctx.cfg.run.seed)
+            answer = ctx.tokenizer.decode(engine.generate(ids, settings, stop_token_ids=stop)[0]).strip()
+            blocks.append((example["messages"][-1]["content"], answer, example["reference"]))
+    finally:
+        ctx.model.train()
+    with ckpt.disk_errors(ctx.out, f"samples ({SAMPLES})"), open(ctx.out / SAMPLES, "a", encoding="utf-8") as f:
+        f.write(f"=== iter {ev.iter} (val loss {ev.val_loss:.4f}) ===\n")
+        f.writelines(f"question: {q}\nanswer: {a}\nreference: {r}\n\n" for q, a, r in blocks)
+    question, answer, reference = blocks[0]
+    ctx.log.say(f"answer: {' '.join(answer.split())[:100]!r} (reference: {' '.join(reference.split())[:60]!r})")
 
 
 def save_last(ctx: EvalContext, ev: EvalResult) -> None:

@@ -235,6 +235,24 @@ def swap_dir(tmp: Path, target: Path, old: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def write_dir(out: Path, fill: Callable[[Path], None], what: str) -> None:
+    """A folder written whole: fill(tmp) builds it aside, then it takes out's place (swap_dir). A failure or a
+    kill leaves out as it was; a refused write says so in one line (raise_refused)."""
+    tmp = temp_path(out)
+    shutil.rmtree(tmp, ignore_errors=True)
+    kept = f"{out} is unchanged" if out.exists() else f"no {what} was made"
+    try:
+        tmp.mkdir(parents=True)
+        fill(tmp)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        # the earlier folder waits under a name of its own until the new one is in place
+        swap_dir(tmp, out, out.with_name(f".{out.name}.old-{os.getpid()}"))
+    except BaseException as e:
+        raise_refused(e, out, cleanup=lambda: shutil.rmtree(tmp, ignore_errors=True), what=f"the {what} {out}",
+                      kept=kept, retry="run the command again")
+        raise
+
+
 def export_dir(out: Path, overwrite: bool, files: tuple[str, ...]) -> Path:
     """An export's folder, made ready: new or empty, or with --overwrite cleared of `files` (only what the
     export writes, so nothing stale outlives it and nothing else is touched); a one-line refusal otherwise."""

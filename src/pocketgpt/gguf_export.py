@@ -63,7 +63,7 @@ def check_gguf_exportable(cfg: "ModelConfig", tok: Tokenizer) -> None:
     if isinstance(tok, PretrainedTokenizer):
         if not sentencepiece_style(tok):
             pretrained_pre(tok)  # refuses what llama.cpp would split differently
-    elif not isinstance(tok, (ByteLevelTokenizer, CharTokenizer)):
+    elif not isinstance(getattr(tok, "base", tok), (ByteLevelTokenizer, CharTokenizer)):
         raise PocketError(f"cannot export a {tok.kind}-tokenizer model to GGUF; use --format hf")
     if tok.vocab_size > cfg.vocab_size:
         raise PocketError(f"the tokenizer has {tok.vocab_size} tokens but the model only {cfg.vocab_size}; "
@@ -252,18 +252,19 @@ CHAR_EOT = "<|endoftext|>"
 CHAR_MERGES = [f"{CHAR_EOT} {CHAR_EOT}"]
 
 
-def _add_char_tokenizer(w: Any, gguf: Any, tok: CharTokenizer) -> None:
-    """Each character as the stand-ins of its UTF-8 bytes (llama.cpp looks a character up whole), then
-    the end-of-text token the file adds; no merges to make, so each character stays one token."""
+def _add_char_tokenizer(w: Any, gguf: Any, tok: CharTokenizer, turns: tuple[str, ...] = ()) -> None:
+    """Each character as the stand-ins of its UTF-8 bytes (llama.cpp looks a character up whole), any turn
+    tokens, then the end-of-text token the file adds; no merges to make, so each character stays one token."""
     to_char = {b: c for c, b in byte_stand_ins().items()}
-    tokens = ["".join(to_char[b] for b in ch.encode("utf-8", "surrogatepass")) for ch in tok.chars] + [CHAR_EOT]
+    tokens = ["".join(to_char[b] for b in ch.encode("utf-8", "surrogatepass")) for ch in tok.chars]
+    end = len(tokens) + len(turns)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("gpt-2")
-    w.add_token_list(tokens)
-    w.add_token_types([gguf.TokenType.NORMAL] * len(tok.chars) + [gguf.TokenType.CONTROL])
+    w.add_token_list(tokens + list(turns) + [CHAR_EOT])
+    w.add_token_types([gguf.TokenType.NORMAL] * len(tok.chars) + [gguf.TokenType.CONTROL] * (len(turns) + 1))
     w.add_token_merges(CHAR_MERGES)
-    w.add_bos_token_id(len(tok.chars))
-    w.add_eos_token_id(len(tok.chars))
+    w.add_bos_token_id(end)
+    w.add_eos_token_id(end - 1 if turns else end)  # a chat model's turn ends at <|end|>
     w.add_add_bos_token(False)
     w.add_add_eos_token(False)
 
@@ -277,21 +278,24 @@ def _add_tokenizer(w: Any, gguf: Any, tok: Tokenizer, vocab_size: int) -> None:
     if isinstance(tok, PretrainedTokenizer):
         _add_pretrained_tokenizer(w, gguf, tok, vocab_size)
         return
-    if isinstance(tok, CharTokenizer):
-        _add_char_tokenizer(w, gguf, tok)
+    base, turns = getattr(tok, "base", tok), tuple(getattr(tok, "chat_tokens", ()))
+    if turns:  # pocketgpt's turn tokens and template (a run fine-tuned on conversations)
+        w.add_chat_template(tok.chat_template)
+    if isinstance(base, CharTokenizer):
+        _add_char_tokenizer(w, gguf, base, turns)
         return
-    assert isinstance(tok, ByteLevelTokenizer)  # check_gguf_exportable refuses the others
-    tokens = token_texts(tok)
-    types = [gguf.TokenType.CONTROL if i in tok.special.values() else gguf.TokenType.NORMAL
+    assert isinstance(base, ByteLevelTokenizer)  # check_gguf_exportable refuses the others
+    tokens = token_texts(base) + list(turns)
+    types = [gguf.TokenType.CONTROL if i in base.special.values() or i >= base.vocab_size else gguf.TokenType.NORMAL
              for i in range(len(tokens))]
     _pad(tokens, types, gguf, vocab_size)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("gpt-2")  # GPT-2's split, which both the gpt2 and the trained bpe kinds use
     w.add_token_list(tokens)
     w.add_token_types(types)
-    w.add_token_merges(bpe_merges(tok))
-    w.add_bos_token_id(tok.eot_id)
-    w.add_eos_token_id(tok.eot_id)
+    w.add_token_merges(bpe_merges(base))
+    w.add_bos_token_id(base.eot_id)
+    w.add_eos_token_id(tok.stop_ids[-1] if turns else base.eot_id)  # a chat model's turn ends at <|end|>
     # pocketgpt feeds a prompt's ids as they are: said outright, so no llama.cpp default puts <|endoftext|> first.
     w.add_add_bos_token(False)
     w.add_add_eos_token(False)
@@ -342,7 +346,7 @@ def _write(path: Path, model: "GPT", tok: Tokenizer, dtype: str, name: str, lice
     w.add_name(name)
     if license:
         w.add_license(license)
-    char = isinstance(tok, CharTokenizer)  # one more token and row: CHAR_EOT
+    char = isinstance(getattr(tok, "base", tok), CharTokenizer)  # one more token and row: CHAR_EOT
     for key, value in fam.gguf_keys(replace(cfg, vocab_size=cfg.vocab_size + char)).items():  # the family's order
         getattr(w, f"add_{key}")(value)
     w.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if dtype == "f16" else gguf.LlamaFileType.ALL_F32)
@@ -382,6 +386,8 @@ def export_gguf(model: "GPT", tok: Tokenizer, out: str | Path, dtype: str = DEFA
 # ---------------------------------------------------------------- Ollama
 
 OLLAMA_GGUF = "model.gguf"
+# chat.CHAT_TEMPLATE, written for Ollama (which turns only the templates it knows from GGUF into its own)
+OLLAMA_TURNS = ("{{- range .Messages }}<|{{ .Role }}|>{{ .Content }}<|end|>\n{{ end }}<|assistant|>")
 MODELFILE = "Modelfile"
 
 
@@ -391,9 +397,11 @@ def modelfile(tok: Tokenizer, temperature: float = 0.8) -> str:
     is, never wrapped in some chat format it has not seen. Generation stops at the end-of-text tokens."""
     lines = ["# written by pocketgpt; in this folder: ollama create NAME -f Modelfile, then ollama run NAME",
              f"FROM ./{OLLAMA_GGUF}"]
-    if not getattr(tok, "chat_template", None):
+    if getattr(tok, "chat_tokens", None):  # pocketgpt's own turns, in Ollama's template language
+        lines.append(f'TEMPLATE """{OLLAMA_TURNS}"""')
+    elif not getattr(tok, "chat_template", None):
         lines.append('TEMPLATE """{{ .Prompt }}"""')
-    ends = tok.stop_ids if isinstance(tok, PretrainedTokenizer) else [getattr(tok, "eot_id", None)]
+    ends = tok.stop_ids if hasattr(tok, "stop_ids") else [getattr(tok, "eot_id", None)]
     for i in ends:
         if i is not None:
             lines.append(f"PARAMETER stop {json.dumps(tok.decode([i]))}")

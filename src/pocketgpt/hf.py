@@ -308,6 +308,25 @@ def _char_tokenizer_files(out: Path, tok: Tokenizer, block_size: int) -> list[st
     return ["tokenizer.json", "tokenizer_config.json"]
 
 
+def _turn_token_files(out: Path, tok: Any) -> None:
+    """A run fine-tuned on conversations: pocketgpt's turn tokens after the exported tokenizer's ids (added
+    tokens, matched in any text as pocketgpt matches them; not "special", which these folders encode as plain
+    text) and the template, so transformers' apply_chat_template gives pocketgpt's ids."""
+    from .files import atomic_write_text, read_json, write_json
+
+    added = [{"id": tok.first + i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+              "normalized": False, "special": False} for i, t in enumerate(tok.chat_tokens)]
+    config = read_json(out / HF_TOKENIZER_CONFIG, "the exported tokenizer_config.json")
+    if (out / HF_TOKENIZER_FILE).is_file():  # char and bpe: a tokenizers JSON, which holds its added tokens
+        data = read_json(out / HF_TOKENIZER_FILE, "the exported tokenizer.json")
+        data["added_tokens"] = [*(data.get("added_tokens") or []), *added]
+        write_json(out / HF_TOKENIZER_FILE, data)
+    else:  # gpt2: vocab.json and merges.txt, the added tokens in the config
+        config["added_tokens_decoder"] = {str(a["id"]): {k: v for k, v in a.items() if k != "id"} for a in added}
+    write_json(out / HF_TOKENIZER_CONFIG, {**config, "chat_template": tok.chat_template})
+    atomic_write_text(out / HF_CHAT_TEMPLATE, tok.chat_template)
+
+
 def _pretrained_tokenizer_files(out: Path, tok: PretrainedTokenizer, block_size: int) -> list[str]:
     """A pretrained model's tokenizer goes back as it came: its tokenizer.json, its special tokens, its
     chat template (transformers 5's file beside the config, which older versions read from the config)."""
@@ -389,6 +408,10 @@ def export_hf(model: GPT, tok: Tokenizer, out: str | Path, overwrite: bool = Fal
         _char_tokenizer_files(out, tok, cfg.block_size)
     else:
         notes.append(f"the {tok.kind} tokenizer is not exported; the model is, so feed it pocketgpt's ids")
+    if getattr(tok, "chat_tokens", None) and tok.kind in ("gpt2", "bpe", "char"):
+        _turn_token_files(out, tok)
+        ends = tok.stop_ids
+        write_json(out / HF_GENERATION_CONFIG, {**generation, "eos_token_id": ends[0] if len(ends) == 1 else ends})
     exported = tok.kind in ("gpt2", "bpe", "char", "hf")
     params = sum(t.numel() for t in model.parameters())
     card = model_card(name or out.name, params, cfg, tok, stats or {}, exported, license, fam)

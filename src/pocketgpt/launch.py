@@ -49,6 +49,7 @@ class TrainRequest:
     # folder or hub name, a nanoGPT checkpoint); its shape and tokenizer are the run's
     init_from: str | None = None
     vocab: str | None = None  # --init-from a nanoGPT char checkpoint: its meta.pkl or original text, if not beside it
+    data_format: str = "auto"  # chat: the inputs are conversations (JSONL); text; auto: chat for .jsonl inputs
 
 
 @dataclass
@@ -90,8 +91,12 @@ def launch(req: TrainRequest, echo: Callable[[str], None] | None = None) -> Laun
         checked = plan.check_config(cfg, out, resume=True, has_base=True)  # the folder was checked just above
         data_dir = Path(req.data) if req.data else rundir.data_dir_of(out, raw)
         return _launched(_train(checked, data_dir, req, echo), out, data_dir)
+    chats = is_chat(req)
     if req.init_from is not None:
-        return _launch_finetune(req, overrides, out, echo)
+        return _launch_finetune(req, overrides, out, echo, chats)
+    if chats:
+        raise PocketError("conversations fine-tune a model: add --init-from MODEL (a run trained on text, or a "
+                          "pretrained model), or --data-format text to train on the file as plain text")
     if req.vocab is not None:
         raise PocketError("--vocab names a nanoGPT char checkpoint's vocabulary; it goes with --init-from CKPT")
     auto = req.preset == "auto"
@@ -301,8 +306,33 @@ def _renumber_chars(data_dir: Path, base_tok: "Tokenizer") -> None:
     remap_ids(data_dir, np.asarray(base_tok.encode("".join(own.chars)), dtype=np.int64), base_tok)
 
 
+DATA_FORMATS = ("auto", "chat", "text")
+
+
+def is_chat(req: TrainRequest) -> bool:
+    """Whether the inputs are conversations: --data-format, or auto: every input a .jsonl file or a folder of them."""
+    from .config import nearest
+    from .conversations import is_chat_path
+
+    if req.data_format not in DATA_FORMATS:
+        raise PocketError(f"unknown --data-format '{req.data_format}'{nearest(req.data_format, DATA_FORMATS)}; "
+                          f"choose from {', '.join(DATA_FORMATS)}")
+    if req.data_format == "text" or not req.inputs:
+        if req.data_format == "chat":
+            raise PocketError("--data-format chat reads conversation files (.jsonl); give them as INPUT")
+        return False
+    chat = [is_chat_path(Path(item).expanduser()) for item in req.inputs]
+    if req.data_format == "chat" and not all(chat):
+        bad = req.inputs[chat.index(False)]
+        raise PocketError(f"--data-format chat: {bad} is not a .jsonl file of conversations (or a folder of them)")
+    if any(chat) and not all(chat):
+        raise PocketError(f"{req.inputs[chat.index(True)]} holds conversations and {req.inputs[chat.index(False)]} "
+                          "text; train on one kind at a time (or --data-format text for all as text)")
+    return all(chat)
+
+
 def _launch_finetune(req: TrainRequest, overrides: dict[str, Any], out: Path,
-                     echo: Callable[[str], None] | None) -> Launched:
+                     echo: Callable[[str], None] | None, chats: bool = False) -> Launched:
     """A new run from a pretrained model: its shape and tokenizer, the finetune preset, init_from recorded."""
     from . import distributed, plan
 
@@ -316,9 +346,12 @@ def _launch_finetune(req: TrainRequest, overrides: dict[str, Any], out: Path,
     check_lora(given, has_base=True)  # bad keys (and LoRA with Muon) fail before the base loads
     rundir.check_for_training(out, resume=False, overwrite=req.overwrite)
     say = echo or print
+    conversations = _read_chats(req) if chats else None  # a bad line fails here, before anything loads
     lora_wanted = given.lora.enabled or req.preset == FINETUNE_LORA_PRESET
     keep_bfloat16 = lora_wanted and given.lora.lora_base_dtype != "float32"
     base = load_base(req.init_from or "", req.vocab, keep_bfloat16=keep_bfloat16)
+    if conversations is not None and not getattr(base.tokenizer, "chat_template", None):
+        base = with_turn_tokens(base, lora_wanted, say)
     cfg = finetune_config(req, overrides, base.model.config, say)
     lora_base_dtype(cfg, base.model, say)
     checked = plan.check_config(cfg, out, overwrite=req.overwrite, has_base=True)  # the folder was checked above
@@ -328,6 +361,10 @@ def _launch_finetune(req: TrainRequest, overrides: dict[str, Any], out: Path,
         if req.data:
             check_data_tokenizer(Path(req.data), base)
             return Path(req.data)
+        if conversations is not None:
+            from .conversations import prepare_chat
+
+            return prepare_chat(conversations, out / rundir.DATA, base.tokenizer, cfg.model.block_size, say)
         return prepare_for_base(req, out, base)
 
     with distributed.session(checked.runtime.device) as group, contextlib.ExitStack() as held:
@@ -335,6 +372,31 @@ def _launch_finetune(req: TrainRequest, overrides: dict[str, Any], out: Path,
         # config.json says what the run was fine-tuned from from its first write on (report, info, resume)
         result = _train(checked, data_dir, req, echo, initial_model=base.model, record={"init_from": base.record})
         return _launched(result, out, data_dir)
+
+
+def with_turn_tokens(base: Base, lora: bool, say: Callable[[str], None]) -> Base:
+    """A base without a chat template, made ready for conversations: pocketgpt's turn tokens after its ids
+    (their embedding rows the mean of the others) and pocketgpt's template, saved with the run."""
+    from .chat import CHAT_TOKENS, with_chat_tokens
+
+    if lora:
+        raise PocketError("this model has no chat template, so pocketgpt adds its own turn tokens, whose embedding "
+                          "rows must learn: fine-tune it in full (drop --lora-rank), or start from a model that "
+                          "brings a template")
+    tokenizer = with_chat_tokens(base.tokenizer)
+    say(f"chat: the model has no chat template; pocketgpt's turn tokens {' '.join(CHAT_TOKENS)} are added after its "
+        f"{base.tokenizer.vocab_size:,} ids (embedding rows starting as the mean of the others) and its template is "
+        "saved with the run")
+    return Base(base.model.with_vocab(tokenizer.vocab_size), tokenizer, base.record)
+
+
+def _read_chats(req: TrainRequest) -> Any:
+    from .conversations import read_inputs
+
+    if req.prepare.tokenizer != "char" or req.prepare.vocab_size:
+        raise PocketError("--tokenizer/--vocab-size: conversations are encoded with the model's own tokenizer; "
+                          "drop them")
+    return read_inputs(req.inputs, req.prepare.val_fraction)
 
 
 def _launched(result: "TrainResult", out: Path, data_dir: Path) -> Launched:

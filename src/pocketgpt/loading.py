@@ -111,6 +111,22 @@ class LoadedModel:
         """num_samples texts, generated as one batch, each the prompt plus its continuation."""
         return [prompt + c.text for c in self.complete(prompt, settings, on_step, **changes)]
 
+    def chat(self, messages: list[dict[str, str]], settings: SamplingSettings | int | None = None,
+             **changes: Any) -> str:
+        """The reply to a conversation ([{"role", "content"}, ...]), through the model's chat template (or the
+        transcript for a model without one); it ends at the end of the turn."""
+        return "".join(self.chat_stream(messages, settings, **changes))
+
+    def chat_stream(self, messages: list[dict[str, str]], settings: SamplingSettings | int | None = None,
+                    **changes: Any) -> Iterator[str]:
+        """The reply to a conversation, piece by piece as it is generated."""
+        from .chat import chat_prompt
+
+        made = chat_prompt(self.tokenizer, messages)
+        resolved = as_settings(settings, **changes)
+        stream = self.text_stream(made.prompt, resolved.replace(stop=resolved.stop + made.stop, num_samples=1))
+        return (pieces[0] for pieces in stream if pieces[0])
+
     @torch.inference_mode()
     def logits(self, ids: list[int] | torch.Tensor) -> torch.Tensor:
         """Next-token logits at every position: (len(ids), vocab_size), float32, on CPU."""
@@ -129,7 +145,8 @@ def _start_tokens(tokenizer: Tokenizer, start: Callable[..., TokenStream], promp
     """prompt's generation, started by start (Engine.start, or DecodeBatch.start to join a batch)."""
     ids = prompt_ids(tokenizer, prompt) if isinstance(prompt, str) else _checked_ids(prompt, tokenizer.vocab_size)
     # a pretrained model's own tokenizer always ends at its end of sequence, as transformers' generate does
-    stops = settings.stop_at_eos or tokenizer.kind == "hf"
+    # and a model fine-tuned on conversations with pocketgpt's turn tokens at the end of its turn
+    stops = settings.stop_at_eos or tokenizer.kind == "hf" or hasattr(tokenizer, "chat_tokens")
     return start(ids, settings, end_ids(tokenizer) if stops else [])
 
 

@@ -27,7 +27,7 @@ once, here, and both call them.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -506,6 +506,16 @@ class GPT(nn.Module):
         if cfg.pos_emb == "rope":  # derived, in no state dict: computed, not left on the meta device
             model.rope_cos, model.rope_sin = rope_tables(cfg)
         return model
+
+    def with_vocab(self, vocab_size: int) -> "GPT":
+        """This GPT with rows added to its embedding (and an untied head) for new token ids, each the mean
+        of the existing rows: every existing id's embedding and logit stay as they were."""
+        state = {k: v.detach() for k, v in self.state_dict().items()}
+        extra = vocab_size - self.config.vocab_size
+        for name in ("transformer.wte.weight", "lm_head.weight"):
+            rows = state[name]
+            state[name] = torch.cat([rows, rows.mean(dim=0, keepdim=True).expand(extra, -1)])
+        return GPT.from_state(replace(self.config, vocab_size=vocab_size), state)
 
     def cropped_state(self, block_size: int) -> dict[str, torch.Tensor]:
         """The state dict for a GPT of a shorter context: a learned position table keeps its first rows

@@ -426,6 +426,11 @@ class PretrainedTokenizer:
     def encode_array(self, text: str) -> np.ndarray:
         return np.asarray(self.encode(text), dtype=np.int64)
 
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[int]]:
+        """The ids of text and the character each token starts at (conversations.py marks answers by them)."""
+        found = self._hf.encode(_clean_surrogates(text), add_special_tokens=False)
+        return found.ids, [start for start, _ in found.offsets]
+
     def encode_prompt(self, text: str) -> list[int]:
         """A prompt's ids as transformers' tokenizer(prompt) gives them: with the tokenizer's own prefix."""
         return self.prompt_prefix + self.encode(text)
@@ -479,6 +484,14 @@ def _optional_json(path: Path) -> dict[str, Any]:
 
 
 def tokenizer_from_dict(d: dict[str, Any]) -> Tokenizer:
+    chat = d.get("chat")
+    if chat is not None:
+        if not isinstance(chat, dict) or not isinstance(chat.get("template"), str) or not isinstance(chat.get("tokens"), list):
+            raise PocketError("tokenizer.json's 'chat' lacks its 'tokens' or 'template'")
+        from .chat import WithChatTokens
+
+        base = tokenizer_from_dict({k: v for k, v in d.items() if k != "chat"})
+        return WithChatTokens(base, chat["template"], tuple(chat["tokens"]))
     kind = d.get("kind")
     if d.get("format_version") != TOKENIZER_FORMAT_VERSION:
         raise PocketError(

@@ -250,7 +250,8 @@ class Trainer:
                     gathered: fsdp.Gathered | None = None) -> tuple[bool, float, float]:
         """Rank 0: (stop early?, the clock last/ was saved with, seconds since that save)."""
         ctx = evalsteps.EvalContext(self.out, self.cfg, self.state, self.log, self._eval_model(ev, gathered),
-                                    self.data.tokenizer, lambda: self._save_counted(gathered))  # _check_unread ran above
+                                    self.data.tokenizer, lambda: self._save_counted(gathered),  # _check_unread ran above
+                                    examples=self.data.examples)
         for eval_step in evalsteps.EVAL_STEPS:
             eval_step(ctx, ev)
         return (ctx.stop_requested, *self.clock.since_saved(self.state))
@@ -519,6 +520,8 @@ def _say_plan(trainer: Trainer, memory: MemoryEstimate) -> None:
     n_params = trainer.model.num_params() - cfg.lora.trainable_params(cfg.model)  # the GPT's own, without adapters
     say(f"model: {n_params:,} parameters | {runtime.describe()} | "
         f"data: {len(data.train_tokens):,} train / {len(data.val_tokens):,} val tokens")
+    for line in data.notes:
+        say(line)
     if trainer.group.enabled:
         sharded = trainer.net.sharded is not None
         how = f"FSDP2, each rank 1/{trainer.group.world_size} of the weights" if sharded else "DDP"

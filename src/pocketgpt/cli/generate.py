@@ -23,7 +23,10 @@ def add_sample(command: AddCommand) -> None:
 
 
 def add_chat(command: AddCommand) -> None:
-    add_sampling(command("chat", help="type prompts, watch continuations stream"), 200)
+    p = command("chat", help="talk to a model (one with a chat template keeps the conversation)")
+    add_sampling(p, 200)
+    p.add_argument("--system", metavar="TEXT", help="a system message that starts the conversation (a model with a "
+                                                    "chat template; /reset keeps it)")
 
 
 def add_sampling(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
@@ -109,25 +112,42 @@ def cmd_chat(args: argparse.Namespace) -> int:
     model = load(args.model, checkpoint=args.checkpoint, device=args.device, vocab=args.vocab)
     interactive = sys.stdin.isatty()
     # a model with a chat template hears the whole conversation each turn; one without continues each line
-    conversation: list[dict[str, str]] | None = [] if getattr(model.tokenizer, "chat_template", None) else None
+    has_template = bool(getattr(model.tokenizer, "chat_template", None))
+    if args.system is not None and not has_template:
+        raise PocketError("--system needs a model with a chat template (an instruct model, or a run fine-tuned on "
+                          "conversations); this one continues text")
+    start = [{"role": "system", "content": args.system}] if args.system else []
+    conversation: list[dict[str, str]] | None = list(start) if has_template else None
     if interactive:
-        what = "a message" if conversation is not None else "a prompt"
-        say(f"chatting with {args.model}: type {what} and press Enter; 'exit', 'quit' or Ctrl-D ends.")
+        what = "a message" if has_template else "a prompt"
+        extra = "; /reset starts over" if has_template else ""
+        say(f"chatting with {args.model}: type {what} and press Enter{extra}; /exit or Ctrl-D ends.")
+    trimmed = False
     while True:
         try:
             line = input("> " if interactive else "")
         except EOFError:
             break
-        if line.strip().lower() in ("exit", "quit"):
+        command = line.strip().lower()
+        if command in ("/exit", "exit", "quit"):
             break
+        if command == "/reset" and conversation is not None:
+            conversation = list(start)
+            say("(a new conversation)")
+            continue
         if not line.strip():
             continue
         try:
             if conversation is None:
                 print_stream(model, line, settings)
-            else:
-                conversation.append({"role": "user", "content": line})
-                conversation.append({"role": "assistant", "content": _reply(model, conversation, settings)})
+                continue
+            conversation.append({"role": "user", "content": line})
+            conversation, dropped = _fitted(model, conversation, settings)
+            if dropped and not trimmed:
+                trimmed = True
+                say(f"(the conversation outgrew the model's context of {model.block_size} tokens: its oldest turns "
+                    "are left out from here on)")
+            conversation.append({"role": "assistant", "content": _reply(model, conversation, settings)})
         except PocketError as e:  # a bad prompt should not end the conversation
             if conversation and conversation[-1]["role"] == "user":
                 conversation.pop()  # the turn that failed is not part of it
@@ -135,15 +155,19 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fitted(model: Any, conversation: list[dict[str, str]], settings: Any) -> tuple[list[dict[str, str]], int]:
+    """The conversation trimmed from its oldest exchange so the prompt leaves room for a reply."""
+    from ..chat import fit_conversation
+
+    room = model.block_size - min(settings.max_new_tokens, model.block_size // 2)
+    return fit_conversation(model.tokenizer, conversation, room)
+
+
 def _reply(model: Any, messages: list[dict[str, str]], settings: Any) -> str:
     """The model's reply to the conversation, streamed as it comes (its chat template makes the prompt)."""
-    from ..chat import chat_prompt
-
-    made = chat_prompt(model.tokenizer, messages)
     reply = []
-    for pieces in model.stream(made.prompt, settings.replace(stop=settings.stop + made.stop)):
-        if pieces[0]:
-            say(pieces[0], end="")
-            reply.append(pieces[0])
+    for piece in model.chat_stream(messages, settings):
+        say(piece, end="")
+        reply.append(piece)
     say()
     return "".join(reply)

@@ -32,7 +32,8 @@ def add_eval(command: AddCommand) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from ..evaluate import evaluate_tokens
+    from ..data import Packed, chat_windows
+    from ..evaluate import evaluate_tokens, evaluate_windows
     from ..loading import load
     from ..metrics import terminal_progress
     from ..runtime import resolve
@@ -58,10 +59,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         tokens, what = _split_tokens(args, model, "val"), "val split"
     if args.memorization:
+        if isinstance(tokens, Packed):
+            raise PocketError(f"--memorization measures how a model continues text; {args.model} was trained on "
+                              "conversations: give --file TEXT_FILE")
         return _memorization(args, model, tokens, what)
-    with terminal_progress(max(len(tokens) - 1, 0), "eval") as update:
-        result = evaluate_tokens(model.model, tokens, tok.token_bytes(), resolve(args.device, "float32"),
-                                 on_batch=update)
+    if isinstance(tokens, Packed):  # a chat run: its answers only, as training scored them
+        with terminal_progress(tokens.targets.size, "eval") as update:
+            result = evaluate_windows(model.model, chat_windows(tokens), tok.token_bytes(),
+                                      resolve(args.device, "float32"), on_batch=update)
+        what += " (the answers)"
+    else:
+        with terminal_progress(max(len(tokens) - 1, 0), "eval") as update:
+            result = evaluate_tokens(model.model, tokens, tok.token_bytes(), resolve(args.device, "float32"),
+                                     on_batch=update)
     if args.json:
         say(json.dumps(result))
     else:
@@ -89,7 +99,7 @@ def _memorization(args: argparse.Namespace, model: Any, tokens: Any, what: str) 
 
 
 def _split_tokens(args: argparse.Namespace, model: Any, split: str) -> Any:
-    from ..data import TOKENIZER, open_tokens, split_path
+    from ..data import TOKENIZER, is_chat_data, open_chat_split, open_tokens, read_meta, split_path
     from ..rundir import check_is_run, data_dir_of
     from ..tokenizer import load_tokenizer
 
@@ -102,6 +112,8 @@ def _split_tokens(args: argparse.Namespace, model: Any, split: str) -> Any:
             raise PocketError(f"{data_dir} was prepared with a different tokenizer than {args.model}")
     else:
         data_dir = data_dir_of(check_is_run(args.model))
+    if is_chat_data(read_meta(data_dir)):  # conversations, packed into rows of the model's context
+        return open_chat_split(data_dir, split, model.block_size)[1]
     tokens, _ = open_tokens(split_path(data_dir, split))
     return tokens
 

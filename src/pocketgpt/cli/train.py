@@ -42,6 +42,10 @@ def add_train(command: AddCommand) -> None:
                    help="fine-tune: start from this model (a run folder, a Hugging Face GPT-2 folder or hub name, "
                         "or a nanoGPT checkpoint); its shape and tokenizer are kept; default --preset finetune")
     add_vocab(p)
+    p.add_argument("--data-format", default="auto", metavar="auto|chat|text",
+                   help="chat: INPUT holds conversations (JSONL: messages, ShareGPT, prompt/completion or Alpaca "
+                        "lines), trained on the assistant's answers only, with --init-from a model that has a chat "
+                        "template; text: train on it as text; auto (default): chat for .jsonl inputs")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from last/")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     p.add_argument("--max-time", help="wall-clock budget: seconds or 90s / 10m / 2h; the schedule fits it")
@@ -96,7 +100,7 @@ def cmd_train(args: argparse.Namespace, overrides: dict[str, str]) -> int:
         inputs=list(args.inputs), data=args.data, out=args.out, preset=args.preset, config_file=args.config,
         overrides=overrides, resume=args.resume, overwrite=args.overwrite, max_time=args.max_time,
         max_memory=args.max_memory, prepare=prepare_config(args, ""), memory_check=not args.skip_memory_check,
-        init_from=args.init_from, vocab=args.vocab,
+        init_from=args.init_from, vocab=args.vocab, data_format=args.data_format,
     )
     done = launch(req)
     result, out = done.result, done.out
@@ -111,6 +115,11 @@ def cmd_train(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     note = export_note(done.cfg.model)
     if note:
         say(note)
+    from ..data import is_chat_data, read_meta
+
+    if is_chat_data(read_meta(done.data_dir)):  # it answers now: talk to it rather than continue text
+        say(f"more: pocketgpt chat --model {shlex.quote(str(out))}")
+        return 0
     prompt = suggest_prompt(done.data_dir) or "\n"
     if done.cfg.run.sample_tokens:
         _print_final_sample(out, done.cfg.run.sample_tokens, done.cfg.run.seed)
