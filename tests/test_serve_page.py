@@ -116,3 +116,50 @@ def test_page_streams_stops_and_keeps_history(browser, served, tmp_path):
     page.screenshot(path=str(tmp_path / "history.png"))
     assert not errors, errors
     page.close()
+
+
+def test_a_model_with_a_chat_template_opens_on_the_chat_view(browser, tmp_path):
+    """Turns kept and sent whole (the system prompt first), the reply streamed into its bubble, New chat
+    forgets the turns; the completion view is one click away."""
+    pytest.importorskip("transformers")
+    from test_chat import TEMPLATE, with_template
+    from test_pretrained_tokenizer import byte_level_tokenizer, llama_folder
+
+    served = Served(with_template(llama_folder(tmp_path / "m", byte_level_tokenizer(bos=True)), TEMPLATE))
+    page = browser.new_page(viewport={"width": 1100, "height": 760})
+    errors: list[str] = []
+    sent: list[dict] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("request", lambda r: sent.append(r.post_data_json) if r.url.endswith("/v1/chat/completions") else None)
+    try:
+        page.goto(served.url + "/")
+        page.wait_for_function("!document.getElementById('chat-view').hidden", timeout=WAIT_S * 1000)
+        assert page.is_hidden("#complete-view") and page.is_enabled("#mode-chat")
+        page.fill("#system", "Be brief.")
+        _set_range(page, "max_tokens", 8)
+        page.fill("#seed", "3")
+        for k, text in enumerate(["Hello there", "And again"]):
+            page.fill("#message", text)
+            page.press("#message", "Enter")
+            page.wait_for_function(f"document.getElementById('chat-status').textContent.startsWith('done') && "
+                                   f"document.querySelectorAll('.turn').length == {2 * (k + 1)}",
+                                   timeout=WAIT_S * 1000)
+        turns = page.evaluate("[...document.querySelectorAll('.turn')].map(t => [t.className, t.textContent])")
+        assert [c for c, _ in turns] == ["turn user", "turn assistant"] * 2 and turns[2][1] == "And again"
+        assert [m["role"] for m in sent[1]["messages"]] == ["system", "user", "assistant", "user"]
+        assert sent[1]["messages"][0]["content"] == "Be brief." and sent[1]["messages"][2]["content"] == turns[1][1]
+        assert sent[1]["stream"] is True and sent[1]["max_tokens"] == 8 and sent[1]["seed"] == 3
+        page.screenshot(path=str(tmp_path / "chat.png"))
+        page.click("#new-chat")
+        assert page.locator(".turn").count() == 0
+        page.fill("#message", "Fresh")
+        page.click("#send")
+        page.wait_for_function("document.getElementById('chat-status').textContent.startsWith('done')",
+                               timeout=WAIT_S * 1000)
+        assert [m["role"] for m in sent[2]["messages"]] == ["system", "user"]
+        page.click("#mode-complete")
+        assert page.is_visible("#prompt") and page.is_hidden("#chat-view")
+        assert not errors, errors
+    finally:
+        page.close()
+        served.close()

@@ -203,6 +203,7 @@ def model_card(model: LoadedModel, model_id: str) -> dict[str, Any]:
     return {"id": model_id, "object": "model", "created": int(run.stat().st_mtime) if run.exists() else 0, "owned_by": "pocketgpt",
             "parameters": model.model.num_params(), "context": model.block_size,
             "tokenizer": {"kind": model.tokenizer.kind, "vocab_size": model.tokenizer.vocab_size},
+            "chat_template": bool(getattr(model.tokenizer, "chat_template", None)),
             "iterations": stats.get("iters"), "best_val_loss": stats.get("best_val_loss"),
             "best_val_bpb": stats.get("best_val_bpb")}
 
