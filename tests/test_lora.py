@@ -16,7 +16,7 @@ from helpers import TINY, metrics, run_cli, tiny_config  # noqa: E402
 from pocketgpt import launch as launching  # noqa: E402
 from pocketgpt import lora, rundir  # noqa: E402
 from pocketgpt.checkpoint import load_weights, read_weights_metadata  # noqa: E402
-from pocketgpt.config import LoraConfig, OptimConfig, build_train_config, check_lora  # noqa: E402
+from pocketgpt.config import LoraConfig, ModelConfig, OptimConfig, build_train_config, check_lora  # noqa: E402
 from pocketgpt.errors import PocketError  # noqa: E402
 from pocketgpt.loading import load  # noqa: E402
 from pocketgpt.metrics import MetricsLog  # noqa: E402
@@ -297,3 +297,118 @@ def test_llama_and_qwen_target_names_pick_our_matrices_and_a_lone_part_is_refuse
         lora_modules("q_proj,v_proj")
     with pytest.raises(PocketError, match="gate_proj, up_proj are one matrix"):
         lora_modules("gate_proj,down_proj")
+
+
+# ---------------------------------------------------------------- the eval's merged weights, without a merged copy
+
+def adapted(base_dtype: str, tied: bool, qwen: bool = False) -> GPT:
+    """A small random model with random adapters (B off zero), its base narrowed to bfloat16 or kept float32;
+    qwen: rotary positions, RMSNorm, SwiGLU, grouped queries and QK-norm gains, the Qwen3 layout."""
+    torch.manual_seed(3)
+    family = dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=1, qk_norm=True, qk_norm_gains=True,
+                  bias=False) if qwen else {}
+    model = GPT(ModelConfig(vocab_size=37, block_size=24, n_layer=2, n_head=2, n_embd=16,
+                            tie_embeddings=tied, **family))
+    lora.add_adapters(model, LoraConfig(lora_rank=2, lora_alpha=4, lora_base_dtype=base_dtype,
+                                        lora_targets="attn,mlp"))  # c_proj of attention stays a plain matrix
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if lora.is_adapter(name):
+                p.normal_(0.0, 0.3)
+    return model
+
+
+def safetensors_parts(path: Path) -> tuple[dict, bytes, int]:
+    """A safetensors file as (its header, parsed; the data bytes; the header's length): safetensors writes the
+    metadata in a hash map's order, which may differ between processes; every other byte is fixed."""
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    return json.loads(raw[8:8 + n]), raw[8 + n:], n
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("base_dtype", ["bfloat16", "float32"])
+def test_the_streamed_best_weights_are_the_merged_models_file_byte_for_byte(tmp_path, base_dtype, tied):
+    from safetensors.torch import load_file
+
+    from pocketgpt.checkpoint import save_weights
+
+    model = adapted(base_dtype, tied)
+    assert (model.transformer.wte.weight.dtype == torch.bfloat16) == (base_dtype == "bfloat16")
+    meta = {"iter": "4", "val_loss": "1.234567", "format_version": "1"}
+    save_weights(lora.merged_model(model), tmp_path / "whole.safetensors", metadata=dict(meta))
+    lora.save_merged(model, tmp_path / "streamed.safetensors", meta)
+    assert safetensors_parts(tmp_path / "streamed.safetensors") == safetensors_parts(tmp_path / "whole.safetensors")
+    got, want = load_file(tmp_path / "streamed.safetensors"), lora.merged_model(model).state_dict()
+    assert set(got) | {"transformer.wte.weight"} == set(want) | {"transformer.wte.weight"}  # tied: stored once
+    assert all(t.dtype == torch.float32 and torch.equal(t, want[k]) for k, t in got.items())  # float32, as before
+    assert read_weights_metadata(tmp_path / "streamed.safetensors").items() >= meta.items()
+    assert not list(tmp_path.glob(".*tmp*"))  # written through a temp file, renamed
+
+
+def test_a_streamed_tensor_is_made_in_parts_only_when_written(tmp_path, monkeypatch):
+    from pocketgpt.checkpoint import save_weights
+
+    monkeypatch.setattr(lora, "WIDEN_ROWS", 5)  # the 37-row bfloat16 embedding widened 5 rows at a time
+    model = adapted("bfloat16", tied=True)
+    pending, ties = lora.merged_pending(model)
+    assert ties == {"transformer.wte.weight": "lm_head.weight"}  # the name safetensors' save_model keeps
+    parts = list(pending["lm_head.weight"].parts())
+    assert [len(p) for p in parts] == [5] * 7 + [2]
+    assert torch.equal(torch.cat(parts), model.lm_head.weight.float())
+    lora.save_merged(model, tmp_path / "a.safetensors", {})
+    whole = tmp_path / "b.safetensors"
+    save_weights(lora.merged_model(model), whole, metadata={})
+    assert safetensors_parts(tmp_path / "a.safetensors") == safetensors_parts(whole)
+
+
+@pytest.mark.parametrize("qwen", [False, True])
+@pytest.mark.parametrize("base_dtype", ["bfloat16", "float32"])
+def test_merged_on_read_samples_the_merged_models_ids(base_dtype, qwen):
+    from pocketgpt.engine import Engine
+    from pocketgpt.sampling import SamplingSettings
+
+    model = adapted(base_dtype, tied=not qwen, qwen=qwen)
+    merged, on_read = lora.merged_model(model), lora.MergedOnRead(model)
+    assert on_read.num_params() == merged.num_params()
+    settings = SamplingSettings(max_new_tokens=20, seed=5)
+    ids = [Engine(m, decode_dtype="float32").generate([1, 2, 3], settings)[0] for m in (merged, on_read)]
+    assert ids[0] == ids[1] and len(ids[0]) == 20
+    idx, logits = torch.tensor([[4, 5, 6, 7]]), []
+    with torch.inference_mode():
+        for m in (merged, on_read):
+            dec = Engine(m, decode_dtype="float32").decoder()
+            logits.append(dec.prefill(idx, dec.new_cache(1, torch.device("cpu"), 4), all_logits=True))
+    assert torch.equal(logits[0], logits[1])  # bit for bit: the very merged matrices, one block at a time
+    assert model.transformer.h[0].attn.c_attn.weight.dtype == (torch.bfloat16 if base_dtype == "bfloat16" else torch.float32)
+
+
+def test_sampling_model_merges_whole_only_below_the_peak_already_reached(monkeypatch):
+    from pocketgpt import runtime
+
+    model = adapted("bfloat16", tied=True)
+    need = lora.merged_bytes(model) / 2**20
+    own = {t.data_ptr() for t in model.state_dict().values()}
+    made = {t.data_ptr(): t.nbytes for t in lora.merged_model(model).state_dict().values() if t.data_ptr() not in own}
+    assert need * 2**20 == sum(made.values())  # the merged matrices and the widened embedding (tied: once)
+    monkeypatch.setattr(runtime, "process_memory_mb", lambda: (100.0, 100.0 + need))
+    assert isinstance(lora.sampling_model(model), GPT)
+    monkeypatch.setattr(runtime, "process_memory_mb", lambda: (100.0, 100.0 + need - 0.01))
+    assert isinstance(lora.sampling_model(model), lora.MergedOnRead)
+    monkeypatch.setattr(runtime, "process_memory_mb", lambda: None)
+    assert isinstance(lora.sampling_model(model), GPT)
+
+
+def test_a_lora_run_sampling_merged_on_read_writes_the_same_files(char_base, data_dir, tmp_path, monkeypatch):
+    from pocketgpt import runtime
+
+    kw = dict(max_iters=4, eval_interval=2, learning_rate=1e-2, warmup_iters=0, eval_sample_tokens=24)
+    train(lora_cfg(**kw), data_dir, tmp_path / "whole", initial_model=fresh(char_base), **QUIET)
+    monkeypatch.setattr(runtime, "process_memory_mb", lambda: (1e9, 0.0))  # no merged copy fits
+    monkeypatch.setattr(lora, "merged_model", None)  # and none is made
+    train(lora_cfg(**kw), data_dir, tmp_path / "on-read", initial_model=fresh(char_base), **QUIET)
+    a, b = tmp_path / "whole", tmp_path / "on-read"
+    assert (a / rundir.SAMPLES).read_text() == (b / rundir.SAMPLES).read_text()
+    for name in (rundir.BEST_WEIGHTS, rundir.ADAPTER, "last/model.safetensors"):
+        assert safetensors_parts(a / name) == safetensors_parts(b / name)
+    assert (tmp_path / "whole" / rundir.SAMPLES).read_text().count("=== iter") == 2

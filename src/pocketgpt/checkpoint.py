@@ -12,9 +12,12 @@ load with torch.load(weights_only=True).
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
+import struct
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterable, Iterator
 
 from .errors import PocketError
 from .files import (
@@ -102,6 +105,73 @@ def save_tensors(tensors: dict[str, "torch.Tensor"], path: Path, metadata: dict[
     from safetensors.torch import save_file
 
     atomic_write(path, lambda p: save_file(tensors, str(p), metadata=metadata), size=tensor_bytes(tensors))
+
+
+@dataclass(frozen=True)
+class Pending:
+    """A tensor save_streamed writes, made only when its bytes are due: dtype and shape say beforehand what
+    parts() will give, one or more contiguous row blocks that together are the tensor."""
+
+    dtype: "torch.dtype"
+    shape: tuple[int, ...]
+    parts: Callable[[], Iterable["torch.Tensor"]]
+
+
+# safetensors' dtype names, in the order its writer sorts by (widest-aligned first: its Dtype enum, reversed)
+_SAFETENSORS_DTYPES = ("U64", "I64", "F64", "F32", "U32", "I32", "BF16", "F16", "U16", "I16", "I8", "U8", "BOOL")
+
+
+def save_streamed(tensors: dict[str, Pending], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Named tensors as one safetensors file written a part at a time, so only the part being written is held
+    (a LoRA run's merged best weights: lora.save_merged). The file is the one save_file writes for the same
+    tensors, byte for byte but for the metadata's order (sorted here, a hash map's there): the header (8-byte
+    little-endian length, then JSON with the metadata and each tensor's dtype, shape and data offsets, padded
+    with spaces to 8 bytes), then the data in safetensors' order (dtype, then name). Atomic as every weights
+    file (files.atomic_write)."""
+    import torch
+
+    codes = {name: _safetensors_dtype(p.dtype) for name, p in tensors.items()}
+    order = sorted(tensors, key=lambda n: (_SAFETENSORS_DTYPES.index(codes[n]), n))
+    header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))} if metadata is not None else {}
+    start = 0
+    for name in order:
+        p = tensors[name]
+        size = torch.Size(p.shape).numel() * torch.empty((), dtype=p.dtype).element_size()
+        header[name] = {"dtype": codes[name], "shape": list(p.shape), "data_offsets": [start, start + size]}
+        start += size
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(text)) + text)
+            for name in order:
+                _write_parts(f, name, tensors[name])
+
+    atomic_write(path, write, size=start + len(text) + 8)
+
+
+def _safetensors_dtype(dtype: "torch.dtype") -> str:
+    import torch
+
+    names = {torch.float64: "F64", torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
+             torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+             torch.bool: "BOOL"}
+    return names[dtype]
+
+
+def _write_parts(f: BinaryIO, name: str, p: Pending) -> None:
+    """One tensor's bytes, part by part; a part that is not what the header said is a bug, never written."""
+    import torch
+
+    rows = 0
+    for part in p.parts():
+        if part.dtype != p.dtype or tuple(part.shape[1:]) != tuple(p.shape[1:]) or not part.is_contiguous():
+            raise ValueError(f"{name}: a part of {part.dtype} {tuple(part.shape)} for {p.dtype} {p.shape}")
+        rows += part.shape[0] if part.dim() else 1
+        f.write(part.detach().cpu().reshape(-1).view(torch.uint8).numpy().data)  # the tensor's own bytes (little-endian)
+    if rows != (p.shape[0] if p.shape else 1):
+        raise ValueError(f"{name}: {rows} rows written for the shape {p.shape}")
 
 
 def load_weights(model: "torch.nn.Module", path: Path) -> None:

@@ -31,7 +31,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .model import GPT, DecodeView, KVCache, LayerTensors, QKGains, repeat_kv
+from .model import GPT, DecodeView, KVCache, LayersOnRead, LayerTensors, QKGains, repeat_kv
 from .runtime import cpu_has_fast_bf16
 
 DECODE_DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -89,6 +89,11 @@ def _step_layer(layer: LayerTensors, dtype: torch.dtype) -> LayerTensors:
         return t.t() if k.endswith("_w") else t
 
     return replace(layer, **{k: cast(k) for k in _MATRICES})
+
+
+def _each(layers: Sequence[LayerTensors], fn: Callable[[LayerTensors], LayerTensors]) -> Sequence[LayerTensors]:
+    """fn over every layer: now for a list, as each layer is made for LayersOnRead (never all held)."""
+    return layers.map(fn) if isinstance(layers, LayersOnRead) else [fn(layer) for layer in layers]
 
 
 def _mm(x: torch.Tensor, wT: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
@@ -161,7 +166,7 @@ class Decoder:
         self.norm_f = view.norm_f
         self.layers = view.layers
         self.step_dtype = step_dtype or self.wte.dtype
-        self.step_layers = [_step_layer(layer, self.step_dtype) for layer in self.layers]
+        self.step_layers = _each(self.layers, lambda layer: _step_layer(layer, self.step_dtype))
         self.step_headT = self.head.to(self.step_dtype).t()
 
     def new_cache(self, batch_size: int, device: torch.device, positions: int | None = None) -> KVCache:
@@ -185,7 +190,7 @@ class Decoder:
             x = residual(x, h, layer.mlp_proj_w, layer.mlp_proj_b)
         return x
 
-    def _matmuls(self, step: bool) -> tuple[list[LayerTensors], MatMul, Residual]:
+    def _matmuls(self, step: bool) -> tuple[Sequence[LayerTensors], MatMul, Residual]:
         if step:
             return self.step_layers, _mm, _residual
         return self.layers, F.linear, _add_linear

@@ -43,10 +43,12 @@ class EvalContext:
     cfg: TrainConfig
     state: RunState
     log: MetricsLog
-    model: Any  # the raw GPT (never a compiled or distributed wrapper): what is saved and sampled
+    model: Any  # the raw GPT (never a compiled or distributed wrapper): what is sampled, and saved unless write_best
     tokenizer: Tokenizer
     save_last: Callable[[], None]
     stop_requested: bool = False
+    # writes the best weights (path, metadata) where model's own would not do: a LoRA run's, merged (lora.save_merged)
+    write_best: Callable[[Path, dict[str, str]], None] | None = None
     # chat data: held-out questions ({"messages", "reference"}) the sample step answers instead
     examples: list[dict[str, Any]] = field(default_factory=list)
 
@@ -65,9 +67,12 @@ def record(state: RunState, losses: dict[str, float], val_bytes_per_token: float
 def save_best(ctx: EvalContext, ev: EvalResult) -> None:
     if not ev.improved:
         return
+    metadata = {"iter": str(ev.iter), "val_loss": f"{ev.val_loss:.6f}", "format_version": "1"}
     with ckpt.disk_errors(ctx.out, f"best weights ({BEST_WEIGHTS})"):
-        ckpt.save_weights(ctx.model, ctx.out / BEST_WEIGHTS,
-                          metadata={"iter": str(ev.iter), "val_loss": f"{ev.val_loss:.6f}", "format_version": "1"})
+        if ctx.write_best is not None:
+            ctx.write_best(ctx.out / BEST_WEIGHTS, metadata)
+        else:
+            ckpt.save_weights(ctx.model, ctx.out / BEST_WEIGHTS, metadata=metadata)
 
 
 def log_eval(ctx: EvalContext, ev: EvalResult) -> None:

@@ -24,6 +24,12 @@ In the run folder (rundir.py):
   serve and info load it as any run's, at full decode speed (no adapter on the hot path);
 - adapter.safetensors is the best adapter alone (a few MB), with peft's tensor names less the
   base_model.model. prefix; config.json's [lora] section says rank, alpha and targets.
+
+An eval never needs the whole merged model in memory (float32: Qwen3-0.6B's 1.76 GB of merged block
+matrices and a 0.62 GB widened embedding, over a bfloat16 base of 1.2 GB): the best weights are streamed
+to their file a merged matrix at a time (save_merged), and the sample decodes through MergedOnRead,
+merging a block only while the decoder is in it, unless a merged copy fits under the memory the
+process has already used (sampling_model). Both give exactly what merged_model() would.
 """
 
 from __future__ import annotations
@@ -40,6 +46,8 @@ from .model import GPT, linear
 
 if TYPE_CHECKING:
     from . import arch
+    from .checkpoint import Pending
+    from .model import DecodeView, LayerTensors
 
 ADAPTER_PARTS = (".lora_A.", ".lora_B.")
 PEFT_PREFIX = "base_model.model."  # what PeftModelForCausalLM puts before the base model's own names
@@ -53,7 +61,7 @@ class LoRALinear(nn.Module):
 
     weight and bias are the wrapped layer's own Parameters (shared, not copied), so the state_dict
     keeps the base's names (…c_attn.weight) beside …c_attn.lora_A.weight and …lora_B.weight.
-    The engine's decode reads `.weight` alone: sample from merged_model(), never from this layer.
+    The engine's decode reads `.weight` alone: sample from sampling_model(), never from this layer.
     """
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float):
@@ -149,18 +157,15 @@ def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def merged_model(model: GPT) -> GPT:
     """A plain GPT computing what the LoRA model computes: targeted matrices merged (W + scale B A),
-    every other tensor shared with model (no copy). For sampling at full speed and for saving a
-    plain best checkpoint; model itself (base, adapters, optimizer's view of them) is not touched."""
-    merged = {f"{name}.weight": layer.merged_weight() for name, layer in lora_layers(model)}
-    # the rest of a bfloat16 base widened, each tensor once (a tied head is the embedding): the engine decodes float32
+    every other tensor shared with model (no copy). For sampling at full speed (sampling_model); the
+    best weights are written from model itself, a tensor at a time (save_merged), the same file.
+    model itself (base, adapters, optimizer's view of them) is not touched."""
     state: dict[str, torch.Tensor] = {}
     wide: dict[int, torch.Tensor] = {}
-    for k, v in model.state_dict().items():
-        if is_adapter(k):
-            continue
-        if k in merged:
-            state[k] = merged[k]
-        elif v.dtype == torch.bfloat16:
+    for k, (v, layer) in _plain_sources(model).items():
+        if layer is not None:
+            state[k] = layer.merged_weight()
+        elif v.dtype == torch.bfloat16:  # the engine decodes float32: widened, each tensor once (a tied head is the embedding)
             if v.data_ptr() not in wide:
                 wide[v.data_ptr()] = v.float()
             state[k] = wide[v.data_ptr()]
@@ -168,6 +173,132 @@ def merged_model(model: GPT) -> GPT:
             state[k] = v
     plain = gpt_around(model.config, state, dict(model.named_buffers()))
     return plain.requires_grad_(False).train(model.training)
+
+
+def _plain_sources(model: GPT) -> dict[str, tuple[torch.Tensor, "LoRALinear | None"]]:
+    """merged_model()'s state-dict names, each with the model's tensor it comes from and, for a targeted
+    matrix, its LoRALinear (whose merged_weight() it is)."""
+    targets = {f"{name}.weight": layer for name, layer in lora_layers(model)}
+    return {k: (v, targets.get(k)) for k, v in model.state_dict().items() if not is_adapter(k)}
+
+
+# rows of a bfloat16 tensor widened at a time while saving: 16 MB of float32 for a 1024-wide embedding
+WIDEN_ROWS = 4096
+
+
+def merged_pending(model: GPT) -> tuple[dict[str, "Pending"], dict[str, str]]:
+    """merged_model()'s tensors as checkpoint.Pending, made only when written, and safetensors' save_model
+    metadata for the tied names it drops (dropped -> kept: the first name in sorted order, as it keeps).
+    A merged matrix is made whole (one at a time); a widened bfloat16 one WIDEN_ROWS rows at a time."""
+    from .checkpoint import Pending
+
+    pending: dict[str, Pending] = {}
+    kept: dict[int, str] = {}
+    ties: dict[str, str] = {}
+    sources = _plain_sources(model)
+    for k in sorted(sources):
+        v, layer = sources[k]
+        if v.numel() and v.data_ptr() in kept:
+            ties[k] = kept[v.data_ptr()]
+            continue
+        kept[v.data_ptr()] = k
+        shape = tuple(v.shape)
+        if layer is not None:
+            dtype = torch.promote_types(v.dtype, layer.lora_A.weight.dtype)  # what merged_weight() gives
+            pending[k] = Pending(dtype, shape, lambda layer=layer: [layer.merged_weight()])
+        elif v.dtype == torch.bfloat16:
+            pending[k] = Pending(torch.float32, shape, lambda v=v: (v[i:i + WIDEN_ROWS].float()
+                                                                    for i in range(0, len(v), WIDEN_ROWS)))
+        else:
+            pending[k] = Pending(v.dtype, shape, lambda v=v: [v.detach().contiguous()])
+    return pending, ties
+
+
+def save_merged(model: GPT, path: Path, metadata: dict[str, str]) -> None:
+    """The merged best weights (what save_weights(merged_model(model)) writes, byte for byte) streamed: one
+    merged matrix or a slice of a widened one held at a time, never the whole merged model."""
+    from .checkpoint import save_streamed
+
+    pending, ties = merged_pending(model)
+    save_streamed(pending, path, {**ties, **metadata})  # save_model adds a tie's note unless metadata names it
+
+
+def merged_bytes(model: GPT) -> int:
+    """What merged_model(model) holds beyond model's own tensors: its merged and widened ones (float32)."""
+    pending, _ = merged_pending(model)
+    sources = _plain_sources(model)
+    new = [p for k, p in pending.items() if sources[k][1] is not None or sources[k][0].dtype == torch.bfloat16]
+    return sum(torch.Size(p.shape).numel() * torch.empty((), dtype=p.dtype).element_size() for p in new)
+
+
+def sampling_model(model: GPT) -> "GPT | MergedOnRead":
+    """What the eval's sample decodes: merged_model(model) when holding it keeps this process under the
+    peak it has reached already (the training's steps took that much), else MergedOnRead(model), which
+    gives the same ids holding one block's merged matrices at a time, merging every block again at each
+    forward. Where the process's memory cannot be read (not Linux), merged_model."""
+    from .runtime import process_memory_mb
+
+    memory = process_memory_mb()
+    if memory is None or memory[0] + merged_bytes(model) / 2**20 <= memory[1]:
+        return merged_model(model)
+    return MergedOnRead(model)
+
+
+class MergedOnRead:
+    """A LoRA model as the engine's float32 decoder reads merged_model()'s: the same tensors by role
+    (decode_view), each block's targeted matrices merged (W + scale B A, merged_weight(): the values
+    merged_model() holds) only when the decoder reaches that block and dropped after it, a bfloat16
+    embedding and head widened once. So a sample holds one block's merged matrices, not all of them
+    (Qwen3-0.6B: 63 MB, not 1.76 GB), and costs a merge of every block per forward (each decode step).
+    Only what the engine uses of a GPT is here; forward() is not (the training model's is the LoRA one)."""
+
+    def __init__(self, model: GPT):
+        self.model, self.config = model, model.config
+        # each block's LoRA layers by their base weight's storage: how a decode view's matrix is recognised
+        self._targets = [{layer.weight.data_ptr(): layer for _, layer in lora_layers(block)} for block in model.blocks]
+
+    def eval(self) -> "MergedOnRead":  # the decoder calls no module: the training model's mode is left alone
+        return self
+
+    def train(self, mode: bool = True) -> "MergedOnRead":
+        return self
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        return self.model.parameters()
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        return self.model.num_params(non_embedding) - trainable_params(self.model)
+
+    def decode_view(self) -> "DecodeView":
+        from dataclasses import replace
+
+        from .model import LayersOnRead
+
+        view = self.model.decode_view()
+        wte = _widened(view.wte)
+        head = wte if view.head.data_ptr() == view.wte.data_ptr() else _widened(view.head)
+        layers = LayersOnRead(len(view.layers), lambda i: self._merged_layer(i, view.layers[i]))
+        return replace(view, wte=wte, head=head, layers=layers, norm_f=_widened(view.norm_f),
+                       wpe=_widened(view.wpe))
+
+    def _merged_layer(self, i: int, layer: "LayerTensors") -> "LayerTensors":
+        from dataclasses import fields, replace
+
+        targets = self._targets[i]
+
+        def plain(t: object) -> object:
+            if isinstance(t, torch.Tensor) and t.data_ptr() in targets:
+                return targets[t.data_ptr()].merged_weight()
+            return _widened(t)
+
+        return replace(layer, **{f.name: plain(getattr(layer, f.name)) for f in fields(layer)})
+
+
+def _widened(t: object) -> object:
+    """A bfloat16 tensor as float32 (or each of a tuple's), as merged_model() holds it; anything else as it is."""
+    if isinstance(t, tuple):
+        return tuple(_widened(x) for x in t)
+    return t.float() if isinstance(t, torch.Tensor) and t.dtype == torch.bfloat16 else t
 
 
 def gpt_around(cfg: ModelConfig, state: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor]) -> GPT:

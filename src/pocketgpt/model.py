@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Callable
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -410,6 +410,29 @@ class LayerTensors:
     qk_gains: QKGains | None = None  # QK-norm's (q, k) gains (head_size,) each, if learned
 
 
+class LayersOnRead(Sequence[LayerTensors]):
+    """Layers made one at a time as a decoder reads them, each dropped once used: a view whose matrices
+    would not fit all at once (lora.MergedOnRead merges a block's adapters when it is reached)."""
+
+    def __init__(self, count: int, make: Callable[[int], LayerTensors]):
+        self.count, self.make = count, make
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, i: int) -> LayerTensors:  # type: ignore[override]  # no slices: one layer at a time
+        if not -self.count <= i < self.count:
+            raise IndexError(i)
+        return self.make(i % self.count)
+
+    def __iter__(self) -> Iterator[LayerTensors]:
+        return (self.make(i) for i in range(self.count))
+
+    def map(self, fn: Callable[[LayerTensors], LayerTensors]) -> "LayersOnRead":
+        """fn applied to each layer as it is made (a decoder's step copy of it)."""
+        return LayersOnRead(self.count, lambda i: fn(self.make(i)))
+
+
 @dataclass(frozen=True, eq=False)
 class DecodeView:
     """Everything needed to run this GPT without calling its modules (GPT.decode_view()).
@@ -426,7 +449,7 @@ class DecodeView:
     wte: torch.Tensor  # (V, C)
     wpe: torch.Tensor | None  # (block_size, C), learned positions; None with rotary ones
     rope: tuple[torch.Tensor, torch.Tensor] | None
-    layers: list[LayerTensors]
+    layers: Sequence[LayerTensors]  # a list, or LayersOnRead
     norm_f: tuple[torch.Tensor, torch.Tensor | None]
     head: torch.Tensor  # (V, C); the same tensor as wte when tied
     norm: NormFn

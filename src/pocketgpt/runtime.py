@@ -182,3 +182,13 @@ def machine_memory_mb() -> float:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
     except (ValueError, OSError, AttributeError):  # not POSIX: no figure, so no refusal
         return 0.0
+
+
+def process_memory_mb() -> tuple[float, float] | None:
+    """(resident now, the peak so far) of this process in MB, from /proc/self/status; None where there is none."""
+    try:
+        lines = Path("/proc/self/status").read_text().splitlines()
+    except OSError:
+        return None
+    kb = {k: int(v.split()[0]) for k, _, v in (line.partition(":") for line in lines) if k in ("VmRSS", "VmHWM")}
+    return (kb["VmRSS"] / 1024, kb["VmHWM"] / 1024) if len(kb) == 2 else None

@@ -15,6 +15,7 @@ The Trainer itself only steps, evaluates and keeps time.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import shutil
 import signal
@@ -33,7 +34,7 @@ from .data import TOKENIZER as DATA_TOKENIZER, TrainData, open_training_data, re
 from .distributed import Group
 from .errors import PocketError, TrainingDiverged
 from .files import atomic_write
-from .lora import describe, merged_model, save_adapter
+from .lora import describe, sampling_model, save_adapter, save_merged
 from .metrics import MetricsLog, SilentLog
 from .model import GPT
 from .optim import lr_at, make_optimizers, progress, set_lr
@@ -249,27 +250,30 @@ class Trainer:
     def _eval_steps(self, ev: evalsteps.EvalResult,
                     gathered: fsdp.Gathered | None = None) -> tuple[bool, float, float]:
         """Rank 0: (stop early?, the clock last/ was saved with, seconds since that save)."""
-        ctx = evalsteps.EvalContext(self.out, self.cfg, self.state, self.log, self._eval_model(ev, gathered),
-                                    self.data.tokenizer, lambda: self._save_counted(gathered),  # _check_unread ran above
+        model, write_best = self._eval_model(ev, gathered)
+        ctx = evalsteps.EvalContext(self.out, self.cfg, self.state, self.log, model, self.data.tokenizer,
+                                    lambda: self._save_counted(gathered), write_best=write_best,  # _check_unread ran above
                                     examples=self.data.examples)
         for eval_step in evalsteps.EVAL_STEPS:
             eval_step(ctx, ev)
         return (ctx.stop_requested, *self.clock.since_saved(self.state))
 
-    def _eval_model(self, ev: evalsteps.EvalResult, gathered: fsdp.Gathered | None = None) -> GPT:
-        """The model the eval steps save as best and sample from. With LoRA: a merged plain copy (its
-        targeted matrices new, the rest shared), so model.safetensors loads as any run's and the engine's
-        decode, which reads plain weights, sees the adapters; a new best adapter is saved first, beside it.
-        Under FSDP: rank 0's plain copy with the gathered full weights (fsdp.Gathered)."""
+    def _eval_model(self, ev: evalsteps.EvalResult, gathered: fsdp.Gathered | None = None
+                    ) -> tuple[Any, Callable[[Path, dict[str, str]], None] | None]:
+        """What the eval steps sample from, and how they write the best weights (None: that model's own).
+        With LoRA: the best weights merged (W + scale B A) and streamed from the training model a tensor at a
+        time, so model.safetensors loads as any run's; the sample from lora.sampling_model (a merged copy only
+        where it sets no new memory peak), as the engine's decode reads plain weights; a new best adapter is
+        saved first, beside them. Under FSDP: rank 0's plain copy with the gathered full weights (fsdp.Gathered)."""
         if gathered is not None and gathered.model is not None:
-            return gathered.model
+            return gathered.model, None
         if not self.lora:
-            return self.model
+            return self.model, None
         if ev.improved:
             with disk_errors(self.out, f"best adapter ({rundir.ADAPTER})"):
                 save_adapter(self.model, self.out / rundir.ADAPTER, self.cfg.lora,
                              {"iter": str(ev.iter), "val_loss": f"{ev.val_loss:.6f}", "format_version": "1"})
-        return merged_model(self.model)
+        return sampling_model(self.model), functools.partial(save_merged, self.model)
 
     # -- the loop -------------------------------------------------------------
     def run(self) -> RunState:
