@@ -58,6 +58,8 @@ def main() -> None:
     ap.add_argument("--sft", default="4m", help="fine-tuning budget (--max-time)")
     ap.add_argument("--lr", default="1e-3", help="fine-tuning learning rate")
     ap.add_argument("--block-size", default="256")
+    ap.add_argument("--base", type=Path, help="a pretrained run to fine-tune (skips the pretraining)")
+    ap.add_argument("--sft-flags", default="", help="more flags for the fine-tune, e.g. '--dropout 0'")
     ap.add_argument("--keep", type=Path, help="a folder to keep the runs in (default: a temporary one)")
     args = ap.parse_args()
     from shakespeare_chat import make
@@ -69,15 +71,15 @@ def main() -> None:
     chats.mkdir(exist_ok=True)
     for name, rows in (("train.jsonl", train), ("val.jsonl", val)):
         (chats / name).write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    pre, sft = work / "pre", work / "sft"
-    t_pre = run("train", "--out", str(pre), "--block-size", args.block_size, "--max-time", args.pretrain,
-                "--overwrite")
+    pre, sft = args.base or work / "pre", work / "sft"
+    t_pre = 0.0 if args.base else run("train", "--out", str(pre), "--block-size", args.block_size, "--max-time",
+                                      args.pretrain, "--overwrite")
     t_sft = run("train", str(chats / "train.jsonl"), "--init-from", str(pre), "--out", str(sft),
-                "--max-time", args.sft, "--learning-rate", args.lr, "--overwrite")
+                "--max-time", args.sft, "--learning-rate", args.lr, "--overwrite", *args.sft_flags.split())
     before, after = score(pre, val, 60), score(sft, val, 60)
     print(f"machine: {platform.processor() or platform.machine()}, {len(train):,} training / {len(val)} held-out "
           f"conversations; pretrain {args.pretrain} ({t_pre:.0f} s), fine-tune {args.sft} at lr {args.lr} "
-          f"({t_sft:.0f} s)")
+          f"({t_sft:.0f} s){' ' + args.sft_flags if args.sft_flags else ''}")
     print(f"pretrained val loss {best_val(pre):.4f}; fine-tuned masked val loss {best_val(sft):.4f}")
     print(f"{'exact match':14s}" + "".join(f"{k:>9s}" for k in after))
     for name, got in (("before", before), ("after", after)):

@@ -220,6 +220,10 @@ def test_a_long_declared_context_is_fine_tuned_at_a_laptops_length_unless_asked(
     assert asked.model.block_size == 4096
     gpt2_like = finetune_config(TrainRequest(), {}, ModelConfig(vocab_size=VOCAB, block_size=1024), said.append)
     assert gpt2_like.model.block_size == 1024
+    # another preset's recipe, the base's shape: demo's context (64), layers and width give way to the base's
+    demo = finetune_config(TrainRequest(preset="demo"), {}, base, said.append)
+    assert (demo.model.block_size, demo.model.n_layer, demo.model.n_embd) == (1024, 2, 32)
+    assert demo.optim.learning_rate == 6e-3
 
 
 # ---------------------------------------------------------------- GGUF and Ollama

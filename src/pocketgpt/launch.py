@@ -12,6 +12,7 @@ run must pass runs once, in plan.check, before anything is prepared.
 from __future__ import annotations
 
 import contextlib
+import copy
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -231,7 +232,8 @@ def finetune_config(req: TrainRequest, overrides: dict[str, Any], base: "ModelCo
             f"training; --block-size N to choose)")
     start = TrainConfig(model=replace(base, block_size=block))
     preset = req.preset or (FINETUNE_LORA_PRESET if given.lora.enabled else FINETUNE_PRESET)
-    cfg = build_train_config(preset, req.config_file, overrides, base=start)
+    # build_train_config fills in the config it is given: a copy, so `start` still holds the base's shape
+    cfg = build_train_config(preset, req.config_file, overrides, base=copy.deepcopy(start))
     for key in MODEL_SHAPE_KEYS:  # a preset's shape keys (say --preset demo) give way to the base model's
         setattr(cfg.model, key, getattr(start.model, key))
     return cfg
