@@ -40,6 +40,11 @@ def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
+def losses_by_iter(run_dir: Path, key: str = "loss") -> dict[int, float]:
+    """{iter: value} of every metrics record that has `key` (the train loss by default)."""
+    return {m["iter"]: m[key] for m in metrics(run_dir) if key in m}
+
+
 # ---------------------------------------------------------------- a CLI whose saves pause half-way
 
 # The real `pocketgpt` command, in its own process, with every last/ save wrapped from outside: after

@@ -11,11 +11,7 @@ from pocketgpt import rundir
 from pocketgpt.errors import PocketError, TrainingDiverged
 from pocketgpt.trainer import train
 
-from helpers import metrics, tiny_config
-
-
-def losses_by_iter(run_dir, key="loss"):
-    return {m["iter"]: m[key] for m in metrics(run_dir) if key in m}
+from helpers import losses_by_iter, metrics, tiny_config
 
 
 @pytest.mark.slow

@@ -207,7 +207,8 @@ class RunConfig:
     # torch.compile: "true", "false", or "auto" = measured in the run's first steps (autotune.py)
     compile: str = "auto"
     # CPU threads; 0 = this process's count, or half of it where the run's first steps measure that faster (CPU
-    # runs with >= 2 threads, no POCKETGPT_THREADS, and minutes of steps left; autotune.py)
+    # runs with >= 2 threads, no POCKETGPT_THREADS, and minutes of steps left; autotune.py), and fewer while other
+    # programs keep cores busy (cpuload.py); N = N threads, whatever the load
     threads: int = 0
     # keep only each block's input for the backward pass and run the block again there: activations of about
     # one layer instead of all, for one more forward pass a step (bench/lora_memory.py measures both)

@@ -6,6 +6,7 @@ Who does what around the loop:
   stepmodel.build_model     the raw GPT (fresh, or an initial model passed in; LoRA adapters added) and the
                             StepModel around it (DDP / FSDP, eager or compiled forward)
   autotune.AutoTune         compile and threads, timed on the run's first steps
+  cpuload.LoadWatch         fewer CPU threads while other programs keep cores busy (threads = 0)
   trainstate.Resumable      everything an exact resume saves and restores
   evalsteps.EVAL_STEPS      what each eval does (best weights, notes, early stop, sample, plots)
   rundir                    the run folder's layout, config and lock
@@ -27,7 +28,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from . import autotune, distributed, evalsteps, faults, fsdp, plan, rundir
+from . import autotune, cpuload, distributed, evalsteps, faults, fsdp, plan, rundir
 from .checkpoint import disk_errors
 from .config import RunConfig, TrainConfig
 from .data import TOKENIZER as DATA_TOKENIZER, TrainData, open_training_data, read_meta
@@ -70,6 +71,8 @@ class Trainer:
         self.bf16_attention, self.attention_note = choose_cpu_attention(self.model, cfg, runtime,
                                                                         self.group.world_size)
         self.step_hooks = faults.step_hooks(self.group.rank)  # each called as hook(iter, model) before a step
+        self.load: cpuload.LoadWatch | None = None  # set by run(): the thread count follows the load (cpuload.py)
+        self.ceiling = 0  # the process's thread count when run() began: the load's ceiling before autotune's
 
     @classmethod
     def create(cls, cfg: TrainConfig, data_dir: Path, out: Path, runtime: Runtime, log: MetricsLog,
@@ -285,6 +288,8 @@ class Trainer:
             # compile and threads as asked, or as the run's saved decisions, the cache or its first steps say
             self.tuner = autotune.for_run(self.net, self.cfg, self.state, self.runtime, self.group, self.log.say,
                                           self._steps_left, self.bf16_attention)
+            self.load = cpuload.for_run(r, self.runtime, self.group, threads)
+            self.ceiling = threads
             self.model.train()
             if self.runtime.is_cuda:
                 torch.cuda.reset_peak_memory_stats(self.runtime.device)
@@ -310,6 +315,7 @@ class Trainer:
             with self.tuner.step():
                 loss, grad_norm = self.step(s.iter, lr)
             s.compile, s.threads = self.tuner.compile, self.tuner.threads
+            self._follow_load()
             s.iter += 1
             s.tokens_seen += tokens_per_iter
             if not math.isnan(loss):
@@ -337,6 +343,17 @@ class Trainer:
         elif s.iter == 0:
             raise PocketError("nothing to train: max_iters is already reached")
         return s
+
+    def _follow_load(self) -> None:
+        """Between steps: the thread count as the machine's load asks (cpuload.py), at most autotune's choice or
+        the process's count; not while autotune times steps, nor on compiled code (inductor keeps the count
+        it compiled with). Not in RunState: it changes only the order floats are summed in."""
+        if self.load is None or self.tuner.measuring or self.net.compiled:
+            return
+        change = self.load.check(torch.get_num_threads(), self.tuner.threads or self.ceiling)
+        if change is not None:
+            torch.set_num_threads(change[0])
+            self.log.say(change[1])
 
     def _steps_left(self, step_s: float) -> float:
         """Steps this run has left at step_s seconds each: to max_iters, or to max_time if that comes first."""
