@@ -3,7 +3,7 @@ fine-tune it on examples/shakespeare_chat.py's conversations (loss on the answer
 on the held-out questions by exact match (greedy), per kind of question, with the masked val loss.
 
     python bench/chat_sft.py                                  # 5 min pretraining + 4 min fine-tuning
-    python bench/chat_sft.py --pretrain 10m --sft 5m --lr 1e-3 --keep runs/chat-bench
+    python bench/chat_sft.py --base runs/bard --sft-flags "--learning-rate 1e-3"   # the finetune preset instead
 
 The commands it runs are the README's worked example, as a user types them. The model before the
 fine-tune has no chat template, so it is asked through the role-line transcript ("user: ...\\nassistant:")
@@ -56,10 +56,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--pretrain", default="5m", help="pretraining budget (--max-time)")
     ap.add_argument("--sft", default="4m", help="fine-tuning budget (--max-time)")
-    ap.add_argument("--lr", default="1e-3", help="fine-tuning learning rate")
     ap.add_argument("--block-size", default="256")
     ap.add_argument("--base", type=Path, help="a pretrained run to fine-tune (skips the pretraining)")
-    ap.add_argument("--sft-flags", default="", help="more flags for the fine-tune, e.g. '--dropout 0'")
+    ap.add_argument("--sft-flags", default="--preset demo",
+                    help="the fine-tune's recipe (default '--preset demo': the base's own; '' for the finetune preset)")
     ap.add_argument("--keep", type=Path, help="a folder to keep the runs in (default: a temporary one)")
     args = ap.parse_args()
     from shakespeare_chat import make
@@ -75,11 +75,11 @@ def main() -> None:
     t_pre = 0.0 if args.base else run("train", "--out", str(pre), "--block-size", args.block_size, "--max-time",
                                       args.pretrain, "--overwrite")
     t_sft = run("train", str(chats / "train.jsonl"), "--init-from", str(pre), "--out", str(sft),
-                "--max-time", args.sft, "--learning-rate", args.lr, "--overwrite", *args.sft_flags.split())
+                "--max-time", args.sft, "--overwrite", *args.sft_flags.split())
     before, after = score(pre, val, 60), score(sft, val, 60)
     print(f"machine: {platform.processor() or platform.machine()}, {len(train):,} training / {len(val)} held-out "
-          f"conversations; pretrain {args.pretrain} ({t_pre:.0f} s), fine-tune {args.sft} at lr {args.lr} "
-          f"({t_sft:.0f} s){' ' + args.sft_flags if args.sft_flags else ''}")
+          f"conversations; pretrain {args.pretrain} ({t_pre:.0f} s), fine-tune {args.sft} ({t_sft:.0f} s) with "
+          f"{args.sft_flags or 'the finetune preset'}")
     print(f"pretrained val loss {best_val(pre):.4f}; fine-tuned masked val loss {best_val(sft):.4f}")
     print(f"{'exact match':14s}" + "".join(f"{k:>9s}" for k in after))
     for name, got in (("before", before), ("after", after)):
