@@ -3,6 +3,7 @@
     pip install llama-cpp-python              # compiles llama.cpp (10+ minutes on 2 cores); not a pocketgpt dependency
     python bench/gguf_llamacpp.py             # ~20 min on 2 busy cores, most of it training six tiny models
     python bench/gguf_llamacpp.py --only folders   # the Hugging Face folders alone, ~1 min (--only runs,folders ...)
+    python bench/gguf_llamacpp.py --only chat      # pocketgpt's turn tokens and chat template, ~1 min
 
 Rows, each exported as GGUF and loaded by llama.cpp:
 - GPT-2 (llama.cpp's gpt2): tiny models trained here on the bundled corpus with a byte-level BPE of
@@ -241,9 +242,9 @@ def compare(case: Case, path: Path) -> dict[str, Any]:
     theirs = np.array(llm.scores[: len(ids)], dtype=np.float32)  # a copy: the greedy run below reuses the rows
     with torch.inference_mode():
         ours = model(torch.tensor([ids]))[0][0].float().numpy()
-    # a pretrained model's tokenizer reads special tokens written in the text (as transformers' does);
-    # the gpt2 and bpe kinds take them as plain text
-    special = tok.kind == "hf"
+    # a pretrained model's tokenizer reads special tokens written in the text (as transformers' does), and so do
+    # pocketgpt's turn tokens; the gpt2 and bpe kinds take <|endoftext|> as plain text
+    special = tok.kind == "hf" or hasattr(tok, "chat_tokens")
     data = case.text.encode("utf-8")
     plain = (llm.tokenize(data, add_bos=False, special=special), tok.encode(case.text))
     prompt = (llm.tokenize(data, add_bos=True, special=special), prompt_ids(tok, case.text))
@@ -263,6 +264,16 @@ def compare(case: Case, path: Path) -> dict[str, Any]:
            "top1": float((theirs.argmax(-1) == ours.argmax(-1)).mean()),
            "tokens_agree": plain[0] == plain[1] and prompt[0] == prompt[1], "greedy_equal": greedy[0] == greedy[1],
            "bytes": path.stat().st_size, "notes": notes, "n_tokens": len(plain[1])}
+    if hasattr(tok, "chat_tokens"):  # the template inside the GGUF, rendered by llama-cpp-python, is pocketgpt's
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        from pocketgpt.chat import chat_prompt
+
+        theirs_prompt = Jinja2ChatFormatter(meta["tokenizer.chat_template"], eos_token="<|end|>", bos_token="")(
+            messages=CHAT_MESSAGES).prompt
+        out["template_equal"] = theirs_prompt == tok.decode(chat_prompt(tok, CHAT_MESSAGES).prompt)
+        if not out["template_equal"]:
+            notes.append(f"chat template: llama-cpp-python renders {theirs_prompt[:80]!r}")
     if case.past:  # the scaling's own effect past the original context, and llama.cpp's difference there
         from pocketgpt.model import GPT
 
@@ -345,10 +356,29 @@ def hf_folder_cases(root: Path, corpus: str, tokens: int) -> list[Case]:
     return out
 
 
+CHAT_MESSAGES = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Who says this?"},
+                 {"role": "assistant", "content": "ROMEO"}, {"role": "user", "content": "And this, café 🚀?"}]
+
+
+def chat_cases(root: Path, data: Path, corpus: str, tokens: int) -> list[Case]:
+    """A trained run given pocketgpt's turn tokens (as a fine-tune on conversations does; their rows the mean):
+    a conversation's ids, its rendered text and the template itself, through llama.cpp."""
+    import pocketgpt
+    from pocketgpt.chat import WithChatTokens, chat_prompt
+
+    lm = pocketgpt.load(train_tiny(root, data, "tiny-chat", mlp="gelu_new"))
+    tok = WithChatTokens(lm.tokenizer)
+    model = lm.model.with_vocab(tok.vocab_size)
+    turns = tok.decode(chat_prompt(tok, CHAT_MESSAGES).prompt)
+    text = (turns + corpus[-3000:]) * 2
+    return [Case("gpt2 + pocketgpt's turn tokens and template: tiny trained, bpe 512", model, tok,
+                 tok.encode(text)[:min(tokens, lm.block_size)], turns + corpus[-2000:] + turns)]
+
+
 def main() -> None:
     ap = common.parser(__doc__)
     ap.add_argument("--tokens", type=int, default=128, help="length of each id sequence (at most a model's context)")
-    ap.add_argument("--only", help="comma-separated groups of rows: gpt2, runs, folders (default: all)")
+    ap.add_argument("--only", help="comma-separated groups of rows: gpt2, runs, folders, chat (default: all)")
     args = ap.parse_args()
     try:
         import llama_cpp
@@ -360,14 +390,16 @@ def main() -> None:
         corpus = common.bundled_text()
         text = corpus[-4000:] + TOKENIZER_TEXT + "\n" + MIXED
         data = None
-        only = set(args.only.split(",")) if args.only else {"gpt2", "runs", "folders"}
-        if only - {"gpt2", "runs", "folders"}:
-            raise SystemExit(f"--only: unknown group(s) {sorted(only - {'gpt2', 'runs', 'folders'})}")
-        if only & {"gpt2", "runs"}:
+        groups_known = {"gpt2", "runs", "folders", "chat"}
+        only = set(args.only.split(",")) if args.only else groups_known
+        if only - groups_known:
+            raise SystemExit(f"--only: unknown group(s) {sorted(only - groups_known)}")
+        if only & {"gpt2", "runs", "chat"}:
             data = common.prepare_bundled(root / "data", "--tokenizer", "bpe", "--vocab-size", "512")
         groups = {"gpt2": lambda: gpt2_cases(root, data, corpus, text, args.tokens),
                   "runs": lambda: family_run_cases(root, data, corpus, text, args.tokens),
-                  "folders": lambda: hf_folder_cases(root, corpus, args.tokens)}
+                  "folders": lambda: hf_folder_cases(root, corpus, args.tokens),
+                  "chat": lambda: chat_cases(root, data, corpus, args.tokens)}
         for name, make in groups.items():
             if name in only:
                 for case in make():  # each group's models made, compared and let go before the next's
@@ -381,6 +413,9 @@ def main() -> None:
               f"{'yes' if r['tokens_agree'] else 'no'} ({r['n_tokens']}) | "
               f"{'yes' if r['greedy_equal'] else 'no'} |")
     for case, r in results:
+        if "template_equal" in r:
+            print(f"\n{case.label}: the GGUF's chat template rendered by llama-cpp-python equals pocketgpt's prompt: "
+                  f"{'yes' if r['template_equal'] else 'no'}")
         if "past" in r:
             print(f"\n{case.label}: past position {case.past}, llama.cpp differs from pocketgpt by at most "
                   f"{r['past'][0]:.2e}; pocketgpt's logits without the scaling differ by up to {r['past'][1]:.2f}")

@@ -356,3 +356,33 @@ def test_a_lora_chat_fine_tune_resumes_exactly(capsys, tmp_path, chat_model):
     losses = [[(m["iter"], m.get("loss"), m.get("val_loss")) for m in metrics(tmp_path / run) if "iter" in m]
               for run in ("straight", "resumed")]
     assert losses[0] == losses[1] and len(losses[0]) >= 8
+
+
+def test_the_server_and_the_cli_chat_through_pocketgpts_turns(capsys, monkeypatch, tmp_path):
+    """A run with pocketgpt's turn tokens: /v1/chat/completions renders messages with its template (prompt tokens
+    counted as chat_prompt's ids), and the CLI's conversation, once longer than the context, loses its oldest
+    exchanges, said once."""
+    import io
+
+    pytest.importorskip("fastapi")
+    import httpx
+    from helpers import untrained_run
+    from test_serve import Served
+
+    from pocketgpt.chat import WithChatTokens, chat_prompt
+    from pocketgpt.tokenizer import CharTokenizer
+
+    tok = WithChatTokens(CharTokenizer("abcdefghijklmnopqrstuvwxyz ?.\n"))
+    run = untrained_run(tmp_path, tok)  # context 32
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi there"}]
+    served = Served(run)
+    try:
+        got = httpx.post(served.url + "/v1/chat/completions", timeout=30,
+                         json={"model": "m", "messages": messages, "max_tokens": 3, "temperature": 0}).json()
+        assert got["usage"]["prompt_tokens"] == len(chat_prompt(tok, messages).prompt)
+    finally:
+        served.close()
+    monkeypatch.setattr("sys.stdin", io.StringIO("one two three\nfour five six\nseven eight\nnine ten\n"))
+    code, out, err = run_cli(capsys, "chat", "--model", str(run), "--max-new-tokens", "4", "--seed", "1")
+    assert code == 0 and "error" not in err, err
+    assert out.count("the conversation outgrew the model's context of 32 tokens") == 1
