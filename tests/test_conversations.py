@@ -386,3 +386,26 @@ def test_the_server_and_the_cli_chat_through_pocketgpts_turns(capsys, monkeypatc
     code, out, err = run_cli(capsys, "chat", "--model", str(run), "--max-new-tokens", "4", "--seed", "1")
     assert code == 0 and "error" not in err, err
     assert out.count("the conversation outgrew the model's context of 32 tokens") == 1
+
+
+def test_a_chat_message_goes_on_past_a_line_ending_in_a_backslash(capsys, monkeypatch, tmp_path):
+    import io
+
+    from helpers import untrained_run
+
+    from pocketgpt.chat import WithChatTokens
+    from pocketgpt.loading import LoadedModel
+    from pocketgpt.tokenizer import CharTokenizer
+
+    run = untrained_run(tmp_path, WithChatTokens(CharTokenizer("abcdefghijklmnopqrstuvwxyz :;\n")))
+    heard: list[list[dict]] = []
+
+    def reply(self, messages, settings=None, **changes):
+        heard.append([dict(m) for m in messages])
+        yield "ok"
+
+    monkeypatch.setattr(LoadedModel, "chat_stream", reply)
+    monkeypatch.setattr("sys.stdin", io.StringIO("say this loudly:\\\noh if you love\nnext\\\n"))
+    code, out, err = run_cli(capsys, "chat", "--model", str(run))
+    assert code == 0, err
+    assert [m[-1]["content"] for m in heard] == ["say this loudly:\noh if you love", "next"]

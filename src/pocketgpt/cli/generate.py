@@ -120,12 +120,12 @@ def cmd_chat(args: argparse.Namespace) -> int:
     conversation: list[dict[str, str]] | None = list(start) if has_template else None
     if interactive:
         what = "a message" if has_template else "a prompt"
-        extra = "; /reset starts over" if has_template else ""
+        extra = "; end a line with \\ to go on to the next; /reset starts over" if has_template else ""
         say(f"chatting with {args.model}: type {what} and press Enter{extra}; /exit or Ctrl-D ends.")
     trimmed = False
     while True:
         try:
-            line = input("> " if interactive else "")
+            line = _read_message(interactive)
         except EOFError:
             break
         command = line.strip().lower()
@@ -153,6 +153,17 @@ def cmd_chat(args: argparse.Namespace) -> int:
                 conversation.pop()  # the turn that failed is not part of it
             print(f"error: {e}", file=sys.stderr, flush=True)
     return 0
+
+
+def _read_message(interactive: bool) -> str:
+    """One message; a line ending in a backslash goes on on the next line (a message of several lines)."""
+    line = input("> " if interactive else "")
+    while line.endswith("\\"):
+        try:
+            line = line[:-1] + "\n" + input("... " if interactive else "")
+        except EOFError:
+            return line[:-1]
+    return line
 
 
 def _fitted(model: Any, conversation: list[dict[str, str]], settings: Any) -> tuple[list[dict[str, str]], int]:
