@@ -52,9 +52,14 @@ def chat_prompt(tokenizer: Any, messages: Sequence[Message]) -> ChatPrompt:
     template = getattr(tokenizer, "chat_template", None)
     if not template:
         return ChatPrompt(transcript(messages), (TRANSCRIPT_STOP,))
+    return ChatPrompt(tokenizer.encode(render_for(tokenizer, messages)), ())
+
+
+def render_for(tokenizer: Any, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
+    """The tokenizer's chat template rendered over messages, with the start and end tokens its folder names."""
     settings = tokenizer.settings
-    text = render(template, messages, bos_token=settings.get("bos_token"), eos_token=settings.get("eos_token"))
-    return ChatPrompt(tokenizer.encode(text), ())
+    return render(tokenizer.chat_template, messages, add_generation_prompt=add_generation_prompt,
+                  bos_token=settings.get("bos_token"), eos_token=settings.get("eos_token"))
 
 
 def fit_conversation(tokenizer: Any, messages: Sequence[Message], room: int) -> tuple[list[Message], int]:

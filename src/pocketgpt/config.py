@@ -290,6 +290,12 @@ class PrepareConfig:
     strip_gutenberg: bool = False  # drop Project Gutenberg's licence header and footer
 
 
+def check_val_fraction(value: float) -> None:
+    """--val-fraction, the share held out for val, for text and conversations alike."""
+    if not 0.0 < value < 1.0:
+        raise PocketError(f"--val-fraction must be between 0 and 1 (exclusive), got {value}")
+
+
 SECTIONS: dict[str, type] = {"model": ModelConfig, "optim": OptimConfig, "run": RunConfig, "lora": LoraConfig}
 KEY_SECTION: dict[str, str] = {f.name: s for s, c in SECTIONS.items() for f in fields(c)}
 # Keys the user may set; vocab_size is derived from the data.

@@ -28,7 +28,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .chat import ROLES, Message, render
+from .chat import ROLES, Message, render_for
+from .config import check_val_fraction
 from .errors import PocketError
 
 CHAT_SUFFIXES = (".jsonl",)
@@ -196,13 +197,10 @@ class ChatFormat:
 
     def __init__(self, tokenizer: Any):
         self.tokenizer = tokenizer
-        self.template: str = tokenizer.chat_template
-        settings = getattr(tokenizer, "settings", {})
-        self.tokens = {"bos_token": settings.get("bos_token"), "eos_token": settings.get("eos_token")}
         self.end_of_turn = self._end_of_turn()
 
-    def render(self, messages: Sequence[Message], add_generation_prompt: bool = False) -> str:
-        return render(self.template, messages, add_generation_prompt=add_generation_prompt, **self.tokens)
+    def render(self, messages: Sequence[Message]) -> str:
+        return render_for(self.tokenizer, messages, add_generation_prompt=False)
 
     def _end_of_turn(self) -> str:
         """What the template writes right after an answer (<|im_end|>, <|eot_id|>, ...), whitespace dropped."""
@@ -309,8 +307,7 @@ class ChatInputs:
 
 def read_inputs(inputs: Sequence[str], val_fraction: float) -> ChatInputs:
     """The conversations of the inputs, every line checked (one error naming the first bad file and line)."""
-    if not 0.0 < val_fraction < 1.0:
-        raise PocketError(f"--val-fraction must be between 0 and 1 (exclusive), got {val_fraction}")
+    check_val_fraction(val_fraction)
     train_files, val_files = chat_files(inputs)
     train, val = split_conversations(train_files, val_files, val_fraction)
     return ChatInputs(train, val, [_source(p) for p in train_files + val_files], val_fraction)

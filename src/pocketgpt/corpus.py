@@ -29,7 +29,7 @@ from typing import IO, Any, Iterable, Iterator, Union
 import numpy as np
 from tqdm import tqdm
 
-from .config import TOKENIZERS, PrepareConfig, nearest
+from .config import TOKENIZERS, PrepareConfig, check_val_fraction, nearest
 from .data import DATA_FORMAT_VERSION, META, SPLITS, TOKENIZER, is_data_dir, split_path, token_dtype, write_header
 from .errors import PocketError
 from .files import raise_refused, write_dir, write_json
@@ -430,8 +430,7 @@ def _check_prepare_config(cfg: PrepareConfig, given: Tokenizer | None = None) ->
     if cfg.tokenizer not in TOKENIZERS and not (given is not None and given.kind == cfg.tokenizer):
         raise PocketError(f"unknown tokenizer '{cfg.tokenizer}'{nearest(cfg.tokenizer, TOKENIZERS)}; "
                           f"choose from {', '.join(TOKENIZERS)}")
-    if not 0.0 < cfg.val_fraction < 1.0:
-        raise PocketError(f"--val-fraction must be between 0 and 1 (exclusive), got {cfg.val_fraction}")
+    check_val_fraction(cfg.val_fraction)
     if cfg.vocab_size and cfg.tokenizer != "bpe":
         raise PocketError(f"--vocab-size is for --tokenizer bpe; {cfg.tokenizer} has a fixed vocabulary")
     if cfg.tokenizer == "bpe" and cfg.vocab_size and cfg.vocab_size < MIN_BPE_VOCAB:

@@ -153,20 +153,25 @@ class BatchSampler:
         self.n_starts = len(tokens) - block_size
         if self.n_starts < 1:
             raise PocketError(f"need at least block_size + 1 = {block_size + 1} tokens, have {len(tokens)}")
-        rank, world = share
-        if batch_size % world:  # distributed.check_world refuses this with the sizes that work
-            raise ValueError(f"batch_size {batch_size} does not split over {world} ranks")
-        self.rows = batch_size // world
-        self._first = rank * self.rows
+        self.rows, self._mine = rank_rows(batch_size, share)
         self._offsets = np.arange(block_size + 1)
 
     def batch(self, step: int, micro: int = 0) -> tuple[np.ndarray, np.ndarray]:
         rng = np.random.default_rng([self.seed, step, micro])
         # every rank draws all the starts (cheap) and reads only its own rows' tokens
-        starts = rng.integers(0, self.n_starts, size=self.batch_size)[self._first:self._first + self.rows]
+        starts = rng.integers(0, self.n_starts, size=self.batch_size)[self._mine]
         # one fancy-indexing gather; only the touched pages of the memmap are read
         window = self.tokens[starts[:, None] + self._offsets].astype(np.int64)
         return window[:, :-1], window[:, 1:]
+
+
+def rank_rows(batch_size: int, share: tuple[int, int]) -> tuple[int, slice]:
+    """A rank's rows of every global batch: how many, and which (rank * batch_size / world onwards)."""
+    rank, world = share
+    if batch_size % world:  # distributed.check_world refuses this with the sizes that work
+        raise ValueError(f"batch_size {batch_size} does not split over {world} ranks")
+    rows = batch_size // world
+    return rows, slice(rank * rows, (rank + 1) * rows)
 
 
 def eval_windows(tokens: np.ndarray, block_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -332,15 +337,11 @@ class ChatSampler:
 
     def __init__(self, packed: Packed, batch_size: int, seed: int, share: tuple[int, int] = (0, 1)):
         self.packed, self.batch_size, self.seed = packed, batch_size, seed
-        rank, world = share
-        if batch_size % world:
-            raise ValueError(f"batch_size {batch_size} does not split over {world} ranks")
-        self.rows = batch_size // world
-        self._first = rank * self.rows
+        self.rows, self._mine = rank_rows(batch_size, share)
 
     def batch(self, step: int, micro: int = 0) -> tuple[np.ndarray, np.ndarray]:
         rng = np.random.default_rng([self.seed, step, micro])
-        picked = rng.integers(0, len(self.packed.tokens), size=self.batch_size)[self._first:self._first + self.rows]
+        picked = rng.integers(0, len(self.packed.tokens), size=self.batch_size)[self._mine]
         return self.packed.tokens[picked, :-1], self.packed.targets[picked]
 
 

@@ -393,6 +393,7 @@ def export_hf(model: GPT, tok: Tokenizer, out: str | Path, overwrite: bool = Fal
     generation: dict[str, Any] = {"_from_model_config": True, "bos_token_id": eot, "eos_token_id": eot}
     if isinstance(tok, PretrainedTokenizer):  # its own start and end ids, as the model came
         hf_config["bos_token_id"] = generation["bos_token_id"] = tok.bos_id
+    if isinstance(tok, PretrainedTokenizer) or getattr(tok, "chat_tokens", None):  # a chat run's <|end|> among them
         ends = tok.stop_ids
         generation["eos_token_id"] = ends[0] if len(ends) == 1 else (ends or None)
     write_json(out / HF_CONFIG, hf_config)
@@ -410,8 +411,6 @@ def export_hf(model: GPT, tok: Tokenizer, out: str | Path, overwrite: bool = Fal
         notes.append(f"the {tok.kind} tokenizer is not exported; the model is, so feed it pocketgpt's ids")
     if getattr(tok, "chat_tokens", None) and tok.kind in ("gpt2", "bpe", "char"):
         _turn_token_files(out, tok)
-        ends = tok.stop_ids
-        write_json(out / HF_GENERATION_CONFIG, {**generation, "eos_token_id": ends[0] if len(ends) == 1 else ends})
     exported = tok.kind in ("gpt2", "bpe", "char", "hf")
     params = sum(t.numel() for t in model.parameters())
     card = model_card(name or out.name, params, cfg, tok, stats or {}, exported, license, fam)
