@@ -132,7 +132,8 @@ def windows(data_dir: Path, context: int, seed: int) -> Callable[[int], Any]:
 Step = Callable[[int], None]  # step(i): one optimizer step on the i-th batch
 
 
-def pocketgpt_step(shape: str, data_dir: Path, out: Path, context: int, dtype: str) -> tuple[Step, int]:
+def pocketgpt_step(shape: str, data_dir: Path, out: Path, context: int, dtype: str,
+                   base_dtype: str = "auto") -> tuple[Step, int]:
     """pocketgpt's Trainer set up as `train --init-from BASE --lora-rank 8 ...` sets it up; (step(i), trainable)."""
     import torch
 
@@ -150,9 +151,9 @@ def pocketgpt_step(shape: str, data_dir: Path, out: Path, context: int, dtype: s
         for p in base.parameters():
             p.copy_(p.to(torch.bfloat16))
     overrides = {"block_size": context, "batch_size": 1, "dtype": dtype, "lora_rank": RANK, "lora_alpha": ALPHA,
-                 "lora_targets": ",".join(TARGETS)}
+                 "lora_targets": ",".join(TARGETS), "lora_base_dtype": base_dtype}
     cfg = finetune_config(TrainRequest(out=str(out)), overrides, base.config, lambda line: None)
-    lora_base_dtype(cfg, base, lambda line: None)  # what `train --init-from` decides: a bfloat16 frozen base
+    lora_base_dtype(cfg, base, lambda line: None)  # what `train --init-from` decides (auto: a bfloat16 frozen base)
     checked = check_config(cfg, out, overwrite=True, has_base=True)
     out.mkdir(parents=True, exist_ok=True)
     trainer = Trainer.create(checked.cfg, data_dir, out, checked.runtime,
@@ -215,9 +216,15 @@ def hf_step(shape: str, data_dir: Path, context: int, dtype: str) -> tuple[Step,
     return step, sum(p.numel() for p in params)
 
 
+def pocketgpt_name(base_dtype: str) -> str:
+    """A pocketgpt contender's name: its lora_base_dtype unless auto."""
+    return POCKETGPT if base_dtype == "auto" else f"{POCKETGPT}, {base_dtype} base"
+
+
 def make_step(who: str, shape: str, data_dir: Path, out: Path, context: int, dtype: str) -> tuple[Step, int]:
-    if who == POCKETGPT:
-        return pocketgpt_step(shape, data_dir, out, context, dtype)
+    if who.startswith(POCKETGPT):
+        base_dtype = who.removeprefix(POCKETGPT + ", ").removesuffix(" base") if who != POCKETGPT else "auto"
+        return pocketgpt_step(shape, data_dir, out, context, dtype, base_dtype)
     return hf_step(shape, data_dir, context, dtype)
 
 
@@ -227,8 +234,9 @@ def make_step(who: str, shape: str, data_dir: Path, out: Path, context: int, dty
 def time_training(shape: str, data_dir: Path, tmp: Path, args: Any) -> list[dict[str, Any]]:
     steps: dict[str, Step] = {}
     trainable: dict[str, int] = {}
-    for who in (POCKETGPT, HF):
-        steps[who], trainable[who] = make_step(who, shape, data_dir, tmp / f"run-{shape}", args.context, args.dtype)
+    for who in [*(pocketgpt_name(b) for b in args.lora_base_dtypes.split(",")), HF]:
+        steps[who], trainable[who] = make_step(who, shape, data_dir, tmp / f"run-{shape}-{len(steps)}", args.context,
+                                               args.dtype)
 
     def contender(step: Step) -> Step:
         def run(r: int) -> None:  # round -1: the warm-up steps; round r: args.steps steps
@@ -239,9 +247,8 @@ def time_training(shape: str, data_dir: Path, tmp: Path, args: Any) -> list[dict
 
     seconds = interleaved({who: contender(s) for who, s in steps.items()}, args.rounds)
     ms = {who: [s / args.steps * 1000 for s in ss] for who, ss in seconds.items()}
-    speedup = common.median_ratio(ms[HF], ms[POCKETGPT])
     rows = [{"shape": shape, "who": who, "trainable": trainable[who], "ms": ms[who],
-             "speedup": speedup if who == POCKETGPT else 1.0} for who in steps]
+             "speedup": common.median_ratio(ms[HF], ms[who]) if who != HF else 1.0} for who in steps]
     del steps
     gc.collect()
     return rows
@@ -255,7 +262,7 @@ def train_table(rows: list[dict[str, Any]], context: int) -> str:
         lines.append(f"| {r['shape']} | {r['who']} | {r['trainable'] / 1e6:.2f}M | {ms:,.0f} | "
                      f"{context / ms * 1000:,.0f} | "
                      f"{', '.join(f'{x:,.0f}' for x in r['ms'])} | "
-                     f"{'**%.2fx**' % r['speedup'] if r['who'] == POCKETGPT else ''} |")
+                     f"{'**%.2fx**' % r['speedup'] if r['who'] != HF else ''} |")
     return "\n".join(lines)
 
 
@@ -266,7 +273,7 @@ def rss_child(who: str, shape: str, data_dir: Path, out: Path, context: int, dty
     """In a child: import, build, `steps` steps; the memory at each point and the step times."""
     import torch  # noqa: F401 - both contenders import it; counted in "imports"
 
-    if who == POCKETGPT:
+    if who.startswith(POCKETGPT):
         import pocketgpt.trainer  # noqa: F401
     else:
         import peft  # noqa: F401
@@ -611,6 +618,8 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                     help="float32, or bf16 autocast for both (only where the CPU has bf16 instructions)")
+    ap.add_argument("--lora-base-dtypes", default="auto",
+                    help="train: pocketgpt contenders by lora_base_dtype, comma-separated (auto, float32, bfloat16)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps of each contender first")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=1, help="steps per contender per round")

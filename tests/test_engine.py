@@ -173,6 +173,28 @@ def test_auto_uses_low_precision_only_when_the_probe_passes(monkeypatch):
     assert greedy == Engine(model, decode_dtype="float32").generate([1, 2], 10, temperature=0)
 
 
+@pytest.mark.parametrize("rows_fast", [True, False])
+def test_float16_steps_for_many_rows_only_where_their_matmuls_measured_fast(monkeypatch, rows_fast):
+    monkeypatch.setattr(decoder_mod, "LOW_PRECISION_MIN_PARAMS", 0)
+    monkeypatch.setattr(decoder_mod, "low_precision_candidates", lambda: [torch.float16])
+    monkeypatch.setattr(decoder_mod, "float16_rows_fast", lambda: rows_fast)
+    eng = Engine(make(scale=0.1))
+    assert eng.decoder().step_dtype == torch.float16  # one row: fast on any AVX-512 CPU
+    assert eng.decoder(many_rows=True).step_dtype == (torch.float16 if rows_fast else torch.float32)
+
+
+def test_float16_rows_speedup_is_measured_once_and_kept(monkeypatch, tmp_path):
+    from pocketgpt import probe
+
+    monkeypatch.setenv("POCKETGPT_CACHE_DIR", str(tmp_path))
+    calls = []
+    monkeypatch.setattr(probe, "_best_time", lambda dev, dt, shape, s: calls.append(dt) or (1.0 if dt == torch.float32 else 0.5))
+    assert probe.float16_rows_speedup(torch.device("cpu")) == pytest.approx(2.0)
+    assert sorted(set(calls), key=str) == [torch.float16, torch.float32]
+    calls.clear()
+    assert probe.float16_rows_speedup(torch.device("cpu")) == pytest.approx(2.0) and calls == []  # kept
+
+
 def test_decoder_is_rebuilt_when_the_weights_change():
     model = make()
     eng = Engine(model, decode_dtype="float16")  # float16 steps hold copies: they must not go stale
@@ -467,3 +489,65 @@ def test_uniform_draws_come_in_blocks_but_in_the_order_of_one_per_step():
     gen = torch.Generator().manual_seed(5)
     for _ in range(50):  # past a block boundary
         torch.testing.assert_close(stream.uniform_draws(), uniforms(3, gen, torch.device("cpu")), rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------- threads that follow the machine's load
+
+
+def test_a_big_models_engine_threads_follow_the_load_step_by_step(monkeypatch):
+    """Quiet: torch's count; another program busy on one of 2 cores: one thread from the next steps on,
+    the decoder's steps run on it; back up when the program stops. (A tiny model stands in for a big one.)"""
+    from pocketgpt import cpuload
+    from test_cpuload import Machine
+
+    machine = Machine(cores=2, busy=0, threads=2)
+    monkeypatch.setattr(engine_mod, "SINGLE_THREAD_PARAMS", 0)
+    monkeypatch.delenv("POCKETGPT_THREADS", raising=False)
+    real_watch = cpuload.LoadWatch
+    monkeypatch.setattr(cpuload, "LoadWatch", lambda cores: real_watch(2, machine.read, machine.clock, interval=0.0))
+    seen = []
+    real_step = Decoder.step
+    monkeypatch.setattr(Decoder, "step", lambda self, *a: seen.append(torch.get_num_threads()) or real_step(self, *a))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        eng = Engine(make())
+        assert eng.threads == 2
+        eng.generate([1, 2], 4, temperature=0)
+        assert seen and set(seen) == {2}
+        machine.busy = 1
+        for _ in range(3):  # two windows agree, then the count drops
+            machine.threads = eng.threads
+        assert eng.threads == 1
+        seen.clear()
+        eng.generate([1, 2], 4, temperature=0)
+        assert set(seen) == {1} and torch.get_num_threads() == 2  # the caller's count put back
+        machine.busy = 0
+        for _ in range(3):
+            machine.threads = eng.threads
+        assert eng.threads == 2
+        eng.threads = 1  # a count asked for is kept, whatever the load
+        machine.busy = 0
+        assert [eng.threads for _ in range(4)] == [1] * 4
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_engine_threads_stay_fixed_for_small_models_and_a_count_asked_for(monkeypatch):
+    from pocketgpt.engine import load_threads
+
+    model = make()
+    assert load_threads(model, torch.device("cpu")) is None and Engine(model).threads == 1  # tiny steps: one thread
+    monkeypatch.setattr(engine_mod, "SINGLE_THREAD_PARAMS", 0)
+    monkeypatch.setenv("POCKETGPT_THREADS", "2")
+    assert load_threads(model, torch.device("cpu")) is None
+    monkeypatch.delenv("POCKETGPT_THREADS")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert load_threads(model, torch.device("cpu")) is None  # nothing to follow with one thread
+        torch.set_num_threads(2)
+        follows = load_threads(model, torch.device("cpu"))
+        assert follows is not None and follows.ceiling == 2 and follows.count == 2
+    finally:
+        torch.set_num_threads(before)

@@ -369,7 +369,7 @@ def test_lora_over_a_bfloat16_base_keeps_it_bfloat16_with_the_same_losses_and_re
     dtypes = {n: p.dtype for n, p in loaded.named_parameters()}
     assert dtypes["transformer.h.0.mlp.c_fc.weight"] == dtypes["transformer.wte.weight"] == torch.bfloat16
     assert dtypes["transformer.h.0.ln_1.weight"] == dtypes["transformer.h.0.attn.q_norm.weight"] == torch.float32
-    said = _lora_on(base, tmp_path / "narrow", book)
+    said = _lora_on(base, tmp_path / "narrow", book, lora_base_dtype="bfloat16")  # (auto: test_lora.py)
     assert any("kept in bfloat16" in line and "the same numbers" in line for line in said)
     assert json.loads((tmp_path / "narrow" / "config.json").read_text())["lora"]["lora_base_dtype"] == "bfloat16"
     with safe_open(str(tmp_path / "narrow" / "last" / "model.safetensors"), "pt") as f:
@@ -381,11 +381,11 @@ def test_lora_over_a_bfloat16_base_keeps_it_bfloat16_with_the_same_losses_and_re
     assert losses(tmp_path / "narrow") == pytest.approx(losses(tmp_path / "wide"), abs=1e-5)
     assert losses(tmp_path / "narrow", "val_loss") == pytest.approx(losses(tmp_path / "wide", "val_loss"), abs=1e-5)
     assert max_diff(load(tmp_path / "narrow").logits(IDS), load(tmp_path / "wide").logits(IDS)) < TOL
-    _lora_on(base, tmp_path / "resumed", book, max_iters=4)
+    _lora_on(base, tmp_path / "resumed", book, max_iters=4, lora_base_dtype="bfloat16")
     _lora_on(base, tmp_path / "resumed", book, resume=True)
     assert losses(tmp_path / "resumed") == pytest.approx(losses(tmp_path / "narrow"), abs=1e-6)
     # adapters on attention alone: the MLP's matrices, loaded bfloat16, are widened (nn.Linear computes them)
-    _lora_on(base, tmp_path / "attn", book, max_iters=2, lora_targets="attn")
+    _lora_on(base, tmp_path / "attn", book, max_iters=2, lora_targets="attn", lora_base_dtype="bfloat16")
     with safe_open(str(tmp_path / "attn" / "last" / "model.safetensors"), "pt") as f:
         assert f.get_slice("transformer.h.0.mlp.c_fc.weight").get_dtype() == "F32"
         assert f.get_slice("transformer.h.0.attn.c_attn.weight").get_dtype() == "BF16"

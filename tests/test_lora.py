@@ -412,3 +412,44 @@ def test_a_lora_run_sampling_merged_on_read_writes_the_same_files(char_base, dat
     for name in (rundir.BEST_WEIGHTS, rundir.ADAPTER, "last/model.safetensors"):
         assert safetensors_parts(a / name) == safetensors_parts(b / name)
     assert (tmp_path / "whole" / rundir.SAMPLES).read_text().count("=== iter") == 2
+
+
+# ---------------------------------------------------------------- lora_base_dtype auto: speed where memory allows
+
+
+@pytest.mark.parametrize("fast,fits,expected", [(True, True, "bfloat16"), (False, True, "float32"),
+                                                (False, False, "bfloat16")])
+def test_lora_base_dtype_auto_keeps_bfloat16_where_fast_or_needed(monkeypatch, fast, fits, expected):
+    """A base of bfloat16 values stays bfloat16 where bf16 products are fast or a float32 copy would not fit
+    comfortably; elsewhere it is widened once (the same numbers, no widening per product)."""
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=37, block_size=24, n_layer=2, n_head=2, n_embd=16))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.to(torch.bfloat16))
+    cfg = build_train_config("finetune-lora", None, {"lora_rank": 2})
+    monkeypatch.setattr(launching, "_fast_bf16_products", lambda c: fast)
+    monkeypatch.setattr(launching, "float32_base_fits", lambda c, n: fits)
+    said: list[str] = []
+    launching.lora_base_dtype(cfg, model, said.append)
+    assert cfg.lora.lora_base_dtype == expected
+    assert model.transformer.h[0].attn.c_attn.weight.dtype == getattr(torch, expected)
+    assert model.transformer.h[0].ln_1.weight.dtype == torch.float32
+    text = " ".join(said)
+    assert ("widened to float32 once" in text) == (expected == "float32")
+    assert ("kept in bfloat16" in text) == (expected == "bfloat16")
+
+
+def test_a_float32_base_fits_by_the_runs_estimate_against_the_machines_memory(monkeypatch):
+    from pocketgpt import runtime
+
+    cfg = build_train_config("finetune-lora", None, {"lora_rank": 2, "block_size": 512, "batch_size": 1})
+    cfg.model = ModelConfig(**{**vars(cfg.model), "vocab_size": 151936, "n_layer": 28, "n_head": 16, "n_embd": 1024,
+                               "head_size": 128, "n_kv_head": 8, "mlp": "swiglu", "mlp_width": 3072, "bias": False})
+    n = cfg.model.param_count()  # the Qwen3-0.6B shape: 2.4 GB of float32 weights alone
+    monkeypatch.setattr(runtime, "machine_memory_mb", lambda: 4096.0)
+    assert not launching.float32_base_fits(cfg, n)  # a 4 GB laptop keeps the base bfloat16
+    monkeypatch.setattr(runtime, "machine_memory_mb", lambda: 32768.0)
+    assert launching.float32_base_fits(cfg, n)
+    monkeypatch.setattr(runtime, "machine_memory_mb", lambda: 0.0)
+    assert launching.float32_base_fits(cfg, n)  # unknown: the faster default

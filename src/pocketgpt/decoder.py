@@ -58,6 +58,18 @@ MatMul = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Ten
 Residual = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
 
+# float16 steps for many rows where their matmuls measured at least this much faster than float32 (their
+# one-row products are fast wherever AVX-512 is; many rows need AVX512-FP16's arithmetic)
+MIN_FLOAT16_ROWS_SPEEDUP = 1.1
+
+
+def float16_rows_fast() -> bool:
+    """float16 matmuls of a few rows are measured (probe.py, once per machine) clearly faster than float32."""
+    from .probe import float16_rows_speedup
+
+    return float16_rows_speedup(torch.device("cpu")) >= MIN_FLOAT16_ROWS_SPEEDUP
+
+
 def low_precision_candidates() -> list[torch.dtype]:
     """16-bit dtypes with fast one-row matmuls on this CPU, most precise first.
 
@@ -370,7 +382,7 @@ def build_decoder(model: GPT, decode_dtype: str, device: torch.device,
     """The decoder for decode_dtype, and auto's probe results (max |logit - float32 logit| per
     dtype tried; None when no probe ran). "auto" tries a low precision only on a CPU, for a float32
     model of at least LOW_PRECISION_MIN_PARAMS parameters, in low_precision_candidates' order
-    (never float16 for many rows), and keeps the first within LOGIT_TOLERANCE; else float32."""
+    (float16 for many rows only where float16_rows_fast), and keeps the first within LOGIT_TOLERANCE; else float32."""
     if decode_dtype != "auto":
         return Decoder(model, getattr(torch, decode_dtype)), None
     big = model.num_params() >= LOW_PRECISION_MIN_PARAMS
@@ -378,7 +390,7 @@ def build_decoder(model: GPT, decode_dtype: str, device: torch.device,
         return Decoder(model), None
     diffs: dict[str, float] = {}
     for dtype in low_precision_candidates():
-        if many_rows and dtype == torch.float16:
+        if many_rows and dtype == torch.float16 and not float16_rows_fast():
             continue
         dec = Decoder(model, dtype)
         diffs[str(dtype).removeprefix("torch.")] = diff = probe_logit_diff(dec, device)

@@ -43,8 +43,9 @@ a row needs more. Where the keys sit in memory changes no logit (tests/test_engi
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
-from typing import Any, Callable, Collection, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Collection, Sequence
 
 import torch
 
@@ -52,6 +53,9 @@ from .decoder import DECODE_DTYPES, MANY_ROWS, Decoder, build_decoder
 from .errors import PocketError
 from .model import GPT, KVCache
 from .sampling import SamplingSettings, as_settings
+
+if TYPE_CHECKING:
+    from .cpuload import LoadWatch
 
 # Below this many parameters a CPU decode step is a chain of tiny matmuls where waking a second
 # thread costs more than it saves (bench/RESULTS.md, "Generation").
@@ -116,7 +120,9 @@ def sample(probs: torch.Tensor, generator: torch.Generator | None, u: torch.Tens
 
 
 def decode_threads(model: GPT) -> int | None:
-    """Threads for generating on a CPU: one for small models or on a two-core machine, else torch's default.
+    """Threads for generating on a CPU where the count cannot follow the load (no /proc, or a count
+    asked for): one for small models or on a two-core machine, else torch's default (load_threads
+    is what an Engine uses where it can read the load).
 
     A small model's step is tiny ops where a second thread costs more than it saves. On a 2-core
     machine two OpenMP threads fall far behind as soon as another process wants a core. Measured
@@ -129,6 +135,36 @@ def decode_threads(model: GPT) -> int | None:
     if model.num_params() < SINGLE_THREAD_PARAMS or torch.get_num_threads() <= 2:
         return 1
     return None
+
+
+class LoadThreads:
+    """An Engine's thread count for a model big enough to gain from more threads: torch's count while the
+    machine is quiet, fewer while other programs keep cores busy (cpuload.LoadWatch, read at most every
+    1.5 s at a step boundary). On a quiet 2-core Intel Xeon, two threads decoded a 0.6B-parameter model
+    1.8x faster than one; beside one busy program two lose 2-3x (decode_threads). The count only changes
+    the order floats are summed in (a sampled token may differ where two are within rounding)."""
+
+    def __init__(self, ceiling: int, watch: "LoadWatch"):
+        self.ceiling, self.watch, self.count = ceiling, watch, ceiling
+
+    def now(self) -> int:
+        change = self.watch.check(self.count, self.ceiling)
+        if change is not None:
+            self.count = change[0]
+        return self.count
+
+
+def load_threads(model: GPT, device: torch.device) -> LoadThreads | None:
+    """The Engine's LoadThreads, or None where its count stays fixed (decode_threads): not a CPU, a small
+    model, one thread, POCKETGPT_THREADS set (the user's number), or no /proc."""
+    from .cpuload import LoadWatch, my_cpus
+    from .distributed import ENV_THREADS
+
+    ceiling = torch.get_num_threads()
+    if device.type != "cpu" or model.num_params() < SINGLE_THREAD_PARAMS or ceiling < 2 or os.environ.get(ENV_THREADS):
+        return None
+    watch = LoadWatch(len(my_cpus()))
+    return LoadThreads(ceiling, watch) if watch.working else None
 
 
 class _Scoped:
@@ -222,7 +258,6 @@ class TokenStream:
         """Called by the batch inside its thread scope (inference mode); prompt: the (L,) ids on its device."""
         n = settings.num_samples
         self.batch, self.rows, self.settings = batch, rows, settings
-        self._scope = _Scoped(batch.engine.threads)
         self.prompt_tokens = prompt.size(0)
         self.completion_tokens = [0] * n
         self.finish_reasons: list[str | None] = [None if settings.max_new_tokens else "length"] * n
@@ -308,7 +343,7 @@ class TokenStream:
             rows.picked = None
             self._took(nxt)
             return nxt
-        with self._scope:
+        with _Scoped(self.batch.engine.threads):  # read each step: the count follows the load
             if rows.due:  # not fed by a shared step of the batch: the batch feeds these rows alone
                 self.batch.advance([rows])
             nxt = rows.picked if rows.picked is not None else self._pick()
@@ -557,8 +592,9 @@ class Engine:
     AMX), and keeps the first whose logits on a probe stay within LOGIT_TOLERANCE of float32; float32
     otherwise (decoder.build_decoder). The choice is made at the first generation (the probe costs a
     few decode steps) and made again if the model's weights have changed since. Same seed, same
-    choice, same output. `threads` is the thread count the engine's own work runs on
-    (decode_threads), None: the caller's.
+    choice, same output (on the same thread count). `threads` is the thread count the engine's own
+    work runs on, read at each step: following the machine's load for a model of SINGLE_THREAD_PARAMS
+    or more (LoadThreads), else decode_threads'; None: the caller's. Setting it fixes the count.
     """
 
     def __init__(self, model: GPT, device: torch.device | None = None, decode_dtype: str = "auto"):
@@ -568,10 +604,21 @@ class Engine:
         self.cfg = model.config
         self.device = device or next(model.parameters()).device
         self.decode_dtype = decode_dtype
-        self.threads = decode_threads(model) if self.device.type == "cpu" else None
+        self._fixed_threads = decode_threads(model) if self.device.type == "cpu" else None
+        self._load = load_threads(model, self.device)
         self._decoders: dict[bool, Decoder] = {}  # by many_rows
         self._versions: list[int] = []
         self.logit_diffs: dict[str, float] = {}  # auto's probe: max |logit - float32 logit| per dtype tried
+
+    @property
+    def threads(self) -> int | None:
+        """The thread count for the engine's next piece of work (None: the caller's): following the
+        machine's load where it can (LoadThreads), else decode_threads'."""
+        return self._load.now() if self._load is not None else self._fixed_threads
+
+    @threads.setter
+    def threads(self, n: int | None) -> None:  # a count asked for: kept, the load no longer followed
+        self._load, self._fixed_threads = None, n
 
     @property
     def step_dtype(self) -> torch.dtype:
@@ -580,10 +627,12 @@ class Engine:
 
     def decoder(self, many_rows: bool = False) -> Decoder:
         """The decoder for one generation of fewer than MANY_ROWS samples (many_rows False) or for
-        many rows (a batch shared by many generations, or MANY_ROWS samples or more): "auto" never
-        gives the latter float16 steps, whose matrix-vector products are fast on AVX-512 but whose
-        many-row matmuls are not (GPT-2-small, 16 rows, 1 thread, this AMD machine, busy: 275 ms
-        a step in float16, 115 in float32, 93 in bfloat16; 1 row: 27, 54, 62). A batch keeps its
+        many rows (a batch shared by many generations, or MANY_ROWS samples or more): "auto" gives
+        the latter float16 steps only where float16's many-row matmuls measured fast
+        (decoder.float16_rows_fast): its matrix-vector products are fast on AVX-512, its many-row
+        matmuls only with AVX512-FP16 (GPT-2-small, 16 rows, 1 thread, a Zen 4, busy: 275 ms a step
+        in float16, 115 in float32, 93 in bfloat16; 1 row: 27, 54, 62; on an Intel Xeon with
+        AVX512-FP16, a 0.6B-parameter model, 8 rows, 2 threads: 38 tokens/s in float16, 25 in float32). A batch keeps its
         choice for every step, whatever its row count, so a request's output does not depend on
         how many others share its steps."""
         versions = [p._version for p in self.model.parameters()]  # bumped by every in-place update

@@ -239,23 +239,62 @@ def finetune_config(req: TrainRequest, overrides: dict[str, Any], base: "ModelCo
     return cfg
 
 
+# A float32 copy of a bfloat16 base (the same numbers, no widening per product) is taken where the run it
+# makes is estimated to use at most this share of the machine's memory (the rest is the user's)
+FLOAT32_BASE_MEMORY_SHARE = 0.5
+
+
 def lora_base_dtype(cfg: TrainConfig, model: "GPT", say: Callable[[str], None]) -> None:
-    """A LoRA fine-tune's lora_base_dtype auto, resolved into cfg (config.json keeps it: a resume builds the same):
-    bfloat16 where the base's frozen matrices are exactly bfloat16 values and one process trains; then the base
+    """A LoRA fine-tune's lora_base_dtype auto, resolved into cfg (config.json keeps it: a resume builds the same),
+    where the base's frozen matrices are exactly bfloat16 values and one process trains: bfloat16 where bfloat16
+    products are fast (a GPU, a CPU measured fast in bf16: autocast uses the matrices as they are) or where a
+    float32 base would not fit comfortably (float32_base_fits); float32 otherwise, since widening the matrices
+    for every product costs a CPU without fast bf16 about a quarter of a step (bench/RESULTS.md). Then the base
     model itself gets those dtypes here (lora.set_base_dtype), so no tensor is held twice."""
     from . import distributed
     from .lora import exactly_bfloat16, set_base_dtype
 
     lo = cfg.lora
     exact = lo.enabled and lo.lora_base_dtype != "float32" and exactly_bfloat16(model, lo)
+    why = "its weights are bfloat16 values: the same numbers" if exact else "rounded: --lora-base-dtype bfloat16"
     if lo.lora_base_dtype == "auto":
         one_process = distributed.world_from_env()[1] <= 1  # (DDP and FSDP keep every weight one dtype)
-        lo.lora_base_dtype = "bfloat16" if lo.enabled and one_process and exact else "float32"
+        keep = lo.enabled and one_process and exact
+        fast, fits = (_fast_bf16_products(cfg), float32_base_fits(cfg, model.num_params())) if keep else (False, True)
+        lo.lora_base_dtype = "bfloat16" if keep and (fast or not fits) else "float32"
+        if keep and not fast and fits:
+            say("fine-tune: the base's bfloat16 matrices widened to float32 once (bf16 products are not fast here and "
+                "a float32 base fits this machine's memory; --lora-base-dtype bfloat16 halves it, ~25% slower steps)")
+        why = "bf16 products are fast here" if fast else "a float32 base would take too much of this machine's memory"
     set_base_dtype(model, lo)  # also widens what load_base kept bfloat16, where the run does not keep it
     if lo.enabled and lo.lora_base_dtype == "bfloat16":
-        why = "its weights are bfloat16 values: the same numbers" if exact else "rounded: --lora-base-dtype bfloat16"
         say(f"fine-tune: the frozen base's matrices kept in bfloat16 (half their memory; {why}), "
             "the products computed in the run's dtype")
+
+
+def _fast_bf16_products(cfg: TrainConfig) -> bool:
+    """The run computes in bfloat16 where it is fast: a GPU (auto or bfloat16), or a CPU measured fast in bf16."""
+    import torch
+
+    from .runtime import resolve
+
+    try:
+        runtime = resolve(cfg.run.device, cfg.run.dtype)
+    except PocketError:
+        return False  # check_config says what is wrong with the device or dtype
+    return runtime.dtype == torch.bfloat16
+
+
+def float32_base_fits(cfg: TrainConfig, n_params: int) -> bool:
+    """The run with a float32 base is estimated (plan.memory_estimate_mb) at most FLOAT32_BASE_MEMORY_SHARE of
+    this machine's memory (True where the machine's memory is unknown: the default stays the faster one)."""
+    from .plan import memory_estimate_mb
+    from .runtime import machine_memory_mb
+
+    have = machine_memory_mb()
+    wide = replace(cfg, lora=replace(cfg.lora, lora_base_dtype="float32"))
+    state_mb, act_mb = memory_estimate_mb(wide, n_params, 4)
+    return not have or state_mb + act_mb <= FLOAT32_BASE_MEMORY_SHARE * have
 
 
 def check_data_tokenizer(data_dir: Path, base: Base) -> None:

@@ -614,25 +614,68 @@ def loss_in_slices(tokens: int, vocab_size: int) -> bool:
 
 def sliced_loss(x: torch.Tensor, head: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """The mean cross-entropy of head(x) against targets (-100: not counted, as F.cross_entropy),
-    computed a slice of positions at a time, each slice recomputed in the backward pass: at most one
-    slice's logits, log-softmax and gradient are ever held (sizing.loss_slice_rows). A 151,936-token
-    vocabulary at context 512 would otherwise hold 3 x 311 MB of float32 at once, for one more head
-    matmul a step. The same loss up to float rounding (a sum of slices)."""
-    from torch.utils.checkpoint import checkpoint
-
-    rows = loss_slice_rows(x.size(0), head.size(0))
+    computed a slice of positions at a time: at most one slice's logits and their gradient are ever
+    held (sizing.loss_slice_rows). A 151,936-token vocabulary at context 512 would otherwise hold
+    3 x 311 MB of float32 at once. With gradients on, each slice's gradients (for x, and for the head
+    when it trains) are computed as the slice is, so the backward pass does no head product of its own:
+    two head-sized products a step for a frozen head, not the three of recomputing the logits. The same
+    loss and gradients up to float rounding (sums of slices)."""
     if head.dtype != x.dtype and not head.requires_grad and not torch.is_autocast_enabled(x.device.type):
-        head = head.to(x.dtype)  # a frozen bfloat16 head widened once for every slice and pass, not three times a slice
+        head = head.to(x.dtype)  # a frozen bfloat16 head widened once for every slice, not twice a slice
+    if torch.is_grad_enabled() and (x.requires_grad or head.requires_grad):
+        return _SlicedLoss.apply(x, head, targets)
+    rows = loss_slice_rows(x.size(0), head.size(0))
     total = x.new_zeros((), dtype=torch.float32)
     for i in range(0, x.size(0), rows):
-        part = (x[i:i + rows], head, targets[i:i + rows])
-        total = total + (checkpoint(_summed_nll, *part, use_reentrant=False) if torch.is_grad_enabled()
-                         else _summed_nll(*part))
+        total = total + F.cross_entropy(linear(x[i:i + rows], head).float(), targets[i:i + rows], reduction="sum")
     return total / (targets != -100).sum().clamp(min=1)
 
 
-def _summed_nll(x: torch.Tensor, head: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(linear(x, head).float(), targets, reduction="sum")
+class _SlicedLoss(torch.autograd.Function):
+    """sliced_loss with the gradients made in the forward pass (the loss is a scalar: its backward
+    only scales them). The products run in autocast's dtype where autocast is on, as F.linear would."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, head: torch.Tensor,
+                targets: torch.Tensor) -> torch.Tensor:
+        dev = x.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        with torch.autocast(dev, enabled=False):
+            w = head.to(dtype)
+            count = (targets != -100).sum().clamp(min=1)
+            grad_x = torch.empty_like(x) if x.requires_grad else None
+            grad_w = torch.zeros(head.shape, dtype=torch.float32, device=x.device) if head.requires_grad else None
+            total = x.new_zeros((), dtype=torch.float32)
+            rows = loss_slice_rows(x.size(0), head.size(0))
+            for i in range(0, x.size(0), rows):
+                xs, ts = x[i:i + rows].to(dtype), targets[i:i + rows]
+                logits = (xs @ w.t()).float()
+                total += F.cross_entropy(logits, ts, reduction="sum")
+                # d(sum of nll)/d(logits) = softmax - one_hot, zero on rows not counted
+                grad = torch.softmax(logits, dim=-1)
+                counted = ts != -100
+                grad[counted, ts[counted]] -= 1.0
+                grad[~counted] = 0.0
+                grad = grad.to(dtype)
+                if grad_x is not None:
+                    grad_x[i:i + rows] = grad @ w
+                if grad_w is not None:
+                    if dtype == torch.float32:
+                        grad_w.addmm_(grad.t(), xs)
+                    else:
+                        grad_w += (grad.t() @ xs).float()
+        ctx.save_for_backward(*(g.div_(count) for g in (grad_x, grad_w) if g is not None))
+        ctx.has = (grad_x is not None, grad_w is not None)  # type: ignore[attr-defined]
+        ctx.head_dtype = head.dtype  # type: ignore[attr-defined]
+        return total / count
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_out: torch.Tensor) -> tuple:
+        saved = list(ctx.saved_tensors)  # type: ignore[attr-defined]
+        has_x, has_w = ctx.has  # type: ignore[attr-defined]
+        gx = saved.pop(0) * grad_out if has_x else None
+        gw = (saved.pop(0) * grad_out).to(ctx.head_dtype) if has_w else None  # type: ignore[attr-defined]
+        return gx, gw, None
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:

@@ -259,19 +259,29 @@ def attention_bf16_speedup(device: torch.device, batch: int, n_head: int, seq: i
     return _kept_speedup(keys, lambda dt: attention_rate(device, dt, shape, remeasure=True))
 
 
-def _kept_speedup(keys: list[str], rate: Callable[[torch.dtype], float]) -> float:
-    """cache[keys[0]] / cache[keys[1]]: the bf16 and the float32 rate, each measured twice in turns
-    (fp32, bf16, fp32, bf16: a busy patch of the machine slows both) when either is missing, under
+def float16_rows_speedup(device: torch.device, n_embd: int = 768, rows: int = 16) -> float:
+    """How much faster float16 matmuls of a few rows (a batch of decode steps) run than float32 here,
+    measured once per machine and then kept. CPUs differ: with AVX512-FP16 (an Intel Xeon) they run at
+    float32's speed or better, on a Zen 4 (AVX-512 without it) GPT-2-small's 16-row steps took 2.4x
+    float32's time; one-row products are fast on both (decoder.low_precision_candidates)."""
+    shapes = [tuple(s) for s in model_shapes(ModelConfig(n_embd=n_embd, n_head=1), rows)[:4]]
+    return _kept_speedup([_key(device, dt, shapes) for dt in (torch.float16, torch.float32)],
+                         lambda dt: matmul_rate(device, dt, shapes, remeasure=True), low=torch.float16)
+
+
+def _kept_speedup(keys: list[str], rate: Callable[[torch.dtype], float], low: torch.dtype = torch.bfloat16) -> float:
+    """cache[keys[0]] / cache[keys[1]]: the `low` (16-bit) and the float32 rate, each measured twice in
+    turns (fp32, low, fp32, low: a busy patch of the machine slows both) when either is missing, under
     the lock, and from then on kept as they are."""
     with locked():
         cached = _read_cache()
         if not all(k in cached for k in keys):
             for _ in range(2):
-                for dt in (torch.float32, torch.bfloat16):
+                for dt in (torch.float32, low):
                     rate(dt)
             cached = _read_cache()
     if not all(k in cached for k in keys):  # an unwritable cache: this process's own measurement
-        return rate(torch.bfloat16) / rate(torch.float32)
+        return rate(low) / rate(torch.float32)
     return cached[keys[0]]["flops_per_s"] / cached[keys[1]]["flops_per_s"]
 
 
