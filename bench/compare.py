@@ -4,6 +4,7 @@
     python bench/compare.py --rounds 2      # A, B, A, B ... for medians
     python bench/compare.py --max-iters 150 --no-gen  # a smoke test of the script itself
     python bench/compare.py --nanogpt ../nanoGPT      # also the real karpathy/nanoGPT, whole process
+    python bench/compare.py --nanogpt ../nanoGPT --rows A0,B --rounds 3   # only those rows, in turns
 
 Per round: (A) bench/nanogpt_baseline.py, nanoGPT's recipe (4x4x128, T=64, B=12, 2000 iters);
 (B) pocketgpt with exactly that recipe (same model, batch, schedule: a throughput comparison) and its
@@ -75,18 +76,26 @@ def real_nanogpt(repo: Path, out: Path, iters: int) -> dict[str, float]:
                 val=float(vals[-1]) if vals else float("nan"), rss=rss, process_s=wall)
 
 
-def one_round(tmp: Path, data: Path, r: int, iters: int, repo: Path | None = None) -> dict[str, dict[str, float]]:
+ROWS = ("A0", "A", "B", "B0", "B2", "C")
+
+
+def one_round(tmp: Path, data: Path, r: int, iters: int, repo: Path | None = None,
+              wanted: tuple[str, ...] = ROWS) -> dict[str, dict[str, float]]:
     rows: dict[str, dict[str, float]] = {}
-    if repo is not None:
+    if repo is not None and "A0" in wanted:
         rows["A0 real nanoGPT (train.py; val: its estimate)"] = real_nanogpt(repo, tmp / f"nanogpt{r}", iters)
-    wall, rss, _ = run_measured([sys.executable, str(HERE / "nanogpt_baseline.py"), "--no-gen",
-                                 "--max-iters", str(iters), "--lr-decay-iters", str(iters),
-                                 "--json", str(tmp / f"base{r}.json")])
-    base = json.loads((tmp / f"base{r}.json").read_text())
-    rows["A nanoGPT recipe (baseline)"] = dict(tokens_per_s=base["tokens_per_s"], train_s=base["train_wall_s"],
-                                               val=base["full_val_loss"], rss=rss, process_s=wall)
+    base = None
+    if "A" in wanted or "C" in wanted:  # C trains for A's wall time
+        wall, rss, _ = run_measured([sys.executable, str(HERE / "nanogpt_baseline.py"), "--no-gen",
+                                     "--max-iters", str(iters), "--lr-decay-iters", str(iters),
+                                     "--json", str(tmp / f"base{r}.json")])
+        base = json.loads((tmp / f"base{r}.json").read_text())
+        rows["A nanoGPT recipe (baseline)"] = dict(tokens_per_s=base["tokens_per_s"], train_s=base["train_wall_s"],
+                                                   val=base["full_val_loss"], rss=rss, process_s=wall)
 
     def pocketgpt_row(name: str, folder: str, *flags: str) -> None:
+        if name.split()[0] not in wanted:
+            return
         run = tmp / f"{folder}{r}"
         wall, rss, _ = run_measured(common.pocketgpt_cmd("train", "--data", str(data), "--out", str(run), *flags,
                                                          *common.QUIET))
@@ -97,7 +106,8 @@ def one_round(tmp: Path, data: Path, r: int, iters: int, repo: Path | None = Non
     pocketgpt_row("B pocketgpt, same recipe", "same", *recipe)
     pocketgpt_row("B0 pocketgpt, same recipe, float32", "fp32", *recipe, "--dtype", "float32")
     pocketgpt_row("B2 pocketgpt, same recipe, compile", "compiled", *recipe, "--compile", "true")
-    pocketgpt_row("C pocketgpt demo recipe, same time", "best", "--max-time", f"{base['train_wall_s']:.1f}")
+    if base is not None:
+        pocketgpt_row("C pocketgpt demo recipe, same time", "best", "--max-time", f"{base['train_wall_s']:.1f}")
     return rows
 
 
@@ -107,13 +117,15 @@ def main() -> None:
     ap.add_argument("--max-iters", type=int, default=2000, help="iterations of nanoGPT's recipe (A, B, B0, B2)")
     ap.add_argument("--no-gen", action="store_true", help="skip the generation table (bench/bench_generate.py)")
     ap.add_argument("--nanogpt", type=Path, help="a karpathy/nanoGPT checkout: run its train.py too (A0)")
+    ap.add_argument("--rows", default=",".join(ROWS), help="the rows to run, comma-separated (C runs A too)")
     args = ap.parse_args()
+    wanted = tuple(args.rows.split(","))
     repo = args.nanogpt.resolve() if args.nanogpt else None
     if repo is not None and not (repo / "train.py").is_file():
         sys.exit(f"--nanogpt {repo}: no train.py there; give a checkout of karpathy/nanoGPT")
     with common.scratch() as tmp:
         data = common.prepare_bundled(tmp / "data")
-        rounds = [one_round(tmp, data, r, args.max_iters, repo) for r in range(args.rounds)]
+        rounds = [one_round(tmp, data, r, args.max_iters, repo, wanted) for r in range(args.rounds)]
     print(f"pocketgpt vs nanoGPT's CPU recipe, median of {args.rounds} round(s) (A, B, C interleaved)")
     print(f"{'run':46s} {'tokens/s':>9s} {'train s':>8s} {'process s':>10s} {'full val':>9s} {'peak RSS MB':>12s}")
     med = {name: common.medians([r[name] for r in rounds]) for name in rounds[0]}
@@ -121,9 +133,9 @@ def main() -> None:
         print(f"{name:46s} {m['tokens_per_s']:9,.0f} {m['train_s']:8.1f} {m['process_s']:10.1f} {m['val']:9.4f} "
               f"{m['rss']:12.0f}")
     tps = {name.split()[0]: m["tokens_per_s"] for name, m in med.items()}  # "A0", "A", "B", "B0", "B2", "C"
-    a = tps["A"]
-    print(f"throughput ratio B/A: {tps['B'] / a:.2f}x, B0/A: {tps['B0'] / a:.2f}x, B2/A: {tps['B2'] / a:.2f}x")
-    if "A0" in tps:
+    if "A" in tps:
+        print("throughput ratio " + ", ".join(f"{k}/A: {tps[k] / tps['A']:.2f}x" for k in ("B", "B0", "B2") if k in tps))
+    if "A0" in tps and "B" in tps:
         proc = {name.split()[0]: m["process_s"] for name, m in med.items()}
         print(f"against the real nanoGPT: step tokens/s B/A0 {tps['B'] / tps['A0']:.2f}x; whole process "
               f"A0/B {proc['A0'] / proc['B']:.2f}x (same {args.max_iters} iterations, evals included)")

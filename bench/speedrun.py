@@ -20,6 +20,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py, wherever this is started from
 import common  # noqa: E402
@@ -44,12 +45,14 @@ def seconds(budget: str) -> float:
     return parse_duration(budget)
 
 
-def one_run(data: Path, run: Path, preset: str, budget: str, extra: list[str]) -> dict[str, float]:
+def one_run(data: Path, run: Path, preset: str, budget: str, extra: list[str]) -> dict[str, Any]:
     t0 = time.perf_counter()
     common.train(data, run, "--preset", preset, "--max-time", budget, "--sample-tokens", "0", *extra)
     wall = time.perf_counter() - t0
-    got = common.evaluate(run)
-    return {"loss": got["loss"], "bpb": got["bits_per_byte"], "wall": wall, "iters": common.info(run)["iters"]}
+    got, about = common.evaluate(run), common.info(run)
+    m = about["config"]["model"]
+    shape = f"{m['n_layer']}x{m['n_head']}x{m['n_embd']}, context {m['block_size']}, {about['parameters'] / 1e6:.2f}M"
+    return {"loss": got["loss"], "bpb": got["bits_per_byte"], "wall": wall, "iters": about["iters"], "shape": shape}
 
 
 def main() -> None:
@@ -66,7 +69,7 @@ def main() -> None:
     presets = args.presets.split(",")
     print(f"{cpu_model()}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"{' '.join(extra)}".rstrip("; "), flush=True)
-    runs: dict[tuple[str, str], list[dict[str, float]]] = {(p, b): [] for b in budgets for p in presets}
+    runs: dict[tuple[str, str], list[dict[str, Any]]] = {(p, b): [] for b in budgets for p in presets}
     with common.scratch() as tmp:
         data = common.prepare_bundled(tmp / "data")
         for rep in range(args.repeats):
@@ -74,7 +77,7 @@ def main() -> None:
                 got = one_run(data, tmp / f"run-{preset}-{b}-{rep}", preset, b, extra)
                 runs[(preset, b)].append(got)
                 print(f"  {preset} {b} run {rep + 1}: full val {got['loss']:.4f}, {got['iters']} iters, "
-                      f"{got['wall']:.0f} s in all", flush=True)
+                      f"{got['wall']:.0f} s in all ({got['shape']})", flush=True)
     print("\n| preset | budget | full val loss (median) | per run | bits per byte | iterations | whole process (s) |")
     print("|---|---|---:|---|---:|---:|---:|")
     reached: dict[str, str] = {}

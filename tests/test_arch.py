@@ -142,3 +142,11 @@ def test_gpt2_refuses_each_new_option_by_name(opts, word):
     problems = gpt2.cannot(tiny(**opts))
     assert len(problems) == 1 and word in problems[0]
     assert gpt2.cannot(tiny(norm_eps=1e-5, qkv_bias=True)) == []  # GPT-2's own epsilon; other biases zero
+
+
+def test_every_presets_model_exports_to_transformers_and_gguf():
+    from pocketgpt.config import build_train_config, list_presets
+
+    for name in list_presets():
+        m = build_train_config(preset=name).model  # fine-tune presets keep their base's shape: the defaults here
+        assert arch.fitting(m) is not None and arch.fitting(m, gguf=True) is not None, name

@@ -213,6 +213,11 @@ class RunConfig:
     # keep only each block's input for the backward pass and run the block again there: activations of about
     # one layer instead of all, for one more forward pass a step (bench/lora_memory.py measures both)
     gradient_checkpointing: bool = False
+    # short contexts first: windows of short_context tokens (0 = off), doubling up to block_size over the first
+    # short_context_fraction of the run (progress as the learning rate's: by seconds under a time budget), with
+    # block_size // context times the rows, so a step reads as many tokens (data.context_at)
+    short_context: int = 0
+    short_context_fraction: float = 0.3
     sample_tokens: int = 300  # length of the sample printed when training ends
     eval_sample_tokens: int = 200  # a sample at every eval, to samples.txt and the console; 0 = off
     early_stop_patience: int = 0  # stop after this many evals without a better val loss; 0 = off
@@ -490,6 +495,10 @@ def validate(cfg: TrainConfig) -> None:
         (r.sample_tokens >= 0, f"sample_tokens must be zero or positive, got {r.sample_tokens}"),
         (r.eval_sample_tokens >= 0, f"eval_sample_tokens must be zero or positive, got {r.eval_sample_tokens}"),
         (r.early_stop_patience >= 0, f"early_stop_patience must be zero (off) or positive, got {r.early_stop_patience}"),
+        (r.short_context == 0 or 1 <= r.short_context < m.block_size,
+         f"short_context must be zero (off) or from 1 to block_size - 1 ({m.block_size - 1}), got {r.short_context}"),
+        (0.0 < r.short_context_fraction <= 1.0,
+         f"short_context_fraction must be in (0, 1], got {r.short_context_fraction}"),
         (r.device in DEVICES or re.fullmatch(r"cuda:\d+", r.device) is not None,
          f"device must be one of {', '.join(DEVICES)} (or cuda:N), got '{r.device}'" + nearest(r.device, DEVICES)),
         _choice("parallel", r.parallel, PARALLEL),

@@ -154,15 +154,38 @@ class BatchSampler:
         if self.n_starts < 1:
             raise PocketError(f"need at least block_size + 1 = {block_size + 1} tokens, have {len(tokens)}")
         self.rows, self._mine = rank_rows(batch_size, share)
+        self.share = share
         self._offsets = np.arange(block_size + 1)
 
-    def batch(self, step: int, micro: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    def batch(self, step: int, micro: int = 0, context: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The (rows, context) inputs and targets of (step, micro): batch_size windows of block_size tokens, or,
+        with a shorter context (short contexts first), block_size // context times as many shorter windows."""
         rng = np.random.default_rng([self.seed, step, micro])
+        if context is None or context >= self.block_size:
+            n_starts, batch_size, mine, offsets = self.n_starts, self.batch_size, self._mine, self._offsets
+        else:
+            n_starts, batch_size = len(self.tokens) - context, self.batch_size * (self.block_size // context)
+            mine, offsets = rank_rows(batch_size, self.share)[1], np.arange(context + 1)
         # every rank draws all the starts (cheap) and reads only its own rows' tokens
-        starts = rng.integers(0, self.n_starts, size=self.batch_size)[self._mine]
+        starts = rng.integers(0, n_starts, size=batch_size)[mine]
         # one fancy-indexing gather; only the touched pages of the memmap are read
-        window = self.tokens[starts[:, None] + self._offsets].astype(np.int64)
+        window = self.tokens[starts[:, None] + offsets].astype(np.int64)
         return window[:, :-1], window[:, 1:]
+
+
+SHORT_CONTEXT_CHATS = ("short_context cuts text into shorter windows, but conversations are packed whole into the "
+                       "context; drop --short-context")
+
+
+def context_at(block_size: int, short_context: int, fraction: float, progress: float) -> int:
+    """The window length at a run's progress (0..1) with short contexts first: short_context, doubled in equal
+    shares of the first `fraction` of the run up to block_size, then block_size (short_context 0: always)."""
+    if not short_context or progress >= fraction:
+        return block_size
+    stages = [short_context]
+    while stages[-1] * 2 < block_size:
+        stages.append(stages[-1] * 2)
+    return stages[min(len(stages) - 1, int(progress / fraction * len(stages)))]
 
 
 def rank_rows(batch_size: int, share: tuple[int, int]) -> tuple[int, slice]:

@@ -385,6 +385,10 @@ def _launch_finetune(req: TrainRequest, overrides: dict[str, Any], out: Path,
         raise PocketError("give either INPUT files or --data, not both")
     given = given_keys(req, overrides)[0]
     check_lora(given, has_base=True)  # bad keys (and LoRA with Muon) fail before the base loads
+    if chats and given.run.short_context:
+        from .data import SHORT_CONTEXT_CHATS
+
+        raise PocketError(SHORT_CONTEXT_CHATS)
     rundir.check_for_training(out, resume=False, overwrite=req.overwrite)
     say = echo or print
     conversations = _read_chats(req) if chats else None  # a bad line fails here, before anything loads

@@ -31,7 +31,8 @@ import torch
 from . import autotune, cpuload, distributed, evalsteps, faults, fsdp, plan, rundir
 from .checkpoint import disk_errors
 from .config import RunConfig, TrainConfig
-from .data import TOKENIZER as DATA_TOKENIZER, TrainData, open_training_data, read_meta
+from .data import SHORT_CONTEXT_CHATS, TOKENIZER as DATA_TOKENIZER, BatchSampler, TrainData, context_at
+from .data import open_training_data, read_meta
 from .distributed import Group
 from .errors import PocketError, TrainingDiverged
 from .files import atomic_write
@@ -122,8 +123,9 @@ class Trainer:
             return t.pin_memory().to(self.runtime.device, non_blocking=True)
         return t.to(self.runtime.device)
 
-    def step(self, it: int, lr: float) -> tuple[float, float]:
+    def step(self, it: int, lr: float, context: int | None = None) -> tuple[float, float]:
         """Forward/backward over grad_accum_steps micro-batches and one update; (loss, grad norm).
+        context: the window length of a step with short contexts first (data.context_at), else block_size.
 
         On steps that do not read them (see read_every_step) both come back as NaN.
         """
@@ -135,7 +137,8 @@ class Trainer:
             torch.manual_seed(int(np.random.SeedSequence([r.seed, self.group.rank, it]).generate_state(1)[0]))
         total = torch.zeros((), device=self.runtime.device)
         for micro in range(r.grad_accum_steps):
-            x, y = (self._to_device(a) for a in self.sampler.batch(it, micro))
+            x, y = (self._to_device(a) for a in (self.sampler.batch(it, micro, context) if context
+                                                  else self.sampler.batch(it, micro)))
             with self.net.sync(last=micro == r.grad_accum_steps - 1):
                 with self.runtime.autocast():
                     _, loss = self.net(x, y, self.log.say)
@@ -281,7 +284,6 @@ class Trainer:
     # -- the loop -------------------------------------------------------------
     def run(self) -> RunState:
         r, s = self.cfg.run, self.state
-        tokens_per_iter = r.batch_size * r.grad_accum_steps * self.cfg.model.block_size
         self.last_read_iter = s.iter
         threads = torch.get_num_threads()
         try:
@@ -296,42 +298,45 @@ class Trainer:
             budget = (r.max_time, s.elapsed, "s") if r.max_time else (r.max_iters, s.iter, "it")
             self.log.start_progress(*budget)
             try:
-                return self._loop(tokens_per_iter)
+                return self._loop()
             finally:
                 self.log.close_progress()
         finally:
             torch.set_num_threads(threads)  # the process's own setting again (train() may be one call of many)
 
-    def _loop(self, tokens_per_iter: int) -> RunState:
+    def _loop(self) -> RunState:
         r, s = self.cfg.run, self.state
-        window_start, window_iters, evaluated_at = time.perf_counter(), 0, -1
+        window_start, window_iters, window_tokens, evaluated_at = time.perf_counter(), 0, 0, -1
+        context = self.cfg.model.block_size
         self.clock.restart()
         while (s.iter < r.max_iters and not _time_spent(r, s) and not self.stop_requested
                and not self.early_stopped):
             for hook in self.step_hooks:
                 hook(s.iter, self.model)
-            lr = lr_at(self.cfg.optim, s.iter,
-                       progress(self.cfg.optim, s.iter, r.max_iters, s.elapsed, r.max_time))
+            p = progress(self.cfg.optim, s.iter, r.max_iters, s.elapsed, r.max_time)
+            lr = lr_at(self.cfg.optim, s.iter, p)
+            context = self._context(p, context)
             with self.tuner.step():
-                loss, grad_norm = self.step(s.iter, lr)
+                loss, grad_norm = self.step(s.iter, lr, context if r.short_context else None)
             s.compile, s.threads = self.tuner.compile, self.tuner.threads
             self._follow_load()
             s.iter += 1
-            s.tokens_seen += tokens_per_iter
+            tokens = r.batch_size * (self.cfg.model.block_size // context) * context * r.grad_accum_steps
+            s.tokens_seen += tokens
             if not math.isnan(loss):
                 s.last_train_loss = loss
-            window_iters += 1
+            window_iters, window_tokens = window_iters + 1, window_tokens + tokens
             if s.iter % r.log_interval == 0:
                 seconds = time.perf_counter() - window_start
-                self._log_train(loss, lr, grad_norm, seconds, window_iters, tokens_per_iter)
-                window_start, window_iters = time.perf_counter(), 0
+                self._log_train(loss, lr, grad_norm, seconds, window_iters, window_tokens)
+                window_start, window_iters, window_tokens = time.perf_counter(), 0, 0
             self.clock.tick(s)
             self.log.progress(s.elapsed if r.max_time else s.iter, loss=_shown(s.last_train_loss),
                               val=_shown(s.best_val_loss))
             if s.iter % r.eval_interval == 0:
                 self.evaluate()  # its time up to the save is in s.elapsed now, the rest in the next step's
                 evaluated_at = s.iter
-                window_start = time.perf_counter()
+                window_start, window_iters, window_tokens = time.perf_counter(), 0, 0
             # every rank leaves the loop at the same step: a stop on any rank, and one clock for max_time
             stop, s.elapsed = self.group.agree(self.interrupted, s.elapsed)
             self.stop_requested = self.stop_requested or stop
@@ -363,9 +368,18 @@ class Trainer:
             left = min(left, max(0.0, r.max_time - s.elapsed) / max(step_s, 1e-9))
         return left
 
-    def _log_train(self, loss: float, lr: float, grad_norm: float, seconds: float, iters: int, tpi: int) -> None:
+    def _context(self, p: float, before: int) -> int:
+        """The window length at progress p (short contexts first), said when it changes."""
+        r, block = self.cfg.run, self.cfg.model.block_size
+        now = context_at(block, r.short_context, r.short_context_fraction, p)
+        if r.short_context and (now != before or self.state.iter == 0 and now < block):
+            self.log.say(f"context: windows of {now} tokens, {r.batch_size * (block // now)} rows a micro-batch"
+                         + (" (short contexts first)" if now < block else ""))
+        return now
+
+    def _log_train(self, loss: float, lr: float, grad_norm: float, seconds: float, iters: int, tokens: int) -> None:
         ms = 1000 * seconds / max(iters, 1)
-        tps = tpi * iters / max(seconds, 1e-9)
+        tps = tokens / max(seconds, 1e-9)
         s = self.state
         gpu = self._hw_metrics(tps)
         self.log.write({"iter": s.iter, "loss": loss, "lr": lr, "tokens_per_s": round(tps, 1),
@@ -411,7 +425,10 @@ class TrainResult:
 
 def _open_data(cfg: TrainConfig, data_dir: Path, group: Group) -> TrainData:
     """The splits and samplers for this rank's share of every global batch."""
-    return open_training_data(data_dir, cfg.model.block_size, cfg.run.batch_size, cfg.run.seed, group.share)
+    data = open_training_data(data_dir, cfg.model.block_size, cfg.run.batch_size, cfg.run.seed, group.share)
+    if cfg.run.short_context and not isinstance(data.sampler, BatchSampler):
+        raise PocketError(SHORT_CONTEXT_CHATS)
+    return data
 
 
 def train(
