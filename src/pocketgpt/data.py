@@ -164,7 +164,7 @@ class BatchSampler:
         if context is None or context >= self.block_size:
             n_starts, batch_size, mine, offsets = self.n_starts, self.batch_size, self._mine, self._offsets
         else:
-            n_starts, batch_size = len(self.tokens) - context, self.batch_size * (self.block_size // context)
+            n_starts, batch_size = len(self.tokens) - context, context_rows(self.batch_size, self.block_size, context)
             mine, offsets = rank_rows(batch_size, self.share)[1], np.arange(context + 1)
         # every rank draws all the starts (cheap) and reads only its own rows' tokens
         starts = rng.integers(0, n_starts, size=batch_size)[mine]
@@ -175,6 +175,12 @@ class BatchSampler:
 
 SHORT_CONTEXT_CHATS = ("short_context cuts text into shorter windows, but conversations are packed whole into the "
                        "context; drop --short-context")
+
+
+def context_rows(batch_size: int, block_size: int, context: int) -> int:
+    """Rows of a micro-batch of windows of `context` tokens: block_size // context times batch_size, so that a
+    step with short contexts first reads (about) the tokens of one at the full context."""
+    return batch_size * (block_size // context)
 
 
 def context_at(block_size: int, short_context: int, fraction: float, progress: float) -> int:

@@ -649,11 +649,12 @@ class _SlicedLoss(torch.autograd.Function):
             rows = loss_slice_rows(x.size(0), head.size(0))
             for i in range(0, x.size(0), rows):
                 xs, ts = x[i:i + rows].to(dtype), targets[i:i + rows]
-                logits = (xs @ w.t()).float()
-                total += F.cross_entropy(logits, ts, reduction="sum")
-                # d(sum of nll)/d(logits) = softmax - one_hot, zero on rows not counted
-                grad = torch.softmax(logits, dim=-1)
+                # one log-softmax gives both the loss and, exponentiated, its gradient
+                logp = torch.log_softmax((xs @ w.t()).float(), dim=-1)
                 counted = ts != -100
+                total -= logp[counted, ts[counted]].sum()
+                # d(sum of nll)/d(logits) = softmax - one_hot, zero on rows not counted
+                grad = logp.exp_()
                 grad[counted, ts[counted]] -= 1.0
                 grad[~counted] = 0.0
                 grad = grad.to(dtype)

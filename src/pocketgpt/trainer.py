@@ -31,7 +31,7 @@ import torch
 from . import autotune, cpuload, distributed, evalsteps, faults, fsdp, plan, rundir
 from .checkpoint import disk_errors
 from .config import RunConfig, TrainConfig
-from .data import SHORT_CONTEXT_CHATS, TOKENIZER as DATA_TOKENIZER, BatchSampler, TrainData, context_at
+from .data import SHORT_CONTEXT_CHATS, TOKENIZER as DATA_TOKENIZER, BatchSampler, TrainData, context_at, context_rows
 from .data import open_training_data, read_meta
 from .distributed import Group
 from .errors import PocketError, TrainingDiverged
@@ -321,7 +321,7 @@ class Trainer:
             s.compile, s.threads = self.tuner.compile, self.tuner.threads
             self._follow_load()
             s.iter += 1
-            tokens = r.batch_size * (self.cfg.model.block_size // context) * context * r.grad_accum_steps
+            tokens = context_rows(r.batch_size, self.cfg.model.block_size, context) * context * r.grad_accum_steps
             s.tokens_seen += tokens
             if not math.isnan(loss):
                 s.last_train_loss = loss
@@ -372,8 +372,9 @@ class Trainer:
         """The window length at progress p (short contexts first), said when it changes."""
         r, block = self.cfg.run, self.cfg.model.block_size
         now = context_at(block, r.short_context, r.short_context_fraction, p)
-        if r.short_context and (now != before or self.state.iter == 0 and now < block):
-            self.log.say(f"context: windows of {now} tokens, {r.batch_size * (block // now)} rows a micro-batch"
+        if r.short_context and now != before:  # (the loop starts from block_size: a short first context is said)
+            rows = context_rows(r.batch_size, block, now)
+            self.log.say(f"context: windows of {now} tokens, {rows} rows a micro-batch"
                          + (" (short contexts first)" if now < block else ""))
         return now
 
