@@ -45,6 +45,22 @@ def losses_by_iter(run_dir: Path, key: str = "loss") -> dict[int, float]:
     return {m["iter"]: m[key] for m in metrics(run_dir) if key in m}
 
 
+def assert_resumes_exactly(data_dir: Path, root: Path, stop_at: int, echo=None, **keys) -> dict[int, float]:
+    """Train tiny_config(**keys) straight through (its lines to echo), and again stopped after `stop_at` steps then
+    resumed: the same train loss at every step (1e-5: float rounding). The straight run's {iter: loss}, in
+    root/straight."""
+    from pocketgpt.trainer import train
+
+    train(tiny_config(**keys), data_dir, root / "straight", echo=echo or (lambda s: None))
+    train(tiny_config(**{**keys, "max_iters": stop_at}), data_dir, root / "resumed", echo=lambda s: None)
+    train(tiny_config(**keys), data_dir, root / "resumed", resume=True, echo=lambda s: None)
+    a, b = losses_by_iter(root / "straight"), losses_by_iter(root / "resumed")
+    assert list(a) == list(b) == list(range(1, keys["max_iters"] + 1))
+    for it in a:
+        assert abs(a[it] - b[it]) <= 1e-5, it
+    return a
+
+
 # ---------------------------------------------------------------- a CLI whose saves pause half-way
 
 # The real `pocketgpt` command, in its own process, with every last/ save wrapped from outside: after

@@ -141,6 +141,48 @@ def test_muon_step_equals_the_per_matrix_rule():
         assert torch.allclose(p.detach(), r, atol=1e-6)
 
 
+def test_cautious_weight_decay_shrinks_only_where_the_step_agrees_in_sign():
+    """Muon's decay: w - lr * (scale * O + wd * w * [O * w > 0]) with O the orthogonalised step."""
+    torch.manual_seed(3)
+    w0, g = torch.randn(32, 16), torch.randn(32, 16)
+    plain, decayed = torch.nn.Parameter(w0.clone()), torch.nn.Parameter(w0.clone())
+    for p, wd in ((plain, 0.0), (decayed, 0.5)):
+        p.grad = g.clone()
+        Muon([p], lr=0.1, momentum=0.0, weight_decay=wd).step()
+    step = orthogonalize(g)
+    agree = step * w0 > 0
+    assert 0.2 < agree.float().mean() < 0.8  # both kinds of coordinate are tested
+    want = w0 - 0.1 * 2 ** 0.5 * step - 0.1 * 0.5 * w0 * agree
+    assert torch.allclose(decayed.detach(), want, atol=1e-6)
+    # where they disagree the decay is off: those weights moved exactly as without it
+    assert torch.equal(decayed.detach()[~agree], plain.detach()[~agree])
+    assert decayed.detach().norm() < plain.detach().norm()  # and the matrix shrinks
+
+
+def test_muon_momentum_warms_up_by_the_step_alone():
+    from pocketgpt.config import OptimConfig
+    from pocketgpt.optim import muon_momentum_at, set_muon_momentum
+
+    cfg = OptimConfig(optimizer="muon", muon_momentum=0.95, muon_momentum_warmup=100)
+    seen = [muon_momentum_at(cfg, it) for it in (0, 50, 100, 500)]
+    assert seen == pytest.approx([0.85, 0.90, 0.95, 0.95])
+    assert muon_momentum_at(OptimConfig(muon_momentum=0.95), 0) == 0.95  # no warmup: the setting throughout
+    assert muon_momentum_at(OptimConfig(muon_momentum=0.5, muon_momentum_warmup=10), 0) == 0.5  # never above it
+    model = GPT(ModelConfig(vocab_size=29, block_size=16, n_layer=2, n_head=2, n_embd=16))
+    opts = make_optimizers(model, cfg, torch.device("cpu"))
+    set_muon_momentum(opts, 0.9)
+    assert [g["momentum"] for g in opts[1].param_groups] == [0.9]
+    assert all("momentum" not in g for g in opts[0].param_groups)  # AdamW untouched
+
+
+def test_muon_options_train_and_resume_exactly(data_dir, tmp_path):
+    from helpers import assert_resumes_exactly
+
+    a = assert_resumes_exactly(data_dir, tmp_path, 15, max_iters=30, lr_decay_iters=30, eval_interval=15,
+                               optimizer="muon", muon_momentum_warmup=20, muon_weight_decay=0.1)
+    assert a[30] < a[1] - 0.3
+
+
 def test_a_bf16_run_orthogonalises_in_bf16():
     from pocketgpt.config import OptimConfig
 

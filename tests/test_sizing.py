@@ -7,7 +7,8 @@ import pytest
 from helpers import run_cli
 from pocketgpt.config import ModelConfig
 from pocketgpt.errors import PocketError
-from pocketgpt.sizing import estimate_memory_mb, gpu_peak_flops, parse_memory, plan_auto
+from pocketgpt.sizing import (DROPOUT_PASSES, TOKENS_PER_PARAM, estimate_memory_mb, gpu_peak_flops, parse_memory,
+                              plan_auto)
 
 SHAKESPEARE = dict(train_tokens=1_003_854, val_tokens=111_540, vocab_size=65)
 CPU = 60e9  # training FLOP/s
@@ -87,7 +88,28 @@ def test_plan_uses_the_measured_recipe():
     p = plan_auto(**SHAKESPEARE, seconds=600, memory_mb=8000, flops_per_s=CPU)
     assert p.keys["optimizer"] == "muon" and p.keys["schedule"] == "wsd" and p.keys["pos_emb"] == "rope"
     assert p.keys["n_embd"] % p.keys["n_head"] == 0 and p.keys["max_time"] == 600
-    assert p.tokens_expected >= 5 * p.params and "parameters" in p.reasons[0]
+    assert p.tokens_expected >= TOKENS_PER_PARAM * p.params and "parameters" in p.reasons[0]
+
+
+def test_dropout_follows_the_passes_over_the_corpus():
+    for seconds in (60, 300, 600, 1800, 3600, 36000):
+        p = plan_auto(**SHAKESPEARE, seconds=seconds, memory_mb=8000, flops_per_s=CPU)
+        passes = p.tokens_expected / SHAKESPEARE["train_tokens"]
+        assert (p.keys["dropout"] > 0) == (passes > DROPOUT_PASSES), (seconds, passes)
+        assert p.keys["attention_dropout"] is False  # a CPU step pays ~25 % for it in attention
+    short = plan_auto(**SHAKESPEARE, seconds=60, memory_mb=8000, flops_per_s=CPU)
+    long = plan_auto(**SHAKESPEARE, seconds=36000, memory_mb=8000, flops_per_s=CPU)
+    assert short.keys["dropout"] == 0 and long.keys["dropout"] > 0
+
+
+def test_the_rule_picks_the_largest_shape_with_enough_tokens():
+    from pocketgpt.sizing import LADDER, auto_model
+
+    p = plan_auto(**SHAKESPEARE, seconds=600, memory_mb=8000, flops_per_s=CPU)
+    k = p.keys
+    chosen = LADDER.index((k["n_layer"], k["n_embd"], k["block_size"]))
+    bigger = auto_model(*LADDER[chosen + 1], 65)
+    assert 600 * CPU / bigger.flops_per_token() < TOKENS_PER_PARAM * bigger.param_count()
 
 
 @pytest.mark.parametrize("text,mb", [("4GB", 4096), ("512MB", 512), ("1.5g", 1536), ("800", 800)])

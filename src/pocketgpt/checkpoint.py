@@ -40,6 +40,7 @@ CHECKPOINT_FORMAT_VERSION = 1
 LAST = "last"  # the resume folder in a run folder
 LAST_OLD = "last.old"  # the previous last/ while a new one is swapped in
 WEIGHTS = "model.safetensors"  # inside last/
+AVERAGE = "ema.safetensors"  # inside last/: the moving average of the weights (optim.ema_decay), when kept
 OPTIMIZER = "optimizer.pt"  # inside last/
 RNG = "rng.safetensors"  # inside last/
 STATE = "state.json"  # inside last/, written last: its presence marks a complete folder
@@ -210,6 +211,7 @@ def save_resume_state(
     optimizer_state: dict[str, Any],
     rng: dict[str, "torch.Tensor"],
     state: dict[str, Any],
+    average: "torch.nn.Module | None" = None,
 ) -> None:
     """Write last/ as a whole: a fresh temp folder, then swapped in with renames. A refused write removes
     the temp folder and says so in one line; last/ is then as it was."""
@@ -222,6 +224,8 @@ def save_resume_state(
     try:
         tmp.mkdir(parents=True)
         save_weights(model, tmp / WEIGHTS)
+        if average is not None:
+            save_weights(average, tmp / AVERAGE)
         atomic_write(tmp / OPTIMIZER, lambda p: torch.save(optimizer_state, p))
         atomic_write(tmp / RNG, lambda p: save_file(rng, str(p)))
         # state.json last: its presence marks a complete folder

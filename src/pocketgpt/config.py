@@ -188,6 +188,9 @@ class OptimConfig:
     optimizer: str = "adamw"  # adamw | muon (Muon on hidden matrices, AdamW on the rest)
     muon_lr: float = 0.02
     muon_momentum: float = 0.95
+    muon_momentum_warmup: int = 0  # steps over which Muon's momentum rises from 0.85 to muon_momentum; 0 = off
+    muon_weight_decay: float = 0.0  # cautious decoupled decay of Muon's matrices (where step and weight agree in sign)
+    ema_decay: float = 0.0  # evals and the saved model use an exponential moving average of the weights; 0 = off
 
 
 @dataclass
@@ -218,6 +221,10 @@ class RunConfig:
     # block_size // context times the rows, so a step reads as many tokens (data.context_at)
     short_context: int = 0
     short_context_fraction: float = 0.3
+    # small batches first: micro-batches of small_batch rows (0 = off), doubling up to batch_size over the first
+    # small_batch_fraction of the run (progress as above): more, cheaper updates while the gradients point one way
+    small_batch: int = 0
+    small_batch_fraction: float = 0.3
     sample_tokens: int = 300  # length of the sample printed when training ends
     eval_sample_tokens: int = 200  # a sample at every eval, to samples.txt and the console; 0 = off
     early_stop_patience: int = 0  # stop after this many evals without a better val loss; 0 = off
@@ -473,6 +480,9 @@ def validate(cfg: TrainConfig) -> None:
         _choice("optimizer", o.optimizer, OPTIMIZERS),
         (o.muon_lr > 0, f"muon_lr must be positive, got {o.muon_lr}"),
         (0.0 <= o.muon_momentum < 1.0, f"muon_momentum must be in [0, 1), got {o.muon_momentum}"),
+        (o.muon_momentum_warmup >= 0, f"muon_momentum_warmup must be zero or positive, got {o.muon_momentum_warmup}"),
+        (o.muon_weight_decay >= 0, f"muon_weight_decay must be zero or positive, got {o.muon_weight_decay}"),
+        (0.0 <= o.ema_decay < 1.0, f"ema_decay must be zero (off) or in (0, 1), e.g. 0.998; got {o.ema_decay}"),
         (o.learning_rate > 0, f"learning_rate must be positive, got {o.learning_rate}"),
         (o.min_lr >= 0, f"min_lr must be zero or positive, got {o.min_lr}"),
         (o.warmup_iters >= 0, f"warmup_iters must be zero or positive, got {o.warmup_iters}"),
@@ -499,6 +509,9 @@ def validate(cfg: TrainConfig) -> None:
          f"short_context must be zero (off) or from 1 to block_size - 1 ({m.block_size - 1}), got {r.short_context}"),
         (0.0 < r.short_context_fraction <= 1.0,
          f"short_context_fraction must be in (0, 1], got {r.short_context_fraction}"),
+        (r.small_batch == 0 or 1 <= r.small_batch < r.batch_size,
+         f"small_batch must be zero (off) or from 1 to batch_size - 1 ({r.batch_size - 1}), got {r.small_batch}"),
+        (0.0 < r.small_batch_fraction <= 1.0, f"small_batch_fraction must be in (0, 1], got {r.small_batch_fraction}"),
         (r.device in DEVICES or re.fullmatch(r"cuda:\d+", r.device) is not None,
          f"device must be one of {', '.join(DEVICES)} (or cuda:N), got '{r.device}'" + nearest(r.device, DEVICES)),
         _choice("parallel", r.parallel, PARALLEL),
@@ -566,6 +579,9 @@ def check_lora(cfg: TrainConfig, has_base: bool) -> None:
         raise PocketError(f"lora_rank {cfg.lora.lora_rank}: LoRA trains small adapters on a pretrained model's "
                           "frozen weights, and a model trained from scratch has nothing to adapt; add --init-from "
                           "MODEL (e.g. gpt2, a Hugging Face folder or a run folder) or drop --lora-rank")
+    if cfg.optim.ema_decay:
+        raise PocketError("ema_decay: a LoRA run's average would copy the whole frozen base for adapters alone; "
+                          "drop --ema-decay with LoRA")
     if cfg.optim.optimizer == "muon":
         raise PocketError("optimizer muon: with LoRA only the adapters train, and they train with AdamW (Muon's "
                           "orthogonalised step is made for whole weight matrices, not rank-r factors); drop "

@@ -157,14 +157,18 @@ class BatchSampler:
         self.share = share
         self._offsets = np.arange(block_size + 1)
 
-    def batch(self, step: int, micro: int = 0, context: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def batch(self, step: int, micro: int = 0, context: int | None = None,
+              rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The (rows, context) inputs and targets of (step, micro): batch_size windows of block_size tokens, or,
-        with a shorter context (short contexts first), block_size // context times as many shorter windows."""
+        with a shorter context (short contexts first), block_size // context times as many shorter windows;
+        rows: the global micro-batch's rows at the full context when smaller than batch_size (small batches first)."""
         rng = np.random.default_rng([self.seed, step, micro])
-        if context is None or context >= self.block_size:
+        rows = rows or self.batch_size
+        if (context is None or context >= self.block_size) and rows == self.batch_size:
             n_starts, batch_size, mine, offsets = self.n_starts, self.batch_size, self._mine, self._offsets
         else:
-            n_starts, batch_size = len(self.tokens) - context, context_rows(self.batch_size, self.block_size, context)
+            context = min(context or self.block_size, self.block_size)
+            n_starts, batch_size = len(self.tokens) - context, context_rows(rows, self.block_size, context)
             mine, offsets = rank_rows(batch_size, self.share)[1], np.arange(context + 1)
         # every rank draws all the starts (cheap) and reads only its own rows' tokens
         starts = rng.integers(0, n_starts, size=batch_size)[mine]
@@ -183,15 +187,20 @@ def context_rows(batch_size: int, block_size: int, context: int) -> int:
     return batch_size * (block_size // context)
 
 
-def context_at(block_size: int, short_context: int, fraction: float, progress: float) -> int:
-    """The window length at a run's progress (0..1) with short contexts first: short_context, doubled in equal
-    shares of the first `fraction` of the run up to block_size, then block_size (short_context 0: always)."""
-    if not short_context or progress >= fraction:
-        return block_size
-    stages = [short_context]
-    while stages[-1] * 2 < block_size:
+def doubling_at(start: int, end: int, fraction: float, progress: float) -> int:
+    """A size at a run's progress (0..1) that grows from `start`, doubled in equal shares of the first
+    `fraction` of the run while below `end`, then `end` (start 0: `end` throughout)."""
+    if not start or progress >= fraction:
+        return end
+    stages = [start]
+    while stages[-1] * 2 < end:
         stages.append(stages[-1] * 2)
     return stages[min(len(stages) - 1, int(progress / fraction * len(stages)))]
+
+
+def context_at(block_size: int, short_context: int, fraction: float, progress: float) -> int:
+    """The window length at a run's progress with short contexts first (short_context 0: block_size)."""
+    return doubling_at(short_context, block_size, fraction, progress)
 
 
 def rank_rows(batch_size: int, share: tuple[int, int]) -> tuple[int, slice]:
@@ -365,12 +374,14 @@ class ChatSampler:
     its share of the global batch's rows."""
 
     def __init__(self, packed: Packed, batch_size: int, seed: int, share: tuple[int, int] = (0, 1)):
-        self.packed, self.batch_size, self.seed = packed, batch_size, seed
+        self.packed, self.batch_size, self.seed, self.share = packed, batch_size, seed, share
         self.rows, self._mine = rank_rows(batch_size, share)
 
-    def batch(self, step: int, micro: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    def batch(self, step: int, micro: int = 0, rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         rng = np.random.default_rng([self.seed, step, micro])
-        picked = rng.integers(0, len(self.packed.tokens), size=self.batch_size)[self._mine]
+        rows = rows or self.batch_size
+        mine = self._mine if rows == self.batch_size else rank_rows(rows, self.share)[1]
+        picked = rng.integers(0, len(self.packed.tokens), size=rows)[mine]
         return self.packed.tokens[picked, :-1], self.packed.targets[picked]
 
 

@@ -233,12 +233,16 @@ def local_rank() -> int | None:
     return local if world > 1 else None
 
 
-def check_world(batch_size: int, parallel: str = "auto", world: int | None = None) -> None:
+def check_world(batch_size: int, parallel: str = "auto", world: int | None = None, small_batch: int = 0) -> None:
     """Refuse, before any process group or prepare, a batch that does not split into equal shares (each
     rank takes batch_size / world rows of every micro-batch, so the global batch, and with it the training,
     is the same whatever the world size). DDP and FSDP split the batch alike; what FSDP cannot train is
-    refused by fsdp.check, which needs the whole config."""
+    refused by fsdp.check, which needs the whole config. small_batch (small batches first) splits alike:
+    its doublings then do too."""
     world = world_from_env()[1] if world is None else world
+    if world > 1 and small_batch % world:
+        raise FollowedError(f"small_batch {small_batch} does not split over {world} processes (each takes an equal "
+                            f"share of every micro-batch); use small_batch {max(world, small_batch // world * world)}")
     if world <= 1 or batch_size % world == 0:
         return
     worlds = [n for n in range(2, batch_size + 1) if batch_size % n == 0]

@@ -43,6 +43,9 @@ def check(cfg: TrainConfig) -> None:
         raise FollowedError("--parallel fsdp cannot use optimizer muon: Muon orthogonalises whole matrices and "
                             "FSDP gives each rank only some of their rows; use --optimizer adamw with fsdp, or "
                             "--parallel ddp to keep Muon")
+    if cfg.optim.ema_decay:
+        raise FollowedError("--parallel fsdp does not keep an average of the weights (each rank holds only shards "
+                            "of them); drop --ema-decay or use --parallel ddp")
     if cfg.lora.enabled:
         raise FollowedError("--parallel fsdp does not train LoRA adapters (the frozen base is small next to what "
                             "FSDP is for); use --parallel ddp (or auto) with LoRA")

@@ -70,7 +70,7 @@ def check_config(cfg: TrainConfig, out: str | Path, *, resume: bool = False, ove
     fsdp.check(cfg)  # before check_lora: LoRA with fsdp is refused as such
     check_lora(cfg, has_base=has_base)
     check_loggers(cfg.run.loggers)
-    distributed.check_world(cfg.run.batch_size, cfg.run.parallel)
+    distributed.check_world(cfg.run.batch_size, cfg.run.parallel, small_batch=cfg.run.small_batch)
     runtime = resolve(cfg.run.device, cfg.run.dtype)
     fsdp.check_dtype(cfg, runtime)
     return TrainPlan(cfg, runtime, Path(out), resume, overwrite)

@@ -9,14 +9,19 @@ are the config's own: ModelConfig.param_count / flops_per_token).
    against ~150 GFLOP/s for the probe, hence 0.4; CPUs that train in bf16 autocast get a further
    CPU_BF16_SPEEDUP). Tokens processed in the budget follow from the FLOPs per token of each shape.
 2. Size: walk a ladder of shapes from small to large and keep the largest one that
-   - sees at least TOKENS_PER_PARAM (5) training tokens per parameter in the budget. Chinchilla's
-     ~20 is for compute-optimal large runs; the hand-tuned demo preset (0.8M parameters, 5 minutes
-     on the 2-core CPU) sees ~4-5 per parameter, and its val loss only stalls (overfits) near 600 s;
+   - sees at least TOKENS_PER_PARAM (2.5) training tokens per parameter in the budget. Chinchilla's
+     ~20 is for compute-optimal large runs on fresh data; the hand presets that win on a CPU see 2.5-5
+     (cpu-hour ~3, cpu-15min's model in 10 minutes 2.6, which beat auto's earlier 5-per-parameter
+     choice, 0.82M at ~12, by 0.023 in full val loss: bench/RESULTS.md);
    - has at most MAX_PARAMS_PER_CORPUS_TOKEN (4) parameters per train token, so a small corpus
      gets a small model instead of one that can learn it by heart (nanoGPT's 10M-parameter model on
      Tiny Shakespeare's 1M tokens needs dropout 0.2 to hold);
    - fits the memory cap by `estimate_memory_mb` at the chosen batch.
-3. Recipe: what bench/ablation.py measured best on a CPU: Muon on the block matrices, RoPE, RMSNorm,
+3. Dropout 0.1 outside attention (on the residual and MLP outputs; in attention it costs ~25 % of a CPU
+   step) once the budget reads the corpus more than DROPOUT_PASSES (4) times: repeated data is worth
+   about as much as fresh data up to ~4 passes (Muennighoff et al. 2023), past that a model learns the
+   text by heart (cpu-15min without dropout: train 1.06 against val 1.54 at ~10 passes).
+4. Recipe: what bench/ablation.py measured best on a CPU: Muon on the block matrices, RoPE, RMSNorm,
    QK-norm, an untied head, zero-initialised projections and a WSD schedule whose decay ends with the
    budget; and SwiGLU at 8/3 of the width where ablation.py measured ReLU² (bench/mlp_export.py: as
    good or better at equal wall time, and Qwen3's MLP, so an auto run exports). Batch: ~2k tokens per step (bench: batch 24-48 at context 64), fewer when the
@@ -32,7 +37,8 @@ from typing import Any
 from .config import ModelConfig
 from .errors import PocketError
 
-TOKENS_PER_PARAM = 5
+TOKENS_PER_PARAM = 2.5
+DROPOUT_PASSES = 4
 MAX_PARAMS_PER_CORPUS_TOKEN = 4
 MIN_ITERS = 300
 TOKENS_PER_STEP = 2048
@@ -194,8 +200,7 @@ def _recipe(n_layer: int, n_embd: int, block: int, batch: int, n: int, tokens: f
     m = auto_model(n_layer, n_embd, block, 0)
     keys: dict[str, Any] = {
         "n_layer": n_layer, "n_embd": n_embd, "n_head": m.n_head, "block_size": block,
-        # many passes over a small corpus: a little dropout keeps val loss from turning up
-        "dropout": 0.1 if epochs > 20 else 0.0, "bias": m.bias,
+        "dropout": 0.1 if epochs > DROPOUT_PASSES else 0.0, "attention_dropout": False, "bias": m.bias,
         "pos_emb": m.pos_emb, "norm": m.norm, "qk_norm": m.qk_norm, "mlp": m.mlp, "mlp_width": m.mlp_width, "tie_embeddings": m.tie_embeddings,
         "zero_init_proj": m.zero_init_proj, "optimizer": "muon", "muon_lr": 0.02,
         # AdamW (embeddings, head) at the lr measured best at width 128, lower for wider models
@@ -209,6 +214,7 @@ def _recipe(n_layer: int, n_embd: int, block: int, batch: int, n: int, tokens: f
         f"{train_tokens:,} train tokens) -> {n:,} parameters ({n_layer} layers, width {n_embd}, context {block}), "
         f"batch {batch}, ~{mem:,.0f} MB of {memory_cap:,.0f} MB",
         f"auto: rule: the largest shape with >= {TOKENS_PER_PARAM} tokens per parameter in the budget, <= "
-        f"{MAX_PARAMS_PER_CORPUS_TOKEN} parameters per train token, within memory; Muon + rope/rmsnorm/swiglu, WSD",
+        f"{MAX_PARAMS_PER_CORPUS_TOKEN} parameters per train token, within memory; dropout 0.1 past "
+        f"{DROPOUT_PASSES} passes; Muon + rope/rmsnorm/swiglu, WSD",
     ]
     return AutoPlan(keys, n, tokens, mem, reasons)

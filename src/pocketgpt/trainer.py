@@ -31,15 +31,17 @@ import torch
 from . import autotune, cpuload, distributed, evalsteps, faults, fsdp, plan, rundir
 from .checkpoint import disk_errors
 from .config import RunConfig, TrainConfig
-from .data import SHORT_CONTEXT_CHATS, TOKENIZER as DATA_TOKENIZER, BatchSampler, TrainData, context_at, context_rows
+from .data import (SHORT_CONTEXT_CHATS, TOKENIZER as DATA_TOKENIZER, BatchSampler, TrainData, context_at, context_rows,
+                   doubling_at)
 from .data import open_training_data, read_meta
 from .distributed import Group
+from .ema import WeightAverage
 from .errors import PocketError, TrainingDiverged
 from .files import atomic_write
 from .lora import describe, sampling_model, save_adapter, save_merged
 from .metrics import MetricsLog, SilentLog
 from .model import GPT
-from .optim import lr_at, make_optimizers, progress, set_lr
+from .optim import lr_at, make_optimizers, muon_momentum_at, progress, set_lr, set_muon_momentum
 from .plan import MemoryEstimate, TrainPlan
 from .runtime import Runtime
 from .stepmodel import StepModel, build_model, checkpoint_blocks, choose_cpu_attention
@@ -57,7 +59,9 @@ class Trainer:
         self.lora = cfg.lora.enabled  # the model's targeted matrices are LoRALinear layers (build_model)
         self.optimizers = make_optimizers(self.model, cfg.optim, runtime.device, runtime.dtype)
         self.scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.needs_grad_scaler)
-        self.resumable = Resumable(self.model, self.optimizers, self.scaler, runtime, model.sharded)
+        # evals and saves read the average where one is kept (optim.ema_decay; refused with FSDP and LoRA)
+        self.average = WeightAverage(self.model, cfg.optim.ema_decay) if cfg.optim.ema_decay else None
+        self.resumable = Resumable(self.model, self.optimizers, self.scaler, runtime, model.sharded, self.average)
         # Reading a loss on a GPU waits for all queued work; read at log and eval steps only, and keep a
         # device-side flag of non-finite values for the steps in between (checked before every save).
         self.read_every_step = not runtime.is_cuda
@@ -123,22 +127,25 @@ class Trainer:
             return t.pin_memory().to(self.runtime.device, non_blocking=True)
         return t.to(self.runtime.device)
 
-    def step(self, it: int, lr: float, context: int | None = None) -> tuple[float, float]:
+    def step(self, it: int, lr: float, context: int | None = None, rows: int | None = None) -> tuple[float, float]:
         """Forward/backward over grad_accum_steps micro-batches and one update; (loss, grad norm).
-        context: the window length of a step with short contexts first (data.context_at), else block_size.
+        context: the window length of a step with short contexts first (data.context_at), else block_size;
+        rows: a micro-batch's rows with small batches first (data.doubling_at), else batch_size.
 
         On steps that do not read them (see read_every_step) both come back as NaN.
         """
         r, o = self.cfg.run, self.cfg.optim
         set_lr(self.optimizers, lr / o.learning_rate)
+        if o.muon_momentum_warmup:
+            set_muon_momentum(self.optimizers, muon_momentum_at(o, it))
         if self.group.rank:
             # rank 0's RNG is the run's (saved in last/); the others draw their dropout from (seed, rank, step),
             # so they need no saved state and a resume on any world size stays exact
             torch.manual_seed(int(np.random.SeedSequence([r.seed, self.group.rank, it]).generate_state(1)[0]))
         total = torch.zeros((), device=self.runtime.device)
+        shape = {k: v for k, v in (("context", context), ("rows", rows)) if v}
         for micro in range(r.grad_accum_steps):
-            x, y = (self._to_device(a) for a in (self.sampler.batch(it, micro, context) if context
-                                                  else self.sampler.batch(it, micro)))
+            x, y = (self._to_device(a) for a in self.sampler.batch(it, micro, **shape))
             with self.net.sync(last=micro == r.grad_accum_steps - 1):
                 with self.runtime.autocast():
                     _, loss = self.net(x, y, self.log.say)
@@ -172,6 +179,8 @@ class Trainer:
             self.scaler.step(opt)  # with fp16, skips steps whose gradients overflowed
         self.scaler.update()
         self._zero_grad()
+        if self.average is not None:
+            self.average.update(it)
         return loss_value, grad_norm
 
     def _is_read_step(self, n: int) -> bool:
@@ -216,6 +225,7 @@ class Trainer:
         FSDP every forward is a collective: ranks short of a batch run one more and drop its loss.)
         """
         self.model.eval()
+        model = self.average.model if self.average is not None else self.model
         splits, sums = list(self.data.eval_samplers), []
         rank, world = self.group.share
         n = self.cfg.run.eval_iters
@@ -225,7 +235,7 @@ class Trainer:
             for k in range(rank, rounds, world):
                 x, y = (self._to_device(a) for a in self.data.eval_samplers[split].batch(k % n))
                 with self.runtime.autocast():
-                    _, loss = self.model(x, y)
+                    _, loss = model(x, y)
                 if k < n:
                     losses.append(float(loss))
             sums.append(float(np.sum(losses)))
@@ -274,7 +284,7 @@ class Trainer:
         if gathered is not None and gathered.model is not None:
             return gathered.model, None
         if not self.lora:
-            return self.model, None
+            return (self.average.model if self.average is not None else self.model), None
         if ev.improved:
             with disk_errors(self.out, f"best adapter ({rundir.ADAPTER})"):
                 save_adapter(self.model, self.out / rundir.ADAPTER, self.cfg.lora,
@@ -307,7 +317,7 @@ class Trainer:
     def _loop(self) -> RunState:
         r, s = self.cfg.run, self.state
         window_start, window_iters, window_tokens, evaluated_at = time.perf_counter(), 0, 0, -1
-        context = self.cfg.model.block_size
+        context, rows = self.cfg.model.block_size, r.batch_size
         self.clock.restart()
         while (s.iter < r.max_iters and not _time_spent(r, s) and not self.stop_requested
                and not self.early_stopped):
@@ -315,13 +325,15 @@ class Trainer:
                 hook(s.iter, self.model)
             p = progress(self.cfg.optim, s.iter, r.max_iters, s.elapsed, r.max_time)
             lr = lr_at(self.cfg.optim, s.iter, p)
-            context = self._context(p, context)
+            rows = self._rows(p, rows)
+            context = self._context(p, context, rows)
             with self.tuner.step():
-                loss, grad_norm = self.step(s.iter, lr, context if r.short_context else None)
+                loss, grad_norm = self.step(s.iter, lr, context if r.short_context else None,
+                                            rows if r.small_batch else None)
             s.compile, s.threads = self.tuner.compile, self.tuner.threads
             self._follow_load()
             s.iter += 1
-            tokens = context_rows(r.batch_size, self.cfg.model.block_size, context) * context * r.grad_accum_steps
+            tokens = context_rows(rows, self.cfg.model.block_size, context) * context * r.grad_accum_steps
             s.tokens_seen += tokens
             if not math.isnan(loss):
                 s.last_train_loss = loss
@@ -368,14 +380,22 @@ class Trainer:
             left = min(left, max(0.0, r.max_time - s.elapsed) / max(step_s, 1e-9))
         return left
 
-    def _context(self, p: float, before: int) -> int:
+    def _context(self, p: float, before: int, batch_rows: int) -> int:
         """The window length at progress p (short contexts first), said when it changes."""
         r, block = self.cfg.run, self.cfg.model.block_size
         now = context_at(block, r.short_context, r.short_context_fraction, p)
         if r.short_context and now != before:  # (the loop starts from block_size: a short first context is said)
-            rows = context_rows(r.batch_size, block, now)
+            rows = context_rows(batch_rows, block, now)
             self.log.say(f"context: windows of {now} tokens, {rows} rows a micro-batch"
                          + (" (short contexts first)" if now < block else ""))
+        return now
+
+    def _rows(self, p: float, before: int) -> int:
+        """A micro-batch's rows at progress p (small batches first), said when they change."""
+        r = self.cfg.run
+        now = doubling_at(r.small_batch, r.batch_size, r.small_batch_fraction, p)
+        if r.small_batch and now != before:
+            self.log.say(f"batch: {now} rows a micro-batch" + (" (small batches first)" if now < r.batch_size else ""))
         return now
 
     def _log_train(self, loss: float, lr: float, grad_norm: float, seconds: float, iters: int, tokens: int) -> None:
@@ -427,7 +447,7 @@ class TrainResult:
 def _open_data(cfg: TrainConfig, data_dir: Path, group: Group) -> TrainData:
     """The splits and samplers for this rank's share of every global batch."""
     data = open_training_data(data_dir, cfg.model.block_size, cfg.run.batch_size, cfg.run.seed, group.share)
-    if cfg.run.short_context and not isinstance(data.sampler, BatchSampler):
+    if cfg.run.short_context and not isinstance(data.sampler, BatchSampler):  # (small_batch suits both samplers)
         raise PocketError(SHORT_CONTEXT_CHATS)
     return data
 

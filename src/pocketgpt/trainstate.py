@@ -30,6 +30,7 @@ from .errors import PocketError
 from .runtime import Runtime
 
 if TYPE_CHECKING:
+    from .ema import WeightAverage
     from .fsdp import Gathered, Sharded
 
 
@@ -108,9 +109,11 @@ class Resumable:
     """The model (unwrapped), optimizers, scaler and RNG of one run: save() and restore() as a whole."""
 
     def __init__(self, model: torch.nn.Module, optimizers: list[torch.optim.Optimizer],
-                 scaler: torch.amp.GradScaler, runtime: Runtime, sharded: "Sharded | None" = None):
+                 scaler: torch.amp.GradScaler, runtime: Runtime, sharded: "Sharded | None" = None,
+                 average: "WeightAverage | None" = None):
         self.model, self.optimizers, self.scaler, self.runtime = model, optimizers, scaler, runtime
         self.sharded = sharded  # FSDP: the model's parameters are this rank's shards
+        self.average = average  # the weights' moving average (optim.ema_decay), saved beside them
 
     def save(self, out: Path, state: RunState, gathered: "Gathered | None" = None) -> None:
         """Write last/ (rank 0); under FSDP from `gathered`, the full state the ranks collected beforehand."""
@@ -121,7 +124,7 @@ class Resumable:
         optimizers = gathered.optimizers if gathered is not None else [o.state_dict() for o in self.optimizers]
         with ckpt.disk_errors(out, "resume checkpoint (last/)"):
             ckpt.save_resume_state(out, model, {"optimizers": optimizers}, self._rng_state(),
-                                   {**state.to_dict(), **extra})
+                                   {**state.to_dict(), **extra}, self.average.model if self.average else None)
 
     def restore(self, out: Path) -> RunState:
         folder, state, optimizer_state, rng = ckpt.load_resume_state(out)
@@ -129,6 +132,11 @@ class Resumable:
             self.sharded.load_weights(folder / ckpt.WEIGHTS)
         else:
             ckpt.load_weights(self.model, folder / ckpt.WEIGHTS)
+        if self.average is not None:  # a run that kept no average so far starts one at its weights
+            if (folder / ckpt.AVERAGE).is_file():
+                ckpt.load_weights(self.average.model, folder / ckpt.AVERAGE)
+            else:
+                self.average.restart_from(self.model)
         try:
             saved = optimizer_state["optimizers"]
             if len(saved) != len(self.optimizers):
