@@ -43,7 +43,7 @@ def test_the_average_follows_the_rule_over_the_weights_that_train():
 
 
 def test_a_run_with_an_average_evaluates_and_saves_it_and_resumes_exactly(data_dir, tmp_path):
-    kw = dict(ema_decay=0.9, max_iters=30, lr_decay_iters=30, eval_interval=10, dropout=0.1)
+    kw = dict(ema_decay=0.9, max_iters=30, lr_decay_iters=30, eval_interval=10, dropout=0.1, eval_sample_tokens=8)
     train(tiny_config(**kw), data_dir, tmp_path / "straight", echo=lambda s: None)
     last = tmp_path / "straight" / "last"
     average, live = load_file(str(last / "ema.safetensors")), load_file(str(last / "model.safetensors"))

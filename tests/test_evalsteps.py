@@ -80,6 +80,9 @@ def test_a_sample_is_written_per_eval_and_leaves_the_training_rng_alone(tmp_path
     text = (tmp_path / "samples.txt").read_text()
     assert text.startswith("=== iter 10 (val loss 2.0000) ===\n") and ctx.model.training
     assert any(s.startswith("sample: ") for s in said)
+    ctx.model.eval()  # a model kept in eval mode (a moving average of the weights) stays in it
+    _evaluate(ctx, 20, 1.9, 1.9)
+    assert not ctx.model.training
 
 
 def test_a_failing_plot_is_a_warning_not_a_stop(tmp_path, monkeypatch):

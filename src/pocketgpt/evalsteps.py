@@ -118,12 +118,13 @@ def write_sample(ctx: EvalContext, ev: EvalResult) -> None:
         ids = ctx.tokenizer.encode("\n")
     except PocketError:  # a corpus without newlines: start from its first token instead
         ids = [0]
+    was_training = ctx.model.training  # the engine sets eval mode; a moving average stays in it (ema.py)
     try:
         # float32 steps: a short sample is not worth 16-bit copies of the matrices (memory) or the probe
         engine = Engine(ctx.model, decode_dtype="float32")
         new = engine.generate(ids, SamplingSettings(max_new_tokens=n, seed=ctx.cfg.run.seed))[0]
     finally:
-        ctx.model.train()
+        ctx.model.train(was_training)
     text = ctx.tokenizer.decode(new)
     with ckpt.disk_errors(ctx.out, f"samples ({SAMPLES})"), open(ctx.out / SAMPLES, "a", encoding="utf-8") as f:
         f.write(f"=== iter {ev.iter} (val loss {ev.val_loss:.4f}) ===\n{text}\n\n")
@@ -139,7 +140,7 @@ def write_answers(ctx: EvalContext, ev: EvalResult, n: int) -> None:
     from .sampling import SamplingSettings
 
     stop = getattr(ctx.tokenizer, "stop_ids", None) or []
-    blocks = []
+    blocks, was_training = [], ctx.model.training
     try:
         engine = Engine(ctx.model, decode_dtype="float32")
         for example in ctx.examples:
@@ -149,7 +150,7 @@ def write_answers(ctx: EvalContext, ev: EvalResult, n: int) -> None:
             answer = ctx.tokenizer.decode(engine.generate(ids, settings, stop_token_ids=stop)[0]).strip()
             blocks.append((example["messages"][-1]["content"], answer, example["reference"]))
     finally:
-        ctx.model.train()
+        ctx.model.train(was_training)
     with ckpt.disk_errors(ctx.out, f"samples ({SAMPLES})"), open(ctx.out / SAMPLES, "a", encoding="utf-8") as f:
         f.write(f"=== iter {ev.iter} (val loss {ev.val_loss:.4f}) ===\n")
         f.writelines(f"question: {q}\nanswer: {a}\nreference: {r}\n\n" for q, a, r in blocks)

@@ -225,7 +225,7 @@ class Trainer:
         FSDP every forward is a collective: ranks short of a batch run one more and drop its loss.)
         """
         self.model.eval()
-        model = self.average.model if self.average is not None else self.model
+        model = self.average.model.eval() if self.average is not None else self.model
         splits, sums = list(self.data.eval_samplers), []
         rank, world = self.group.share
         n = self.cfg.run.eval_iters
