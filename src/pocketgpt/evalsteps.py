@@ -118,7 +118,8 @@ def write_sample(ctx: EvalContext, ev: EvalResult) -> None:
         ids = ctx.tokenizer.encode("\n")
     except PocketError:  # a corpus without newlines: start from its first token instead
         ids = [0]
-    was_training = ctx.model.training  # the engine sets eval mode; a moving average stays in it (ema.py)
+    # the engine sets eval mode; a moving average stays in it (ema.py); a LoRA sampling view has no mode of its own
+    was_training = getattr(ctx.model, "training", True)
     try:
         # float32 steps: a short sample is not worth 16-bit copies of the matrices (memory) or the probe
         engine = Engine(ctx.model, decode_dtype="float32")
@@ -140,7 +141,7 @@ def write_answers(ctx: EvalContext, ev: EvalResult, n: int) -> None:
     from .sampling import SamplingSettings
 
     stop = getattr(ctx.tokenizer, "stop_ids", None) or []
-    blocks, was_training = [], ctx.model.training
+    blocks, was_training = [], getattr(ctx.model, "training", True)
     try:
         engine = Engine(ctx.model, decode_dtype="float32")
         for example in ctx.examples:
