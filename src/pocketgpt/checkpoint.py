@@ -233,6 +233,7 @@ def save_resume_state(
         swap_dir(tmp, run_dir / LAST, run_dir / LAST_OLD)
     except BaseException as e:
         needed = tensor_bytes(model.state_dict()) + tensor_bytes(optimizer_state) + tensor_bytes(rng)
+        needed += tensor_bytes(average.state_dict()) if average is not None else 0
         failed = refused(e, run_dir / LAST, cleanup=lambda: shutil.rmtree(tmp, ignore_errors=True), needed=needed)
         if failed is None:
             raise
